@@ -1,0 +1,108 @@
+"""Engine and server configuration: frozen dataclasses whose field names are the CLI flags' names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+QUANT_POLICIES = (0, 4, 8)
+MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """LMDeploy's `backend_config`: how the engine runs a model.
+
+    Every field is also a CLI flag (`max_batch_size` <-> `--max-batch-size`).
+    """
+
+    dtype: str = "auto"
+    """Weight/activation dtype. `auto`: the checkpoint's dtype on CUDA, bfloat16 on CPU."""
+    device: str = "auto"
+    """`auto` picks cuda when available, else cpu."""
+    tp: int = 1
+    """Tensor-parallel degree (GPUs)."""
+    session_len: int | None = None
+    """Longest sequence (prompt + output) a request may reach; default: the model's context."""
+    max_batch_size: int | None = None
+    """Most requests running at once; default 128 on CUDA, 16 on CPU."""
+    cache_max_entry_count: float | None = None
+    """KV cache size. On CUDA: fraction of free GPU memory after weights (0.8).
+    On CPU, unset sizes the cache for max_batch_size full sessions; a value in (0, 1]
+    is a fraction of that, a value > 1 is a number of tokens."""
+    cache_block_seq_len: int = 64
+    """Tokens per KV-cache block."""
+    enable_prefix_caching: bool = False
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+    max_prefill_token_num: int = 8192
+    """Token budget of one engine step (decodes + prefill chunk); longer prompts are chunked."""
+    quant_policy: int = 0
+    """KV cache quantization: 0 off, 8 int8, 4 int4."""
+    model_format: str = "auto"
+    """Checkpoint format: auto (detect), hf, gguf, awq, w8a8."""
+    eager_mode: bool = False
+    """Disable CUDA graphs."""
+    num_cpu_threads: int | None = None
+    """torch intra-op threads on CPU (default: torch's choice)."""
+    seed: int = 0
+    """Seed for requests without a per-request seed."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
+        _check(self.device in DEVICES, f"device={self.device!r} must be one of {DEVICES}")
+        _check(self.tp >= 1, f"tp={self.tp} must be >= 1")
+        _check(self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2")
+        _check(
+            self.max_batch_size is None or self.max_batch_size >= 1,
+            f"max_batch_size={self.max_batch_size} must be >= 1",
+        )
+        _check(
+            self.cache_max_entry_count is None or self.cache_max_entry_count > 0,
+            f"cache_max_entry_count={self.cache_max_entry_count} must be > 0",
+        )
+        _check(
+            self.cache_block_seq_len >= 1 and self.cache_block_seq_len & (self.cache_block_seq_len - 1) == 0,
+            f"cache_block_seq_len={self.cache_block_seq_len} must be a power of two",
+        )
+        _check(self.max_prefill_token_num >= 1, f"max_prefill_token_num={self.max_prefill_token_num} must be >= 1")
+        _check(
+            self.quant_policy in QUANT_POLICIES,
+            f"quant_policy={self.quant_policy} must be one of {QUANT_POLICIES}",
+        )
+        _check(
+            self.model_format in MODEL_FORMATS,
+            f"model_format={self.model_format!r} must be one of {MODEL_FORMATS}",
+        )
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`lmserve serve api_server` options that are not engine options."""
+
+    model_name: str = "default"
+    server_name: str = "0.0.0.0"
+    server_port: int = 23333
+    api_keys: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    allow_methods: tuple[str, ...] = ("*",)
+    allow_headers: tuple[str, ...] = ("*",)
+    log_level: str = "WARNING"
+    max_log_len: int | None = None
+    disable_fastapi_docs: bool = False
+    max_concurrent_requests: int | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    webui: bool = True
+    disable_metrics: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
