@@ -1,0 +1,38 @@
+"""Engine flags shared by every command that runs a model (one definition: serve, chat, bench, eval)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from lmserve.config import DEVICES, DTYPES, MODEL_FORMATS, QUANT_POLICIES, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add LMDeploy's engine options (`--session-len`, `--max-batch-size`, ...) as one group."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (auto: checkpoint's on CUDA, bfloat16 on CPU)")
+    group.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: cuda if available)")
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
+    group.add_argument("--session-len", type=int, default=None, help="max tokens per session (default: model context)")
+    group.add_argument("--max-batch-size", type=int, default=None, help="max running requests (default 128 CUDA, 16 CPU)")
+    group.add_argument(
+        "--cache-max-entry-count",
+        type=float,
+        default=None,
+        help="KV cache size: fraction of free GPU memory (default 0.8); on CPU a fraction of batch x session, or tokens if > 1",
+    )
+    group.add_argument("--cache-block-seq-len", type=int, default=64, help="tokens per KV block")
+    group.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV of shared prompt prefixes")
+    group.add_argument("--max-prefill-token-num", type=int, default=8192, help="token budget per step (chunked prefill)")
+    group.add_argument("--quant-policy", type=int, choices=QUANT_POLICIES, default=0, help="KV cache quantization: 0, 8 (int8), 4 (int4)")
+    group.add_argument("--model-format", choices=MODEL_FORMATS, default="auto", help="checkpoint format")
+    group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
+    group.add_argument("--num-cpu-threads", type=int, default=None, help="torch threads on CPU")
+    group.add_argument("--chat-template", default=None, help="chat template: a built-in name or a Jinja file")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build EngineConfig from parsed flags; ValueError names the bad flag's field."""
+    names = {f.name for f in fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
