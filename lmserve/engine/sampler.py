@@ -1,0 +1,312 @@
+"""Batched sampling: penalties, temperature, min-p/top-k/top-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.generation import GenerationConfig, TokenLogprob
+
+Device = torch.device | str
+
+
+def make_generator(seed: int, device: Device) -> torch.Generator:
+    """The private random stream of one seeded request (created once, when the request arrives)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class SamplingRequest:
+    """What the sampler needs to know about one row of the batch."""
+
+    gen_config: GenerationConfig
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SampleResult:
+    """One sampled token per row, and its logprobs where the request asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling tensors; a field is None when no row needs that step (the fast path)."""
+
+    greedy: torch.Tensor
+    """bool[N]: rows that take the argmax."""
+    all_greedy: bool
+    any_greedy: bool
+    temperature: torch.Tensor | None
+    """float[N, 1]; 1.0 for greedy rows."""
+    min_p: torch.Tensor | None
+    """float[N, 1]; 0.0 disables."""
+    top_k: torch.Tensor | None
+    """int64[N]; vocab_size disables."""
+    top_p: torch.Tensor | None
+    """float[N]; 1.0 disables."""
+    repetition_penalty: torch.Tensor | None
+    """float[N, 1], with seen_token_mask bool[N, V] over prompt + output tokens."""
+    seen_token_mask: torch.Tensor | None
+    frequency_penalty: torch.Tensor | None
+    """float[N, 1], with presence_penalty and output_token_counts float[N, V] over output tokens."""
+    presence_penalty: torch.Tensor | None
+    output_token_counts: torch.Tensor | None
+    banned_rows: torch.Tensor | None
+    """int64[B] with banned_token_ids: (row, token) pairs forced to -inf (min_new_tokens, ignore_eos)."""
+    banned_token_ids: torch.Tensor | None
+    seeded_rows: list[tuple[int, torch.Generator]]
+    num_logprobs: list[int | None]
+    logprob_rows: torch.Tensor | None
+    """int64[M]: rows that asked for logprobs."""
+
+    @classmethod
+    def build(
+        cls,
+        requests: list[SamplingRequest],
+        eos_token_ids: tuple[int, ...],
+        vocab_size: int,
+        device: Device,
+    ) -> SamplingBatch:
+        configs = [request.gen_config for request in requests]
+        greedy = [config.greedy for config in configs]
+        frequency, presence, counts = _output_penalties(configs, requests, vocab_size, device)
+        repetition, seen = _repetition_penalty(configs, requests, vocab_size, device)
+        banned_rows, banned_token_ids = _banned_tokens(requests, eos_token_ids, vocab_size, device)
+        num_logprobs = [config.logprobs for config in configs]
+        logprob_rows = [row for row, k in enumerate(num_logprobs) if k is not None]
+        return cls(
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            temperature=_column(
+                [1.0 if g else c.temperature for g, c in zip(greedy, configs, strict=True)], 1.0, device
+            ),
+            min_p=_column([0.0 if g else c.min_p for g, c in zip(greedy, configs, strict=True)], 0.0, device),
+            top_k=_top_k(configs, greedy, vocab_size, device),
+            top_p=_row_values(
+                [1.0 if g else c.top_p for g, c in zip(greedy, configs, strict=True)], 1.0, device
+            ),
+            repetition_penalty=repetition,
+            seen_token_mask=seen,
+            frequency_penalty=frequency,
+            presence_penalty=presence,
+            output_token_counts=counts,
+            banned_rows=banned_rows,
+            banned_token_ids=banned_token_ids,
+            seeded_rows=[
+                (row, r.generator) for row, r in enumerate(requests) if r.generator and not greedy[row]
+            ],
+            num_logprobs=num_logprobs,
+            logprob_rows=torch.tensor(logprob_rows, dtype=torch.long, device=device)
+            if logprob_rows
+            else None,
+        )
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty is not None
+            or self.output_token_counts is not None
+            or self.banned_rows is not None
+        )
+
+
+def _row_values(values: list[float], neutral: float, device: Device) -> torch.Tensor | None:
+    """float[N], or None when every row holds the neutral value."""
+    if all(value == neutral for value in values):
+        return None
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _column(values: list[float], neutral: float, device: Device) -> torch.Tensor | None:
+    """float[N, 1] (broadcasts over the vocab), or None when every row holds the neutral value."""
+    row_values = _row_values(values, neutral, device)
+    return None if row_values is None else row_values.unsqueeze(1)
+
+
+def _top_k(
+    configs: list[GenerationConfig], greedy: list[bool], vocab_size: int, device: Device
+) -> torch.Tensor | None:
+    """int64[N] (vocab_size where disabled), or None when no sampling row uses top-k."""
+    values = [
+        vocab_size if g or c.top_k == 0 else min(c.top_k, vocab_size)
+        for g, c in zip(greedy, configs, strict=True)
+    ]
+    if all(value == vocab_size for value in values):
+        return None
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device: Device) -> torch.Tensor:
+    """float[N, V]: how often each token occurs in each row's list (built on device by scatter_add)."""
+    width = max((len(tokens) for tokens in token_lists), default=0)
+    # pad with vocab_size: counted into an extra column that is dropped
+    padded = [tokens + [vocab_size] * (width - len(tokens)) for tokens in token_lists]
+    ids = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(token_lists), width)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _output_penalties(
+    configs: list[GenerationConfig], requests: list[SamplingRequest], vocab_size: int, device: Device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(frequency[N, 1], presence[N, 1], output_token_counts[N, V]), or three None if all are 0."""
+    if all(c.frequency_penalty == 0.0 and c.presence_penalty == 0.0 for c in configs):
+        return None, None, None
+    frequency = torch.tensor([c.frequency_penalty for c in configs], device=device).unsqueeze(1)
+    presence = torch.tensor([c.presence_penalty for c in configs], device=device).unsqueeze(1)
+    counts = _token_counts([r.output_token_ids for r in requests], vocab_size, device)
+    return frequency, presence, counts
+
+
+def _repetition_penalty(
+    configs: list[GenerationConfig], requests: list[SamplingRequest], vocab_size: int, device: Device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(penalty[N, 1], seen_token_mask[N, V]) over prompt + output tokens, as HF does; None if all 1."""
+    penalty = _column([c.repetition_penalty for c in configs], 1.0, device)
+    if penalty is None:
+        return None, None
+    seen = _token_counts([r.prompt_token_ids + r.output_token_ids for r in requests], vocab_size, device)
+    return penalty, seen > 0
+
+
+def _banned_tokens(
+    requests: list[SamplingRequest], eos_token_ids: tuple[int, ...], vocab_size: int, device: Device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(rows, token_ids) that may not be sampled now: EOS/stop ids before min_new_tokens, EOS if ignore_eos."""
+    rows: list[int] = []
+    token_ids: list[int] = []
+    for row, request in enumerate(requests):
+        config = request.gen_config
+        banned = set(eos_token_ids) if config.ignore_eos else set()
+        if len(request.output_token_ids) < config.min_new_tokens:
+            banned |= set(eos_token_ids) | set(config.stop_token_ids)
+        banned = {token_id for token_id in banned if 0 <= token_id < vocab_size}
+        rows.extend([row] * len(banned))
+        token_ids.extend(sorted(banned))
+    if not rows:
+        return None, None
+    return torch.tensor(rows, device=device), torch.tensor(token_ids, device=device)
+
+
+class Sampler:
+    """Turns a batch of logits into one token per row.
+
+    Order: penalties -> (greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> sample.
+    Logprobs are the log-softmax of the *raw* logits (before penalties and temperature), as
+    OpenAI and vLLM report them: they describe the model, not the sampling settings.
+    """
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+        raw_logprobs = None
+        if batch.logprob_rows is not None:
+            raw_logprobs = logits.index_select(0, batch.logprob_rows).float().log_softmax(dim=-1)
+        if batch.needs_penalties:
+            logits = apply_penalties(logits.clone(), batch)
+        token_ids = self._choose(logits, batch)
+        token_id_list: list[int] = token_ids.tolist()
+        if raw_logprobs is None:
+            return SampleResult(token_id_list, [None] * len(token_id_list))
+        return SampleResult(token_id_list, _logprobs(raw_logprobs, token_id_list, batch))
+
+    def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.all_greedy:
+            return logits.argmax(dim=-1)
+        greedy_ids = logits.argmax(dim=-1) if batch.any_greedy else None
+        sampled_ids = sample_from_logits(logits, batch)
+        if greedy_ids is None:
+            return sampled_ids
+        return torch.where(batch.greedy, greedy_ids, sampled_ids)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition (HF), frequency/presence (OpenAI) penalties and banned tokens, in place."""
+    if batch.repetition_penalty is not None and batch.seen_token_mask is not None:
+        penalty = batch.repetition_penalty
+        penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+        logits = torch.where(batch.seen_token_mask, penalized, logits)
+    if batch.output_token_counts is not None:
+        assert batch.frequency_penalty is not None and batch.presence_penalty is not None
+        counts = batch.output_token_counts
+        logits -= batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0)
+    if batch.banned_rows is not None:
+        logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature, filters, then one draw per row (seeded rows from their own generator)."""
+    if batch.temperature is not None:
+        logits = logits / batch.temperature
+    if batch.min_p is not None:
+        logits = apply_min_p(logits, batch.min_p)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+    probs = logits.softmax(dim=-1)
+    return probs.div_(_exponential_noise(probs, batch.seeded_rows)).argmax(dim=-1)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's (HF MinPLogitsWarper)."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-row top-k then top-p (HF TopK/TopPLogitsWarper semantics, ties at the k-th value kept); one sort."""
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=False)
+    vocab_size = logits.shape[-1]
+    if top_k is not None:
+        kth_largest = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p).unsqueeze(1)
+        remove[:, -1] = False
+        sorted_logits.masked_fill_(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+
+
+def _exponential_noise(probs: torch.Tensor, seeded_rows: list[tuple[int, torch.Generator]]) -> torch.Tensor:
+    """q ~ Exp(1) per token; argmax(probs / q) is a draw from probs (the exponential race).
+
+    A seeded row draws its whole row from its own generator, so its tokens do not depend on
+    what else is in the batch.
+    """
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in seeded_rows:
+        noise[row].exponential_(generator=generator)
+    # exponential_ may return exactly 0 in float32; 0/0 would give NaN for filtered tokens
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _logprobs(
+    raw_logprobs: torch.Tensor, token_ids: list[int], batch: SamplingBatch
+) -> list[TokenLogprob | None]:
+    """TokenLogprob for rows that asked (sampled token + top-k alternatives), None for the rest."""
+    rows = [row for row, k in enumerate(batch.num_logprobs) if k is not None]
+    chosen_ids = torch.tensor([token_ids[row] for row in rows], device=raw_logprobs.device)
+    chosen = raw_logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
+    max_k = max(batch.num_logprobs[row] or 0 for row in rows)
+    top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)
+    top_pairs = [
+        list(zip(ids, values, strict=True))
+        for ids, values in zip(top_ids.tolist(), top_values.tolist(), strict=True)
+    ]
+    results: list[TokenLogprob | None] = [None] * len(batch.num_logprobs)
+    for index, row in enumerate(rows):
+        k = batch.num_logprobs[row] or 0
+        results[row] = TokenLogprob(token_ids[row], chosen[index], tuple(top_pairs[index][:k]))
+    return results
