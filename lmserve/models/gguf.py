@@ -1,0 +1,201 @@
+"""GGUF files (llama.cpp): metadata to ModelConfig, and tensors renamed to HF names and dequantized."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from lmserve.models.config import ModelConfig
+
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+"""llama.cpp `general.architecture` -> HF architecture name, for the GGUF files we read."""
+
+# llama.cpp's convert_hf_to_gguf.py permutes the q/k rows of these architectures only
+# (interleaved rotary pairs); Qwen2 is stored in HF order.
+_ROPE_PERMUTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_TENSOR_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_TENSOR_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Tensors llama.cpp derives from the config; the model recomputes them.
+_SKIPPED_TENSORS = ("rope_freqs.weight",)
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """Open a GGUF file (memory-mapped); a missing or unreadable file raises an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return GGUFReader(path)
+    except Exception as error:  # gguf raises ValueError, struct errors, IndexError ... on bad files
+        raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
+
+
+def read_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """The value of metadata `key` (scalar, string or list), or `default` when absent."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_architecture(reader: GGUFReader, path: str | Path) -> str:
+    """llama.cpp's architecture name; ValueError when we cannot read it as a model."""
+    arch = read_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; "
+            f"supported GGUF architectures: {sorted(GGUF_ARCHITECTURES)}"
+        )
+    return str(arch)
+
+
+def gguf_model_config(path: str | Path) -> ModelConfig:
+    """ModelConfig from a GGUF file's metadata (weights are dequantized, so dtype is float32)."""
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    meta = _ArchFields(reader, arch, path)
+    hidden_size = meta.required("embedding_length")
+    num_heads = meta.required("attention.head_count")
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    return ModelConfig(
+        architecture=_hf_architecture(reader, arch),
+        vocab_size=_vocab_size(reader, meta),
+        hidden_size=hidden_size,
+        intermediate_size=meta.required("feed_forward_length"),
+        num_hidden_layers=meta.required("block_count"),
+        num_attention_heads=num_heads,
+        num_key_value_heads=meta.get("attention.head_count_kv", num_heads),
+        head_dim=_head_dim(meta, hidden_size // num_heads),
+        rms_norm_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(meta),
+        max_position_embeddings=meta.get("context_length", 4096),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        torch_dtype="float32",
+        bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_eos_token_ids(reader),
+        extra={"gguf_architecture": arch, "gguf_file_type": read_field(reader, "general.file_type")},
+    )
+
+
+def iter_gguf_weights(path: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every GGUF tensor, dequantized once and q/k rows un-permuted."""
+    reader = open_gguf(path)
+    permuted = gguf_architecture(reader, path) in _ROPE_PERMUTED_ARCHITECTURES
+    for tensor in reader.tensors:
+        if tensor.name in _SKIPPED_TENSORS:
+            continue
+        hf_name = hf_tensor_name(tensor.name, path)
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        if permuted:
+            weights = _unpermute_qk(weights, hf_name, config)
+        yield hf_name, _to_float32_tensor(weights)
+
+
+def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>") -> str:
+    """llama.cpp tensor name -> HF name (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_TENSOR_NAMES:
+        return f"{_GLOBAL_TENSOR_NAMES[base]}.{suffix}"
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _LAYER_TENSOR_NAMES:
+        raise ValueError(f"{path}: GGUF tensor {gguf_name!r} has no HF counterpart we know")
+    layer, kind, suffix = match.groups()
+    return f"model.layers.{layer}.{_LAYER_TENSOR_NAMES[kind]}.{suffix}"
+
+
+def unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation (as transformers' LlamaTensorProcessor does)."""
+    half_head_dim = weights.shape[0] // num_heads // 2
+    rows = weights.reshape(num_heads, half_head_dim, 2, *weights.shape[1:])
+    return rows.swapaxes(2, 1).reshape(weights.shape)
+
+
+def _unpermute_qk(weights: np.ndarray, hf_name: str, config: ModelConfig) -> np.ndarray:
+    if ".self_attn.q_proj." in hf_name:
+        return unpermute_rope_rows(weights, config.num_attention_heads)
+    if ".self_attn.k_proj." in hf_name:
+        return unpermute_rope_rows(weights, config.num_key_value_heads)
+    return weights
+
+
+def _to_float32_tensor(weights: np.ndarray) -> torch.Tensor:
+    # F32 tensors come back as read-only views of the memory map; torch needs its own copy.
+    array = np.asarray(weights, dtype=np.float32)
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, dtype=np.float32, order="C")
+    return torch.from_numpy(array)
+
+
+class _ArchFields:
+    """`{arch}.*` metadata of one GGUF file, with errors naming the file and key."""
+
+    def __init__(self, reader: GGUFReader, arch: str, path: str | Path) -> None:
+        self.reader, self.arch, self.path = reader, arch, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return read_field(self.reader, f"{self.arch}.{key}", default)
+
+    def required(self, key: str) -> int:
+        value = self.get(key)
+        if value is None:
+            raise ValueError(f"{self.path}: GGUF metadata {self.arch}.{key} is missing")
+        return int(value)
+
+
+def _hf_architecture(reader: GGUFReader, arch: str) -> str:
+    # llama.cpp stores Mistral as "llama"; transformers tells them apart by general.name too.
+    name = str(read_field(reader, "general.name", "")).lower()
+    if arch == "llama" and "mistral" in name:
+        return "MistralForCausalLM"
+    return GGUF_ARCHITECTURES[arch]
+
+
+def _vocab_size(reader: GGUFReader, meta: _ArchFields) -> int:
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    return meta.required("vocab_size")
+
+
+def _head_dim(meta: _ArchFields, default: int) -> int:
+    for key in ("attention.key_length", "rope.dimension_count"):
+        value = meta.get(key)
+        if value is not None:
+            return int(value)
+    return default
+
+
+def _rope_scaling(meta: _ArchFields) -> dict[str, Any] | None:
+    rope_type = meta.get("rope.scaling.type")
+    if rope_type in (None, "none"):
+        return None
+    scaling: dict[str, Any] = {"rope_type": rope_type, "factor": float(meta.get("rope.scaling.factor", 1.0))}
+    original = meta.get("rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _eos_token_ids(reader: GGUFReader) -> tuple[int, ...]:
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    ids = [read_field(reader, key) for key in keys]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))

