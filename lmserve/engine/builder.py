@@ -1,0 +1,124 @@
+"""Builds what an engine runs on: device and dtype choice, the model with its weights, the sized KV cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lmserve.attention.backend import get_attention_backend
+from lmserve.config import EngineConfig
+from lmserve.models.config import ModelConfig
+from lmserve.models.registry import build_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_MAX_BATCH_SIZE = 16
+CUDA_MAX_BATCH_SIZE = 128
+CUDA_CACHE_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """EngineConfig with every `auto`/None resolved for this model and machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    session_len: int
+    max_batch_size: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) -> torch.dtype:
+    """`auto`: the checkpoint's 16-bit dtype on CUDA (bfloat16 for float32 checkpoints); bfloat16 on CPU.
+
+    bfloat16 on CPU halves the bytes read per decoded token, and these CPUs compute it
+    natively (AVX512-BF16); tests that compare with HF transformers ask for float32.
+    """
+    if name != "auto":
+        dtype = DTYPES[name]
+        if device.type == "cpu" and dtype == torch.float16:
+            logger.warning("float16 on CPU is slow; bfloat16 is usually the better choice")
+        return dtype
+    if device.type == "cuda":
+        return torch.float16 if model_config.torch_dtype == "float16" else torch.bfloat16
+    return torch.bfloat16
+
+
+def resolve_config(config: EngineConfig, model_config: ModelConfig) -> ResolvedConfig:
+    device = resolve_device(config.device)
+    session_len = config.session_len or model_config.max_position_embeddings
+    default_batch = CUDA_MAX_BATCH_SIZE if device.type == "cuda" else CPU_MAX_BATCH_SIZE
+    return ResolvedConfig(
+        device=device,
+        dtype=resolve_dtype(config.dtype, device, model_config),
+        session_len=session_len,
+        max_batch_size=config.max_batch_size or default_batch,
+    )
+
+
+def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig) -> Any:
+    """Construct the model on its device and stream the checkpoint's weights into it."""
+    from lmserve.models.loader import iter_weights
+
+    backend = get_attention_backend(resolved.device)
+    model = build_model(model_config, backend, resolved.dtype, resolved.device)
+    weights = tqdm(
+        iter_weights(source, model_config),
+        desc="Loading weights",
+        unit=" tensors",
+        leave=False,
+        disable=None,
+    )
+    model.load_weights(weights)
+    model.eval()
+    return model
+
+
+def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * model_config.head_dim * element_size
+
+
+def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: ModelConfig) -> int:
+    """How many KV blocks to allocate (see EngineConfig.cache_max_entry_count)."""
+    block_size = config.cache_block_seq_len
+    fraction = config.cache_max_entry_count
+    if resolved.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(resolved.device)
+        cache_bytes = free_bytes * (fraction if fraction is not None and fraction <= 1 else CUDA_CACHE_FRACTION)
+        if fraction is not None and fraction > 1:
+            return -(-int(fraction) // block_size)
+        return int(cache_bytes // (kv_bytes_per_token(model_config, resolved.dtype) * block_size))
+    full = resolved.max_batch_size * -(-resolved.session_len // block_size)
+    if fraction is None:
+        return full
+    if fraction > 1:
+        return -(-int(fraction) // block_size)
+    return max(1, int(full * fraction))
+
+
+def allocate_kv_cache(num_blocks: int, block_size: int, model_config: ModelConfig, resolved: ResolvedConfig) -> list[Any]:
+    backend = get_attention_backend(resolved.device)
+    return list(
+        backend.allocate_kv_cache(
+            model_config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+            resolved.dtype,
+            resolved.device,
+        )
+    )

@@ -1,0 +1,271 @@
+"""LLMEngine: the synchronous core. add_request / step / abort; one step = schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmserve.config import EngineConfig
+from lmserve.engine import builder
+from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.kv_cache import BlockManager
+from lmserve.engine.request import Request, RequestStatus
+from lmserve.engine.sampler import SampleResult, make_generator
+from lmserve.engine.scheduler import ScheduledRequest, Scheduler
+from lmserve.generation import FinishReason, GenerationConfig, RequestOutput
+from lmserve.models.config import ModelConfig
+from lmserve.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# generation_config.json fields that become our sampling defaults
+_GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_steps: int
+
+
+class LLMEngine:
+    """Owns scheduler, block manager and model runner; not thread-safe (AsyncEngine serializes calls)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        tokenizer: Any,
+        runner: ModelRunner,
+        num_blocks: int,
+        resolved: builder.ResolvedConfig,
+        generation_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.resolved = resolved
+        self.session_len = resolved.session_len
+        self.block_manager = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, resolved.max_batch_size, config.max_prefill_token_num)
+        self.requests: dict[str, Request] = {}
+        self.default_generation_config = _defaults_from(generation_defaults or {})
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, config: EngineConfig | None = None, chat_template: str | None = None
+    ) -> LLMEngine:
+        """Load a model (folder, .gguf, cached hub id; None = embedded SmolLM2) and size its KV cache."""
+        from lmserve.models.loader import load_generation_defaults, load_model_config, resolve_model
+        from lmserve.models.tokenizer import load_tokenizer
+
+        config = config or EngineConfig()
+        source = resolve_model(model)
+        model_config = load_model_config(source)
+        resolved = builder.resolve_config(config, model_config)
+        if config.num_cpu_threads:
+            torch.set_num_threads(config.num_cpu_threads)
+        tokenizer = load_tokenizer(source, chat_template)
+        net = builder.load_model(source, model_config, resolved)
+        num_blocks = builder.num_kv_blocks(config, resolved, model_config)
+        kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
+        graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
+        runner = ModelRunner(
+            net, model_config, kv_caches, config.cache_block_seq_len, resolved.device, tokenizer.eos_token_ids, graph_runner
+        )
+        engine = cls(config, model_config, tokenizer, runner, num_blocks, resolved, load_generation_defaults(source))
+        logger.info("engine ready: %s on %s (%s), %d KV blocks", model_config.architecture, resolved.device, resolved.dtype, num_blocks)
+        return engine
+
+    # -- requests -------------------------------------------------------------------
+
+    def validate_request(self, prompt_token_ids: list[int], gen_config: GenerationConfig) -> int:
+        """Check a request can ever run; returns its resolved max new tokens. ValueError otherwise."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if num_prompt >= self.session_len:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens but this model's context (session_len) is {self.session_len}; "
+                "shorten the prompt"
+            )
+        room = self.session_len - num_prompt
+        if gen_config.max_new_tokens is not None and gen_config.max_new_tokens > room:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) + max_new_tokens ({gen_config.max_new_tokens}) = "
+                f"{num_prompt + gen_config.max_new_tokens} exceeds the context of {self.session_len} tokens"
+            )
+        max_new = gen_config.max_new_tokens or room
+        if self.block_manager.num_blocks_for(num_prompt + max_new) > self.block_manager.num_blocks:
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+            raise ValueError(
+                f"prompt + max_new_tokens = {num_prompt + max_new} tokens exceed the whole KV cache ({capacity} tokens); "
+                "raise --cache-max-entry-count or lower max_tokens"
+            )
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return max_new
+
+    def add_request(
+        self, prompt_token_ids: list[int], gen_config: GenerationConfig | None = None, request_id: str | None = None
+    ) -> str:
+        gen_config = gen_config or self.default_generation_config
+        max_new = self.validate_request(prompt_token_ids, gen_config)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already running")
+        request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), gen_config, max_new)
+        seed = gen_config.random_seed
+        if seed is not None and not gen_config.greedy:
+            request.generator = make_generator(seed, self.resolved.device)
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, request.prompt_token_ids, gen_config)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request)
+        request.finish_reason = "abort"
+        return self._output(request, "", [], None, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after an exception inside a step)."""
+        outputs = []
+        for request_id in list(self.requests):
+            out = self.abort(request_id)
+            if out is not None:
+                out.finish_reason, out.error = "error", message
+                outputs.append(out)
+        return outputs
+
+    # -- the step ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        self.num_preemptions += len(schedule.preempted)
+        if schedule.is_empty:
+            return []
+        result = self.runner.execute(schedule.scheduled)
+        self.num_steps += 1
+        return self._postprocess(schedule.scheduled, result)
+
+    def _postprocess(self, scheduled: list[ScheduledRequest], result: SampleResult | None) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        sample_index = 0
+        now = time.monotonic()
+        for s in scheduled:
+            request = s.request
+            samples = s.samples
+            request.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                self.block_manager.cache_full_blocks(request)
+                continue
+            assert result is not None
+            token_id = result.token_ids[sample_index]
+            logprob = result.logprobs[sample_index] if result.logprobs else None
+            sample_index += 1
+            request.first_token_time = request.first_token_time or now
+            outputs.append(self._append_token(request, token_id, logprob))
+            if not request.is_finished:
+                self.block_manager.cache_full_blocks(request)
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprob: Any) -> RequestOutput:
+        request.token_ids.append(token_id)
+        reason = self._stop_reason(request, token_id)
+        text = "" if reason == "stop" else request.detokenizer.step([token_id])
+        if request.detokenizer.stopped:
+            reason = "stop"
+        if reason is not None:
+            text += request.detokenizer.finish() if not request.detokenizer.stopped else ""
+            self.scheduler.finish(request)
+            self.requests.pop(request.request_id, None)
+            request.finish_reason = reason
+        return self._output(request, text, [token_id], [logprob] if logprob is not None else None, reason is not None)
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        config = request.gen_config
+        if request.num_output_tokens > config.min_new_tokens:
+            if token_id in config.stop_token_ids or (not config.ignore_eos and token_id in self.eos_token_ids):
+                return "stop"
+        if request.num_output_tokens >= request.max_new_tokens or request.num_tokens >= self.session_len:
+            return "length"
+        return None
+
+    def _output(self, request: Request, text: str, token_ids: list[int], logprobs: Any, finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            text=text,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generated_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_total_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            kv_cache_usage=bm.usage,
+            prefix_cache_queries=bm.num_prefix_queries,
+            prefix_cache_hits=bm.num_prefix_hits,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+        )
+
+    def request_status(self, request_id: str) -> RequestStatus | None:
+        request = self.requests.get(request_id)
+        return request.status if request else None
+
+
+def _defaults_from(generation_defaults: dict[str, Any]) -> GenerationConfig:
+    """Sampling defaults: the model's generation_config.json over ours (LMDeploy's `--generation-config auto`)."""
+    fields = {k: generation_defaults[k] for k in _GENERATION_DEFAULT_FIELDS if generation_defaults.get(k) is not None}
+    if "temperature" in fields and "do_sample" not in fields:
+        fields["do_sample"] = fields["temperature"] > 0
+    try:
+        return GenerationConfig(**fields)
+    except (TypeError, ValueError) as error:
+        logger.warning("ignoring the model's generation_config.json defaults: %s", error)
+        return GenerationConfig()
+
+
+def _make_graph_runner(model: Any, kv_caches: list[Any], config: EngineConfig, resolved: builder.ResolvedConfig) -> Any:
+    if resolved.device.type != "cuda" or config.eager_mode:
+        return None
+    try:
+        from lmserve.engine.cuda_graph import CUDAGraphRunner
+    except ImportError:
+        return None
+    return CUDAGraphRunner(model, kv_caches, resolved.max_batch_size, config.cache_block_seq_len, resolved.session_len)

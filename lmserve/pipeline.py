@@ -1,0 +1,125 @@
+"""Pipeline: LMDeploy's offline Python API over the synchronous engine (batch, chat messages, streaming)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
+
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.generation import GenerationConfig, Response
+
+Messages = list[dict[str, Any]]
+Prompt = Union[str, Messages]
+
+
+class Pipeline:
+    """`pipe = pipeline(model); pipe("hi")`, `pipe([...])`, `pipe.stream_infer(...)`.
+
+    A string prompt is wrapped as one user message and rendered with the model's chat
+    template (as LMDeploy does); pass `do_preprocess=False` to send raw text.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        backend_config: EngineConfig | None = None,
+        chat_template: str | None = None,
+        engine: LLMEngine | None = None,
+    ) -> None:
+        self.engine = engine or LLMEngine.from_pretrained(model, backend_config, chat_template)
+        self.tokenizer = self.engine.tokenizer
+
+    def __call__(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenerationConfig | None = None,
+        do_preprocess: bool = True,
+    ) -> Response | list[Response]:
+        return self.infer(prompts, gen_config, do_preprocess)
+
+    def infer(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenerationConfig | None = None,
+        do_preprocess: bool = True,
+    ) -> Response | list[Response]:
+        """Generate for one prompt (returns a Response) or a batch (returns a list, in order)."""
+        single = _is_single(prompts)
+        batch = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        responses: dict[str, Response] = {}
+        for _ in self._run(batch, gen_config, do_preprocess, responses):
+            pass
+        ordered = list(responses.values())
+        return ordered[0] if single else ordered
+
+    def stream_infer(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        gen_config: GenerationConfig | None = None,
+        do_preprocess: bool = True,
+    ) -> Iterator[Response]:
+        """Yield a Response per output delta: `text` is the new text, `index` the prompt's position."""
+        batch = [prompts] if _is_single(prompts) else list(prompts)  # type: ignore[list-item]
+        yield from self._run(batch, gen_config, do_preprocess, {})
+
+    def encode(self, prompt: Prompt, do_preprocess: bool = True) -> list[int]:
+        if isinstance(prompt, str) and not do_preprocess:
+            return self.tokenizer.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return list(self.tokenizer.encode_chat(messages))
+
+    def _run(
+        self,
+        batch: list[Prompt],
+        gen_config: GenerationConfig | None,
+        do_preprocess: bool,
+        responses: dict[str, Response],
+    ) -> Iterator[Response]:
+        gen_config = gen_config or self.engine.default_generation_config
+        index_of: dict[str, int] = {}
+        try:
+            for index, prompt in enumerate(batch):
+                for sample in range(gen_config.n):
+                    config = _nth_config(gen_config, sample)
+                    request_id = self.engine.add_request(self.encode(prompt, do_preprocess), config)
+                    index_of[request_id] = index
+                    responses[request_id] = Response("", 0, 0, index=index)
+            yield from self._drain(index_of, responses)
+        finally:
+            for request_id in index_of:
+                if request_id in self.engine.requests:
+                    self.engine.abort(request_id)
+
+    def _drain(self, index_of: dict[str, int], responses: dict[str, Response]) -> Iterator[Response]:
+        pending = set(index_of)
+        while pending:
+            for out in self.engine.step():
+                if out.request_id not in pending:
+                    continue
+                responses[out.request_id].extend(out)
+                if out.finished:
+                    pending.discard(out.request_id)
+                    if out.error:
+                        raise RuntimeError(out.error)
+                yield Response(
+                    out.text,
+                    out.num_generated_tokens,
+                    out.num_prompt_tokens,
+                    out.finish_reason,
+                    list(out.token_ids),
+                    out.logprobs,
+                    index_of[out.request_id],
+                )
+
+
+def _is_single(prompts: Any) -> bool:
+    """A str, or a list of message dicts, is one prompt; a list of those is a batch."""
+    return isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
+
+
+def _nth_config(gen_config: GenerationConfig, sample: int) -> GenerationConfig:
+    if gen_config.n == 1:
+        return gen_config
+    seed = None if gen_config.random_seed is None else gen_config.random_seed + sample
+    return gen_config.with_updates(n=1, random_seed=seed)
