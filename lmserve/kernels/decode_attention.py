@@ -1,0 +1,227 @@
+"""Paged decode attention (one query token per sequence): flash-decoding over the paged KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
+
+_MIN_TOKENS_PER_SPLIT = 128
+
+
+@jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    scale_log2,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_block_table,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WRITE_OUTPUT: tl.constexpr,
+):
+    """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Splits divide each sequence's own length, so the grid stays fixed (CUDA graphs) while work balances.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    group = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    heads = kv_head * GROUP + group
+    head_mask = group < GROUP
+    q_mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+    for start_n in range(start, end, BLOCK_N):
+        tokens = start_n + tl.arange(0, BLOCK_N)
+        token_mask = tokens < end
+        block_ids = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
+        offsets = rows[:, None] + kv_head * stride_cache_head + dims[None, :]
+        kv_mask = token_mask[:, None] & (dims[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0  # a split past the end of a short sequence, or a zero-length padding sequence
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if WRITE_OUTPUT:
+        out = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+
+
+@jit
+def _decode_reduce_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Combine the splits of one (sequence, query head) by their log-sum-exp weights."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    split_mask = splits < num_splits
+    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_max)
+    mask = split_mask[:, None] & (dims[None, :] < HEAD_DIM)
+    partial = tl.load(
+        partial_out_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    total = tl.sum(weights, 0)
+    out = tl.sum(partial * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + seq * stride_ot + head * stride_oh + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Enough splits to give every SM about two programs, none shorter than _MIN_TOKENS_PER_SPLIT tokens."""
+    wanted = math.ceil(2 * num_sms(device) / max(1, num_seqs * num_kv_heads))
+    return max(1, min(wanted, math.ceil(max_context_len / _MIN_TOKENS_PER_SPLIT), 64))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context.
+
+    q: [B, Hq, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [>=B, max_blocks] int32;
+    seq_lens: [>=B] int32 (context length including the query token, already in the cache).
+    The grid depends only on B and block_tables.shape[1], never on GPU values: safe to capture in a CUDA graph.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty_like(q) if out is None else out
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        max_context_len = block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, q.device)
+    group = num_q_heads // num_kv_heads
+    partial_out = partial_lse = out  # unused placeholders when one split writes the output directly
+    if num_splits > 1:
+        partial_out = torch.empty(
+            num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        scale * math.log2(math.e), num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        WRITE_OUTPUT=num_splits == 1, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Torch reference of paged_decode_attention (float32 math, output in q's dtype)."""
+    out = torch.empty_like(q)
+    for seq, seq_len in enumerate(seq_lens[: q.shape[0]].tolist()):
+        keys, values = gather_context(k_cache, v_cache, block_tables[seq], seq_len)
+        out[seq] = attend(q[seq : seq + 1], keys, values, scale, context_offset=seq_len - 1)[0]
+    return out
+
+
+def gather_context(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first seq_len keys and values [seq_len, Hkv, D] of one sequence, read through its block table."""
+    block_size = k_cache.shape[1]
+    tokens = torch.arange(seq_len, device=k_cache.device)
+    blocks = block_table.long()[tokens // block_size]
+    return k_cache[blocks, tokens % block_size], v_cache[blocks, tokens % block_size]
+
+
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, context_offset: int
+) -> torch.Tensor:
+    """Causal GQA attention of q [Tq, Hq, D] at positions context_offset.. over keys/values [Tk, Hkv, D]."""
+    group = q.shape[1] // keys.shape[1]
+    keys = keys.float().repeat_interleave(group, dim=1)
+    values = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * scale
+    query_positions = context_offset + torch.arange(q.shape[0], device=q.device)
+    future = torch.arange(keys.shape[0], device=q.device)[None, :] > query_positions[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)

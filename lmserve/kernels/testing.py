@@ -1,0 +1,109 @@
+"""Random paged batches for checking attention kernels and backends against their references."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class PagedBatch:
+    """New q/k/v for a ragged batch, a KV cache whose context slots hold random earlier tokens, and its metadata."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layer_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_paged_batch(
+    query_lens: list[int],
+    seq_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    num_padding_tokens: int = 0,
+    seed: int = 0,
+) -> PagedBatch:
+    """Sequences whose first query_lens are 1 are decodes; blocks are shuffled so tables are not contiguous.
+
+    num_padding_tokens extra rows at the end of q/k/v have slot -1 and belong to no sequence.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    physical = torch.randperm(num_blocks, generator=generator).tolist()
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
+    for seq, count in enumerate(blocks_per_seq):
+        block_tables[seq, :count] = torch.tensor([physical.pop() for _ in range(count)])
+    slots = [
+        int(block_tables[seq, position // block_size]) * block_size + position % block_size
+        for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True))
+        for position in range(seq_len - query_len, seq_len)
+    ] + [-1] * num_padding_tokens
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    num_tokens = len(slots)
+    layer_cache = randn(2, num_blocks, block_size, num_kv_heads, head_dim)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(
+            [0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=device
+        ),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        block_size=block_size,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        num_decodes=num_decodes,
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
+    q, k, v = (
+        randn(num_tokens, num_q_heads, head_dim),
+        randn(num_tokens, num_kv_heads, head_dim),
+        randn(num_tokens, num_kv_heads, head_dim),
+    )
+    return PagedBatch(q.to(device), k.to(device), v.to(device), layer_cache.to(device), meta)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def reference_forward(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel references composed as a backend would: store K/V, then decode and prefill attention.
+
+    Returns (out [T, Hq, D] with padding rows zero, the cache after the write); batch is left unchanged.
+    """
+    from lmserve.kernels.decode_attention import paged_decode_attention_ref
+    from lmserve.kernels.kv_write import store_kv_ref
+    from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
+
+    meta, cache = batch.meta, batch.layer_cache.clone()
+    store_kv_ref(batch.k, batch.v, cache[0], cache[1], meta.slot_mapping)
+    out = paged_prefill_attention_ref(
+        batch.q, cache[0], cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+        first_seq=meta.num_decodes, num_seqs=meta.num_seqs - meta.num_decodes,
+    )  # fmt: skip
+    if meta.num_decodes:
+        out[: meta.num_decodes] = paged_decode_attention_ref(
+            batch.q[: meta.num_decodes], cache[0], cache[1], meta.block_tables, meta.seq_lens, scale
+        )
+    return out, cache

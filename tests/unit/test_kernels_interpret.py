@@ -1,0 +1,116 @@
+"""Each Triton kernel against its torch reference on small shapes, run on the CPU by Triton's interpreter.
+
+TRITON_INTERPRET must be set before Triton (and our kernel modules) are imported, so the one test that
+pytest runs here starts a child pytest over this same file with it set; the per-kernel tests run there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_CHILD = os.environ.get("LMSERVE_INTERPRET_CHILD") == "1"
+child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child process")
+
+
+def test_kernels_match_references_under_interpreter() -> None:
+    if IN_CHILD:
+        pytest.skip("this is the child")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LMSERVE_INTERPRET_CHILD": "1"}
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+
+
+if IN_CHILD:
+    from lmserve.attention.triton_backend import TritonAttentionBackend
+    from lmserve.kernels.activation import silu_and_mul, silu_and_mul_ref
+    from lmserve.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+    from lmserve.kernels.kv_write import store_kv, store_kv_ref
+    from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+    from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+    from lmserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+    from lmserve.kernels.testing import make_paged_batch, reference_forward, relative_error
+
+DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
+
+
+@child_only
+def test_store_kv_skips_padding() -> None:
+    batch = make_paged_batch([1, 5], [7, 9], 4, 2, 16, 4, DTYPE, "cpu", num_padding_tokens=2)
+    cache, ref = batch.layer_cache.clone(), batch.layer_cache.clone()
+    store_kv(batch.k, batch.v, cache[0], cache[1], batch.meta.slot_mapping)
+    store_kv_ref(batch.k, batch.v, ref[0], ref[1], batch.meta.slot_mapping)
+    assert torch.equal(cache, ref) and not torch.equal(cache, batch.layer_cache)
+
+
+@child_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention(num_splits: int) -> None:
+    batch = make_paged_batch([1, 1, 1], [1, 17, 40], 8, 2, 32, 8, DTYPE, "cpu", seed=num_splits)
+    meta, cache = batch.meta, batch.layer_cache
+    out = paged_decode_attention(
+        batch.q, cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.3, num_splits=num_splits, block_n=16
+    )
+    ref = paged_decode_attention_ref(batch.q, cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.3)
+    assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+def test_prefill_attention_with_prefix() -> None:
+    batch = make_paged_batch([1, 20, 7], [9, 20, 30], 4, 4, 32, 8, DTYPE, "cpu")
+    meta, cache = batch.meta, batch.layer_cache
+    args = (batch.q, cache[0], cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.2)
+    out = torch.zeros_like(batch.q)
+    paged_prefill_attention(*args, first_seq=1, num_seqs=2, max_query_len=20, out=out, block_m=16, block_n=16)
+    ref = paged_prefill_attention_ref(*args, first_seq=1, num_seqs=2)
+    assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+def test_backend_matches_reference_on_mixed_batch() -> None:
+    batch = make_paged_batch([1, 1, 12, 5], [3, 33, 12, 21], 8, 2, 32, 16, DTYPE, "cpu", num_padding_tokens=1)
+    ref, ref_cache = reference_forward(batch, 0.25)
+    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, 0.25)
+    rows = batch.meta.num_tokens
+    assert relative_error(out[:rows], ref[:rows]) < 2e-3
+    assert torch.equal(batch.layer_cache, ref_cache)
+
+
+@child_only
+def test_rms_norms() -> None:
+    x, residual, weight = (
+        torch.randn(5, 48).to(DTYPE),
+        torch.randn(5, 48).to(DTYPE),
+        torch.randn(48).to(DTYPE),
+    )
+    assert relative_error(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6)) < 2e-3
+    residual_ref = residual.clone()
+    out, new_residual = fused_add_rms_norm(x, residual, weight, 1e-6)
+    ref, _ = fused_add_rms_norm_ref(x, residual_ref, weight, 1e-6)
+    assert new_residual is residual and torch.equal(residual, residual_ref)
+    assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+def test_rotary_in_place_on_qkv_views() -> None:
+    qkv = torch.randn(6, (4 + 2 + 2) * 16).to(DTYPE)
+    q, k = qkv[:, :64].view(6, 4, 16), qkv[:, 64:96].view(6, 2, 16)
+    q_ref, k_ref = q.clone(), k.clone()
+    positions, cache = torch.tensor([0, 3, 9, 1, 2, 30]), build_cos_sin_cache(32, 16, 10000.0)
+    apply_rotary(q, k, positions, cache)
+    apply_rotary_ref(q_ref, k_ref, positions, cache)
+    assert relative_error(q, q_ref) < 2e-3 and relative_error(k, k_ref) < 2e-3
+
+
+@child_only
+def test_silu_and_mul() -> None:
+    x = torch.randn(3, 2 * 40).to(DTYPE)
+    assert relative_error(silu_and_mul(x, block=16), silu_and_mul_ref(x)) < 2e-3
