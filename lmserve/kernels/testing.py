@@ -10,6 +10,10 @@ import torch
 
 from lmserve.attention.metadata import AttentionMetadata
 
+# Largest ||out - ref|| / ||ref|| accepted for attention, by operand dtype (reference in float32 from the same
+# inputs): one rounding of the output is ~2^-9 (bf16) or ~2^-12 (fp16), and the kernels also round P to it.
+TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 1e-3}
+
 
 @dataclass
 class PagedBatch:
