@@ -1,0 +1,288 @@
+"""OpenAI routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (JSON and SSE)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmserve.serve import formatting as fmt
+from lmserve.serve import sampling
+from lmserve.serve.errors import APIError, error_body
+from lmserve.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    now,
+    random_id,
+)
+from lmserve.serve.state import ServerState, get_state
+from lmserve.serve.streams import Submission, run_choices, stop_on_disconnect, unless_disconnected
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500)
+}
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> ModelList:
+    state = get_state(request)
+    name = state.config.model_name
+    return ModelList(data=[ModelCard(id=name, root=name, max_model_len=state.engine.session_len)])
+
+
+# ---------------------------------------------------------------- chat
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    state.check_model(body.model)
+    sampling.check_supported(body)
+    prompt_ids = _encode_chat(state, body)
+    max_new_tokens = sampling.chat_max_tokens(body)
+    sampling.check_context(len(prompt_ids), max_new_tokens, state.engine.session_len, "messages")
+    defaults = state.engine.default_generation_config
+    config = sampling.build_generation_config(body, defaults, max_new_tokens, sampling.chat_logprobs(body))
+    api_id = random_id("chatcmpl-")
+    submissions = [Submission(i, prompt_ids, sampling.seeded(config, i)) for i in range(body.n)]
+    if body.stream:
+        chunks = _chat_stream(state, api_id, body, submissions)
+        return StreamingResponse(stop_on_disconnect(request, chunks), media_type="text/event-stream")
+    choices = await unless_disconnected(request, _collect(state, api_id, submissions))
+    return JSONResponse(_chat_response(state, api_id, body, choices).model_dump())
+
+
+def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    messages = sampling.chat_messages(body.messages)
+    tokenizer = state.engine.tokenizer
+    kwargs = body.chat_template_kwargs or {}
+    try:
+        if hasattr(tokenizer, "encode_chat"):
+            ids = list(tokenizer.encode_chat(messages, **kwargs))
+        else:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+            ids = list(tokenizer.encode(text, add_special_tokens=False))
+    except Exception as error:  # the template rejects some conversations (e.g. roles out of order)
+        raise APIError(400, f"chat template could not format the messages: {error}", "messages") from error
+    state.log_prompt("chat", str(messages))
+    return ids
+
+
+async def _collect(state: ServerState, api_id: str, submissions: list[Submission]) -> list[fmt.ChoiceState]:
+    choices = [fmt.ChoiceState() for _ in submissions]
+    async with state.slot():
+        async for index, out in run_choices(
+            state.engine, api_id, submissions, state.in_flight, state.metrics
+        ):
+            if out.error:
+                raise APIError(500, f"engine error: {out.error}")
+            choices[index].add(out)
+    return choices
+
+
+def _chat_response(
+    state: ServerState, api_id: str, body: ChatCompletionRequest, choices: list[fmt.ChoiceState]
+) -> ChatCompletionResponse:
+    k = body.top_logprobs or 0
+    return ChatCompletionResponse(
+        id=api_id,
+        model=state.config.model_name,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                logprobs=fmt.chat_logprobs(state.token_text, c.logprobs, k) if body.logprobs else None,
+                finish_reason=fmt.finish_reason(c.finish_reason),
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=fmt.usage_of(choices, body.n),
+    )
+
+
+async def _chat_stream(
+    state: ServerState, api_id: str, body: ChatCompletionRequest, submissions: list[Submission]
+) -> AsyncIterator[str]:
+    created, model = now(), state.config.model_name
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    choices = [fmt.ChoiceState() for _ in submissions]
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, reason: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return fmt.chat_chunk(api_id, created, model, [choice], include_usage)
+
+    for sub in submissions:
+        yield chunk(sub.index, {"role": "assistant", "content": ""})
+    try:
+        async with state.slot():
+            async for index, out in run_choices(
+                state.engine, api_id, submissions, state.in_flight, state.metrics
+            ):
+                if out.error:
+                    raise APIError(500, f"engine error: {out.error}")
+                choices[index].add(out)
+                if out.text or out.logprobs:
+                    logprobs = None
+                    if body.logprobs:
+                        lp = fmt.chat_logprobs(state.token_text, out.logprobs or [], body.top_logprobs or 0)
+                        logprobs = lp.model_dump()
+                    yield chunk(index, {"content": out.text}, logprobs)
+                if out.finished:
+                    yield chunk(index, {}, None, fmt.finish_reason(out.finish_reason))
+    except Exception as error:
+        yield _stream_error(error)
+        return
+    if include_usage:
+        yield fmt.chat_chunk(api_id, created, model, [], True, fmt.usage_of(choices, body.n))
+    yield fmt.SSE_DONE
+
+
+def _stream_error(error: Exception) -> str:
+    if isinstance(error, APIError):
+        payload = error_body(error.status_code, error.message, error.param, error.code)
+    else:
+        payload = error_body(500, f"internal error: {type(error).__name__}: {error}")
+    return fmt.sse(payload) + fmt.SSE_DONE
+
+
+# ---------------------------------------------------------------- completions
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    state.check_model(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of other than n is not supported", "best_of")
+    prompts = _completion_prompts(state, body.prompt)
+    for ids in prompts:
+        sampling.check_context(len(ids), body.max_tokens, state.engine.session_len, "prompt")
+    defaults = state.engine.default_generation_config
+    config = sampling.build_generation_config(
+        body, defaults, body.max_tokens, sampling.completion_logprobs(body)
+    )
+    api_id = random_id("cmpl-")
+    submissions = [
+        Submission(p * body.n + i, ids, sampling.seeded(config, i))
+        for p, ids in enumerate(prompts)
+        for i in range(body.n)
+    ]
+    echoes = [_echo_text(state, body, prompts[s.index // body.n]) for s in submissions]
+    if body.stream:
+        chunks = _completion_stream(state, api_id, body, submissions, echoes)
+        return StreamingResponse(stop_on_disconnect(request, chunks), media_type="text/event-stream")
+    choices = await unless_disconnected(request, _collect(state, api_id, submissions))
+    return JSONResponse(_completion_response(state, api_id, body, choices, echoes).model_dump())
+
+
+def _completion_prompts(
+    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[list[int]]:
+    """Normalize the four shapes OpenAI accepts into token-id lists."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    return [_prompt_ids(state, item, i) for i, item in enumerate(items)]
+
+
+def _prompt_ids(state: ServerState, item: str | list[int], index: int) -> list[int]:
+    tokenizer = state.engine.tokenizer
+    ids = list(tokenizer.encode(item, add_special_tokens=True)) if isinstance(item, str) else list(item)
+    if not ids:
+        raise APIError(400, f"prompt {index} is empty", "prompt")
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"prompt {index} has token ids outside [0, {vocab_size})", "prompt")
+    state.log_prompt("completion", item if isinstance(item, str) else str(ids))
+    return ids
+
+
+def _echo_text(state: ServerState, body: CompletionRequest, prompt_ids: list[int]) -> str:
+    if not body.echo:
+        return ""
+    return str(state.engine.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+
+
+def _completion_response(
+    state: ServerState,
+    api_id: str,
+    body: CompletionRequest,
+    choices: list[fmt.ChoiceState],
+    echoes: list[str],
+) -> CompletionResponse:
+    result = []
+    for i, c in enumerate(choices):
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = fmt.completion_logprobs(state.token_text, c.logprobs, body.logprobs, len(echoes[i]))
+        result.append(
+            CompletionChoice(
+                index=i,
+                text=echoes[i] + c.text,
+                logprobs=logprobs,
+                finish_reason=fmt.finish_reason(c.finish_reason),
+            )
+        )
+    return CompletionResponse(
+        id=api_id, model=state.config.model_name, choices=result, usage=fmt.usage_of(choices, body.n)
+    )
+
+
+async def _completion_stream(
+    state: ServerState, api_id: str, body: CompletionRequest, submissions: list[Submission], echoes: list[str]
+) -> AsyncIterator[str]:
+    created, model = now(), state.config.model_name
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    choices = [fmt.ChoiceState() for _ in submissions]
+    offsets = [len(e) for e in echoes]
+
+    def chunk(index: int, text: str, logprobs: Any = None, reason: str | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return fmt.completion_chunk(api_id, created, model, [choice], include_usage)
+
+    for sub in submissions:
+        if echoes[sub.index]:
+            yield chunk(sub.index, echoes[sub.index])
+    try:
+        async with state.slot():
+            async for index, out in run_choices(
+                state.engine, api_id, submissions, state.in_flight, state.metrics
+            ):
+                if out.error:
+                    raise APIError(500, f"engine error: {out.error}")
+                choices[index].add(out)
+                if out.text or out.logprobs:
+                    logprobs = None
+                    if body.logprobs is not None:
+                        lp = fmt.completion_logprobs(
+                            state.token_text, out.logprobs or [], body.logprobs, offsets[index]
+                        )
+                        logprobs = lp.model_dump()
+                    offsets[index] += len(out.text)
+                    yield chunk(index, out.text, logprobs)
+                if out.finished:
+                    yield chunk(index, "", None, fmt.finish_reason(out.finish_reason))
+    except Exception as error:
+        yield _stream_error(error)
+        return
+    if include_usage:
+        yield fmt.completion_chunk(api_id, created, model, [], True, fmt.usage_of(choices, body.n))
+    yield fmt.SSE_DONE

@@ -1,0 +1,147 @@
+"""OpenAI request fields → GenerationConfig (LMDeploy's names), chat messages, and unsupported-field checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmserve.generation import GenerationConfig
+from lmserve.serve.errors import APIError
+from lmserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+
+_UNSUPPORTED_PARTS = {"image_url", "image", "input_image", "input_audio", "audio", "file", "video_url"}
+# request fields that map one-to-one onto GenerationConfig fields
+_SAME_NAME = ("top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def check_supported(request: ChatCompletionRequest) -> None:
+    """Reject fields we know but cannot honour, naming the field (never drop them silently)."""
+    if request.tools:
+        raise APIError(400, "tools are not supported by this server yet", "tools")
+    if request.functions:
+        raise APIError(400, "functions are not supported by this server yet", "functions")
+    if request.tool_choice not in (None, "none"):
+        raise APIError(400, "tool_choice is not supported by this server yet", "tool_choice")
+    if request.function_call not in (None, "none"):
+        raise APIError(400, "function_call is not supported by this server yet", "function_call")
+    if request.response_format is not None and request.response_format.type != "text":
+        message = f"response_format type {request.response_format.type!r} is not supported; only 'text'"
+        raise APIError(400, message, "response_format")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template wants them: role + plain string content."""
+    return [{"role": _role(m, i), "content": _text_content(m, i)} for i, m in enumerate(messages)]
+
+
+def _role(message: ChatMessage, index: int) -> str:
+    if message.role == "tool":
+        raise APIError(400, "tool messages are not supported by this server yet", f"messages.{index}.role")
+    # OpenAI's o-series 'developer' role plays the part of 'system' for every other model
+    return "system" if message.role == "developer" else message.role
+
+
+def _text_content(message: ChatMessage, index: int) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for j, part in enumerate(message.content):
+        param = f"messages.{index}.content.{j}"
+        if part.type in _UNSUPPORTED_PARTS:
+            raise APIError(
+                400, f"content parts of type {part.type!r} are not supported; only 'text'", f"{param}.type"
+            )
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"content part type {part.type!r} must be 'text' with a 'text' field", param)
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def stop_words(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    words = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not word for word in words):
+        raise APIError(400, "stop strings must not be empty", "stop")
+    return words
+
+
+def build_generation_config(
+    request: SamplingFields,
+    defaults: GenerationConfig,
+    max_new_tokens: int | None,
+    logprobs: int | None,
+) -> GenerationConfig:
+    """Request fields over the model's defaults; temperature 0 is greedy, > 0 samples (as OpenAI does)."""
+    set_fields = request.model_fields_set
+    changes: dict[str, Any] = {name: getattr(request, name) for name in _SAME_NAME if name in set_fields}
+    changes = {name: value for name, value in changes.items() if value is not None}
+    temperature = request.temperature if request.temperature is not None else defaults.temperature
+    changes.update(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        do_sample=temperature > 0.0,
+        random_seed=request.seed,
+        stop_words=stop_words(request.stop),
+        ignore_eos=request.ignore_eos,
+        skip_special_tokens=request.skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        min_new_tokens=request.min_new_tokens
+        if request.min_new_tokens is not None
+        else defaults.min_new_tokens,
+        logprobs=logprobs,
+        n=1,
+    )
+    try:
+        return defaults.with_updates(**changes)
+    except ValueError as error:
+        raise APIError(400, str(error), _field_of(str(error))) from error
+
+
+def _field_of(message: str) -> str | None:
+    name = message.split("=", 1)[0]
+    return name if name.isidentifier() else None
+
+
+def chat_max_tokens(request: ChatCompletionRequest) -> int | None:
+    return request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+
+
+def chat_logprobs(request: ChatCompletionRequest) -> int | None:
+    return (request.top_logprobs or 0) if request.logprobs else None
+
+
+def completion_logprobs(request: CompletionRequest) -> int | None:
+    if request.logprobs is not None and request.echo:
+        raise APIError(400, "logprobs together with echo is not supported (no prompt logprobs)", "echo")
+    return request.logprobs
+
+
+def check_context(
+    num_prompt_tokens: int, max_new_tokens: int | None, session_len: int, prompt_param: str
+) -> None:
+    """400 context_length_exceeded when prompt (+ max_tokens) does not fit the session."""
+    if num_prompt_tokens >= session_len:
+        message = (
+            f"This model's maximum context length is {session_len} tokens, "
+            f"but the prompt has {num_prompt_tokens} tokens. Please shorten the prompt."
+        )
+        raise APIError(400, message, prompt_param, "context_length_exceeded")
+    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > session_len:
+        message = (
+            f"This model's maximum context length is {session_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_new_tokens} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_new_tokens} for the completion). Please reduce the prompt or max_tokens."
+        )
+        raise APIError(400, message, "max_tokens", "context_length_exceeded")
+
+
+def seeded(config: GenerationConfig, index: int) -> GenerationConfig:
+    """The i-th of n choices: seed + i, so seeded n>1 requests give different yet reproducible choices."""
+    if config.random_seed is None or index == 0:
+        return config
+    return config.with_updates(random_seed=config.random_seed + index)

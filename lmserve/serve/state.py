@@ -1,0 +1,61 @@
+"""What the routes of one app share: the engine, the config, metrics, in-flight requests, the concurrency limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from lmserve.config import ServeConfig
+from lmserve.serve.errors import APIError
+from lmserve.serve.metrics import ServerMetrics
+from lmserve.serve.streams import InFlight
+
+logger = logging.getLogger("lmserve.serve")
+
+
+@dataclass
+class ServerState:
+    engine: Any
+    config: ServeConfig
+    metrics: ServerMetrics | None
+    in_flight: InFlight = field(default_factory=InFlight)
+    limiter: asyncio.Semaphore | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.max_concurrent_requests:
+            # excess requests wait their turn instead of being turned away
+            self.limiter = asyncio.Semaphore(self.config.max_concurrent_requests)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(self._decode_token)
+
+    def _decode_token(self, token_id: int) -> str:
+        return str(self.engine.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of --max-concurrent-requests slots (no limit when unset)."""
+        if self.limiter is None:
+            yield
+            return
+        async with self.limiter:
+            yield
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            message = f"The model `{model}` does not exist. This server serves `{self.config.model_name}`."
+            raise APIError(404, message, "model", "model_not_found")
+
+    def log_prompt(self, api_id: str, prompt: str) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            limit = self.config.max_log_len
+            logger.info("%s prompt=%r", api_id, prompt if limit is None else prompt[:limit])
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.lmserve  # type: ignore[no-any-return]
