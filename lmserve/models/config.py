@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "InternLM2ForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -22,11 +30,13 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
-    """HF rope_scaling dict (llama3, linear, dynamic ...), or None."""
+    """HF rope_scaling dict normalized to carry `rope_type` (llama3, linear, dynamic), or None."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    """q/k/v projections have biases (Qwen2: True; Llama: config.attention_bias)."""
+    """q/k/v projections have biases (Qwen2: True; Llama: config.attention_bias; InternLM2: config.bias)."""
+    o_proj_bias: bool = False
+    """The output projection has a bias (Llama: attention_bias; InternLM2: bias; Qwen2: never)."""
     mlp_bias: bool = False
     hidden_act: str = "silu"
     torch_dtype: str = "float32"
@@ -37,3 +47,97 @@ class ModelConfig:
     """HF quantization_config (quant_method awq / compressed-tensors ...), or None."""
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else str(self.rope_scaling["rope_type"])
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> ModelConfig:
+        """Map an HF config.json dict (Llama, Mistral, Qwen2, InternLM2) onto a ModelConfig."""
+        architecture = _architecture(d)
+        hidden_size = int(_require(d, "hidden_size"))
+        num_heads = int(_require(d, "num_attention_heads"))
+        rope_theta, rope_scaling = _rope(d)
+        hidden_act = d.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act={hidden_act!r} is not supported; supported: ('silu',)")
+        return cls(
+            architecture=architecture,
+            vocab_size=int(_require(d, "vocab_size")),
+            hidden_size=hidden_size,
+            intermediate_size=int(_require(d, "intermediate_size")),
+            num_hidden_layers=int(_require(d, "num_hidden_layers")),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or num_heads),
+            head_dim=int(d.get("head_dim") or hidden_size // num_heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            hidden_act=hidden_act,
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=_eos_ids(d.get("eos_token_id")),
+            quantization_config=d.get("quantization_config"),
+            sliding_window=_sliding_window(architecture, d),
+            **_biases(architecture, d),
+        )
+
+
+def _architecture(d: dict[str, Any]) -> str:
+    names = d.get("architectures") or []
+    if not names:
+        raise ValueError(
+            f"architectures={names!r}: config.json names no architecture; supported: {SUPPORTED_ARCHITECTURES}"
+        )
+    if names[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"architecture {names[0]!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    return str(names[0])
+
+
+def _require(d: dict[str, Any], key: str) -> Any:
+    if d.get(key) is None:
+        raise ValueError(f"config.json lacks required field {key!r}")
+    return d[key]
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Read rope theta and scaling from the old (rope_theta + rope_scaling) or new (rope_parameters) form."""
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", None) or d.get("rope_theta") or 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
+    if rope_type == "default":
+        return theta, None
+    return theta, {"rope_type": rope_type, **params}
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _sliding_window(architecture: str, d: dict[str, Any]) -> int | None:
+    if architecture == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+        return None
+    window = d.get("sliding_window")
+    return int(window) if window else None
+
+
+def _biases(architecture: str, d: dict[str, Any]) -> dict[str, Any]:
+    if architecture == "Qwen2ForCausalLM":
+        return {"attention_bias": True, "o_proj_bias": False, "mlp_bias": False}
+    if architecture == "InternLM2ForCausalLM":
+        bias = bool(d.get("bias", True))  # InternLM2Config defaults bias=True
+        return {"attention_bias": bias, "o_proj_bias": bias, "mlp_bias": False}
+    bias = bool(d.get("attention_bias", False))
+    return {"attention_bias": bias, "o_proj_bias": bias, "mlp_bias": bool(d.get("mlp_bias", False))}

@@ -1,0 +1,73 @@
+"""Rotary position embedding (RoPE): HF's default, linear and llama3 frequency scalings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], float32, exactly as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    rope_type = "default" if rope_scaling is None else rope_scaling["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / float(_field(rope_scaling, "factor"))
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_scaling or {})
+    # "dynamic" (NTK) equals the default inside the original context, where HF leaves theta alone
+    return inv_freq
+
+
+def _field(rope_scaling: dict[str, Any] | None, key: str) -> Any:
+    if not rope_scaling or key not in rope_scaling:
+        raise ValueError(f"rope_scaling={rope_scaling!r} lacks field {key!r}")
+    return rope_scaling[key]
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(_field(rope_scaling, "factor"))
+    low_freq_factor = float(_field(rope_scaling, "low_freq_factor"))
+    high_freq_factor = float(_field(rope_scaling, "high_freq_factor"))
+    old_context_len = float(_field(rope_scaling, "original_max_position_embeddings"))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables [max_positions, head_dim // 2]; NeoX (rotate-half) layout like HF Llama."""
+
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, rope_scaling: dict[str, Any] | None
+    ) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, theta, rope_scaling).to(torch.get_default_device())
+        positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+        freqs = positions[:, None] * inv_freq[None, :]
+        # HF computes cos/sin in float32 and rounds them to the activation dtype
+        dtype = torch.get_default_dtype()
+        self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim // 2] for the tokens at `positions`, ready to broadcast over heads."""
+        return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by cos/sin [T, 1, head_dim // 2]; returns a new contiguous tensor."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

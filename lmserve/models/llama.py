@@ -1,0 +1,229 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama): one class, config switches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.metadata import AttentionMetadata
+from lmserve.layers.activation import silu_and_mul
+from lmserve.layers.embedding import VocabEmbedding
+from lmserve.layers.linear import Linear, make_linear, output_dims_of
+from lmserve.layers.norm import RMSNorm
+from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
+from lmserve.models.config import ModelConfig
+
+# HF projection name -> (our fused module, shard index, number of shards)
+FUSED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", 0, 3),
+    "k_proj": ("qkv_proj", 1, 3),
+    "v_proj": ("qkv_proj", 2, 3),
+    "gate_proj": ("gate_up_proj", 0, 2),
+    "up_proj": ("gate_up_proj", 1, 2),
+}
+IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@contextlib.contextmanager
+def default_dtype_and_device(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Build modules straight into dtype/device (no float32 CPU detour, no init of weights)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, RoPE, paged attention through the backend, output projection."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.backend = backend
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        quant = config.quantization_config
+        self.qkv_proj = make_linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, quant
+        )
+        self.o_proj = make_linear(self.q_size, config.hidden_size, config.o_proj_bias, quant)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: Any,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        num_tokens = qkv.shape[0]
+        # q and k rotate together: one rope pass over Hq + Hkv heads
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        quant = config.quantization_config
+        self.gate_up_proj = make_linear(
+            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, quant
+        )
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, config.mlp_bias, quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; the residual stream is carried separately between layers."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: Any,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden if residual is None else hidden + residual
+        hidden = self.self_attn(self.input_layernorm(residual), rope[0], rope[1], kv_cache, meta)
+        residual = hidden + residual
+        return self.mlp(self.post_attention_layernorm(residual)), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions)  # once per step, shared by every layer
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        assert residual is not None
+        return self.norm(hidden + residual)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The CausalLM contract: forward -> hidden [T, H], compute_logits -> float32 [N, V], load_weights."""
+
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.config = config
+        with default_dtype_and_device(dtype, device):
+            self.model = LlamaModel(config, backend)
+            self.lm_head = (
+                None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[Any],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids/positions [T] int64 of a flat ragged batch -> final hidden states [T, H]."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits [N, V] (lm_head, or the embedding when tied)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in; q/k/v and gate/up are concatenated into the fused projections."""
+        WeightLoader(self).load(weights)
+
+
+class WeightLoader:
+    """Routes HF-named tensors onto a LlamaForCausalLM's parameters, fusing shards, and checks completeness."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.model = model
+        self.targets = model.state_dict(keep_vars=True)
+        self.pending: dict[str, dict[int, torch.Tensor]] = {}
+        self.loaded: set[str] = set()
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
+            self.load_one(name, tensor)
+        if self.pending:
+            raise ValueError(
+                f"incomplete fused weights (some of q/k/v or gate/up missing): {sorted(self.pending)}"
+            )
+        missing = sorted(set(self.targets) - self.loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {missing}")
+
+    def load_one(self, name: str, tensor: torch.Tensor) -> None:
+        if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (
+            name.startswith("lm_head.") and self.model.lm_head is None
+        ):
+            return  # tied checkpoints may still store lm_head; HF ignores it too
+        module_path, _, param = name.rpartition(".")
+        parent, _, projection = module_path.rpartition(".")
+        if projection not in FUSED_PROJECTIONS:
+            self.copy(name, tensor, name)
+            return
+        fused, shard, num_shards = FUSED_PROJECTIONS[projection]
+        target = f"{parent}.{fused}.{param}"
+        shards = self.pending.setdefault(target, {})
+        shards[shard] = tensor
+        if len(shards) == num_shards:
+            del self.pending[target]
+            dim = output_dims_of(self.model.get_submodule(f"{parent}.{fused}"))[param]
+            self.copy(target, torch.cat([shards[i] for i in range(num_shards)], dim=dim), name)
+
+    def copy(self, target: str, tensor: torch.Tensor, source: str) -> None:
+        param = self.targets.get(target)
+        if param is None:
+            raise ValueError(f"unexpected weight {source!r}: the model has no parameter {target!r}")
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"weight {source!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+        self.loaded.add(target)
