@@ -115,7 +115,9 @@ class Pipeline:
 
 def _is_single(prompts: Any) -> bool:
     """A str, or a list of message dicts, is one prompt; a list of those is a batch."""
-    return isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
+    return isinstance(prompts, str) or (
+        isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
+    )
 
 
 def _nth_config(gen_config: GenerationConfig, sample: int) -> GenerationConfig:

@@ -93,7 +93,9 @@ class ModelRunner:
             if s.samples:
                 logits_indices.append(len(input_ids) - 1)
         max_blocks = max(len(s.request.block_table) for s in scheduled)
-        block_tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in scheduled]
+        block_tables = [
+            s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in scheduled
+        ]
         num_decodes = sum(1 for q in query_lens if q == 1)
         query_start_loc = [0]
         for q in query_lens:

@@ -11,11 +11,22 @@ from lmserve.config import DEVICES, DTYPES, MODEL_FORMATS, QUANT_POLICIES, Engin
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add LMDeploy's engine options (`--session-len`, `--max-batch-size`, ...) as one group."""
     group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (auto: checkpoint's on CUDA, bfloat16 on CPU)")
-    group.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: cuda if available)")
+    group.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight dtype (auto: checkpoint's on CUDA, bfloat16 on CPU)",
+    )
+    group.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to run (auto: cuda if available)"
+    )
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
-    group.add_argument("--session-len", type=int, default=None, help="max tokens per session (default: model context)")
-    group.add_argument("--max-batch-size", type=int, default=None, help="max running requests (default 128 CUDA, 16 CPU)")
+    group.add_argument(
+        "--session-len", type=int, default=None, help="max tokens per session (default: model context)"
+    )
+    group.add_argument(
+        "--max-batch-size", type=int, default=None, help="max running requests (default 128 CUDA, 16 CPU)"
+    )
     group.add_argument(
         "--cache-max-entry-count",
         type=float,
@@ -23,9 +34,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV cache size: fraction of free GPU memory (default 0.8); on CPU a fraction of batch x session, or tokens if > 1",
     )
     group.add_argument("--cache-block-seq-len", type=int, default=64, help="tokens per KV block")
-    group.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV of shared prompt prefixes")
-    group.add_argument("--max-prefill-token-num", type=int, default=8192, help="token budget per step (chunked prefill)")
-    group.add_argument("--quant-policy", type=int, choices=QUANT_POLICIES, default=0, help="KV cache quantization: 0, 8 (int8), 4 (int4)")
+    group.add_argument(
+        "--enable-prefix-caching", action="store_true", help="reuse KV of shared prompt prefixes"
+    )
+    group.add_argument(
+        "--max-prefill-token-num", type=int, default=8192, help="token budget per step (chunked prefill)"
+    )
+    group.add_argument(
+        "--quant-policy",
+        type=int,
+        choices=QUANT_POLICIES,
+        default=0,
+        help="KV cache quantization: 0, 8 (int8), 4 (int4)",
+    )
     group.add_argument("--model-format", choices=MODEL_FORMATS, default="auto", help="checkpoint format")
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
     group.add_argument("--num-cpu-threads", type=int, default=None, help="torch threads on CPU")
@@ -36,3 +57,35 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build EngineConfig from parsed flags; ValueError names the bad flag's field."""
     names = {f.name for f in fields(EngineConfig)}
     return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """Sampling flags for commands that generate directly (chat, api_client)."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy (default: model's generation_config)"
+    )
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--min-p", type=float, default=None)
+    group.add_argument("--repetition-penalty", type=float, default=None)
+    group.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: up to the end of the session"
+    )
+    group.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def generation_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """GenerationConfig fields set on the command line (None = not given)."""
+    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
+    names |= {
+        "repetition_penalty": "repetition_penalty",
+        "max_new_tokens": "max_new_tokens",
+        "seed": "random_seed",
+    }
+    changes = {
+        field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None
+    }
+    if "temperature" in changes:
+        changes["do_sample"] = changes["temperature"] > 0
+    return changes

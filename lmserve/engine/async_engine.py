@@ -59,7 +59,10 @@ class AsyncEngine:
     # -- public API (any thread / event loop) -------------------------------------------
 
     async def generate(
-        self, prompt_token_ids: list[int], gen_config: GenerationConfig | None = None, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        gen_config: GenerationConfig | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas; leaving early (break, close, cancel) aborts it."""
         gen_config = gen_config or self.default_generation_config

@@ -86,9 +86,29 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
     return model
 
 
+def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int = 0) -> Any:
+    """The model with N(0, 0.02) weights and unit norms: real shapes and speed, no checkpoint needed."""
+    backend = get_attention_backend(resolved.device)
+    model = build_model(model_config, backend, resolved.dtype, resolved.device)
+    generator = torch.Generator(resolved.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            elif param.is_floating_point():
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
 def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
     element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * model_config.head_dim * element_size
+    return (
+        2
+        * model_config.num_hidden_layers
+        * model_config.num_key_value_heads
+        * model_config.head_dim
+        * element_size
+    )
 
 
 def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: ModelConfig) -> int:
@@ -97,7 +117,9 @@ def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: 
     fraction = config.cache_max_entry_count
     if resolved.device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(resolved.device)
-        cache_bytes = free_bytes * (fraction if fraction is not None and fraction <= 1 else CUDA_CACHE_FRACTION)
+        cache_bytes = free_bytes * (
+            fraction if fraction is not None and fraction <= 1 else CUDA_CACHE_FRACTION
+        )
         if fraction is not None and fraction > 1:
             return -(-int(fraction) // block_size)
         return int(cache_bytes // (kv_bytes_per_token(model_config, resolved.dtype) * block_size))
@@ -109,7 +131,9 @@ def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: 
     return max(1, int(full * fraction))
 
 
-def allocate_kv_cache(num_blocks: int, block_size: int, model_config: ModelConfig, resolved: ResolvedConfig) -> list[Any]:
+def allocate_kv_cache(
+    num_blocks: int, block_size: int, model_config: ModelConfig, resolved: ResolvedConfig
+) -> list[Any]:
     backend = get_attention_backend(resolved.device)
     return list(
         backend.allocate_kv_cache(

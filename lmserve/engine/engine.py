@@ -59,11 +59,13 @@ class LLMEngine:
         self.runner = runner
         self.resolved = resolved
         self.session_len = resolved.session_len
-        self.block_manager = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.cache_block_seq_len, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.block_manager, resolved.max_batch_size, config.max_prefill_token_num)
         self.requests: dict[str, Request] = {}
         self.default_generation_config = _defaults_from(generation_defaults or {})
-        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model_config.eos_token_ids)
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
@@ -88,11 +90,49 @@ class LLMEngine:
         kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
         graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
         runner = ModelRunner(
-            net, model_config, kv_caches, config.cache_block_seq_len, resolved.device, tokenizer.eos_token_ids, graph_runner
+            net,
+            model_config,
+            kv_caches,
+            config.cache_block_seq_len,
+            resolved.device,
+            tokenizer.eos_token_ids,
+            graph_runner,
         )
-        engine = cls(config, model_config, tokenizer, runner, num_blocks, resolved, load_generation_defaults(source))
-        logger.info("engine ready: %s on %s (%s), %d KV blocks", model_config.architecture, resolved.device, resolved.dtype, num_blocks)
+        engine = cls(
+            config, model_config, tokenizer, runner, num_blocks, resolved, load_generation_defaults(source)
+        )
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV blocks",
+            model_config.architecture,
+            resolved.device,
+            resolved.dtype,
+            num_blocks,
+        )
         return engine
+
+    @classmethod
+    def from_random_weights(cls, config_json: str, config: EngineConfig | None = None) -> LLMEngine:
+        """A model of the shape in an HF config.json with random weights (benchmarks; no tokenizer, no text)."""
+        import json
+
+        with open(config_json) as f:
+            model_config = ModelConfig.from_hf_config(json.load(f))
+        config = config or EngineConfig()
+        resolved = builder.resolve_config(config, model_config)
+        net = builder.random_model(model_config, resolved)
+        num_blocks = builder.num_kv_blocks(config, resolved, model_config)
+        kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
+        graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
+        runner = ModelRunner(
+            net,
+            model_config,
+            kv_caches,
+            config.cache_block_seq_len,
+            resolved.device,
+            model_config.eos_token_ids,
+            graph_runner,
+        )
+        return cls(config, model_config, None, runner, num_blocks, resolved)
 
     # -- requests -------------------------------------------------------------------
 
@@ -125,7 +165,10 @@ class LLMEngine:
         return max_new
 
     def add_request(
-        self, prompt_token_ids: list[int], gen_config: GenerationConfig | None = None, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        gen_config: GenerationConfig | None = None,
+        request_id: str | None = None,
     ) -> str:
         gen_config = gen_config or self.default_generation_config
         max_new = self.validate_request(prompt_token_ids, gen_config)
@@ -136,7 +179,10 @@ class LLMEngine:
         seed = gen_config.random_seed
         if seed is not None and not gen_config.greedy:
             request.generator = make_generator(seed, self.resolved.device)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, request.prompt_token_ids, gen_config)
+        if self.tokenizer is not None:  # benchmarks on random weights have no tokenizer and no text
+            request.detokenizer = IncrementalDetokenizer(
+                self.tokenizer.hf, request.prompt_token_ids, gen_config
+            )
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -174,7 +220,9 @@ class LLMEngine:
         self.num_steps += 1
         return self._postprocess(schedule.scheduled, result)
 
-    def _postprocess(self, scheduled: list[ScheduledRequest], result: SampleResult | None) -> list[RequestOutput]:
+    def _postprocess(
+        self, scheduled: list[ScheduledRequest], result: SampleResult | None
+    ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         sample_index = 0
         now = time.monotonic()
@@ -198,26 +246,35 @@ class LLMEngine:
     def _append_token(self, request: Request, token_id: int, logprob: Any) -> RequestOutput:
         request.token_ids.append(token_id)
         reason = self._stop_reason(request, token_id)
-        text = "" if reason == "stop" else request.detokenizer.step([token_id])
-        if request.detokenizer.stopped:
-            reason = "stop"
+        text, detokenizer = "", request.detokenizer
+        if detokenizer is not None:
+            text = "" if reason == "stop" else detokenizer.step([token_id])
+            if detokenizer.stopped:
+                reason = "stop"
+            elif reason is not None:
+                text += detokenizer.finish()
         if reason is not None:
-            text += request.detokenizer.finish() if not request.detokenizer.stopped else ""
             self.scheduler.finish(request)
             self.requests.pop(request.request_id, None)
             request.finish_reason = reason
-        return self._output(request, text, [token_id], [logprob] if logprob is not None else None, reason is not None)
+        return self._output(
+            request, text, [token_id], [logprob] if logprob is not None else None, reason is not None
+        )
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         config = request.gen_config
         if request.num_output_tokens > config.min_new_tokens:
-            if token_id in config.stop_token_ids or (not config.ignore_eos and token_id in self.eos_token_ids):
+            if token_id in config.stop_token_ids or (
+                not config.ignore_eos and token_id in self.eos_token_ids
+            ):
                 return "stop"
         if request.num_output_tokens >= request.max_new_tokens or request.num_tokens >= self.session_len:
             return "length"
         return None
 
-    def _output(self, request: Request, text: str, token_ids: list[int], logprobs: Any, finished: bool) -> RequestOutput:
+    def _output(
+        self, request: Request, text: str, token_ids: list[int], logprobs: Any, finished: bool
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             text=text,
@@ -251,7 +308,11 @@ class LLMEngine:
 
 def _defaults_from(generation_defaults: dict[str, Any]) -> GenerationConfig:
     """Sampling defaults: the model's generation_config.json over ours (LMDeploy's `--generation-config auto`)."""
-    fields = {k: generation_defaults[k] for k in _GENERATION_DEFAULT_FIELDS if generation_defaults.get(k) is not None}
+    fields = {
+        k: generation_defaults[k]
+        for k in _GENERATION_DEFAULT_FIELDS
+        if generation_defaults.get(k) is not None
+    }
     if "temperature" in fields and "do_sample" not in fields:
         fields["do_sample"] = fields["temperature"] > 0
     try:
@@ -261,11 +322,15 @@ def _defaults_from(generation_defaults: dict[str, Any]) -> GenerationConfig:
         return GenerationConfig()
 
 
-def _make_graph_runner(model: Any, kv_caches: list[Any], config: EngineConfig, resolved: builder.ResolvedConfig) -> Any:
+def _make_graph_runner(
+    model: Any, kv_caches: list[Any], config: EngineConfig, resolved: builder.ResolvedConfig
+) -> Any:
     if resolved.device.type != "cuda" or config.eager_mode:
         return None
     try:
         from lmserve.engine.cuda_graph import CUDAGraphRunner
     except ImportError:
         return None
-    return CUDAGraphRunner(model, kv_caches, resolved.max_batch_size, config.cache_block_seq_len, resolved.session_len)
+    return CUDAGraphRunner(
+        model, kv_caches, resolved.max_batch_size, config.cache_block_seq_len, resolved.session_len
+    )

@@ -97,7 +97,9 @@ class BlockManager:
             return
         num_full = request.num_computed_tokens // self.block_size
         for i in range(request.last_hashed_block, num_full):
-            request.last_block_hash = chain_hash(request.last_block_hash, request.block_tokens(i, self.block_size))
+            request.last_block_hash = chain_hash(
+                request.last_block_hash, request.block_tokens(i, self.block_size)
+            )
             block = self.blocks[request.block_table[i]]
             if block.block_hash is None and request.last_block_hash not in self._hash_to_block:
                 block.block_hash = request.last_block_hash
