@@ -1,0 +1,104 @@
+"""Fixtures: real uvicorn servers on free loopback ports, serving the embedded SmolLM2 through AsyncEngine."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from lmserve.config import EngineConfig, ServeConfig
+from lmserve.serve.app import create_app
+
+MODEL_NAME = "smollm2"
+API_KEY = "sk-test-key"
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    engine: Any
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(engine: Any, config: ServeConfig) -> RunningServer:
+    """uvicorn in a background thread (its own event loop); returns once /health answers."""
+    port = free_port()
+    app = create_app(engine, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code in (200, 503):
+                return RunningServer(base_url, engine, server, thread)
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError("test server did not start")
+
+
+def load_engine(**engine_options: Any) -> Any:
+    from lmserve.engine.async_engine import AsyncEngine
+
+    return AsyncEngine.from_pretrained(None, EngineConfig(dtype="float32", **engine_options))
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Any]:
+    engine = load_engine()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(engine: Any) -> Iterator[RunningServer]:
+    running = start_server(engine, ServeConfig(model_name=MODEL_NAME))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(engine: Any) -> Iterator[RunningServer]:
+    """A second app over the same engine, with an API key and a narrow CORS origin list."""
+    config = ServeConfig(
+        model_name=MODEL_NAME, api_keys=(API_KEY,), allow_origins=("http://allowed.example",)
+    )
+    running = start_server(engine, config)
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def client(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120) as http:
+        yield http
+
+
+def wait_until(predicate: Any, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
