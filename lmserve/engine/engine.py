@@ -86,21 +86,34 @@ class LLMEngine:
             torch.set_num_threads(config.num_cpu_threads)
         tokenizer = load_tokenizer(source, chat_template)
         net = builder.load_model(source, model_config, resolved)
+        return cls.build(config, model_config, net, tokenizer, load_generation_defaults(source), resolved)
+
+    @classmethod
+    def build(
+        cls,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        net: Any,
+        tokenizer: Any = None,
+        generation_defaults: dict[str, Any] | None = None,
+        resolved: builder.ResolvedConfig | None = None,
+    ) -> LLMEngine:
+        """An engine around a constructed model: sizes and allocates the KV cache, sets up the runner."""
+        resolved = resolved or builder.resolve_config(config, model_config)
         num_blocks = builder.num_kv_blocks(config, resolved, model_config)
         kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
         graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
+        eos_token_ids = tokenizer.eos_token_ids if tokenizer else model_config.eos_token_ids
         runner = ModelRunner(
             net,
             model_config,
             kv_caches,
             config.cache_block_seq_len,
             resolved.device,
-            tokenizer.eos_token_ids,
+            eos_token_ids,
             graph_runner,
         )
-        engine = cls(
-            config, model_config, tokenizer, runner, num_blocks, resolved, load_generation_defaults(source)
-        )
+        engine = cls(config, model_config, tokenizer, runner, num_blocks, resolved, generation_defaults)
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks",
             model_config.architecture,
@@ -119,20 +132,9 @@ class LLMEngine:
             model_config = ModelConfig.from_hf_config(json.load(f))
         config = config or EngineConfig()
         resolved = builder.resolve_config(config, model_config)
-        net = builder.random_model(model_config, resolved)
-        num_blocks = builder.num_kv_blocks(config, resolved, model_config)
-        kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
-        graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
-        runner = ModelRunner(
-            net,
-            model_config,
-            kv_caches,
-            config.cache_block_seq_len,
-            resolved.device,
-            model_config.eos_token_ids,
-            graph_runner,
+        return cls.build(
+            config, model_config, builder.random_model(model_config, resolved), resolved=resolved
         )
-        return cls(config, model_config, None, runner, num_blocks, resolved)
 
     # -- requests -------------------------------------------------------------------
 
