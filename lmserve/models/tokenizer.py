@@ -1,0 +1,165 @@
+"""Tokenizer: the HF tokenizer of a ModelSource (folder or GGUF metadata) plus its chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+from lmserve.models.loader import ModelSource, load_generation_defaults, read_json
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+def builtin_chat_templates() -> tuple[str, ...]:
+    """Names of the chat templates shipped in lmserve/models/templates."""
+    return tuple(sorted(path.stem for path in TEMPLATES_DIR.glob("*.jinja")))
+
+
+def load_chat_template(name_or_path: str) -> str:
+    """A built-in template by name, or the text of a Jinja file; ValueError lists the built-in names."""
+    builtin = TEMPLATES_DIR / f"{name_or_path}.jinja"
+    if builtin.is_file():
+        return builtin.read_text(encoding="utf-8").removesuffix("\n")
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise ValueError(
+        f"chat_template={name_or_path!r} is neither a built-in template {list(builtin_chat_templates())} "
+        "nor a path to a Jinja file"
+    )
+
+
+class Tokenizer:
+    """Encode/decode and chat templating over an HF tokenizer (exposed as `hf` for detokenizing)."""
+
+    def __init__(self, hf: Any, chat_template: str | None, eos_token_ids: tuple[int, ...], name: str) -> None:
+        self._hf = hf
+        self.chat_template = chat_template
+        self._eos_token_ids = eos_token_ids
+        self.name = name
+
+    @property
+    def hf(self) -> Any:
+        return self._hf
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._hf.bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (base vocabulary plus added tokens)."""
+        return len(self._hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._hf.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> str:
+        """Render `messages` to the prompt text; ValueError when the model has no chat template."""
+        if self.chat_template is None:
+            raise ValueError(
+                f"{self.name} has no chat template; pass chat_template= one of "
+                f"{list(builtin_chat_templates())} or a Jinja file"
+            )
+        return str(
+            self._hf.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat; the template writes BOS itself, so none is added (as HF does)."""
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+
+
+def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer of `source`; `chat_template` (built-in name or Jinja path) overrides the model's."""
+    template = load_chat_template(chat_template) if chat_template is not None else None
+    if source.kind == "gguf":
+        hf = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        name = str(source.gguf_path)
+    else:
+        hf = _load_folder_tokenizer(source.path)
+        name = str(source.path)
+    if template is None:
+        template = _model_chat_template(hf)
+    return Tokenizer(hf, template, _eos_token_ids(hf, source), name)
+
+
+def _model_chat_template(hf: Any) -> str | None:
+    template = getattr(hf, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the unnamed one is "default"
+        template = template.get("default")
+    return template
+
+
+def _eos_token_ids(hf: Any, source: ModelSource) -> tuple[int, ...]:
+    ids: list[int] = [] if hf.eos_token_id is None else [int(hf.eos_token_id)]
+    generation_eos = load_generation_defaults(source).get("eos_token_id")
+    if isinstance(generation_eos, int):
+        ids.append(generation_eos)
+    elif isinstance(generation_eos, list):
+        ids.extend(int(i) for i in generation_eos)
+    return tuple(dict.fromkeys(ids))
+
+
+def _load_folder_tokenizer(folder: Path) -> Any:
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = read_json(config_path) if config_path.is_file() else {}
+    tokenizer_class = tokenizer_config.get("tokenizer_class")
+    if tokenizer_class and not _transformers_has(tokenizer_class):
+        return _load_without_remote_code(folder, tokenizer_config, tokenizer_class)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _transformers_has(class_name: str) -> bool:
+    names = (class_name, class_name.removesuffix("Fast"))
+    return any(getattr(transformers, name, None) is not None for name in names)
+
+
+def _load_without_remote_code(folder: Path, tokenizer_config: dict[str, Any], class_name: str) -> Any:
+    """A custom tokenizer class (InternLM2Tokenizer ...) rebuilt from its files, never running its code."""
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        raise FileNotFoundError(
+            f"{folder}: tokenizer_class {class_name!r} is custom code, and there is no tokenizer.json "
+            "or sentencepiece tokenizer.model to build it from"
+        )
+    # InternLM2Tokenizer is the sentencepiece Llama tokenizer (BOS added, no EOS) under another name.
+    return LlamaTokenizer.from_pretrained(
+        str(folder),
+        add_bos_token=tokenizer_config.get("add_bos_token", True),
+        add_eos_token=tokenizer_config.get("add_eos_token", False),
+        add_prefix_space=_adds_dummy_prefix(model_file),
+        legacy=False,
+    )
+
+
+def _adds_dummy_prefix(model_file: Path) -> bool:
+    """Whether the sentencepiece model prepends a space to the text (its normalizer's add_dummy_prefix)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as error:  # protobuf's DecodeError
+        raise ValueError(f"{model_file}: not a sentencepiece model ({error})") from error
+    return bool(proto.normalizer_spec.add_dummy_prefix)

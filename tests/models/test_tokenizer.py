@@ -1,0 +1,205 @@
+"""tokenizer.py against HF tokenizers and sentencepiece: GGUF tokenizer, chat templates, InternLM2 folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
+from lmserve.models.loader import ModelSource, resolve_model
+from lmserve.models.tokenizer import Tokenizer, builtin_chat_templates, load_chat_template, load_tokenizer
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "  leading spaces, tabs\tand\nnewlines\n\n",
+    "你好，世界！大型语言模型",
+    "emoji 😀🚀 and accents: café naïve",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+MESSAGES = [{"role": "user", "content": "Hi"}]
+SMOLLM2_CHATML = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+)
+INTERNLM2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}
+
+
+# ------------------------------------------------------------------ GGUF (embedded SmolLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf_path: Path) -> Tokenizer:
+    return load_tokenizer(ModelSource(smollm2_gguf_path.parent, "gguf", smollm2_gguf_path.name))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf_path: Path) -> object:
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_gguf_tokenizer_matches_hf(smollm2_tokenizer: Tokenizer, smollm2_hf_tokenizer, text: str) -> None:
+    ids = smollm2_tokenizer.encode(text)
+    assert ids == smollm2_hf_tokenizer.encode(text)
+    assert smollm2_tokenizer.decode(ids, skip_special_tokens=False) == text
+    assert smollm2_tokenizer.decode(ids) == smollm2_hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_gguf_tokenizer_properties(smollm2_tokenizer: Tokenizer) -> None:
+    assert smollm2_tokenizer.vocab_size == 49152
+    assert smollm2_tokenizer.bos_token_id == 1
+    assert smollm2_tokenizer.eos_token_ids == (2,)
+    assert smollm2_tokenizer.hf.convert_ids_to_tokens([1, 2]) == ["<|im_start|>", "<|im_end|>"]
+
+
+def test_gguf_chat_template_renders_chatml(smollm2_tokenizer: Tokenizer) -> None:
+    assert smollm2_tokenizer.apply_chat_template(MESSAGES) == SMOLLM2_CHATML
+    ids = smollm2_tokenizer.encode_chat(MESSAGES)
+    assert ids == smollm2_tokenizer.encode(SMOLLM2_CHATML, add_special_tokens=False)
+    assert ids[0] == 1 and ids[1] != 1 and ids.count(1) == 3  # three <|im_start|>, no extra BOS
+    with_system = [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    assert smollm2_tokenizer.apply_chat_template(with_system, add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
+
+
+def test_builtin_chatml_equals_model_template(smollm2_tokenizer: Tokenizer) -> None:
+    chatml = Tokenizer(smollm2_tokenizer.hf, load_chat_template("chatml"), (), "test")
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert chatml.apply_chat_template(messages) == smollm2_tokenizer.apply_chat_template(messages)
+
+
+# ------------------------------------------------------------------ built-in templates
+
+
+def test_builtin_templates_listed() -> None:
+    assert {"chatml", "llama3", "internlm2"} <= set(builtin_chat_templates())
+
+
+def test_unknown_template_lists_builtins() -> None:
+    with pytest.raises(ValueError, match=r"'nope'.*chatml.*internlm2.*llama3"):
+        load_chat_template("nope")
+
+
+def test_template_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert load_chat_template(str(path)) == path.read_text()
+
+
+def test_llama3_template_renders(smollm2_tokenizer: Tokenizer) -> None:
+    llama3 = Tokenizer(smollm2_tokenizer.hf, load_chat_template("llama3"), (), "test")
+    text = llama3.apply_chat_template([{"role": "system", "content": " S "}, *MESSAGES])
+    assert text == (
+        "<|im_start|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )  # bos_token of this tokenizer is <|im_start|>
+
+
+# ------------------------------------------------------------------ InternLM2-shaped folder (no remote code)
+
+
+def _train_sentencepiece() -> bytes:
+    random.seed(0)
+    words = (
+        "the quick brown fox jumps over a lazy dog serving language models is fun 你好 世界 模型 推理".split()
+    )
+    lines = [" ".join(random.choice(words) for _ in range(12)) for _ in range(400)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        byte_fallback=True,
+        character_coverage=1.0,
+        add_dummy_prefix=False,  # as InternLM2's tokenizer.model
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+@pytest.fixture(scope="session")
+def internlm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("internlm2")
+    (folder / "tokenizer.model").write_bytes(_train_sentencepiece())
+    auto_map = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "auto_map": auto_map}
+        )
+    )
+    tokenizer_config = {
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": auto_map,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
+        "added_tokens_decoder": {
+            "3": {"content": "<|im_start|>", **SPECIAL},
+            "4": {"content": "<|im_end|>", **SPECIAL},
+        },
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "chat_template": INTERNLM2_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))
+    (folder / "tokenization_internlm2.py").write_text("raise RuntimeError('remote code must not run')\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def internlm2_tokenizer(internlm2_folder: Path) -> Tokenizer:
+    return load_tokenizer(resolve_model(str(internlm2_folder)))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_internlm2_encode_matches_sentencepiece(
+    internlm2_folder: Path, internlm2_tokenizer: Tokenizer, text: str
+) -> None:
+    processor = spm.SentencePieceProcessor(model_file=str(internlm2_folder / "tokenizer.model"))
+    ids = internlm2_tokenizer.encode(text)
+    assert ids == [1, *processor.encode(text)]  # BOS added, no EOS, as InternLM2Tokenizer
+    assert internlm2_tokenizer.decode(ids, skip_special_tokens=False) == "<s>" + text
+    assert internlm2_tokenizer.decode(ids) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+
+
+def test_internlm2_properties_and_chat(internlm2_tokenizer: Tokenizer) -> None:
+    assert internlm2_tokenizer.vocab_size == 300
+    assert internlm2_tokenizer.bos_token_id == 1
+    assert internlm2_tokenizer.eos_token_ids == (2, 4)
+    text = internlm2_tokenizer.apply_chat_template(MESSAGES)
+    assert text == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ids = internlm2_tokenizer.encode_chat(MESSAGES)
+    assert ids[:2] == [1, 3] and ids.count(1) == 1 and ids.count(3) == 2 and ids.count(4) == 1
+    assert internlm2_tokenizer.decode(ids, skip_special_tokens=False) == text
+    builtin = load_tokenizer(resolve_model(str(internlm2_tokenizer.name)), chat_template="internlm2")
+    assert builtin.apply_chat_template(MESSAGES) == text
+
+
+def test_no_chat_template_is_an_error(internlm2_folder: Path, tmp_path: Path) -> None:
+    for name in ("tokenizer.model", "config.json"):
+        (tmp_path / name).write_bytes((internlm2_folder / name).read_bytes())
+    config = json.loads((internlm2_folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(resolve_model(str(tmp_path)))
+    with pytest.raises(ValueError, match=r"no chat template.*chatml"):
+        tokenizer.apply_chat_template(MESSAGES)
