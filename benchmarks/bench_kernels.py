@@ -19,6 +19,7 @@ import torch
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.attention.torch_backend import decode_attention as torch_decode_attention
 from lmserve.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from lmserve.kernels.prefill_attention import paged_prefill_attention
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, CONTEXT_LEN = 32, 8, 128, 2048
 L2_BYTES = 50 * 2**20
@@ -118,6 +119,28 @@ def bench_torch_reference(batch: int, block_size: int) -> float:
     return time_ms(lambda: torch_decode_attention(q, cache, meta, HEAD_DIM**-0.5), iterations=20) * 1e3
 
 
+def bench_prefill(prompt_len: int = 2048, block_size: int = 64) -> dict:
+    """One fresh causal prompt through paged prefill attention (one layer): microseconds and TFLOP/s."""
+    num_blocks = prompt_len // block_size
+    cache = torch.randn(
+        2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16
+    )
+    q = torch.randn(prompt_len, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32)[None]
+    seq_lens = torch.tensor([prompt_len], device="cuda", dtype=torch.int32)
+    starts = torch.tensor([0, prompt_len], device="cuda", dtype=torch.int32)
+    ms = time_ms(
+        lambda: paged_prefill_attention(
+            q, cache[0], cache[1], tables, seq_lens, starts, HEAD_DIM**-0.5, 0, 1, prompt_len
+        ),
+        iterations=30,
+    )
+    flops = (
+        2 * prompt_len * prompt_len * NUM_Q_HEADS * HEAD_DIM
+    )  # causal half of QK^T and PV, 2 flops per MAC
+    return {"prompt_len": prompt_len, "prefill_us": ms * 1e3, "tflop_s": flops / (ms * 1e-3) / 1e12}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows here")
@@ -139,8 +162,11 @@ def main() -> None:
                     {"num_warps": 2, "block_n": 32},
                 ]
                 variants += [
-                    {"num_splits": s} for s in (1, 4, 16) if s != choose_num_splits(batch, 8, 2048, "cuda")
+                    {"num_splits": s}
+                    for s in (1, 4, 16, 32)
+                    if s != choose_num_splits(batch, 8, 2048, "cuda")
                 ]
+                variants += [{"num_splits": 32, "block_n": 32}] if batch == 1 else []
             for options in variants:
                 row = bench_decode(batch, block_size, **options)
                 row["fraction_of_copy"] = row["graph_tb_s"] / copy_tb_s
@@ -154,6 +180,11 @@ def main() -> None:
             f"{r['bytes'] / 1e6:5.0f} {r['eager_us']:9.1f} {r['graph_us']:8.1f} {r['graph_tb_s']:5.2f} "
             f"{100 * r['fraction_of_copy']:5.1f}  {r.get('torch_reference_us', float('nan')):9.1f}"
         )
+    prefill = bench_prefill()
+    print(
+        f"prefill attention, one {prefill['prompt_len']}-token prompt, one layer: "
+        f"{prefill['prefill_us']:.1f} us = {prefill['tflop_s']:.0f} TFLOP/s (causal FLOPs)"
+    )
     if args.json:
         with open(args.json, "w") as file:
             json.dump(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,8 +28,13 @@ HEAD_LAYOUTS = {  # (num_q_heads, num_kv_heads, head_dim)
 
 
 def reference(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = batch.layer_cache.clone()
-    out = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, cache, batch.meta, scale)
+    """The torch backend's output for the real tokens, and the cache it leaves.
+
+    Padding rows are cut off first: the torch backend's decode-only path rejects them (see the helper report).
+    """
+    cache, rows = batch.layer_cache.clone(), batch.meta.num_tokens
+    meta = dataclasses.replace(batch.meta, slot_mapping=batch.meta.slot_mapping[:rows])
+    out = TorchAttentionBackend().forward(batch.q[:rows], batch.k[:rows], batch.v[:rows], cache, meta, scale)
     return out, cache
 
 
