@@ -119,7 +119,7 @@ def bench_torch_reference(batch: int, block_size: int) -> float:
     return time_ms(lambda: torch_decode_attention(q, cache, meta, HEAD_DIM**-0.5), iterations=20) * 1e3
 
 
-def bench_prefill(prompt_len: int = 2048, block_size: int = 64) -> dict:
+def bench_prefill(prompt_len: int = 2048, block_size: int = 64, **kernel_options) -> dict:
     """One fresh causal prompt through paged prefill attention (one layer): microseconds and TFLOP/s."""
     num_blocks = prompt_len // block_size
     cache = torch.randn(
@@ -131,7 +131,17 @@ def bench_prefill(prompt_len: int = 2048, block_size: int = 64) -> dict:
     starts = torch.tensor([0, prompt_len], device="cuda", dtype=torch.int32)
     ms = time_ms(
         lambda: paged_prefill_attention(
-            q, cache[0], cache[1], tables, seq_lens, starts, HEAD_DIM**-0.5, 0, 1, prompt_len
+            q,
+            cache[0],
+            cache[1],
+            tables,
+            seq_lens,
+            starts,
+            HEAD_DIM**-0.5,
+            0,
+            1,
+            prompt_len,
+            **kernel_options,
         ),
         iterations=30,
     )
@@ -180,11 +190,14 @@ def main() -> None:
             f"{r['bytes'] / 1e6:5.0f} {r['eager_us']:9.1f} {r['graph_us']:8.1f} {r['graph_tb_s']:5.2f} "
             f"{100 * r['fraction_of_copy']:5.1f}  {r.get('torch_reference_us', float('nan')):9.1f}"
         )
-    prefill = bench_prefill()
-    print(
-        f"prefill attention, one {prefill['prompt_len']}-token prompt, one layer: "
-        f"{prefill['prefill_us']:.1f} us = {prefill['tflop_s']:.0f} TFLOP/s (causal FLOPs)"
-    )
+    prefill = []
+    prefill_variants = [{}, {"block_m": 128, "num_warps": 8}, {"block_m": 128, "block_n": 32, "num_warps": 4}]
+    for options in prefill_variants + ([{"num_stages": 3}, {"block_n": 32}] if args.sweep else []):
+        prefill.append({**options, **bench_prefill(**options)})
+        print(
+            f"prefill attention, one {prefill[-1]['prompt_len']}-token prompt, one layer, {options or 'default'}: "
+            f"{prefill[-1]['prefill_us']:.1f} us = {prefill[-1]['tflop_s']:.0f} TFLOP/s (causal FLOPs)"
+        )
     if args.json:
         with open(args.json, "w") as file:
             json.dump(

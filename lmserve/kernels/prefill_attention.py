@@ -11,6 +11,34 @@ from lmserve.kernels.decode_attention import attend, gather_context
 
 
 @jit
+def _attend_tile(
+    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, start_n, end, query_positions, kv_head,
+    dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (m_i, l_i, acc) with keys start_n..start_n+BLOCK_N read through the block table."""
+    tokens = start_n + tl.arange(0, BLOCK_N)
+    token_mask = tokens < end
+    block_ids = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+    cache_rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
+    offsets = cache_rows[:, None] + kv_head * stride_cache_head + dims[None, :]
+    kv_mask = token_mask[:, None] & dim_mask
+    k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASKED:
+        visible = token_mask[None, :] & (tokens[None, :] <= query_positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@jit
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -61,26 +89,21 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+    # Keys before the block's first query position are visible to every row: no causal mask there.
+    unmasked_end = (context_offset + query_block * BLOCK_M) // BLOCK_N * BLOCK_N
     end = tl.minimum(seq_len, context_offset + (query_block + 1) * BLOCK_M)
-    for start_n in range(0, end, BLOCK_N):
-        tokens = start_n + tl.arange(0, BLOCK_N)
-        token_mask = tokens < end
-        block_ids = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        cache_rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
-        offsets = cache_rows[:, None] + kv_head * stride_cache_head + dims[None, :]
-        kv_mask = token_mask[:, None] & dim_mask
-        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2
-        visible = token_mask[None, :] & (tokens[None, :] <= query_positions[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, start_n, end, query_positions, kv_head,
+            dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head,
+            BLOCK_SIZE, BLOCK_N, False,
+        )  # fmt: skip
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, start_n, end, query_positions, kv_head,
+            dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head,
+            BLOCK_SIZE, BLOCK_N, True,
+        )  # fmt: skip
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_offsets = (query_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :]
