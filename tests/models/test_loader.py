@@ -284,3 +284,71 @@ def test_missing_model_lists_every_place_tried(tmp_path: Path, monkeypatch: pyte
         tmp_path / "user" / ".cache" / "huggingface" / "hub",
     ):
         assert str(place / "models--nobody--nothing") in message
+
+
+# ------------------------------------------------------------------ GGUF files written from tiny HF models
+
+
+def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _write_gguf(model: torch.nn.Module, arch: str, path: Path) -> None:
+    """Convert like llama.cpp: gguf-py's own tensor name map, q/k rows permuted for llama."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, 2)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(TINY_LLAMA["rope_theta"])
+    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_eot_token_id(5)
+    for hf_name, tensor in model.state_dict().items():
+        base, suffix = hf_name.rsplit(".", 1)
+        weights = tensor.numpy()
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+            heads = config.num_attention_heads if base.endswith("q_proj") else config.num_key_value_heads
+            weights = _llama_cpp_permute(weights, heads)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_written_from_hf_model_round_trips(arch: str, tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = (
+        LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+        if arch == "llama"
+        else Qwen2ForCausalLM(Qwen2Config(**TINY_LLAMA, tie_word_embeddings=False))
+    )
+    _write_gguf(model, arch, tmp_path / "tiny.gguf")
+    source = resolve_model(str(tmp_path / "tiny.gguf"))
+    config = load_model_config(source)
+    assert config.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    assert config.attention_bias is (arch == "qwen2")
+    assert config.tie_word_embeddings is False and config.eos_token_ids == (2, 5)
+    assert (config.vocab_size, config.head_dim, config.rope_theta) == (64, 8, 50000.0)
+    ours = dict(iter_weights(source, config))
+    expected = model.state_dict()
+    assert set(ours) == set(expected)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
