@@ -132,7 +132,12 @@ def page(browser: Any, server: RunningServer) -> Iterator[Any]:
 def phone_page(browser: Any, server: RunningServer) -> Iterator[Any]:
     """A fresh phone-sized page (390x844, touch) at /chat/."""
     yield from _open_page(
-        browser, server, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True, device_scale_factor=2
+        browser,
+        server,
+        viewport={"width": 390, "height": 844},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
     )
 
 

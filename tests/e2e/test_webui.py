@@ -32,8 +32,10 @@ def set_field(page: Any, selector: str, value: str) -> None:
 
 def enter_api_key(page: Any, key: str) -> None:
     set_field(page, "#api-key", key)
-    page.wait_for_function("() => document.querySelector('#model').options.length > 0 || "
-                           "document.querySelector('#server-status').classList.contains('error')")
+    page.wait_for_function(
+        "() => document.querySelector('#model').options.length > 0 || "
+        "document.querySelector('#server-status').classList.contains('error')"
+    )
 
 
 def send(page: Any, text: str) -> None:
@@ -52,14 +54,30 @@ def assistant_texts(page: Any) -> list[str]:
 def sse_body(pieces: list[str], completion_tokens: int | None = None) -> str:
     """A /v1/chat/completions stream in the server's format, for route.fulfill."""
     events = [
-        {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "smollm2",
-         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        {
+            "id": "chatcmpl-test",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "smollm2",
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+        }
         for piece in pieces
     ]
     if completion_tokens is not None:
-        events.append({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": "smollm2",
-                       "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": completion_tokens,
-                                                "total_tokens": completion_tokens + 3}})
+        events.append(
+            {
+                "id": "chatcmpl-test",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "smollm2",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": completion_tokens + 3,
+                },
+            }
+        )
     return "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
 
 
@@ -70,8 +88,14 @@ def fulfill_sse(body: str) -> Any:
 def chat_request_bodies(page: Any) -> list[dict[str, Any]]:
     """Starts recording the JSON bodies the page posts to /v1/chat/completions."""
     bodies: list[dict[str, Any]] = []
-    page.on("request", lambda request: bodies.append(json.loads(request.post_data))
-            if request.url.endswith("/v1/chat/completions") else None)
+    page.on(
+        "request",
+        lambda request: (
+            bodies.append(json.loads(request.post_data))
+            if request.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
     return bodies
 
 
@@ -80,7 +104,7 @@ def streamed_text(sse: str) -> str:
     text = ""
     for line in sse.splitlines():
         if line.startswith("data: {"):
-            for choice in json.loads(line[len("data: "):]).get("choices", []):
+            for choice in json.loads(line[len("data: ") :]).get("choices", []):
                 text += choice["delta"].get("content") or ""
     return text
 
@@ -94,8 +118,10 @@ def wait_until(predicate: Any, timeout_s: float, message: str) -> None:
 
 
 def has_no_horizontal_overflow(page: Any) -> bool:
-    return page.evaluate("() => document.documentElement.scrollWidth <= document.documentElement.clientWidth"
-                         " && document.body.scrollWidth <= document.documentElement.clientWidth")
+    return page.evaluate(
+        "() => document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        " && document.body.scrollWidth <= document.documentElement.clientWidth"
+    )
 
 
 # ---- tests against the real model -------------------------------------------
@@ -106,13 +132,16 @@ def test_reply_streams_in_token_by_token(page: Any, server: Any, artifacts: Path
     enter_api_key(page, server.api_key)
     assert page.locator("#model").input_value() == "smollm2"
     set_field(page, "#max-tokens", "40")
+    set_field(page, "#temperature", "0")  # greedy: SmolLM2 then answers with Paris, as HF transformers does
     send(page, "What is the capital of France?")
 
     bubble = page.locator(".message.assistant.streaming .bubble")
     bubble.wait_for()
     lengths: list[int] = []
     while page.locator(".message.assistant.streaming").count():
-        lengths.append(len(page.evaluate("() => document.querySelector('.message.assistant .bubble').textContent")))
+        lengths.append(
+            len(page.evaluate("() => document.querySelector('.message.assistant .bubble').textContent"))
+        )
         time.sleep(0.03)
     wait_idle(page)
 
@@ -123,7 +152,7 @@ def test_reply_streams_in_token_by_token(page: Any, server: Any, artifacts: Path
     meta = page.locator(".message.assistant .meta").inner_text()
     assert re.fullmatch(r"\d+ tokens · \d+\.\d tokens/s", meta), meta
     assert bodies[0]["stream"] is True and bodies[0]["stream_options"] == {"include_usage": True}
-    assert bodies[0]["max_tokens"] == 40
+    assert bodies[0]["max_tokens"] == 40 and bodies[0]["temperature"] == 0
     page.screenshot(path=str(artifacts / "webui-real-reply.png"))
 
 
@@ -167,14 +196,18 @@ def test_stop_ends_a_long_reply_and_frees_the_request(page: Any, server: Any) ->
     set_field(page, "#max-tokens", "4000")
     send(page, "Write a very long story about a dragon.")
 
-    page.wait_for_function("() => (document.querySelector('.message.assistant .bubble')?.textContent || '').length > 20")
+    page.wait_for_function(
+        "() => (document.querySelector('.message.assistant .bubble')?.textContent || '').length > 20"
+    )
     assert server.engine.stats().num_running == 1
     page.locator("#stop").click()
     wait_idle(page, timeout_s=10)
 
     assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
     assert "stopped" in page.locator(".message.assistant .meta").inner_text()
-    wait_until(lambda: server.engine.stats().num_running == 0, 10, "the engine still runs the aborted request")
+    wait_until(
+        lambda: server.engine.stats().num_running == 0, 10, "the engine still runs the aborted request"
+    )
     text_after_stop = assistant_texts(page)[0]
     time.sleep(0.5)
     assert assistant_texts(page)[0] == text_after_stop, "text kept arriving after Stop"
@@ -220,10 +253,16 @@ def test_conversations_persist_across_reload_and_can_be_deleted(page: Any, serve
 # ---- page behaviour with a scripted server reply (route interception) ----------
 
 
-def test_markdown_renders_and_html_in_model_output_never_runs(page: Any, server: Any, artifacts: Path) -> None:
-    pieces = ["Here is **Python**:\n\n``", "`python\ndef add(a, b):\n    return a + b\n```\n\n",
-              "- one\n- `two`\n\n<scr", "ipt>window.__pwned = 1</script>",
-              '<img src="x" onerror="window.__pwned = 2"> [click](javascript:window.__pwned=3)']
+def test_markdown_renders_and_html_in_model_output_never_runs(
+    page: Any, server: Any, artifacts: Path
+) -> None:
+    pieces = [
+        "Here is **Python**:\n\n``",
+        "`python\ndef add(a, b):\n    return a + b\n```\n\n",
+        "- one\n- `two`\n\n<scr",
+        "ipt>window.__pwned = 1</script>",
+        '<img src="x" onerror="window.__pwned = 2"> [click](javascript:window.__pwned=3)',
+    ]
     page.route(CHAT_URL_GLOB, fulfill_sse(sse_body(pieces, completion_tokens=42)))
     enter_api_key(page, server.api_key)
     send(page, "Show me some code")
@@ -243,20 +282,65 @@ def test_markdown_renders_and_html_in_model_output_never_runs(page: Any, server:
     page.screenshot(path=str(artifacts / "webui-desktop.png"))
 
 
+@pytest.mark.parametrize(
+    ("markdown", "html"),
+    [
+        ("my_var_name and a__b__c stay as written", "<p>my_var_name and a__b__c stay as written</p>"),
+        (
+            "```js\nlet a = 1 < 2",
+            '<pre data-lang="js"><code class="language-js">let a = 1 &lt; 2</code></pre>',
+        ),
+        ("- a\n  - b\n- c", "<ul><li><p>a</p><ul><li>b</li></ul></li><li>c</li></ul>"),
+        ("3. x\n4. y", '<ol start="3"><li>x</li><li>y</li></ol>'),
+        ("# Title\n> *quoted*", "<h1>Title</h1><blockquote><p><em>quoted</em></p></blockquote>"),
+        ("line one\nline two", "<p>line one<br>line two</p>"),
+        (
+            "[docs](https://example.com/a?b=1&c=2)",
+            '<p><a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">docs</a></p>',
+        ),
+        (
+            "[x](javascript:alert(1)) [y](data:text/html,hi)",
+            "<p>[x](javascript:alert(1)) [y](data:text/html,hi)</p>",
+        ),
+        ("a `<b>` and ``x`y``", "<p>a <code>&lt;b&gt;</code> and <code>x`y</code></p>"),
+    ],
+)
+def test_markdown_renderer(page: Any, markdown: str, html: str) -> None:
+    rendered = page.evaluate(
+        "text => { const d = document.createElement('div'); d.append(Markdown.render(text));"
+        " return d.innerHTML; }",
+        markdown,
+    )
+    assert rendered == html
+
+
 def test_error_body_from_the_server_is_shown(page: Any, server: Any) -> None:
-    error = {"error": {"message": "max_tokens: must be >= 1", "type": "invalid_request_error",
-                       "param": "max_tokens", "code": None}}
-    page.route(CHAT_URL_GLOB, lambda route: route.fulfill(status=400, content_type="application/json",
-                                                          body=json.dumps(error)))
+    error = {
+        "error": {
+            "message": "max_tokens: must be >= 1",
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": None,
+        }
+    }
+    page.route(
+        CHAT_URL_GLOB,
+        lambda route: route.fulfill(status=400, content_type="application/json", body=json.dumps(error)),
+    )
     enter_api_key(page, server.api_key)
     send(page, "Hi")
     wait_idle(page)
-    assert page.locator(".message.error .bubble").inner_text() == "Server error 400: max_tokens: must be >= 1."
+    assert (
+        page.locator(".message.error .bubble").inner_text() == "Server error 400: max_tokens: must be >= 1."
+    )
 
 
 def test_error_in_the_middle_of_a_stream_is_shown(page: Any, server: Any) -> None:
     body = sse_body(["Partial "])
-    body = body.replace("data: [DONE]\n\n", 'data: {"error": {"message": "engine failed", "type": "internal_server_error"}}\n\n')
+    body = body.replace(
+        "data: [DONE]\n\n",
+        'data: {"error": {"message": "engine failed", "type": "internal_server_error"}}\n\n',
+    )
     page.route(CHAT_URL_GLOB, fulfill_sse(body))
     enter_api_key(page, server.api_key)
     send(page, "Hi")

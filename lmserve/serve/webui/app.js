@@ -223,14 +223,19 @@ function unreachableMessage() {
   return `Cannot reach the server at ${API_BASE.origin}. Is lmserve running?`;
 }
 
+let modelsRequestNumber = 0;
+
 async function loadModels() {
+  const requestNumber = ++modelsRequestNumber; // only the newest answer (newest API key) counts
+  showStatus("Connecting\u2026");
   let response;
   try {
     response = await fetch(new URL("v1/models", API_BASE), { headers: headers() });
   } catch {
-    showStatus("Server unreachable", "error");
+    if (requestNumber === modelsRequestNumber) showStatus("Server unreachable", "error");
     return;
   }
+  if (requestNumber !== modelsRequestNumber) return;
   if (!response.ok) {
     showStatus(response.status === 401 ? "API key needed (Settings)" : "Server error " + response.status, "error");
     return;
