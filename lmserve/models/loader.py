@@ -91,7 +91,7 @@ def _embedded_source() -> ModelSource:
     folders = list(spec.submodule_search_locations or []) if spec else []
     for folder in folders:
         if (Path(folder) / EMBEDDED_GGUF_FILE).is_file():
-            return ModelSource(Path(folder), "gguf", EMBEDDED_GGUF_FILE)
+            return ModelSource(Path(folder).resolve(), "gguf", EMBEDDED_GGUF_FILE)
     raise FileNotFoundError(
         f"embedded model {EMBEDDED_GGUF_FILE} not found in package {EMBEDDED_GGUF_PACKAGE!r} "
         f"(searched {folders or 'nothing: package not installed'}); "
