@@ -137,13 +137,12 @@ async def stop_on_disconnect(request: Request, chunks: AsyncIterator[str]) -> As
     """
     watcher = asyncio.create_task(wait_for_disconnect(request))
     iterator = chunks.__aiter__()
+    next_chunk: asyncio.Future[str] | None = None
     try:
         while True:
             next_chunk = asyncio.ensure_future(iterator.__anext__())
             await asyncio.wait({next_chunk, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not next_chunk.done():
-                next_chunk.cancel()
-                await asyncio.gather(next_chunk, return_exceptions=True)
                 return
             try:
                 chunk = next_chunk.result()
@@ -152,4 +151,18 @@ async def stop_on_disconnect(request: Request, chunks: AsyncIterator[str]) -> As
             yield chunk
     finally:
         watcher.cancel()
-        await iterator.aclose()  # type: ignore[attr-defined]
+        # Starlette may be cancelling us (anyio scopes re-cancel every await here), so the
+        # source is closed by a detached task: cancel the pending step, then aclose().
+        cleanup = asyncio.get_running_loop().create_task(_close(next_chunk, iterator))
+        _CLEANUPS.add(cleanup)
+        cleanup.add_done_callback(_CLEANUPS.discard)
+
+
+_CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+async def _close(pending: asyncio.Future[str] | None, iterator: AsyncIterator[str]) -> None:
+    if pending is not None and not pending.done():
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+    await iterator.aclose()  # type: ignore[attr-defined]
