@@ -1,0 +1,44 @@
+"""`lmserve eval ppl [MODEL]`: perplexity on held-out text, so quality figures are reproducible."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lmserve.quant.corpus import DEFAULT_DATASET
+
+
+def register(subparsers: Any) -> None:
+    evaluate = subparsers.add_parser("eval", help="evaluate a model (perplexity)")
+    commands = evaluate.add_subparsers(dest="eval_command", metavar="COMMAND", parser_class=type(evaluate))
+    parser = commands.add_parser("ppl", help="perplexity on held-out text with a sliding window")
+    parser.add_argument(
+        "model", nargs="?", default=None, help="model folder (also quantized), .gguf file, cached hub id"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help=f"'{DEFAULT_DATASET}' (the shipped held-out part), a .txt / .jsonl file or a local HF dataset folder",
+    )
+    parser.add_argument("--num-tokens", type=int, default=20000, help="tokens evaluated (default 20000)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per forward pass (default 512)")
+    parser.add_argument("--stride", type=int, default=512, help="step between windows (default 512)")
+    parser.add_argument(
+        "--quant-policy",
+        type=int,
+        choices=(0, 4, 8),
+        default=0,
+        help="KV cache quantization (0 only for now)",
+    )
+    parser.set_defaults(func=run_ppl)
+    evaluate.set_defaults(func=lambda _args: evaluate.print_help() or 2)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from lmserve.quant.evaluate import evaluate_perplexity
+
+    result = evaluate_perplexity(
+        args.model, args.dataset, args.num_tokens, args.window, args.stride, args.quant_policy
+    )
+    print(result.summary())
+    return 0

@@ -1,0 +1,175 @@
+"""AWQ for one decoder layer: activation-aware scales (fixed ratio, or grid search), weight clipping.
+
+Scales s (one per input channel) move quantization difficulty from weights to activations:
+W x = (W diag(s)) (diag(s)^-1 x), and diag(s)^-1 folds into the previous op (an RMSNorm or a linear).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmserve.quant.rtn import fake_quantize
+
+N_GRID = 20
+MAX_SHRINK = 0.5
+CLIP_SAMPLE_TOKENS = 512
+CLIP_OUTPUT_BATCH = 64
+SKIP_CLIP = ("q_proj", "k_proj")  # AutoAWQ: clipping q/k hurts the softmax more than it helps
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    w_bits: int
+    group_size: int
+    symmetric: bool
+
+    def fake(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, self.w_bits, self.group_size, self.symmetric)
+
+
+@dataclass
+class ScaleGroup:
+    """Linears that read one input, the op producing that input, and the block whose output we score."""
+
+    prev_op: nn.Module
+    linears: list[str]
+    input_name: str
+    inspect: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def llama_scale_groups(layer: nn.Module, kwargs: list[dict]) -> list[ScaleGroup]:
+    """AutoAWQ's groups for a Llama-family decoder layer (HF module names)."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def run_attention(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [attn(hidden_states=x, **_attention_kwargs(kw))[0] for x, kw in zip(inputs, kwargs, strict=True)]
+
+    groups = [
+        ScaleGroup(
+            layer.input_layernorm,
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            "self_attn.q_proj",
+            run_attention,
+        )
+    ]
+    # v -> o only when shapes match; with grouped-query attention one v channel feeds several heads.
+    if attn.v_proj.out_features == attn.o_proj.in_features:
+        groups.append(
+            ScaleGroup(attn.v_proj, ["self_attn.o_proj"], "self_attn.o_proj", _per_batch(attn.o_proj))
+        )
+    groups.append(
+        ScaleGroup(
+            layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_proj", _per_batch(mlp)
+        )
+    )
+    groups.append(ScaleGroup(mlp.up_proj, ["mlp.down_proj"], "mlp.down_proj", _per_batch(mlp.down_proj)))
+    return groups
+
+
+def _attention_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in ("attention_mask", "position_embeddings", "position_ids") if k in kwargs}
+
+
+def _per_batch(module: nn.Module) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    return lambda inputs: [module(x) for x in inputs]
+
+
+def weight_channel_mean(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean over outputs of |w| normalized by its group's max: how large each input channel's weights are."""
+    grouped = weight.abs().reshape(-1, group_size)
+    normalized = grouped / (grouped.amax(dim=1, keepdim=True) + 1e-6)
+    return normalized.reshape(weight.shape).mean(dim=0)
+
+
+def ratio_scales(act_scale: torch.Tensor, weight_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """s = act^ratio / w^(1 - ratio), normalized so max(s) * min(s) = 1 (AutoAWQ, LMDeploy)."""
+    scales = (act_scale.float().pow(ratio) / (weight_mean.float().pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+@torch.no_grad()
+def apply_scales(prev_op: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Fold diag(s)^-1 into prev_op's output and diag(s) into each linear's input columns."""
+    scales = scales.to(linears[0].weight.device)
+    if isinstance(prev_op, nn.Linear):
+        prev_op.weight.div_(scales.view(-1, 1).to(prev_op.weight.dtype))
+        if prev_op.bias is not None:
+            prev_op.bias.div_(scales.to(prev_op.bias.dtype))
+    else:  # RMSNorm: y = weight * normalized(x)
+        prev_op.weight.div_(scales.to(prev_op.weight.dtype))
+    for linear in linears:
+        linear.weight.mul_(scales.view(1, -1).to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def search_scales(
+    group: ScaleGroup, layer: nn.Module, inputs: list[torch.Tensor], spec: QuantSpec
+) -> torch.Tensor:
+    """Grid search over the ratio (AutoAWQ with duo scaling); candidate 1 keeps plain RTN in the running."""
+    linears = [layer.get_submodule(name) for name in group.linears]
+    originals = [linear.weight.detach().clone() for linear in linears]
+    act_mean = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).abs().float().mean(dim=0)
+    weight_mean = weight_channel_mean(torch.cat(originals), spec.group_size)
+    reference = group.inspect(inputs)
+    candidates = [torch.ones_like(act_mean)] + [
+        ratio_scales(act_mean, weight_mean, i / N_GRID) for i in range(N_GRID)
+    ]
+    best_scales, best_loss = candidates[0], float("inf")
+    for scales in candidates:
+        for linear, original in zip(linears, originals, strict=True):
+            scaled = original * scales.view(1, -1).to(original.dtype)
+            linear.weight.copy_(spec.fake(scaled) / scales.view(1, -1).to(original.dtype))
+        loss = _mse(reference, group.inspect(inputs))
+        if loss < best_loss:
+            best_scales, best_loss = scales, loss
+    for linear, original in zip(linears, originals, strict=True):
+        linear.weight.copy_(original)
+    return best_scales
+
+
+def _mse(reference: list[torch.Tensor], output: list[torch.Tensor]) -> float:
+    total = sum(float((r.float() - o.float()).pow(2).sum()) for r, o in zip(reference, output, strict=True))
+    return total / sum(r.numel() for r in reference)
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per (output channel, group) max |w| that minimizes the group's output error after quantization."""
+    out_features, in_features = weight.shape
+    step = max(1, len(inputs) // CLIP_SAMPLE_TOKENS)
+    x = inputs[::step].float().reshape(1, -1, in_features // spec.group_size, spec.group_size)
+    best = []
+    for start in range(0, out_features, CLIP_OUTPUT_BATCH):
+        w = (
+            weight[start : start + CLIP_OUTPUT_BATCH]
+            .float()
+            .reshape(-1, 1, in_features // spec.group_size, spec.group_size)
+        )
+        best.append(_best_max_val(w, x, spec))
+    return torch.cat(best)  # [out, 1, num_groups, 1]
+
+
+def _best_max_val(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    original_max = w.abs().amax(dim=-1, keepdim=True)
+    best_max, min_error = original_max.clone(), torch.full_like(original_max, float("inf"))
+    reference = (x * w).sum(dim=-1)  # [out, tokens, groups]
+    for shrink_step in range(int(MAX_SHRINK * N_GRID)):
+        max_val = original_max * (1 - shrink_step / N_GRID)
+        clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
+        quantized = spec.fake(clipped.reshape(len(w), -1)).reshape(w.shape)
+        error = ((x * quantized).sum(dim=-1) - reference).pow(2).mean(dim=1).reshape(min_error.shape)
+        better = error < min_error
+        min_error[better], best_max[better] = error[better], max_val[better]
+    return best_max
+
+
+@torch.no_grad()
+def apply_clip(linear: nn.Linear, max_val: torch.Tensor, group_size: int) -> None:
+    out_features, in_features = linear.weight.shape
+    grouped = linear.weight.reshape(out_features, 1, in_features // group_size, group_size)
+    limit = max_val.to(grouped.dtype)
+    grouped.copy_(torch.maximum(torch.minimum(grouped, limit), -limit))

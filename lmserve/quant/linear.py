@@ -1,0 +1,86 @@
+"""Quantized linear layers at run time (torch reference path): AWQ W4A16 and W8A8 int8."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmserve.quant.formats import PACK_NUM, awq_dequantize, quant_method
+from lmserve.quant.rtn import check_group_size, quantize_per_token_int8
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class AWQLinear(nn.Module):
+    """W4A16 in the AutoAWQ GEMM layout; on CPU the weight is dequantized per call, then one matmul."""
+
+    output_dims = {"qweight": 1, "qzeros": 1, "scales": 1, "bias": 0}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
+        super().__init__()
+        check_group_size(in_features, group_size)
+        if out_features % PACK_NUM:
+            raise ValueError(f"AWQ needs out_features ({out_features}) to be a multiple of {PACK_NUM}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        num_groups = in_features // group_size
+        self.qweight = _frozen(torch.zeros(in_features, out_features // PACK_NUM, dtype=torch.int32))
+        self.qzeros = _frozen(torch.zeros(num_groups, out_features // PACK_NUM, dtype=torch.int32))
+        self.scales = _frozen(torch.zeros(num_groups, out_features, dtype=torch.float16))
+        self.bias = _frozen(torch.zeros(out_features)) if bias else None
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """[in, out] weight in `dtype`."""
+        return awq_dequantize(self.qweight, self.qzeros, self.scales.to(dtype), self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.dequantized_weight(x.dtype)
+        return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+
+class W8A8Linear(nn.Module):
+    """Int8 weights per output channel, int8 activations quantized per token at run time."""
+
+    output_dims = {"weight": 0, "weight_scale": 0, "bias": 0}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.weight_scale = _frozen(torch.ones(out_features, 1, dtype=torch.float32))
+        self.bias = _frozen(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        q, x_scale = quantize_per_token_int8(flat)
+        accumulated = int8_matmul(q, self.weight.t())
+        out = accumulated * x_scale * self.weight_scale.float().t()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 x int8 -> float32 product; torch._int_mm where its shape rules allow."""
+    usable = hasattr(torch, "_int_mm") and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
+    if usable:
+        try:
+            return torch._int_mm(a, b).float()
+        except RuntimeError:
+            pass  # backend without this shape or device: fall through to the exact float path
+    # float32 holds every int8 product sum exactly up to 2**24 / 127**2 ~ 1040 terms per chunk;
+    # float64 keeps it exact for any in_features we meet.
+    return (a.double() @ b.double()).float()
+
+
+def make_quantized_linear(
+    in_features: int, out_features: int, bias: bool, quant_config: dict[str, Any]
+) -> nn.Module:
+    """The quantized module for an HF `quantization_config` (awq gemm, compressed-tensors int8)."""
+    method = quant_method(quant_config)
+    if method == "awq":
+        return AWQLinear(in_features, out_features, bias, int(quant_config["group_size"]))
+    return W8A8Linear(in_features, out_features, bias)

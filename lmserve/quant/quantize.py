@@ -1,0 +1,306 @@
+"""`lite` entry points: auto_awq (W4A16), smooth_quant (W8A8) and calibrate, layer by layer.
+
+What `--search-scale` means (as in LMDeploy): off, the AWQ scales use LMDeploy's fixed ratio 0.5
+from the activations' per-channel absmax (no search, no clipping); on, the ratio is searched on a
+grid per group of linears against the block's output (AutoAWQ) and then each weight group's clip
+range is searched. `rtn=True` (`--rtn`, ours) turns both off: plain round-to-nearest, the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmserve.models.config import ModelConfig
+from lmserve.models.loader import load_model_config, resolve_model
+from lmserve.quant import awq
+from lmserve.quant.calibrate import (
+    STATS_FILE,
+    CalibrationSettings,
+    FloatModel,
+    LayerBatch,
+    check_quantizable,
+    collect_stats,
+    decoder_layers,
+    first_layer_inputs,
+    load_float_model,
+    load_stats,
+    record_linear_inputs,
+    save_stats,
+)
+from lmserve.quant.checkpoint import save_config, save_tensors, save_tokenizer, staging_dir
+from lmserve.quant.corpus import DEFAULT_DATASET, calibration_samples, load_text
+from lmserve.quant.formats import awq_quantization_config, awq_tensors, w8a8_quantization_config
+from lmserve.quant.rtn import check_group_size, check_w_bits, quantize_groups
+from lmserve.quant.smooth_quant import int8_tensors, smooth_layer
+
+DTYPES = ("auto", "float16", "bfloat16")
+INPUT_OF = {  # which recorded input each linear reads
+    "self_attn.q_proj": "self_attn.q_proj",
+    "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj",
+    "self_attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.gate_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    calib_dataset: str = DEFAULT_DATASET
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "calib_seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    def settings(self, model: str | None) -> CalibrationSettings:
+        return CalibrationSettings(str(model), self.calib_dataset, self.calib_samples, self.calib_seqlen)
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    w_bits: int = 4
+    w_sym: bool = False
+    w_group_size: int = 128
+    search_scale: bool = False
+    rtn: bool = False
+
+    def spec(self) -> awq.QuantSpec:
+        return awq.QuantSpec(self.w_bits, self.w_group_size, self.w_sym)
+
+
+# ---------------------------------------------------------------- validation (before any work)
+
+
+def _check_model(model: str | None) -> ModelConfig:
+    config = load_model_config(resolve_model(model))
+    check_quantizable(config.architecture)
+    return config
+
+
+def _check_awq_shapes(config: ModelConfig, group_size: int) -> None:
+    in_features = {
+        "q/k/v/gate/up_proj": config.hidden_size,
+        "o_proj": config.num_attention_heads * config.head_dim,
+        "down_proj": config.intermediate_size,
+    }
+    for name, size in in_features.items():
+        check_group_size(size, group_size, name)
+
+
+def _check_dataset(dataset: str) -> None:
+    load_text(dataset, "calib")  # FileNotFoundError / ValueError now, not after loading the model
+
+
+def _output_dtype(dtype: str, default: torch.dtype, config: ModelConfig) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"{dtype=} is not supported; allowed: {DTYPES}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return (
+        default if config.torch_dtype not in ("float16", "bfloat16") else getattr(torch, config.torch_dtype)
+    )
+
+
+# ---------------------------------------------------------------- auto_awq
+
+
+def auto_awq(
+    model: str | None,
+    work_dir: str | Path = "./work_dir",
+    calib: CalibrationOptions | None = None,
+    options: AWQOptions | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+) -> Path:
+    """Quantize to W4A16 and write an AutoAWQ GEMM checkpoint into work_dir; returns work_dir."""
+    calib, options = calib or CalibrationOptions(), options or AWQOptions()
+    check_w_bits(options.w_bits)
+    config = _check_model(model)
+    _check_awq_shapes(config, options.w_group_size)
+    if not options.rtn:
+        _check_dataset(calib.calib_dataset)
+    # AutoAWQ and vLLM's AWQ kernels run in float16, so that is the default output.
+    out_dtype = torch.float16 if dtype == "auto" else _output_dtype(dtype, torch.float16, config)
+    float_model = load_float_model(model, device=device)
+    spec, batches = options.spec(), None
+    if not options.rtn:
+        samples = calibration_samples(
+            float_model.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen
+        )
+        batches = first_layer_inputs(float_model.model, samples, calib.batch_size)
+    tensors: dict[str, torch.Tensor] = {}
+    layers = decoder_layers(float_model.model)
+    for index in tqdm(range(len(layers)), desc="auto_awq", unit="layer"):
+        if batches is not None:
+            batches = awq_layer(layers[index], batches, spec, options.search_scale)
+        tensors |= _awq_layer_tensors(layers[index], f"model.layers.{index}", spec)
+    tensors |= _unquantized_tensors(float_model.model, tensors, out_dtype)
+    return _write(
+        work_dir,
+        float_model,
+        tensors,
+        awq_quantization_config(options.w_bits, options.w_group_size),
+        out_dtype,
+    )
+
+
+def awq_layer(
+    layer: nn.Module, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool
+) -> list[LayerBatch]:
+    """Scale (and with search, clip) one layer's float weights in place; returns the next layer's inputs."""
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in set(INPUT_OF.values())}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if name in inputs:
+            inputs[name].append(x)
+
+    next_batches = record_linear_inputs(layer, batches, observe)
+    for group in awq.llama_scale_groups(layer, [batch.kwargs for batch in batches]):
+        xs = inputs[group.input_name]
+        scales = (
+            awq.search_scales(group, layer, xs, spec)
+            if search
+            else _fixed_ratio_scales(layer, group, xs, spec)
+        )
+        awq.apply_scales(group.prev_op, [layer.get_submodule(name) for name in group.linears], scales)
+        inputs[group.input_name] = [x / scales.to(x.dtype) for x in xs]
+    if search:
+        _clip_layer(layer, inputs, spec)
+    return next_batches
+
+
+def _fixed_ratio_scales(
+    layer: nn.Module, group: awq.ScaleGroup, xs: list[torch.Tensor], spec: awq.QuantSpec
+) -> torch.Tensor:
+    act_absmax = torch.stack([x.reshape(-1, x.shape[-1]).abs().amax(dim=0) for x in xs]).amax(dim=0)
+    weight = torch.cat([layer.get_submodule(name).weight for name in group.linears])
+    return awq.ratio_scales(act_absmax, awq.weight_channel_mean(weight, spec.group_size), 0.5)
+
+
+def _clip_layer(layer: nn.Module, inputs: dict[str, list[torch.Tensor]], spec: awq.QuantSpec) -> None:
+    for name, input_name in INPUT_OF.items():
+        if name.endswith(awq.SKIP_CLIP):
+            continue
+        linear = layer.get_submodule(name)
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[input_name]])
+        awq.apply_clip(linear, awq.search_clip(linear.weight, x, spec), spec.group_size)
+
+
+def _awq_layer_tensors(layer: nn.Module, prefix: str, spec: awq.QuantSpec) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in INPUT_OF:
+        linear = layer.get_submodule(name)
+        quantized = quantize_groups(linear.weight.detach(), spec.w_bits, spec.group_size, spec.symmetric)
+        tensors |= {f"{prefix}.{name}.{key}": value for key, value in awq_tensors(quantized).items()}
+        if linear.bias is not None:
+            tensors[f"{prefix}.{name}.bias"] = linear.bias.detach().to(torch.float16)
+    return tensors
+
+
+def _unquantized_tensors(
+    model: nn.Module, done: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Embedding, norms and lm_head (unless tied) in the output dtype; names of quantized linears skipped."""
+    quantized = {name.rsplit(".", 1)[0] for name in done}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in quantized or (tied and name == "lm_head.weight"):
+            continue
+        if name.endswith("inv_freq"):
+            continue
+        tensors[name] = tensor.detach().to(dtype).clone()
+    return tensors
+
+
+def _write(
+    work_dir: str | Path,
+    float_model: FloatModel,
+    tensors: dict,
+    quant_config: dict,
+    dtype: torch.dtype,
+    extra: dict | None = None,
+) -> Path:
+    work_dir = Path(work_dir)
+    with staging_dir(work_dir) as staging:
+        save_tensors(staging, tensors)
+        save_config(staging, float_model.hf_config, quant_config, dtype)
+        save_tokenizer(staging, float_model.source, float_model.tokenizer)
+        for name, value in (extra or {}).items():
+            torch.save(value, staging / name)
+    return work_dir
+
+
+# ---------------------------------------------------------------- smooth_quant and calibrate
+
+
+def smooth_quant(
+    model: str | None,
+    work_dir: str | Path = "./work_dir",
+    calib: CalibrationOptions | None = None,
+    alpha: float = 0.5,
+    dtype: str = "auto",
+    device: str = "cpu",
+) -> Path:
+    """SmoothQuant W8A8 (int8, dynamic per-token activations) in the compressed-tensors layout."""
+    calib = calib or CalibrationOptions()
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{alpha=} must lie in [0, 1]")
+    config = _check_model(model)
+    out_dtype = _output_dtype(dtype, torch.bfloat16, config)
+    stats = load_stats(Path(work_dir) / STATS_FILE, calib.settings(model))
+    if stats is None:
+        _check_dataset(calib.calib_dataset)
+    float_model = load_float_model(model, device=device)
+    new_stats = stats is None
+    if stats is None:
+        stats = _collect(float_model, calib, model)
+    tensors: dict[str, torch.Tensor] = {}
+    layers = decoder_layers(float_model.model)
+    for index in tqdm(range(len(layers)), desc="smooth_quant", unit="layer"):
+        prefix = f"model.layers.{index}"
+        smooth_layer(layers[index], prefix, stats["absmax"], alpha)
+        tensors |= int8_tensors(layers[index], prefix)
+    tensors |= _unquantized_tensors(float_model.model, tensors, out_dtype)
+    quant_config = w8a8_quantization_config(ignore=["lm_head"])
+    extra = {STATS_FILE: stats} if new_stats else None
+    return _write(work_dir, float_model, tensors, quant_config, out_dtype, extra)
+
+
+def calibrate(
+    model: str | None,
+    work_dir: str | Path = "./work_dir",
+    calib: CalibrationOptions | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Activation statistics alone, saved as work_dir/inputs_stats.pth (reused by smooth_quant)."""
+    calib = calib or CalibrationOptions()
+    _check_model(model)
+    _check_dataset(calib.calib_dataset)
+    float_model = load_float_model(model, device=device)
+    stats = _collect(float_model, calib, model)
+    path = Path(work_dir) / STATS_FILE
+    save_stats(path, {k: v for k, v in stats.items() if k != "settings"}, calib.settings(model))
+    return path
+
+
+def _collect(float_model: FloatModel, calib: CalibrationOptions, model: str | None) -> dict[str, Any]:
+    samples = calibration_samples(
+        float_model.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen
+    )
+    stats: dict[str, Any] = collect_stats(
+        float_model, samples, calib.batch_size, progress=lambda r: tqdm(r, desc="calibrate", unit="layer")
+    )
+    stats["settings"] = asdict(calib.settings(model))
+    return stats
