@@ -65,7 +65,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, resolved.max_batch_size, config.max_prefill_token_num)
         self.requests: dict[str, Request] = {}
         self.default_generation_config = _defaults_from(generation_defaults or {})
-        self.eos_token_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model_config.eos_token_ids)
+        self.eos_token_ids = frozenset(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ())
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
@@ -103,7 +103,7 @@ class LLMEngine:
         num_blocks = builder.num_kv_blocks(config, resolved, model_config)
         kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
         graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
-        eos_token_ids = tokenizer.eos_token_ids if tokenizer else model_config.eos_token_ids
+        eos_token_ids = tuple(sorted(set(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ())))
         runner = ModelRunner(
             net,
             model_config,
