@@ -14,6 +14,11 @@ class TorchAttentionBackend:
     Decodes of a batch run as one padded SDPA call; prefill chunks run one SDPA call per sequence.
     """
 
+    def __init__(self) -> None:
+        # every layer of a step shares one slot_mapping: look for padding once per step, not per layer
+        self._checked_slots: torch.Tensor | None = None
+        self._kept_rows: torch.Tensor | None = None
+
     def allocate_kv_cache(
         self,
         num_layers: int,
@@ -27,6 +32,14 @@ class TorchAttentionBackend:
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
+    def kept_rows(self, slot_mapping: torch.Tensor) -> torch.Tensor | None:
+        """Rows whose slot is not -1, or None when every row is written."""
+        if slot_mapping is not self._checked_slots:
+            has_padding = bool((slot_mapping < 0).any())
+            self._kept_rows = (slot_mapping >= 0).nonzero().squeeze(1) if has_padding else None
+            self._checked_slots = slot_mapping
+        return self._kept_rows
+
     def forward(
         self,
         q: torch.Tensor,
@@ -36,7 +49,7 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv_cache(layer_cache, k, v, meta.slot_mapping)
+        write_kv_cache(layer_cache, k, v, meta.slot_mapping, self.kept_rows(meta.slot_mapping))
         num_decodes = meta.num_decodes
         if num_decodes == meta.num_seqs:
             return decode_attention(q, layer_cache, meta, scale)
@@ -54,12 +67,15 @@ class TorchAttentionBackend:
 
 
 def write_kv_cache(
-    layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    layer_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kept_rows: torch.Tensor | None = None,
 ) -> None:
-    """Store each new token's K/V at its flat slot; slots of -1 (padding) are not written."""
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    """Store each new token's K/V at its flat slot; only kept_rows are written when given (the rest are -1)."""
+    if kept_rows is not None:
+        slot_mapping, k, v = slot_mapping[kept_rows], k[kept_rows], v[kept_rows]
     num_kv_heads, head_dim = layer_cache.shape[-2:]
     flat = layer_cache.view(2, -1, num_kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k.to(layer_cache.dtype))

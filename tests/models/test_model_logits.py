@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 import torch
-from model_helpers import PagedSequences, hf_config_dict, hf_logits, tiny_hf_model
 
 from lmserve.attention.backend import get_attention_backend
 from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.models.config import ModelConfig
 from lmserve.models.internlm2 import InternLM2ForCausalLM
 from lmserve.models.registry import build_model
+from tests.models.model_helpers import PagedSequences, hf_config_dict, hf_logits, tiny_hf_model
 
 ATOL = 1e-4  # float32 end to end; differences are summation order only
 KINDS = ["llama", "llama_linear", "mistral", "qwen2"]
@@ -202,3 +202,22 @@ def test_from_hf_config_rejects_unknown_architecture() -> None:
 
 def test_get_attention_backend_on_cpu_is_torch() -> None:
     assert isinstance(get_attention_backend(CPU), TorchAttentionBackend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_tracks_float32_hf(dtype: torch.dtype) -> None:
+    hf = tiny_hf_model("llama")
+    config = ModelConfig.from_hf_config(hf_config_dict(hf))
+    model = build_model(config, TorchAttentionBackend(), dtype, CPU)
+    model.load_weights(hf.state_dict().items())
+    assert model.model.embed_tokens.weight.dtype == dtype
+    c = model.config
+    caches = TorchAttentionBackend().allocate_kv_cache(
+        2, 16, BLOCK_SIZE, c.num_key_value_heads, c.head_dim, dtype, CPU
+    )
+    paged = PagedSequences(16, BLOCK_SIZE)
+    tokens = prompt(9, 11)
+    ours = torch.cat([run_step(model, caches, paged, [("a", chunk)]) for chunk in (tokens[:6], tokens[6:])])
+    expected = hf_logits(hf, tokens)
+    # half precision: relative to the logits' spread (bf16 keeps 8 mantissa bits)
+    torch.testing.assert_close(ours, expected, atol=0.03 * float(expected.abs().max()), rtol=0)
