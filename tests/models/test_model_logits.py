@@ -221,3 +221,30 @@ def test_half_precision_model_tracks_float32_hf(dtype: torch.dtype) -> None:
     expected = hf_logits(hf, tokens)
     # half precision: relative to the logits' spread (bf16 keeps 8 mantissa bits)
     torch.testing.assert_close(ours, expected, atol=0.03 * float(expected.abs().max()), rtol=0)
+
+
+def test_awq_checkpoint_loads_into_fused_projections() -> None:
+    """AWQ tensors pack output features along dim 1: q/k/v and gate/up shards must be fused there."""
+    from lmserve.quant.formats import awq_dequantize, awq_quantization_config, awq_tensors
+    from lmserve.quant.rtn import quantize_groups
+
+    hf, group_size = tiny_hf_model("qwen2"), 32
+    awq: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                tensors = awq_tensors(quantize_groups(module.weight, 4, group_size, symmetric=False))
+                awq |= {f"{name}.{key}": value for key, value in tensors.items()}
+                # the reference runs the very weights the checkpoint encodes, one projection at a time
+                dequantized = awq_dequantize(
+                    tensors["qweight"], tensors["qzeros"], tensors["scales"].float(), group_size
+                )
+                module.weight.copy_(dequantized.t())
+    state = {k: v for k, v in hf.state_dict().items() if not k.endswith("_proj.weight")} | awq
+    config_dict = {**hf_config_dict(hf), "quantization_config": awq_quantization_config(4, group_size)}
+    model = build_model(ModelConfig.from_hf_config(config_dict), TorchAttentionBackend(), torch.float32, CPU)
+    model.load_weights(state.items())
+    caches, paged = new_cache(model)
+    tokens = prompt(10, 17)
+    ours = torch.cat([run_step(model, caches, paged, [("a", chunk)]) for chunk in (tokens[:9], tokens[9:])])
+    torch.testing.assert_close(ours, hf_logits(hf, tokens), atol=ATOL, rtol=0)
