@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels._triton import HAS_TRITON
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight; torch's fused kernel accumulates in float32 like HF's LlamaRMSNorm.
@@ -20,4 +22,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and HAS_TRITON:
+            from lmserve.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place."""
+        if x.is_cuda and HAS_TRITON:
+            from lmserve.kernels.rmsnorm import fused_add_rms_norm
+
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self.forward(residual), residual

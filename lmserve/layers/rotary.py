@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -60,10 +60,43 @@ class RotaryEmbedding(nn.Module):
         dtype = torch.get_default_dtype()
         self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
+        # CUDA rotates in place with the Triton kernel, from one float32 [max_positions, head_dim] table
+        self.cos_sin_cache: torch.Tensor | None = None
+        if inv_freq.is_cuda:
+            self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def prepare(self, positions: torch.Tensor) -> RopeInputs:
+        """What every layer needs to rotate this step's q and k (computed once per step)."""
+        if self.cos_sin_cache is not None:
+            return RopeInputs(positions, None, None, self.cos_sin_cache)
+        cos, sin = self.lookup(positions)
+        return RopeInputs(positions, cos, sin, None)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, head_dim // 2] for the tokens at `positions`, ready to broadcast over heads."""
         return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
+
+
+class RopeInputs(NamedTuple):
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    """[T, 1, head_dim // 2] (torch path) or None (Triton path)."""
+    sin: torch.Tensor | None
+    cos_sin_cache: torch.Tensor | None
+    """float32 [max_positions, head_dim] for the Triton kernel, or None."""
+
+
+def rotate_qk(qk: torch.Tensor, num_q_heads: int, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k, given as qk [T, Hq + Hkv, D] (a view into the fused qkv output)."""
+    if rope.cos_sin_cache is not None:
+        from lmserve.kernels.rotary import apply_rotary as triton_apply_rotary
+
+        q, k = qk[:, :num_q_heads], qk[:, num_q_heads:]
+        triton_apply_rotary(q, k, rope.positions, rope.cos_sin_cache)
+        return q, k
+    assert rope.cos is not None and rope.sin is not None
+    rotated = apply_rotary(qk, rope.cos, rope.sin)
+    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

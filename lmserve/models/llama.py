@@ -16,7 +16,7 @@ from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.embedding import VocabEmbedding
 from lmserve.layers.linear import Linear, make_linear, output_dims_of
 from lmserve.layers.norm import RMSNorm
-from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
+from lmserve.layers.rotary import RopeInputs, RotaryEmbedding, rotate_qk
 from lmserve.models.config import ModelConfig
 
 # HF projection name -> (our fused module, shard index, number of shards)
@@ -61,18 +61,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = make_linear(self.q_size, config.hidden_size, config.o_proj_bias, quant)
 
     def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: Any,
-        meta: AttentionMetadata,
+        self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: Any, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         # q and k rotate together: one rope pass over Hq + Hkv heads
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
+        q, k = rotate_qk(qk, self.num_heads, rope)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -107,14 +102,17 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: RopeInputs,
         kv_cache: Any,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = hidden if residual is None else hidden + residual
-        hidden = self.self_attn(self.input_layernorm(residual), rope[0], rope[1], kv_cache, meta)
-        residual = hidden + residual
-        return self.mlp(self.post_attention_layernorm(residual)), residual
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_forward(hidden, residual)
+        hidden = self.self_attn(normed, rope, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -135,12 +133,12 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], meta: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions)  # once per step, shared by every layer
+        rope = self.rotary.prepare(positions)  # once per step, shared by every layer
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
         assert residual is not None
-        return self.norm(hidden + residual)
+        return self.norm.add_forward(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
