@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,6 @@ from lmserve.quant.rtn import fake_quantize
 N_GRID = 20
 MAX_SHRINK = 0.5
 CLIP_SAMPLE_TOKENS = 512
-CLIP_OUTPUT_BATCH = 64
 SKIP_CLIP = ("q_proj", "k_proj")  # AutoAWQ: clipping q/k hurts the softmax more than it helps
 
 
@@ -35,18 +35,20 @@ class QuantSpec:
 class ScaleGroup:
     """Linears that read one input, the op producing that input, and the block whose output we score."""
 
-    prev_op: nn.Module
+    prev_op: Any
     linears: list[str]
     input_name: str
     inspect: Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def llama_scale_groups(layer: nn.Module, kwargs: list[dict]) -> list[ScaleGroup]:
+def llama_scale_groups(layer: Any, kwargs: list[dict]) -> list[ScaleGroup]:
     """AutoAWQ's groups for a Llama-family decoder layer (HF module names)."""
     attn, mlp = layer.self_attn, layer.mlp
 
     def run_attention(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [attn(hidden_states=x, **_attention_kwargs(kw))[0] for x, kw in zip(inputs, kwargs, strict=True)]
+        return [
+            attn(hidden_states=x, **_attention_kwargs(kw))[0] for x, kw in zip(inputs, kwargs, strict=True)
+        ]
 
     groups = [
         ScaleGroup(
@@ -74,7 +76,7 @@ def _attention_kwargs(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in ("attention_mask", "position_embeddings", "position_ids") if k in kwargs}
 
 
-def _per_batch(module: nn.Module) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+def _per_batch(module: Any) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     return lambda inputs: [module(x) for x in inputs]
 
 
@@ -92,7 +94,7 @@ def ratio_scales(act_scale: torch.Tensor, weight_mean: torch.Tensor, ratio: floa
 
 
 @torch.no_grad()
-def apply_scales(prev_op: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+def apply_scales(prev_op: Any, linears: list[Any], scales: torch.Tensor) -> None:
     """Fold diag(s)^-1 into prev_op's output and diag(s) into each linear's input columns."""
     scales = scales.to(linears[0].weight.device)
     if isinstance(prev_op, nn.Linear):
@@ -106,9 +108,7 @@ def apply_scales(prev_op: nn.Module, linears: list[nn.Linear], scales: torch.Ten
 
 
 @torch.no_grad()
-def search_scales(
-    group: ScaleGroup, layer: nn.Module, inputs: list[torch.Tensor], spec: QuantSpec
-) -> torch.Tensor:
+def search_scales(group: ScaleGroup, layer: Any, inputs: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     """Grid search over the ratio (AutoAWQ with duo scaling); candidate 1 keeps plain RTN in the running."""
     linears = [layer.get_submodule(name) for name in group.linears]
     originals = [linear.weight.detach().clone() for linear in linears]
@@ -138,38 +138,30 @@ def _mse(reference: list[torch.Tensor], output: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per (output channel, group) max |w| that minimizes the group's output error after quantization."""
+    """Per (output channel, group) max |w| minimizing the group's output error after quantization: [out, groups, 1]."""
     out_features, in_features = weight.shape
+    num_groups = in_features // spec.group_size
     step = max(1, len(inputs) // CLIP_SAMPLE_TOKENS)
-    x = inputs[::step].float().reshape(1, -1, in_features // spec.group_size, spec.group_size)
-    best = []
-    for start in range(0, out_features, CLIP_OUTPUT_BATCH):
-        w = (
-            weight[start : start + CLIP_OUTPUT_BATCH]
-            .float()
-            .reshape(-1, 1, in_features // spec.group_size, spec.group_size)
-        )
-        best.append(_best_max_val(w, x, spec))
-    return torch.cat(best)  # [out, 1, num_groups, 1]
-
-
-def _best_max_val(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    x = inputs[::step].float()
+    x_groups = x.reshape(len(x), num_groups, spec.group_size).transpose(0, 1)  # [groups, tokens, g]
+    w = weight.float().reshape(out_features, num_groups, spec.group_size)
     original_max = w.abs().amax(dim=-1, keepdim=True)
     best_max, min_error = original_max.clone(), torch.full_like(original_max, float("inf"))
-    reference = (x * w).sum(dim=-1)  # [out, tokens, groups]
+    reference = torch.bmm(x_groups, w.permute(1, 2, 0))  # per-group partial outputs [groups, tokens, out]
     for shrink_step in range(int(MAX_SHRINK * N_GRID)):
         max_val = original_max * (1 - shrink_step / N_GRID)
         clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
-        quantized = spec.fake(clipped.reshape(len(w), -1)).reshape(w.shape)
-        error = ((x * quantized).sum(dim=-1) - reference).pow(2).mean(dim=1).reshape(min_error.shape)
+        quantized = spec.fake(clipped.reshape(out_features, in_features)).reshape(w.shape)
+        output = torch.bmm(x_groups, quantized.permute(1, 2, 0))
+        error = (output - reference).pow(2).mean(dim=1).t().unsqueeze(-1)  # [out, groups, 1]
         better = error < min_error
         min_error[better], best_max[better] = error[better], max_val[better]
     return best_max
 
 
 @torch.no_grad()
-def apply_clip(linear: nn.Linear, max_val: torch.Tensor, group_size: int) -> None:
+def apply_clip(linear: Any, max_val: torch.Tensor, group_size: int) -> None:
     out_features, in_features = linear.weight.shape
-    grouped = linear.weight.reshape(out_features, 1, in_features // group_size, group_size)
+    grouped = linear.weight.reshape(out_features, in_features // group_size, group_size)
     limit = max_val.to(grouped.dtype)
     grouped.copy_(torch.maximum(torch.minimum(grouped, limit), -limit))

@@ -29,7 +29,7 @@ STAT_NAMES = ("absmax", "absmean", "max", "min", "mean")
 class FloatModel:
     """An unquantized model ready for calibration: HF module, our tokenizer, where it came from."""
 
-    model: nn.Module
+    model: Any
     tokenizer: Tokenizer
     source: ModelSource
     config: ModelConfig
@@ -122,7 +122,7 @@ def build_hf_model(hf_config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], tied: bool) -> None:
+def _load_weights(model: Any, weights: Iterator[tuple[str, torch.Tensor]], tied: bool) -> None:
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     loaded = set()
     for name, tensor in weights:
@@ -138,7 +138,7 @@ def _load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         raise ValueError(f"checkpoint lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def _reset_rotary(model: nn.Module) -> None:
+def _reset_rotary(model: Any) -> None:
     """Buffers created on the meta device hold garbage after to_empty: rebuild the rotary embeddings."""
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb") and hasattr(module, "config"):
@@ -147,7 +147,7 @@ def _reset_rotary(model: nn.Module) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: Any) -> nn.ModuleList:
     return model.model.layers  # type: ignore[union-attr,return-value]
 
 
@@ -159,11 +159,11 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int) -> list[LayerBatch]:
+def first_layer_inputs(model: Any, samples: torch.Tensor, batch_size: int) -> list[LayerBatch]:
     """The hidden states and kwargs the first decoder layer receives, per batch of samples."""
     batches: list[LayerBatch] = []
 
-    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def catch(_module: Any, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         batches.append(LayerBatch(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
@@ -182,7 +182,7 @@ def first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int)
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
+def run_layer(layer: Any, batches: list[LayerBatch]) -> list[LayerBatch]:
     """The layer's outputs, which are the next layer's inputs."""
     outputs = []
     for batch in batches:
@@ -193,7 +193,7 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
 
 @torch.no_grad()
 def record_linear_inputs(
-    layer: nn.Module, batches: list[LayerBatch], observe: Callable[[str, torch.Tensor], None]
+    layer: Any, batches: list[LayerBatch], observe: Callable[[str, torch.Tensor], None]
 ) -> list[LayerBatch]:
     """Run the layer, calling observe(linear name, its input [..., in]) for each linear call."""
     handles = []
@@ -209,7 +209,7 @@ def record_linear_inputs(
 
 
 def _input_hook(name: str, observe: Callable[[str, torch.Tensor], None]) -> Callable:
-    def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+    def hook(_module: Any, args: tuple, _output: torch.Tensor) -> None:
         observe(name, args[0])
 
     return hook

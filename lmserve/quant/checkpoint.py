@@ -76,7 +76,7 @@ def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for index, shard in enumerate(shards, start=1):
         file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / file_name), metadata={"format": "pt"})
@@ -122,7 +122,7 @@ def load_quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as file:
             tensors |= {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
@@ -131,7 +131,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _swap_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], quant_config: dict) -> None:
+def _swap_quantized_linears(model: Any, tensors: dict[str, torch.Tensor], quant_config: dict) -> None:
     markers = (".qweight", ".weight_scale")
     quantized = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(markers)}
     for name in quantized:
@@ -144,7 +144,7 @@ def _swap_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], 
 
 
 @torch.no_grad()
-def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> None:
+def _load_state(model: Any, tensors: dict[str, torch.Tensor], tied: bool) -> None:
     params = dict(model.named_parameters())
     unexpected = [name for name in tensors if name not in params]
     if unexpected:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from lmserve.models.config import ModelConfig
@@ -155,9 +154,7 @@ def auto_awq(
     )
 
 
-def awq_layer(
-    layer: nn.Module, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool
-) -> list[LayerBatch]:
+def awq_layer(layer: Any, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool) -> list[LayerBatch]:
     """Scale (and with search, clip) one layer's float weights in place; returns the next layer's inputs."""
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in set(INPUT_OF.values())}
 
@@ -181,14 +178,14 @@ def awq_layer(
 
 
 def _fixed_ratio_scales(
-    layer: nn.Module, group: awq.ScaleGroup, xs: list[torch.Tensor], spec: awq.QuantSpec
+    layer: Any, group: awq.ScaleGroup, xs: list[torch.Tensor], spec: awq.QuantSpec
 ) -> torch.Tensor:
     act_absmax = torch.stack([x.reshape(-1, x.shape[-1]).abs().amax(dim=0) for x in xs]).amax(dim=0)
     weight = torch.cat([layer.get_submodule(name).weight for name in group.linears])
     return awq.ratio_scales(act_absmax, awq.weight_channel_mean(weight, spec.group_size), 0.5)
 
 
-def _clip_layer(layer: nn.Module, inputs: dict[str, list[torch.Tensor]], spec: awq.QuantSpec) -> None:
+def _clip_layer(layer: Any, inputs: dict[str, list[torch.Tensor]], spec: awq.QuantSpec) -> None:
     for name, input_name in INPUT_OF.items():
         if name.endswith(awq.SKIP_CLIP):
             continue
@@ -197,8 +194,8 @@ def _clip_layer(layer: nn.Module, inputs: dict[str, list[torch.Tensor]], spec: a
         awq.apply_clip(linear, awq.search_clip(linear.weight, x, spec), spec.group_size)
 
 
-def _awq_layer_tensors(layer: nn.Module, prefix: str, spec: awq.QuantSpec) -> dict[str, torch.Tensor]:
-    tensors = {}
+def _awq_layer_tensors(layer: Any, prefix: str, spec: awq.QuantSpec) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
     for name in INPUT_OF:
         linear = layer.get_submodule(name)
         quantized = quantize_groups(linear.weight.detach(), spec.w_bits, spec.group_size, spec.symmetric)
@@ -208,13 +205,11 @@ def _awq_layer_tensors(layer: nn.Module, prefix: str, spec: awq.QuantSpec) -> di
     return tensors
 
 
-def _unquantized_tensors(
-    model: nn.Module, done: dict[str, torch.Tensor], dtype: torch.dtype
-) -> dict[str, Any]:
+def _unquantized_tensors(model: Any, done: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
     """Embedding, norms and lm_head (unless tied) in the output dtype; names of quantized linears skipped."""
     quantized = {name.rsplit(".", 1)[0] for name in done}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name.rsplit(".", 1)[0] in quantized or (tied and name == "lm_head.weight"):
             continue

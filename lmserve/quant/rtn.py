@@ -39,22 +39,28 @@ def check_group_size(in_features: int, group_size: int, name: str = "linear") ->
         )
 
 
-def quantize_groups(weight: torch.Tensor, w_bits: int, group_size: int, symmetric: bool) -> GroupQuantized:
-    """Round-to-nearest per group of `group_size` input features (AutoAWQ's pseudo_quantize_tensor)."""
-    out_features, in_features = weight.shape
-    check_group_size(in_features, group_size)
-    grouped = weight.float().reshape(-1, group_size)
+def _group_params(grouped: torch.Tensor, w_bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) per row of `grouped` [num_groups_total, group_size] (AutoAWQ's pseudo_quantize_tensor)."""
     max_int = 2**w_bits - 1
     if symmetric:
         # The zero point is fixed at the middle so the same GEMM layout serves both modes.
-        zeros = torch.full((grouped.shape[0], 1), float(2 ** (w_bits - 1)))
+        zeros = torch.full((grouped.shape[0], 1), float(2 ** (w_bits - 1)), device=grouped.device)
         scales = (grouped.abs().amax(dim=1, keepdim=True) / (2 ** (w_bits - 1) - 1)).clamp(min=1e-5)
-    else:
-        max_val = grouped.amax(dim=1, keepdim=True)
-        min_val = grouped.amin(dim=1, keepdim=True)
-        scales = ((max_val - min_val).clamp(min=1e-5)) / max_int
-        zeros = (-torch.round(min_val / scales)).clamp(0, max_int)
-    q = (torch.round(grouped / scales) + zeros).clamp(0, max_int)
+        return scales, zeros
+    max_val = grouped.amax(dim=1, keepdim=True)
+    min_val = grouped.amin(dim=1, keepdim=True)
+    scales = (max_val - min_val).clamp(min=1e-5) / max_int
+    zeros = (-torch.round(min_val / scales)).clamp(0, max_int)
+    return scales, zeros
+
+
+def quantize_groups(weight: torch.Tensor, w_bits: int, group_size: int, symmetric: bool) -> GroupQuantized:
+    """Round-to-nearest per group of `group_size` input features, with a zero point per group."""
+    out_features, in_features = weight.shape
+    check_group_size(in_features, group_size)
+    grouped = weight.float().reshape(-1, group_size)
+    scales, zeros = _group_params(grouped, w_bits, symmetric)
+    q = (torch.round(grouped / scales) + zeros).clamp(0, 2**w_bits - 1)
     num_groups = in_features // group_size
     return GroupQuantized(
         q=q.reshape(out_features, in_features).to(torch.int32),
@@ -74,7 +80,10 @@ def dequantize_groups(quantized: GroupQuantized) -> torch.Tensor:
 
 def fake_quantize(weight: torch.Tensor, w_bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """Quantize then dequantize, in the weight's dtype (what the searches score against)."""
-    return dequantize_groups(quantize_groups(weight, w_bits, group_size, symmetric)).to(weight.dtype)
+    grouped = weight.float().reshape(-1, group_size)
+    scales, zeros = _group_params(grouped, w_bits, symmetric)
+    q = (torch.round(grouped / scales) + zeros).clamp(0, 2**w_bits - 1)
+    return ((q - zeros) * scales).reshape(weight.shape).to(weight.dtype)
 
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

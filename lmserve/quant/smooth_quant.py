@@ -6,8 +6,9 @@ diag(s) W into the linears. At run time activations are quantized to int8 per to
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from lmserve.quant.awq import apply_scales
 from lmserve.quant.rtn import quantize_per_channel_int8
@@ -23,10 +24,10 @@ LINEAR_NAMES = (
 )
 
 
-def smoothing_pairs(layer: nn.Module) -> list[tuple[nn.Module, list[str], str]]:
+def smoothing_pairs(layer: Any) -> list[tuple[Any, list[str], str]]:
     """(previous op, linears reading its output, the linear whose input stats apply) for a Llama layer."""
     attn = layer.self_attn
-    pairs: list[tuple[nn.Module, list[str], str]] = [
+    pairs: list[tuple[Any, list[str], str]] = [
         (
             layer.input_layernorm,
             ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -48,7 +49,7 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
 
 
 @torch.no_grad()
-def smooth_layer(layer: nn.Module, prefix: str, act_absmax: dict[str, torch.Tensor], alpha: float) -> None:
+def smooth_layer(layer: Any, prefix: str, act_absmax: dict[str, torch.Tensor], alpha: float) -> None:
     """Fold SmoothQuant scales into one decoder layer, using absmax stats keyed by full module name."""
     for prev_op, linear_names, stats_name in smoothing_pairs(layer):
         linears = [layer.get_submodule(name) for name in linear_names]
@@ -59,9 +60,9 @@ def smooth_layer(layer: nn.Module, prefix: str, act_absmax: dict[str, torch.Tens
         apply_scales(prev_op, linears, scales)
 
 
-def int8_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+def int8_tensors(layer: Any, prefix: str) -> dict[str, torch.Tensor]:
     """compressed-tensors names: `<linear>.weight` int8 [out, in], `<linear>.weight_scale` float32 [out, 1]."""
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name in LINEAR_NAMES:
         linear = layer.get_submodule(name)
         q, scale = quantize_per_channel_int8(linear.weight)

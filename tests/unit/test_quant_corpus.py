@@ -26,7 +26,9 @@ def test_shipped_corpus_has_separate_parts() -> None:
 
 def test_user_files(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("plain text")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n"
+    )
     assert load_text(str(tmp_path / "a.txt"), "calib") == "plain text"
     assert load_text(str(tmp_path / "b.jsonl"), "calib") == "first\n\nsecond"
     folder = tmp_path / "dataset"

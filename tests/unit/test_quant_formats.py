@@ -85,7 +85,9 @@ def test_int8_matmul_is_exact() -> None:
 
 
 def test_make_quantized_linear_dispatch_and_errors() -> None:
-    awq = make_quantized_linear(128, 64, False, {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"})
+    awq = make_quantized_linear(
+        128, 64, False, {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"}
+    )
     assert isinstance(awq, AWQLinear) and awq.output_dims["qweight"] == 1
     with pytest.raises(ValueError, match="only bits=4"):
         quant_method({"quant_method": "awq", "bits": 3, "group_size": 64})

@@ -29,7 +29,9 @@ def _save_tokenizer(folder: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator([load_text("kjv", "calib")[:50_000]], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(str(folder))
 
@@ -39,11 +41,21 @@ def _tiny_model(folder: Path, architecture: str = "LlamaForCausalLM", **override
 
     torch.manual_seed(0)
     kwargs = dict(
-        vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=0,
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=0,
     )
     kwargs.update(overrides)
-    config_class = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config}[architecture]
+    config_class = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+    }[architecture]
     model = getattr(transformers, architecture)(config_class(**kwargs))
     model.save_pretrained(str(folder))
     _save_tokenizer(folder)
@@ -68,7 +80,12 @@ def _logits_from_dequantized(model_dir: Path, float_source: Path) -> torch.Tenso
         for name, param in float_model.named_parameters():
             base = name.removesuffix(".weight")
             if f"{base}.qweight" in tensors:
-                weight = awq_dequantize(tensors[f"{base}.qweight"], tensors[f"{base}.qzeros"], tensors[f"{base}.scales"].float(), group_size)
+                weight = awq_dequantize(
+                    tensors[f"{base}.qweight"],
+                    tensors[f"{base}.qzeros"],
+                    tensors[f"{base}.scales"].float(),
+                    group_size,
+                )
                 param.copy_(weight.t())
             elif name in tensors:
                 param.copy_(tensors[name].float())
@@ -80,11 +97,20 @@ def test_awq_save_reload_gives_identical_logits(tiny: Path, tmp_path: Path, mode
     options = AWQOptions(w_group_size=32, search_scale=mode == "search", rtn=mode == "rtn")
     out = auto_awq(str(tiny), tmp_path / "awq", CALIB, options)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    assert config["quantization_config"] == {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 32,
+        "zero_point": True,
+        "version": "gemm",
+    }
     tensors = load_file(str(out / "model.safetensors"))
     assert tensors["model.layers.0.self_attn.q_proj.qweight"].shape == (128, 128 // 8)
     assert tensors["model.layers.0.mlp.down_proj.scales"].dtype == torch.float16
-    assert tensors["lm_head.weight"].dtype == torch.float16 and "model.layers.0.self_attn.q_proj.weight" not in tensors
+    assert (
+        tensors["lm_head.weight"].dtype == torch.float16
+        and "model.layers.0.self_attn.q_proj.weight" not in tensors
+    )
     assert (out / "tokenizer.json").is_file()
     reloaded = load_quantized_model(out)
     with torch.no_grad():
@@ -109,7 +135,9 @@ def test_smooth_quant_writes_compressed_tensors_and_stays_close(tiny: Path, tmp_
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
     group = config["config_groups"]["group_0"]
-    assert group["weights"]["strategy"] == "channel" and group["input_activations"] == group["input_activations"] | {"strategy": "token", "dynamic": True}
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"] == group[
+        "input_activations"
+    ] | {"strategy": "token", "dynamic": True}
     tensors = load_file(str(out / "model.safetensors"))
     assert tensors["model.layers.1.mlp.up_proj.weight"].dtype == torch.int8
     assert tensors["model.layers.1.mlp.up_proj.weight_scale"].shape == (256, 1)
@@ -143,10 +171,17 @@ def _assert_nothing_written(parent: Path) -> None:
     [
         (AWQOptions(w_bits=3), CALIB, ValueError, "w_bits=3"),
         (AWQOptions(w_group_size=48), CALIB, ValueError, "w_group_size=48 does not divide"),
-        (AWQOptions(w_group_size=32), CalibrationOptions(calib_dataset="/no/such/file.txt"), FileNotFoundError, "file.txt"),
+        (
+            AWQOptions(w_group_size=32),
+            CalibrationOptions(calib_dataset="/no/such/file.txt"),
+            FileNotFoundError,
+            "file.txt",
+        ),
     ],
 )
-def test_auto_awq_bad_input(tiny: Path, tmp_path: Path, options: AWQOptions, calib: CalibrationOptions, error: type, match: str) -> None:
+def test_auto_awq_bad_input(
+    tiny: Path, tmp_path: Path, options: AWQOptions, calib: CalibrationOptions, error: type, match: str
+) -> None:
     parent = tmp_path / "out"
     parent.mkdir()
     with pytest.raises(error, match=match):
@@ -158,7 +193,9 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     import transformers
 
     folder = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(str(folder))
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    ).save_pretrained(str(folder))
     parent = tmp_path / "out"
     parent.mkdir()
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported"):
