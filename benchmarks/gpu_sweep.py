@@ -1,0 +1,122 @@
+"""One-call GPU sweep: HBM roofline, batch-1 decode (graph and eager), TTFT, the 256-request job, memory, HF peer.
+
+Usage (on the GPU machine): PYTHONPATH=. python benchmarks/gpu_sweep.py --json OUT.json [--skip-hf] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from typing import Any
+
+import torch
+
+from lmserve.bench.offline import latency, throughput
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import LLMEngine
+
+CONFIG = "benchmarks/configs/llama3-8b.json"
+
+
+def copy_bandwidth(num_bytes: int = 4 << 30, iterations: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (the HBM roofline we compare against)."""
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / iterations
+    del src, dst
+    return 2 * num_bytes / seconds
+
+
+def decode_bytes_per_token(engine: LLMEngine) -> int:
+    """Weight bytes read per decoded token: every parameter except the input embedding (a gather)."""
+    model = engine.runner.model
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def hf_peer(num_tokens: int = 128) -> dict[str, float]:
+    """HF transformers generate, batch 1, eager, same shape and random bf16 weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig.from_json_file(CONFIG)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(1000, 100000, (1, 128), device="cuda")
+    kwargs: dict[str, Any] = dict(max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False)
+    model.generate(ids, max_new_tokens=8, do_sample=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    rate = num_tokens / (time.perf_counter() - start)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"hf_eager_bs1_tok_per_s": rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small job sizes (smoke test)")
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
+    print(results, flush=True)
+    if not args.skip_hf:
+        results |= hf_peer(32 if args.quick else 128)
+        print(results, flush=True)
+
+    start = time.perf_counter()
+    engine = LLMEngine.from_random_weights(
+        CONFIG, EngineConfig(device="cuda", max_batch_size=args.max_batch_size)
+    )
+    results["engine_build_s"] = time.perf_counter() - start
+    weight_bytes = decode_bytes_per_token(engine)
+    roofline = results["copy_bandwidth_tb_s"] * 1e12 / weight_bytes
+    results |= {
+        "decode_bytes_per_token_gb": weight_bytes / 1e9,
+        "roofline_bs1_tok_per_s": roofline,
+        "kv_blocks": engine.block_manager.num_blocks,
+        "kv_tokens": engine.block_manager.num_blocks * engine.block_manager.block_size,
+        "gpu_memory_allocated_gb": torch.cuda.memory_allocated() / 1e9,
+        "gpu_memory_reserved_gb": torch.cuda.memory_reserved() / 1e9,
+    }
+    results["max_concurrent_512_256"] = results["kv_tokens"] // (512 + 256)
+    print(results, flush=True)
+
+    out_len = 64 if args.quick else 256
+    lat = latency(engine, input_len=128, output_len=out_len, iterations=3)
+    results["bs1_decode_tok_per_s_graph"] = lat.decode_tok_per_s_median
+    results["bs1_fraction_of_roofline"] = lat.decode_tok_per_s_median / roofline
+    graph_runner, engine.runner.graph_runner = engine.runner.graph_runner, None
+    eager = latency(engine, input_len=128, output_len=64, iterations=2)
+    engine.runner.graph_runner = graph_runner
+    results["bs1_decode_tok_per_s_eager"] = eager.decode_tok_per_s_median
+    ttft = latency(engine, input_len=2048, output_len=2, iterations=5)
+    results["ttft_2048_ms"] = ttft.ttft_ms_median
+    print(results, flush=True)
+
+    num = 32 if args.quick else 256
+    job = throughput(engine, num_requests=num, input_len=512, output_len=out_len)
+    results["job"] = job.as_dict()
+    results["job_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(json.dumps(results, indent=2), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
