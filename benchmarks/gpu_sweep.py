@@ -64,12 +64,66 @@ def hf_peer(num_tokens: int = 128) -> dict[str, float]:
     return {"hf_eager_bs1_tok_per_s": rate}
 
 
+def replay_ms(engine: LLMEngine, batch_size: int, iterations: int = 50) -> float:
+    """GPU time of one captured decode graph replayed back to back (no CPU work between steps)."""
+    graph = engine.runner.graph_runner.graphs[batch_size]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iterations
+
+
+def profile_decode(
+    engine: LLMEngine, batch_size: int, out_prefix: str | None, steps: int = 20
+) -> dict[str, float]:
+    """Wall time per steady decode step at batch_size, and a torch.profiler table of a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lmserve.bench.offline import fixed_length_config, random_prompts
+
+    ids = [
+        engine.add_request(p, fixed_length_config(steps + 40))
+        for p in random_prompts(batch_size, 512, engine.model_config.vocab_size)
+    ]
+    while any(engine.requests[i].num_computed_tokens < engine.requests[i].num_prompt_tokens for i in ids):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    step_ms = 1000 * (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+    if out_prefix:
+        with open(f"{out_prefix}_bs{batch_size}.txt", "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+    for i in ids:
+        engine.abort(i)
+    return {
+        f"decode_step_ms_bs{batch_size}": step_ms,
+        f"graph_replay_ms_bs{batch_size}": replay_ms(engine, batch_size),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small job sizes (smoke test)")
     parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--profile", default=None, metavar="PREFIX", help="write torch.profiler tables to PREFIX_bsN.txt"
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     results["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
@@ -106,6 +160,8 @@ def main() -> None:
     results["bs1_decode_tok_per_s_eager"] = eager.decode_tok_per_s_median
     ttft = latency(engine, input_len=2048, output_len=2, iterations=5)
     results["ttft_2048_ms"] = ttft.ttft_ms_median
+    for batch_size in (1, 32, 128):
+        results |= profile_decode(engine, batch_size, args.profile)
     print(results, flush=True)
 
     num = 32 if args.quick else 256
