@@ -58,7 +58,7 @@ def test_greedy_tokens_equal_hf_transformers(pipe: Pipeline, hf_model: torch.nn.
     # both stop at EOS (and include it); min_new_tokens/ignore_eos would ban EOS and change the argmax
     responses = pipe(PROMPTS, GenerationConfig(max_new_tokens=40))
     assert isinstance(responses, list)
-    for prompt, response in zip(PROMPTS, responses):
+    for prompt, response in zip(PROMPTS, responses, strict=True):
         expected = hf_greedy(hf_model, pipe.encode(prompt), 40)
         assert response.token_ids == expected, prompt
         assert response.text == pipe.tokenizer.decode(expected)
