@@ -35,8 +35,12 @@ def read_message() -> str | None:
     """Lines until an empty line; None at end of input."""
     lines: list[str] = []
     while True:
+        if not lines:
+            # input(prompt) writes the prompt to stderr when stdin is a tty: keep it on stdout with the replies
+            sys.stdout.write("\n>>> ")
+            sys.stdout.flush()
         try:
-            line = input("" if lines else "\n>>> ")
+            line = input()
         except EOFError:
             return "\n".join(lines) if lines else None
         if not line.strip():

@@ -1,0 +1,169 @@
+"""`python -m lmserve ...` on bad models and bad flags: exit 2 with one `lmserve: error: ...` line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+TIMEOUT_S = 240
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 16,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A word-level fast tokenizer: enough for the loader to get past the tokenizer to the weights."""
+    vocab = {word: i for i, word in enumerate(["<unk>", "<s>", "</s>", "hello", "world"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def llama_folder(root: Path, name: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    write_tokenizer(folder)
+    return folder
+
+
+def build_cases(root: Path) -> dict[str, list[str]]:
+    """Case name -> lmserve arguments; folders are made under `root`."""
+    unknown = root / "unknown_arch"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({**TINY_LLAMA, "architectures": ["FooForCausalLM"]}))
+    garbage = llama_folder(root, "garbage_weights")
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    truncated = llama_folder(root, "truncated_weights")
+    save_file({"model.embed_tokens.weight": torch.ones(16, 16)}, str(truncated / "model.safetensors"))
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    no_weights = llama_folder(root, "no_weights")
+    missing_shard = llama_folder(root, "missing_shard")
+    index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (missing_shard / "model.safetensors.index.json").write_text(json.dumps(index))
+    return {
+        "serve_missing_path": ["serve", "api_server", "/no/such/model"],
+        "chat_missing_path": ["chat", "/no/such"],
+        "chat_missing_hub_id": ["chat", "no-org/no-model"],
+        "unknown_architecture": ["chat", str(unknown)],
+        "garbage_safetensors": ["chat", str(garbage), "--dtype", "float32"],
+        "truncated_safetensors": ["chat", str(truncated), "--dtype", "float32"],
+        "no_weights": ["chat", str(no_weights), "--dtype", "float32"],
+        "missing_shard": ["chat", str(missing_shard), "--dtype", "float32"],
+        "cache_block_seq_len": ["chat", "--cache-block-seq-len", "3"],
+        "session_len": ["serve", "api_server", "--session-len", "1"],
+        "max_batch_size": ["chat", "--max-batch-size", "0"],
+        "server_port": ["serve", "api_server", "--server-port", "70000"],
+    }
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli_errors")
+
+
+@pytest.fixture(scope="module")
+def results(root: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every case run at once (each is mostly interpreter start-up), collected by name."""
+    env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HOME": str(root / "hf_home")}
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "lmserve", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=root,
+        )
+        for name, args in build_cases(root).items()
+    }
+    done = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return done
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one stderr line of a clean failure (exit 2, nothing else printed)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("lmserve: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("serve_missing_path", ["'/no/such/model' not found", "local path /no/such/model"]),
+        ("chat_missing_path", ["'/no/such' not found", "local path /no/such"]),
+        ("chat_missing_hub_id", ["'no-org/no-model' not found", "local path", "models--no-org--no-model"]),
+    ],
+)
+def test_missing_model_names_what_was_tried(results, case: str, expected: list[str]) -> None:
+    line = error_line(results[case])
+    for text in expected:
+        assert text in line
+
+
+def test_missing_hub_id_names_each_cache_tried(results, root: Path) -> None:
+    line = error_line(results["chat_missing_hub_id"])
+    assert str(root / "hub" / "models--no-org--no-model") in line
+    assert str(root / "hf_home" / "hub" / "models--no-org--no-model") in line
+
+
+def test_unknown_architecture_is_named(results, root: Path) -> None:
+    line = error_line(results["unknown_architecture"])
+    assert "'FooForCausalLM'" in line and str(root / "unknown_arch" / "config.json") in line
+    assert "LlamaForCausalLM" in line  # the supported list
+
+
+@pytest.mark.parametrize("case", ["garbage_safetensors", "truncated_safetensors"])
+def test_corrupt_weight_file_is_named(results, root: Path, case: str) -> None:
+    line = error_line(results[case])
+    assert f"{root / case.replace('safetensors', 'weights') / 'model.safetensors'}:" in line
+    assert "corrupt" in line
+
+
+def test_missing_weights_name_the_folder_and_file(results, root: Path) -> None:
+    assert str(root / "no_weights") in error_line(results["no_weights"])
+    line = error_line(results["missing_shard"])
+    assert "model-00002-of-00002.safetensors" in line and "missing" in line
+
+
+@pytest.mark.parametrize(
+    ("case", "field"),
+    [
+        ("cache_block_seq_len", "cache_block_seq_len=3 must be a power of two"),
+        ("session_len", "session_len=1 must be >= 2"),
+        ("max_batch_size", "max_batch_size=0 must be >= 1"),
+        ("server_port", "server_port=70000 must be in 1..65535"),
+    ],
+)
+def test_bad_flag_value_names_the_field(results, case: str, field: str) -> None:
+    assert field in error_line(results[case])
