@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +95,7 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tok
     """The tokenizer of `source`; `chat_template` (built-in name or Jinja path) overrides the model's."""
     template = load_chat_template(chat_template) if chat_template is not None else None
     if source.kind == "gguf":
-        hf = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        hf = _load_gguf_tokenizer(source)
         name = str(source.gguf_path)
     else:
         hf = _load_folder_tokenizer(source.path)
@@ -100,6 +103,34 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tok
     if template is None:
         template = _model_chat_template(hf)
     return Tokenizer(hf, template, _eos_token_ids(hf, source), name)
+
+
+def _load_gguf_tokenizer(source: ModelSource) -> Any:
+    """Build the tokenizer from GGUF metadata once (~20 s on a small CPU) and keep it as an HF folder.
+
+    The cache key is the file's path, size and mtime, so a changed file is converted again.
+    Where the cache cannot be written, the tokenizer is simply rebuilt each time.
+    """
+    stat = source.gguf_path.stat()
+    key = hashlib.sha256(f"{source.gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = cache_dir() / "gguf-tokenizers" / key
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    hf = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+            hf.save_pretrained(tmp)
+            os.replace(tmp, cached)
+            os.makedirs(tmp)  # TemporaryDirectory removes its path on exit
+    except OSError:
+        pass
+    return hf
+
+
+def cache_dir() -> Path:
+    """Where lmserve keeps derived files: $LMSERVE_CACHE_DIR, else ~/.cache/lmserve."""
+    return Path(os.environ.get("LMSERVE_CACHE_DIR") or Path.home() / ".cache" / "lmserve")
 
 
 def _model_chat_template(hf: Any) -> str | None:
