@@ -42,8 +42,15 @@ class AttentionBackend(Protocol):
         ...
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
-    """The Triton backend on CUDA when it is installed, else the plain-torch reference."""
+def get_attention_backend(device: torch.device, quant_policy: int = 0) -> AttentionBackend:
+    """The Triton backend on CUDA when it is installed, else the plain-torch reference.
+
+    quant_policy 8 / 4 (LMDeploy's flag) gives the int8 / int4 KV cache variant of the same choice.
+    """
+    if quant_policy:
+        from lmserve.attention.kv_quant import quantized_kv_backend
+
+        return quantized_kv_backend(device, quant_policy)
     if device.type == "cuda":
         try:
             from lmserve.attention.triton_backend import TritonAttentionBackend

@@ -30,6 +30,8 @@ class ResolvedConfig:
     dtype: torch.dtype
     session_len: int
     max_batch_size: int
+    quant_policy: int = 0
+    """KV cache quantization: 0 off, 8 int8, 4 int4 (EngineConfig.quant_policy)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +67,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig) -> ResolvedC
         dtype=resolve_dtype(config.dtype, device, model_config),
         session_len=session_len,
         max_batch_size=config.max_batch_size or default_batch,
+        quant_policy=config.quant_policy,
     )
 
 
@@ -72,7 +75,7 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
     """Construct the model on its device and stream the checkpoint's weights into it."""
     from lmserve.models.loader import iter_weights
 
-    backend = get_attention_backend(resolved.device)
+    backend = get_attention_backend(resolved.device, resolved.quant_policy)
     model = build_model(model_config, backend, resolved.dtype, resolved.device)
     weights = tqdm(
         iter_weights(source, model_config),
@@ -88,7 +91,7 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
 
 def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int = 0) -> Any:
     """The model with N(0, 0.02) weights and unit norms: real shapes and speed, no checkpoint needed."""
-    backend = get_attention_backend(resolved.device)
+    backend = get_attention_backend(resolved.device, resolved.quant_policy)
     model = build_model(model_config, backend, resolved.dtype, resolved.device)
     generator = torch.Generator(resolved.device).manual_seed(seed)
     with torch.no_grad():
@@ -100,8 +103,14 @@ def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int 
     return model.eval()
 
 
-def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
-    element_size = torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, quant_policy: int = 0) -> float:
+    """Cache bytes one token takes over all layers (K and V); quantized caches count their scales and zeros."""
+    if quant_policy:
+        from lmserve.attention.kv_quant import bits_of, quantized_bytes_per_element
+
+        element_size = quantized_bytes_per_element(model_config.head_dim, bits_of(quant_policy))
+    else:
+        element_size = torch.empty((), dtype=dtype).element_size()
     return (
         2
         * model_config.num_hidden_layers
@@ -122,7 +131,8 @@ def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: 
         )
         if fraction is not None and fraction > 1:
             return -(-int(fraction) // block_size)
-        return int(cache_bytes // (kv_bytes_per_token(model_config, resolved.dtype) * block_size))
+        bytes_per_block = kv_bytes_per_token(model_config, resolved.dtype, resolved.quant_policy) * block_size
+        return int(cache_bytes // bytes_per_block)
     full = resolved.max_batch_size * -(-resolved.session_len // block_size)
     if fraction is None:
         return full
@@ -134,7 +144,7 @@ def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: 
 def allocate_kv_cache(
     num_blocks: int, block_size: int, model_config: ModelConfig, resolved: ResolvedConfig
 ) -> list[Any]:
-    backend = get_attention_backend(resolved.device)
+    backend = get_attention_backend(resolved.device, resolved.quant_policy)
     return list(
         backend.allocate_kv_cache(
             model_config.num_hidden_layers,

@@ -1,0 +1,87 @@
+"""The quantized-KV Triton kernels and backend against their torch references, run by Triton's interpreter.
+
+As in test_kernels_interpret.py, TRITON_INTERPRET must be set before Triton is imported, so the one test
+pytest runs here starts a child pytest over this file with it set; the per-kernel tests run there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_CHILD = os.environ.get("LMSERVE_INTERPRET_CHILD") == "1"
+child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child process")
+
+
+def test_kv_quant_kernels_match_references_under_interpreter() -> None:
+    if IN_CHILD:
+        pytest.skip("this is the child")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LMSERVE_INTERPRET_CHILD": "1"}
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+
+
+if IN_CHILD:
+    from lmserve.attention.kv_quant import QuantizedKVCache, TorchQuantKVBackend, TritonQuantKVBackend
+    from lmserve.kernels.decode_attention import paged_decode_attention_ref
+    from lmserve.kernels.kv_quant import (
+        paged_decode_attention_quant,
+        quantize_kv_ref,
+        store_quantized_kv,
+        store_quantized_kv_ref,
+    )
+    from lmserve.kernels.testing import PagedBatch, make_paged_batch, relative_error
+
+DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
+
+
+def quantized_batch(batch: PagedBatch, bits: int) -> QuantizedKVCache:
+    codes, params = quantize_kv_ref(batch.layer_cache, bits)
+    return QuantizedKVCache(codes, params, bits)
+
+
+@child_only
+@pytest.mark.parametrize("bits", [8, 4])
+def test_store_matches_reference_and_skips_padding(bits: int) -> None:
+    batch = make_paged_batch([1, 5], [7, 9], 4, 3, 24, 4, DTYPE, "cpu", num_padding_tokens=2)
+    cache, ref = quantized_batch(batch, bits), quantized_batch(batch, bits)
+    before = cache.codes.clone()
+    store_quantized_kv(batch.k, batch.v, cache.codes, cache.params, batch.meta.slot_mapping, bits)
+    store_quantized_kv_ref(batch.k, batch.v, ref.codes, ref.params, batch.meta.slot_mapping, bits)
+    assert torch.equal(cache.params, ref.params)
+    assert torch.equal(cache.codes, ref.codes) and not torch.equal(cache.codes, before)
+
+
+@child_only
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_over_codes(bits: int, num_splits: int) -> None:
+    batch = make_paged_batch([1, 1, 1], [1, 17, 40], 8, 2, 32, 8, DTYPE, "cpu", seed=num_splits)
+    cache, meta = quantized_batch(batch, bits), batch.meta
+    out = paged_decode_attention_quant(
+        batch.q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, 0.3, bits,
+        num_splits=num_splits, block_n=16,
+    )  # fmt: skip
+    plain = cache.dequantize(DTYPE)
+    ref = paged_decode_attention_ref(batch.q, plain[0], plain[1], meta.block_tables, meta.seq_lens, 0.3)
+    assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_backend_matches_torch_backend_on_mixed_batch(bits: int) -> None:
+    batch = make_paged_batch([1, 1, 12, 5], [3, 33, 12, 21], 8, 2, 32, 16, DTYPE, "cpu", num_padding_tokens=1)
+    cache, ref_cache = quantized_batch(batch, bits), quantized_batch(batch, bits)
+    out = TritonQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, cache, batch.meta, 0.25)
+    ref = TorchQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, ref_cache, batch.meta, 0.25)
+    rows = batch.meta.num_tokens
+    assert relative_error(out[:rows], ref[:rows]) < 2e-3
+    assert torch.equal(cache.codes, ref_cache.codes) and torch.equal(cache.params, ref_cache.params)
