@@ -115,6 +115,41 @@ def profile_decode(
     }
 
 
+def weight_bytes(engine: LLMEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+
+
+def release(engine: LLMEngine) -> None:
+    engine.runner.graph_runner = None
+    engine.runner.kv_caches.clear()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def quant_sweep(results: dict[str, Any], bf16_weight_bytes: int, max_batch_size: int) -> None:
+    """W4A16 (AWQ) and W8A8 random models: batch-1 decode, batch-16 step, memory; KV int8: capacity, the job."""
+    for fmt in ("awq", "w8a8"):
+        config = EngineConfig(device="cuda", model_format=fmt, max_batch_size=64)
+        engine = LLMEngine.from_random_weights(CONFIG, config)
+        lat = latency(engine, input_len=128, output_len=128, iterations=3)
+        results[f"{fmt}_bs1_decode_tok_per_s"] = lat.decode_tok_per_s_median
+        results[f"{fmt}_weight_bytes_ratio_vs_bf16"] = weight_bytes(engine) / bf16_weight_bytes
+        for batch_size in (16, 64):
+            step = profile_decode(engine, batch_size, None)
+            results[f"{fmt}_decode_step_ms_bs{batch_size}"] = step[f"decode_step_ms_bs{batch_size}"]
+        print(results, flush=True)
+        release(engine)
+    engine = LLMEngine.from_random_weights(
+        CONFIG, EngineConfig(device="cuda", quant_policy=8, max_batch_size=max_batch_size)
+    )
+    results["kv_int8_tokens"] = engine.block_manager.num_blocks * engine.block_manager.block_size
+    results["kv_int8_capacity_ratio"] = results["kv_int8_tokens"] / results["kv_tokens"]
+    results["kv_int8_job"] = throughput(engine, num_requests=256, input_len=512, output_len=256).as_dict()
+    print(results, flush=True)
+    release(engine)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
@@ -160,7 +195,7 @@ def main() -> None:
     results["bs1_decode_tok_per_s_eager"] = eager.decode_tok_per_s_median
     ttft = latency(engine, input_len=2048, output_len=2, iterations=5)
     results["ttft_2048_ms"] = ttft.ttft_ms_median
-    for batch_size in (1, 32, 128):
+    for batch_size in (1, 16, 32, 64, 128):
         results |= profile_decode(engine, batch_size, args.profile)
     print(results, flush=True)
 
@@ -168,6 +203,10 @@ def main() -> None:
     job = throughput(engine, num_requests=num, input_len=512, output_len=out_len)
     results["job"] = job.as_dict()
     results["job_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if args.quant:
+        bf16_bytes = weight_bytes(engine)
+        release(engine)
+        quant_sweep(results, bf16_bytes, args.max_batch_size)
     print(json.dumps(results, indent=2), flush=True)
     if args.json:
         with open(args.json, "w") as f:

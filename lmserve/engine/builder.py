@@ -100,7 +100,23 @@ def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int 
                 param.fill_(1.0)
             elif param.is_floating_point():
                 param.normal_(0.0, 0.02, generator=generator)
+            else:  # packed or int8 quantized weights: any bit pattern is a valid weight
+                info = torch.iinfo(param.dtype)
+                param.random_(info.min, info.max, generator=generator)
     return model.eval()
+
+
+def random_quantization_config(model_format: str) -> dict[str, Any] | None:
+    """quantization_config for a random model of `--model-format awq|w8a8` (None otherwise)."""
+    if model_format == "awq":
+        from lmserve.quant.formats import awq_quantization_config
+
+        return awq_quantization_config(4, 128)
+    if model_format == "w8a8":
+        from lmserve.quant.formats import w8a8_quantization_config
+
+        return w8a8_quantization_config(["lm_head"])
+    return None
 
 
 def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, quant_policy: int = 0) -> float:

@@ -65,7 +65,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, resolved.max_batch_size, config.max_prefill_token_num)
         self.requests: dict[str, Request] = {}
         self.default_generation_config = _defaults_from(generation_defaults or {})
-        self.eos_token_ids = frozenset(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ())
+        self.eos_token_ids = frozenset(model_config.eos_token_ids).union(
+            tokenizer.eos_token_ids if tokenizer else ()
+        )
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
@@ -103,7 +105,9 @@ class LLMEngine:
         num_blocks = builder.num_kv_blocks(config, resolved, model_config)
         kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
         graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
-        eos_token_ids = tuple(sorted(set(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ())))
+        eos_token_ids = tuple(
+            sorted(set(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ()))
+        )
         runner = ModelRunner(
             net,
             model_config,
@@ -125,12 +129,20 @@ class LLMEngine:
 
     @classmethod
     def from_random_weights(cls, config_json: str, config: EngineConfig | None = None) -> LLMEngine:
-        """A model of the shape in an HF config.json with random weights (benchmarks; no tokenizer, no text)."""
+        """A model of the shape in an HF config.json with random weights (benchmarks; no tokenizer, no text).
+
+        `config.model_format` awq or w8a8 gives random quantized linears of the same shape
+        (AWQ group size 128), so quantized speed can be measured without a checkpoint.
+        """
         import json
 
         with open(config_json) as f:
-            model_config = ModelConfig.from_hf_config(json.load(f))
+            hf_config = json.load(f)
         config = config or EngineConfig()
+        quantization = builder.random_quantization_config(config.model_format)
+        if quantization is not None:
+            hf_config["quantization_config"] = quantization
+        model_config = ModelConfig.from_hf_config(hf_config)
         resolved = builder.resolve_config(config, model_config)
         return cls.build(
             config, model_config, builder.random_model(model_config, resolved), resolved=resolved
