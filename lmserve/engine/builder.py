@@ -76,7 +76,7 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
     from lmserve.models.loader import iter_weights
 
     backend = get_attention_backend(resolved.device, resolved.quant_policy)
-    model = build_model(model_config, backend, resolved.dtype, resolved.device)
+    model: Any = build_model(model_config, backend, resolved.dtype, resolved.device)
     weights = tqdm(
         iter_weights(source, model_config),
         desc="Loading weights",
