@@ -46,7 +46,7 @@ class Pipeline:
     ) -> Response | list[Response]:
         """Generate for one prompt (returns a Response) or a batch (returns a list, in order)."""
         single = _is_single(prompts)
-        batch = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        batch = _as_batch(prompts)
         responses: dict[str, Response] = {}
         for _ in self._run(batch, gen_config, do_preprocess, responses):
             pass
@@ -60,8 +60,7 @@ class Pipeline:
         do_preprocess: bool = True,
     ) -> Iterator[Response]:
         """Yield a Response per output delta: `text` is the new text, `index` the prompt's position."""
-        batch = [prompts] if _is_single(prompts) else list(prompts)  # type: ignore[list-item]
-        yield from self._run(batch, gen_config, do_preprocess, {})
+        yield from self._run(_as_batch(prompts), gen_config, do_preprocess, {})
 
     def encode(self, prompt: Prompt, do_preprocess: bool = True) -> list[int]:
         if isinstance(prompt, str) and not do_preprocess:
@@ -118,6 +117,10 @@ def _is_single(prompts: Any) -> bool:
     return isinstance(prompts, str) or (
         isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
     )
+
+
+def _as_batch(prompts: Any) -> list[Prompt]:
+    return [prompts] if _is_single(prompts) else list(prompts)
 
 
 def _nth_config(gen_config: GenerationConfig, sample: int) -> GenerationConfig:
