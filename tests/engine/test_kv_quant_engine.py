@@ -22,7 +22,7 @@ GREEDY = GenerationConfig(max_new_tokens=16, ignore_eos=True, do_sample=False)
 # int8's error (~0.5% per element) seldom flips a greedy choice: nearly every sequence stays identical;
 # int4's (~10%) does flip them on this random model, so only its first new tokens are compared
 MIN_IDENTICAL_SEQUENCES = {8: 7 / 8, 4: 0.0}
-MIN_FIRST_TOKEN_AGREEMENT = {8: 1.0, 4: 0.5}
+MIN_FIRST_TOKEN_AGREEMENT = {8: 1.0, 4: 0.75}
 
 
 def make_engine(hf_model: PreTrainedModel, quant_policy: int, **config: object) -> LLMEngine:
@@ -36,8 +36,8 @@ def make_engine(hf_model: PreTrainedModel, quant_policy: int, **config: object) 
 
 @pytest.fixture(scope="module")
 def hf_model() -> PreTrainedModel:
-    # a larger init than HF's 0.02, so attention is far from uniform and a wrong cache changes the tokens
-    return tiny_hf_model("llama", initializer_range=0.1)
+    # untied: a tiny tied Llama's greedy output only repeats the last prompt token, which tells little
+    return tiny_hf_model("llama", tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("quant_policy", [8, 4])

@@ -185,7 +185,7 @@ def make_engine(hf_model: PreTrainedModel, quant_policy: int, eager_mode: bool =
 @pytest.mark.parametrize("quant_policy", [8, 4])
 def test_engine_graphs_and_eager_agree_and_int8_tracks_bf16(quant_policy: int) -> None:
     shape = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    hf_model = tiny_hf_model("llama", initializer_range=0.1, **shape)
+    hf_model = tiny_hf_model("llama", tie_word_embeddings=False, **shape)
     prompts = random_prompts(6, 512, seed=5, low=5, high=90)
     graphs = make_engine(hf_model, quant_policy)
     assert isinstance(graphs.runner.kv_caches[0], QuantizedKVCache)
