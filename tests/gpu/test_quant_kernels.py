@@ -1,0 +1,132 @@
+"""W4A16 (AWQ) and W8A8 int8 Triton kernels against their torch references on CUDA, over batch sizes, Llama-3-8B
+layer shapes and small odd ones, group sizes and dtypes.
+
+Tolerances are ||out - ref|| / ||ref|| against float32/float64 references from the same quantized inputs: both
+sides hold the same exact integer products, so what is left is the one rounding of the output (~2^-9 relative
+in bf16, ~2^-12 in fp16) and float32 summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.kernels.awq_gemm import awq_dequantize, awq_dequantize_ref, awq_gemm, awq_gemm_ref
+from lmserve.kernels.int8_gemm import int8_gemm, int8_gemm_ref, per_token_quant_int8, per_token_quant_int8_ref
+from lmserve.kernels.testing import relative_error
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = [torch.bfloat16, torch.float16]
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3}
+ROWS = [1, 4, 16, 64, 256]
+# (K, N): Llama-3-8B qkv, down, half of gate_up; then small ones with N not a multiple of the 128-column tiles
+SHAPES = [(4096, 6144), (14336, 4096), (4096, 14336), (256, 72), (512, 1000)]
+
+
+def random_awq(k: int, n: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed words (every nibble uniform in 0..15), random zero points, scales in [0.002, 0.012]."""
+    words = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(-(2**31), 2**31 - 1, (k // group_size, n // 8), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // group_size, n, device="cuda") * 0.01 + 0.002).half()
+    return words, zeros, scales
+
+
+def poison_cache_allocator() -> None:
+    """Fill freed allocator blocks with NaN, so a kernel that skips writing part of its output fails."""
+    torch.full((64, 2**20), float("nan"), device="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("num_rows", ROWS)
+def test_awq_gemm(num_rows: int, k: int, n: int, group_size: int, dtype: torch.dtype) -> None:
+    qweight, qzeros, scales = random_awq(k, n, group_size)
+    x = torch.randn(num_rows, k, device="cuda").to(dtype)
+    poison_cache_allocator()
+    out = awq_gemm(x, qweight, qzeros, scales, group_size)
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+    for row in range(num_rows):  # every row on its own: a wrong row hides in the norm of 256
+        assert relative_error(out[row], ref[row]) < TOLERANCE[dtype], f"{row=}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("num_rows", [1, 3, 16])
+@pytest.mark.parametrize("blocks_per_split", [None, 1, 10**6])  # heuristic, most splits, one split
+def test_awq_gemm_both_kernels_and_splits(
+    num_rows: int, kernel: str, blocks_per_split: int | None, dtype: torch.dtype
+) -> None:
+    """Either kernel serves any row count (the GEMV/GEMM cut-over is a speed choice), with any split of K."""
+    qweight, qzeros, scales = random_awq(1024, 4096, 128)
+    x = torch.randn(num_rows, 1024, device="cuda").to(dtype)
+    out = awq_gemm(x, qweight, qzeros, scales, 128, kernel=kernel, blocks_per_split=blocks_per_split)
+    assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, 128)) < TOLERANCE[dtype]
+
+
+def test_awq_gemm_matches_a_real_rtn_quantized_weight() -> None:
+    """Through the project's own quantizer and packer (formats.awq_tensors), not random words."""
+    from lmserve.quant.formats import awq_tensors
+    from lmserve.quant.rtn import quantize_groups
+
+    weight = torch.randn(512, 1024)  # nn.Linear [out, in]
+    tensors = {
+        name: t.cuda() for name, t in awq_tensors(quantize_groups(weight, 4, 128, symmetric=False)).items()
+    }
+    x = torch.randn(8, 1024, device="cuda").to(torch.bfloat16)
+    out = awq_gemm(x, tensors["qweight"], tensors["qzeros"], tensors["scales"], 128)
+    ref = awq_gemm_ref(x, tensors["qweight"], tensors["qzeros"], tensors["scales"], 128)
+    assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+    assert relative_error(out, x.float() @ weight.t().cuda()) < 0.15  # int4 g128 is close to the float weight
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_awq_dequantize_matches_reference_exactly(group_size: int, dtype: torch.dtype) -> None:
+    qweight, qzeros, scales = random_awq(1024, 1000, group_size)
+    out = awq_dequantize(qweight, qzeros, scales, group_size, dtype)
+    assert torch.equal(out, awq_dequantize_ref(qweight, qzeros, scales, group_size, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows,k", [(1, 4096), (7, 14336), (256, 4096), (3, 100)])
+def test_per_token_quant_int8_matches_cpu_quantizer(num_rows: int, k: int, dtype: torch.dtype) -> None:
+    x = (torch.randn(num_rows, k, device="cuda") * torch.rand(num_rows, 1, device="cuda") * 10).to(dtype)
+    x[0, :3] = torch.tensor([127.0, 2.5, -2.5]) / 64  # with the row's max below: scale 1/64, ties to even
+    x[0, 3:] = x[0, 3:].clamp(-1, 1)
+    q, scale = per_token_quant_int8(x)
+    q_ref, scale_ref = per_token_quant_int8_ref(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("num_rows", ROWS)
+def test_int8_gemm(num_rows: int, k: int, n: int, out_dtype: torch.dtype) -> None:
+    x_q = torch.randint(-127, 128, (num_rows, k), dtype=torch.int8, device="cuda")
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    x_scale = torch.rand(num_rows, 1, device="cuda") * 0.02
+    w_scale = torch.rand(n, 1, device="cuda") * 1e-4
+    poison_cache_allocator()
+    out = int8_gemm(x_q, w_q, x_scale, w_scale, out_dtype)
+    ref = int8_gemm_ref(x_q, w_q, x_scale, w_scale, out_dtype)
+    assert out.shape == ref.shape and out.dtype == out_dtype
+    # both sides round the same float32/float64 value once: only ties of the last bit may differ
+    assert relative_error(out, ref) < 1e-3
+
+
+@pytest.mark.parametrize("num_rows", [1, 33])
+def test_w8a8_kernels_match_the_cpu_linear(num_rows: int) -> None:
+    """per_token_quant_int8 + int8_gemm give what W8A8Linear (the torch path) gives for the same weights."""
+    from lmserve.quant.linear import W8A8Linear
+
+    linear = W8A8Linear(4096, 1024, bias=False).cuda()
+    linear.weight.data = torch.randint(-127, 128, (1024, 4096), dtype=torch.int8, device="cuda")
+    linear.weight_scale.data = torch.rand(1024, 1, device="cuda") * 1e-3
+    x = torch.randn(num_rows, 4096, device="cuda", dtype=torch.bfloat16)
+    x_q, x_scale = per_token_quant_int8(x)
+    out = int8_gemm(x_q, linear.weight, x_scale, linear.weight_scale, torch.bfloat16)
+    assert relative_error(out, linear(x)) < 1e-3

@@ -1,0 +1,106 @@
+"""W4A16 (AWQ) and W8A8 int8 Triton kernels against their torch references, run on the CPU by Triton's interpreter.
+
+TRITON_INTERPRET must be set before Triton is imported, so the one test pytest runs here starts a child pytest
+over this same file with it set (as test_kernels_interpret.py); the per-kernel tests run in that child.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_CHILD = os.environ.get("LMSERVE_INTERPRET_CHILD") == "1"
+child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child process")
+
+
+def test_quant_kernels_match_references_under_interpreter() -> None:
+    if IN_CHILD:
+        pytest.skip("this is the child")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LMSERVE_INTERPRET_CHILD": "1"}
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+
+
+if IN_CHILD:
+    from lmserve.kernels.awq_gemm import awq_dequantize, awq_dequantize_ref, awq_gemm, awq_gemm_ref
+    from lmserve.kernels.int8_gemm import (
+        int8_gemm,
+        int8_gemm_ref,
+        per_token_quant_int8,
+        per_token_quant_int8_ref,
+    )
+    from lmserve.kernels.testing import relative_error
+    from lmserve.quant.formats import pack_awq
+
+DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
+
+
+def random_awq(k: int, n: int, group_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """qweight, qzeros, scales of a random [k, n] int4 weight with random zero points."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=generator)
+    zeros = torch.randint(0, 16, (k // group_size, n), generator=generator)
+    scales = (torch.rand(k // group_size, n, generator=generator) * 0.02 + 0.005).half()
+    return pack_awq(q), pack_awq(zeros), scales
+
+
+@child_only
+def test_awq_dequantize_matches_reference_exactly() -> None:
+    qweight, qzeros, scales = random_awq(64, 40, 16)
+    assert torch.equal(
+        awq_dequantize(qweight, qzeros, scales, 16), awq_dequantize_ref(qweight, qzeros, scales, 16)
+    )
+
+
+@child_only
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("groups_per_split", [None, 1, 4])  # None: the heuristic (several splits here)
+def test_awq_gemm(kernel: str, groups_per_split: int | None) -> None:
+    k, n, group_size = 128, 40, 32  # 5 packed columns: a partial column block
+    qweight, qzeros, scales = random_awq(k, n, group_size, seed=3)
+    x = torch.randn(3 if kernel == "gemv" else 20, k).to(DTYPE)
+    blocks = {"block_packed": 4} if kernel == "gemv" else {"block_m": 16, "block_n": 32, "block_k": 16}
+    if kernel == "gemm" and groups_per_split is not None:
+        groups_per_split *= group_size // blocks["block_k"]  # the GEMM counts BLOCK_K tiles
+    out = awq_gemm(
+        x, qweight, qzeros, scales, group_size, kernel=kernel, blocks_per_split=groups_per_split, **blocks
+    )
+    assert out.shape == (x.shape[0], n) and out.dtype == DTYPE
+    assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < 2e-3
+
+
+@child_only
+def test_awq_gemm_default_dispatch_and_leading_dims() -> None:
+    qweight, qzeros, scales = random_awq(64, 16, 64, seed=5)
+    x = torch.randn(2, 1, 64).to(DTYPE)
+    out = awq_gemm(x, qweight, qzeros, scales, 64)
+    ref = awq_gemm_ref(x.reshape(2, 64), qweight, qzeros, scales, 64).reshape(2, 1, 16)
+    assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+def test_per_token_quant_int8_matches_cpu_quantizer() -> None:
+    x = torch.randn(5, 100).to(DTYPE) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0]).to(DTYPE)[:, None]
+    x[3] = 0  # an all-zero token keeps the minimum scale
+    x[4, :5] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5]) / 64  # scale 1/64: exact ties, rounded to even
+    q, scale = per_token_quant_int8(x)
+    q_ref, scale_ref = per_token_quant_int8_ref(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@child_only
+@pytest.mark.parametrize("blocks_per_split", [None, 1, 100])
+def test_int8_gemm(blocks_per_split: int | None) -> None:
+    x_q = torch.randint(-127, 128, (20, 100), dtype=torch.int8)  # K not a multiple of BLOCK_K
+    w_q = torch.randint(-127, 128, (48, 100), dtype=torch.int8)
+    x_scale, w_scale = torch.rand(20, 1) * 0.01, torch.rand(48, 1) * 0.01
+    out = int8_gemm(x_q, w_q, x_scale, w_scale, DTYPE, blocks_per_split, block_m=16, block_n=32, block_k=32)
+    assert relative_error(out, int8_gemm_ref(x_q, w_q, x_scale, w_scale, DTYPE)) < 1e-3
