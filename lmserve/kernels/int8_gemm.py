@@ -26,7 +26,7 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BL
     mask = cols < K
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), 0)
-    scale = tl.maximum(tl.math.div_rn(absmax, tl.full([], 127.0, tl.float32)), 1e-8)
+    scale = tl.maximum(tl.math.div_rn(absmax, absmax * 0.0 + 127.0), 1e-8)
     scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
     # adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to an integer, ties to even (torch.round's rule)
     rounded = (scaled + 12582912.0) - 12582912.0
