@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.kernels._triton import HAS_TRITON
 from lmserve.quant.formats import PACK_NUM, awq_dequantize, quant_method
 from lmserve.quant.rtn import check_group_size, quantize_per_token_int8
 
@@ -37,7 +38,12 @@ class AWQLinear(nn.Module):
         return awq_dequantize(self.qweight, self.qzeros, self.scales.to(dtype), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x @ self.dequantized_weight(x.dtype)
+        if x.is_cuda and HAS_TRITON:  # dequantize in registers (lmserve/kernels/awq_gemm.py)
+            from lmserve.kernels.awq_gemm import awq_gemm
+
+            out = awq_gemm(x, self.qweight, self.qzeros, self.scales, self.group_size)
+        else:
+            out = x @ self.dequantized_weight(x.dtype)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
 
 
@@ -55,6 +61,14 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if x.is_cuda and HAS_TRITON:  # int8 tensor-core GEMM (lmserve/kernels/int8_gemm.py)
+            from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
+
+            q, x_scale = per_token_quant_int8(flat)
+            out = int8_gemm(q, self.weight, x_scale, self.weight_scale, out_dtype=x.dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         q, x_scale = quantize_per_token_int8(flat)
         accumulated = int8_matmul(q, self.weight.t())
         out = accumulated * x_scale * self.weight_scale.float().t()
