@@ -27,8 +27,9 @@ def register(subparsers: Any) -> None:
         "--quant-policy",
         type=int,
         choices=(0, 4, 8),
-        default=0,
-        help="KV cache quantization (0 only for now)",
+        default=None,
+        help="run through lmserve's engine (float32) with this KV cache: 0 plain, 8 int8, 4 int4; "
+        "without it, transformers' model runs (the reference)",
     )
     parser.set_defaults(func=run_ppl)
     evaluate.set_defaults(func=lambda _args: evaluate.print_help() or 2)

@@ -1,16 +1,27 @@
-"""Perplexity of a float or quantized model on held-out text (the `eval ppl` command's engine)."""
+"""Perplexity of a float or quantized model on held-out text (the `eval ppl` command's engine).
+
+Two ways to run the model: transformers' module (the independent reference; quantized checkpoints run
+on lmserve's quantized linears), or lmserve's own engine model over its paged KV cache, which is where
+KV cache quantization (`quant_policy` 8 / 4) lives. Each window is one prefill that writes its K/V into
+the cache and attends through it, so with a quantized cache every score reads quantized keys and values.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
+from lmserve.attention.metadata import AttentionMetadata
 from lmserve.models.loader import read_json, resolve_model
 from lmserve.models.tokenizer import load_tokenizer
 from lmserve.quant.calibrate import load_float_model
 from lmserve.quant.checkpoint import load_quantized_model
 from lmserve.quant.corpus import evaluation_tokens
-from lmserve.quant.perplexity import PerplexityResult, perplexity
+from lmserve.quant.perplexity import LogitsFn, PerplexityResult, perplexity
+
+QUANT_POLICIES = (0, 4, 8)
 
 
 def load_eval_model(model: str | None) -> tuple[nn.Module, object]:
@@ -28,17 +39,68 @@ def evaluate_perplexity(
     num_tokens: int = 20000,
     window: int = 512,
     stride: int = 512,
-    quant_policy: int = 0,
+    quant_policy: int | None = None,
 ) -> PerplexityResult:
-    if quant_policy != 0:
-        raise NotImplementedError(f"{quant_policy=}: KV cache quantization is not wired into eval yet; use 0")
+    """Perplexity with transformers' module (quant_policy None) or lmserve's engine with that KV cache."""
     if num_tokens < 2:
         raise ValueError(f"{num_tokens=} must be >= 2")
-    hf_model, tokenizer = load_eval_model(model)
+    if quant_policy is None:
+        hf_model, tokenizer = load_eval_model(model)
+        logits_fn: LogitsFn = lambda ids: _hf_logits(hf_model, ids)  # noqa: E731
+    else:
+        logits_fn, tokenizer = engine_logits_fn(model, quant_policy, window)
     tokens = evaluation_tokens(tokenizer, dataset, num_tokens)  # type: ignore[arg-type]
-    return perplexity(lambda ids: _logits(hf_model, ids), tokens, window, stride)
+    return perplexity(logits_fn, tokens, window, stride)
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, use_cache=False).logits
+
+
+def engine_logits_fn(model: str | None, quant_policy: int, window: int) -> tuple[LogitsFn, Any]:
+    """(window scorer, tokenizer) over lmserve's float32 engine model with a KV cache of `quant_policy`."""
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+
+    if quant_policy not in QUANT_POLICIES:
+        raise ValueError(f"{quant_policy=} must be one of {QUANT_POLICIES}")
+    config = EngineConfig(
+        dtype="float32", quant_policy=quant_policy, session_len=window, max_batch_size=1, eager_mode=True
+    )
+    engine = LLMEngine.from_pretrained(model, config)
+    return EnginePrefill(engine.runner), engine.tokenizer
+
+
+class EnginePrefill:
+    """Scores one window as a single-sequence prefill through the engine's model and KV cache."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, length] -> float32 logits [1, length, vocab]."""
+        runner, device = self.runner, self.runner.device
+        tokens = ids[0].to(device)
+        positions = torch.arange(len(tokens), device=device)
+        meta = prefill_metadata(len(tokens), runner.block_size, device)
+        hidden = runner.model(tokens, positions, runner.kv_caches, meta)
+        return runner.model.compute_logits(hidden).unsqueeze(0)
+
+
+def prefill_metadata(length: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """One sequence of `length` new tokens in blocks 0, 1, ... (every window reuses them: no prefix)."""
+    num_blocks = -(-length // block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(length, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor([0, length], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([length], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device).unsqueeze(0),
+        block_size=block_size,
+        max_query_len=length,
+        max_seq_len=length,
+        num_decodes=1 if length == 1 else 0,
+        query_lens_cpu=[length],
+        seq_lens_cpu=[length],
+    )

