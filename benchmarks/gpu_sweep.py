@@ -120,9 +120,13 @@ def weight_bytes(engine: LLMEngine) -> int:
 
 
 def release(engine: LLMEngine) -> None:
+    """Drop the engine's GPU memory (weights, KV cache, graphs); the caller must drop its reference too."""
     engine.runner.graph_runner = None
     engine.runner.kv_caches.clear()
-    del engine
+    engine.runner.model = None
+
+
+def collect() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -140,6 +144,8 @@ def quant_sweep(results: dict[str, Any], bf16_weight_bytes: int, max_batch_size:
             results[f"{fmt}_decode_step_ms_bs{batch_size}"] = step[f"decode_step_ms_bs{batch_size}"]
         print(results, flush=True)
         release(engine)
+        del engine
+        collect()
     engine = LLMEngine.from_random_weights(
         CONFIG, EngineConfig(device="cuda", quant_policy=8, max_batch_size=max_batch_size)
     )
@@ -206,6 +212,8 @@ def main() -> None:
     if args.quant:
         bf16_bytes = weight_bytes(engine)
         release(engine)
+        del engine
+        collect()
         quant_sweep(results, bf16_bytes, args.max_batch_size)
     print(json.dumps(results, indent=2), flush=True)
     if args.json:
