@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def smollm2_gguf() -> str:
@@ -35,9 +38,10 @@ def smollm2_gguf() -> str:
 
 
 def prompt_ids(length: int, vocab_size: int = 49152) -> list[int]:
-    from lmserve.bench.offline import random_prompts
-
-    return random_prompts(1, length, vocab_size)[0]
+    """The same ids as lmserve.bench.offline.random_prompts (inlined: the llama.cpp venv lacks lmserve)."""
+    rng = random.Random(0)
+    low = min(1000, vocab_size // 4)
+    return [rng.randrange(low, vocab_size) for _ in range(length)]
 
 
 def ours_engine(dtype: str, threads: int) -> Any:
@@ -64,6 +68,13 @@ def ours_concurrent(engine: Any, args: argparse.Namespace) -> dict[str, float]:
 
 
 def llama_cpp_single(path: str, args: argparse.Namespace) -> dict[str, float]:
+    """In this interpreter when llama_cpp imports, else in --llama-cpp-python (its own venv)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        command = [args.llama_cpp_python, __file__, "--only-llama-cpp", path, "--threads", str(args.threads)]
+        command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+        command += ["--repeats", str(args.repeats)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
     from llama_cpp import Llama
 
     llm = Llama(model_path=path, n_threads=args.threads, n_ctx=1024, verbose=False)
@@ -85,6 +96,7 @@ def llama_cpp_single(path: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def hf_single(path: str, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, float]:
+    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -125,7 +137,7 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg(),
-        "torch": torch.__version__,
+        "torch": importlib.metadata.version("torch"),
         "commit": commit.stdout.strip(),
     }
 
@@ -141,7 +153,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["ours", "fp32", "llama_cpp", "hf"])
     parser.add_argument("--json", default=None, metavar="FILE")
+    parser.add_argument("--llama-cpp-python", default="/work/peer-venv/bin/python")
+    parser.add_argument("--only-llama-cpp", default=None, metavar="GGUF", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only_llama_cpp:  # the child run inside llama.cpp's venv (no torch, no lmserve there)
+        print(json.dumps(llama_cpp_single(args.only_llama_cpp, args)))
+        return
+    import torch
+
     torch.set_num_threads(args.threads)
     path = smollm2_gguf()
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "model": os.path.basename(path)}
@@ -171,6 +190,10 @@ def main() -> None:
                 (f"HF transformers {name[3:]}, bs1 generate, decode tok/s", results[name]["decode_tok_s"])
             )
     print_report(results, rows)
+    save(results, args)
+
+
+def save(results: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
