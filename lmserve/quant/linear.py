@@ -61,20 +61,26 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.is_cuda and HAS_TRITON:  # int8 tensor-core GEMM (lmserve/kernels/int8_gemm.py)
-            from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
-
-            q, x_scale = per_token_quant_int8(flat)
-            out = int8_gemm(q, self.weight, x_scale, self.weight_scale, out_dtype=x.dtype)
+        if x.is_cuda:  # cuBLAS int8 tensor-core GEMM (int32 accumulation), scales applied once in float32
+            q, x_scale = quantize_per_token_int8(flat)
+            out = cuda_int8_matmul(q, self.weight) * x_scale * self.weight_scale.float().t()
             if self.bias is not None:
-                out = out + self.bias.to(x.dtype)
-            return out.reshape(*x.shape[:-1], self.out_features)
+                out = out + self.bias.float()
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         q, x_scale = quantize_per_token_int8(flat)
         accumulated = int8_matmul(q, self.weight.t())
         out = accumulated * x_scale * self.weight_scale.float().t()
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def cuda_int8_matmul(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a int8 [M, K] @ weight int8 [N, K]^T -> float32 [M, N] via torch._int_mm (cuBLAS needs M > 16: pad)."""
+    num_rows = a.shape[0]
+    if num_rows <= 16:
+        a = torch.nn.functional.pad(a, (0, 0, 0, 17 - num_rows))
+    return torch._int_mm(a, weight.t()).float()[:num_rows]
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
