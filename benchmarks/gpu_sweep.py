@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small job sizes (smoke test)")
     parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--quant", action="store_true", help="also W4A16, W8A8 and KV-int8 engines")
     parser.add_argument(
         "--profile", default=None, metavar="PREFIX", help="write torch.profiler tables to PREFIX_bsN.txt"
     )
