@@ -115,7 +115,7 @@ def profile_decode(
     }
 
 
-def weight_bytes(engine: LLMEngine) -> int:
+def model_bytes(engine: LLMEngine) -> int:
     return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
 
 
@@ -138,7 +138,7 @@ def quant_sweep(results: dict[str, Any], bf16_weight_bytes: int, max_batch_size:
         engine = LLMEngine.from_random_weights(CONFIG, config)
         lat = latency(engine, input_len=128, output_len=128, iterations=3)
         results[f"{fmt}_bs1_decode_tok_per_s"] = lat.decode_tok_per_s_median
-        results[f"{fmt}_weight_bytes_ratio_vs_bf16"] = weight_bytes(engine) / bf16_weight_bytes
+        results[f"{fmt}_weight_bytes_ratio_vs_bf16"] = model_bytes(engine) / bf16_weight_bytes
         for batch_size in (16, 64):
             step = profile_decode(engine, batch_size, None)
             results[f"{fmt}_decode_step_ms_bs{batch_size}"] = step[f"decode_step_ms_bs{batch_size}"]
@@ -211,7 +211,7 @@ def main() -> None:
     results["job"] = job.as_dict()
     results["job_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if args.quant:
-        bf16_bytes = weight_bytes(engine)
+        bf16_bytes = model_bytes(engine)
         release(engine)
         del engine
         collect()
