@@ -111,3 +111,34 @@ def reference_forward(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, to
             batch.q[: meta.num_decodes], cache[0], cache[1], meta.block_tables, meta.seq_lens, scale
         )
     return out, cache
+
+
+INTERPRET_CHILD_ENV = "LMSERVE_INTERPRET_CHILD"
+
+
+def in_interpreter_child() -> bool:
+    """True inside the child pytest that run_under_interpreter starts."""
+    import os
+
+    return os.environ.get(INTERPRET_CHILD_ENV) == "1"
+
+
+def run_under_interpreter(test_file: str, timeout: int = 600) -> None:
+    """Run a test file's kernel tests in a child pytest with TRITON_INTERPRET=1 (CPU).
+
+    TRITON_INTERPRET must be set before triton is imported, which in the parent pytest may already
+    have happened; the child imports everything afresh. Fails with the child's output.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if in_interpreter_child():
+        pytest.skip("this is the child")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", INTERPRET_CHILD_ENV: "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]

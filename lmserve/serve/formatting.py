@@ -107,17 +107,7 @@ def chat_chunk(
     include_usage: bool,
     usage: Usage | None = None,
 ) -> str:
-    payload: dict[str, Any] = {
-        "id": api_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
-    if include_usage:
-        payload["usage"] = usage.model_dump() if usage is not None else None
-    return sse(payload)
+    return _stream_chunk("chat.completion.chunk", api_id, created, model, choices, include_usage, usage)
 
 
 def completion_chunk(
@@ -128,9 +118,22 @@ def completion_chunk(
     include_usage: bool,
     usage: Usage | None = None,
 ) -> str:
+    return _stream_chunk("text_completion", api_id, created, model, choices, include_usage, usage)
+
+
+def _stream_chunk(
+    object_name: str,
+    api_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    include_usage: bool,
+    usage: Usage | None,
+) -> str:
+    """One SSE event; with include_usage every chunk carries `usage` (null until the last), as OpenAI does."""
     payload: dict[str, Any] = {
         "id": api_id,
-        "object": "text_completion",
+        "object": object_name,
         "created": created,
         "model": model,
         "system_fingerprint": None,

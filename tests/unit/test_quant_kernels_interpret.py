@@ -6,27 +6,17 @@ over this same file with it set (as test_kernels_interpret.py); the per-kernel t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-IN_CHILD = os.environ.get("LMSERVE_INTERPRET_CHILD") == "1"
+from lmserve.kernels.testing import in_interpreter_child, run_under_interpreter
+
+IN_CHILD = in_interpreter_child()
 child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child process")
 
 
 def test_quant_kernels_match_references_under_interpreter() -> None:
-    if IN_CHILD:
-        pytest.skip("this is the child")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LMSERVE_INTERPRET_CHILD": "1"}
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    run_under_interpreter(__file__, timeout=300)
 
 
 if IN_CHILD:
