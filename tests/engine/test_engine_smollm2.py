@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,15 +137,21 @@ def test_async_engine_streams_and_cancellation_frees_blocks(pipe: Pipeline) -> N
                     break  # leaving early aborts the request
             return text, count
 
-        text, count = asyncio.run(main())
+        text, count = run_async(main())
         assert text and count == 3
-        deadline = asyncio.run(_wait_idle(engine))
+        deadline = run_async(_wait_idle(engine))
         assert deadline
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
         assert engine.is_alive()
     finally:
         engine.shutdown()
+
+
+def run_async(coroutine: Any) -> Any:
+    """asyncio.run on a fresh thread: another test's tool (playwright's sync API) may own this thread's loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 async def _wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> bool:
