@@ -72,7 +72,7 @@ def _wait_healthy(url: str, thread: threading.Thread, timeout_s: float = 300.0) 
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s}s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(browser_available: None) -> Iterator[RunningServer]:
     """The real app over the real engine (SmolLM2, fp32, CPU), with an API key required."""
     import uvicorn
@@ -100,7 +100,7 @@ def server(browser_available: None) -> Iterator[RunningServer]:
                 break
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(browser_available: None) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
