@@ -40,7 +40,7 @@ def _tiny_model(folder: Path, architecture: str = "LlamaForCausalLM", **override
     import transformers
 
     torch.manual_seed(0)
-    kwargs = dict(
+    kwargs: dict[str, object] = dict(
         vocab_size=320,
         hidden_size=128,
         intermediate_size=256,
@@ -240,3 +240,18 @@ def test_cli_round_trip_and_eval(tiny: Path, tmp_path: Path, capsys: pytest.Capt
     assert main(["eval", "ppl", str(work), "--num-tokens", "300", "--window", "64", "--stride", "64"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "window 64, stride 64" in out
+
+
+def test_eval_ppl_through_the_engine_matches_transformers(tiny: Path, capsys: pytest.CaptureFixture) -> None:
+    """`eval ppl --quant-policy 0` (lmserve's engine, paged KV) gives transformers' perplexity; int8 KV moves it a little."""
+    from lmserve.quant.evaluate import evaluate_perplexity
+
+    hf = evaluate_perplexity(str(tiny), "kjv", 600, 128, 96)
+    plain = evaluate_perplexity(str(tiny), "kjv", 600, 128, 96, quant_policy=0)
+    assert plain.num_scored_tokens == hf.num_scored_tokens == 599
+    assert plain.perplexity == pytest.approx(hf.perplexity, rel=1e-5)
+    args = ["eval", "ppl", str(tiny), "--quant-policy", "8", "--num-tokens", "600", "--window", "128"]
+    assert main([*args, "--stride", "96"]) == 0
+    int8 = float(capsys.readouterr().out.split()[1])
+    assert int8 != pytest.approx(plain.perplexity, rel=1e-7)
+    assert int8 == pytest.approx(plain.perplexity, rel=1e-2)
