@@ -17,4 +17,4 @@ fi
 "$PY" -m ruff check lmserve tests
 "$PY" -m ruff format --check lmserve tests
 "$PY" -m mypy lmserve
-"$PY" -m pytest -q -m "not gpu" "$@"
+"$PY" -m pytest -q -m "not gpu and not slow" "$@"
