@@ -13,7 +13,7 @@ GGUF=$(.venv/bin/python -c "from lmserve.models.loader import resolve_model; pri
 wait_up() { for _ in $(seq 1 120); do curl -sf "$1" >/dev/null && return 0; sleep 1; done; echo "server at $1 did not start"; exit 1; }
 bench() {  # name url
   for c in 1 4 16; do
-    n=$(( c < 4 ? 8 : c * 4 ))
+    n=$(( c < 4 ? 4 : c * 2 ))
     "$LMSERVE" bench serving --base-url "$2" --concurrency "$c" --num-prompts "$n" \
       --input-len 128 --output-len 128 --json "$OUT/$1_c$c.json"
   done
@@ -32,4 +32,4 @@ wait_up http://localhost:8081/v1/models
 bench llamacpp http://localhost:8081
 kill $SERVER; wait $SERVER 2>/dev/null || true
 
-"$LMSERVE" bench throughput --num-prompts 64 --concurrency 16 --input-len 128 --output-len 128 --json "$OUT/offline_c16.json"
+"$LMSERVE" bench throughput --num-prompts 32 --concurrency 16 --input-len 128 --output-len 128 --json "$OUT/offline_c16.json"
