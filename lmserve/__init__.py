@@ -12,7 +12,15 @@ from lmserve.generation import GenerationConfig, Response
 from lmserve.pipeline import Pipeline  # noqa: I001
 
 __version__ = "0.1.0"
-__all__ = ["EngineConfig", "GenerationConfig", "Pipeline", "Response", "ServeConfig", "pipeline", "__version__"]
+__all__ = [
+    "EngineConfig",
+    "GenerationConfig",
+    "Pipeline",
+    "Response",
+    "ServeConfig",
+    "pipeline",
+    "__version__",
+]
 
 
 def pipeline(model: str | None = None, backend_config: EngineConfig | None = None, **kwargs: Any) -> Pipeline:

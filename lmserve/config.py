@@ -54,7 +54,9 @@ class EngineConfig:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
         _check(self.device in DEVICES, f"device={self.device!r} must be one of {DEVICES}")
         _check(self.tp >= 1, f"tp={self.tp} must be >= 1")
-        _check(self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2")
+        _check(
+            self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2"
+        )
         _check(
             self.max_batch_size is None or self.max_batch_size >= 1,
             f"max_batch_size={self.max_batch_size} must be >= 1",
@@ -67,7 +69,10 @@ class EngineConfig:
             self.cache_block_seq_len >= 1 and self.cache_block_seq_len & (self.cache_block_seq_len - 1) == 0,
             f"cache_block_seq_len={self.cache_block_seq_len} must be a power of two",
         )
-        _check(self.max_prefill_token_num >= 1, f"max_prefill_token_num={self.max_prefill_token_num} must be >= 1")
+        _check(
+            self.max_prefill_token_num >= 1,
+            f"max_prefill_token_num={self.max_prefill_token_num} must be >= 1",
+        )
         _check(
             self.quant_policy in QUANT_POLICIES,
             f"quant_policy={self.quant_policy} must be one of {QUANT_POLICIES}",

@@ -55,16 +55,28 @@ class GenerationConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field for values out of range."""
         checks = [
-            (self.max_new_tokens is None or self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1"),
+            (
+                self.max_new_tokens is None or self.max_new_tokens >= 1,
+                f"max_new_tokens={self.max_new_tokens} must be >= 1",
+            ),
             (0.0 <= self.temperature <= 2.0, f"temperature={self.temperature} must be in [0, 2]"),
             (0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]"),
             (self.top_k >= 0, f"top_k={self.top_k} must be >= 0"),
             (0.0 <= self.min_p <= 1.0, f"min_p={self.min_p} must be in [0, 1]"),
             (self.repetition_penalty > 0.0, f"repetition_penalty={self.repetition_penalty} must be > 0"),
-            (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]"),
-            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty={self.presence_penalty} must be in [-2, 2]"),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]",
+            ),
+            (
+                -2.0 <= self.presence_penalty <= 2.0,
+                f"presence_penalty={self.presence_penalty} must be in [-2, 2]",
+            ),
             (self.min_new_tokens >= 0, f"min_new_tokens={self.min_new_tokens} must be >= 0"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs={self.logprobs} must be in [0, 20]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= 20,
+                f"logprobs={self.logprobs} must be in [0, 20]",
+            ),
             (1 <= self.n <= 128, f"n={self.n} must be in [1, 128]"),
         ]
         for ok, message in checks:
