@@ -89,18 +89,10 @@ def compact_slot_mapping(meta: AttentionMetadata, max_blocks: int, num_rows: int
     return torch.cat([slots, padding]).to(meta.slot_mapping.device)
 
 
-class TorchQuantKVBackend:
-    """The reference (CPU): quantize-and-store in torch, dequantize the batch's blocks into a compact plain
-    cache, then run the unquantized TorchAttentionBackend on that copy."""
+class _QuantizedKVAllocation:
+    """What both quantized-KV backends share: the bit width and the cache layout."""
 
-    def __init__(self, bits: int) -> None:
-        from lmserve.attention.torch_backend import TorchAttentionBackend
-
-        self.bits = bits
-        self.inner = TorchAttentionBackend()
-        # every layer of a step shares one metadata: build its compact layout once per step
-        self._planned_for: torch.Tensor | None = None
-        self._plan: tuple[torch.Tensor, AttentionMetadata] | None = None
+    bits: int
 
     def allocate_kv_cache(
         self,
@@ -115,6 +107,20 @@ class TorchQuantKVBackend:
         return allocate_quantized_kv_cache(
             num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.bits, device
         )
+
+
+class TorchQuantKVBackend(_QuantizedKVAllocation):
+    """The reference (CPU): quantize-and-store in torch, dequantize the batch's blocks into a compact plain
+    cache, then run the unquantized TorchAttentionBackend on that copy."""
+
+    def __init__(self, bits: int) -> None:
+        from lmserve.attention.torch_backend import TorchAttentionBackend
+
+        self.bits = bits
+        self.inner = TorchAttentionBackend()
+        # every layer of a step shares one metadata: build its compact layout once per step
+        self._planned_for: torch.Tensor | None = None
+        self._plan: tuple[torch.Tensor, AttentionMetadata] | None = None
 
     def plan(self, meta: AttentionMetadata, num_rows: int) -> tuple[torch.Tensor, AttentionMetadata]:
         """(block ids to dequantize, metadata over the compact copy) for this step."""
@@ -151,26 +157,12 @@ class TorchQuantKVBackend:
         return torch.cat([out, out.new_zeros(q.shape[0] - num_tokens, *out.shape[1:])])
 
 
-class TritonQuantKVBackend:
+class TritonQuantKVBackend(_QuantizedKVAllocation):
     """CUDA: a Triton quantize-and-store, decode attention that dequantizes in registers (no host sync,
     CUDA-graph safe), and for prefill chunks the needed blocks dequantized, then the plain prefill kernel."""
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-
-    def allocate_kv_cache(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> list[QuantizedKVCache]:
-        return allocate_quantized_kv_cache(
-            num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.bits, device
-        )
 
     def forward(
         self,
