@@ -118,8 +118,7 @@ class AsyncEngine:
             finally:
                 self._busy_since = None
             self._stats = self.engine.stats()
-            for out in outputs:
-                self._deliver(out)
+            self._deliver_all(outputs)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -144,6 +143,22 @@ class AsyncEngine:
         if out is not None:
             self._deliver(out)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their event loops: one wake-up per loop, not one per request."""
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]
+        ] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: its callers are gone
+                for _, out in items:
+                    self._streams.pop(out.request_id, None)
+
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
         if stream is not None:
@@ -157,3 +172,8 @@ class AsyncEngine:
         if name == "engine":
             raise AttributeError(name)
         return getattr(self.engine, name)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for queue_, out in items:
+        queue_.put_nowait(out)
