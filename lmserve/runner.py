@@ -70,7 +70,7 @@ class ModelRunner:
     @staticmethod
     def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
         r = s.request
-        return SamplingRequest(r.gen_config, r.prompt_token_ids, r.output_token_ids, r.generator)
+        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         """Flatten the batch: token ids, positions, KV slots, block tables (decodes first)."""

@@ -23,9 +23,32 @@ class SamplingRequest:
     """What the sampler needs to know about one row of the batch."""
 
     gen_config: GenerationConfig
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    """Prompt then output tokens: the engine's own list, not copied per step (only penalties read it)."""
+    num_prompt_tokens: int
     generator: torch.Generator | None = None
+
+    @classmethod
+    def from_lists(
+        cls,
+        gen_config: GenerationConfig,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        generator: torch.Generator | None = None,
+    ) -> SamplingRequest:
+        return cls(gen_config, prompt_token_ids + output_token_ids, len(prompt_token_ids), generator)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -175,7 +198,7 @@ def _repetition_penalty(
     penalty = _column([c.repetition_penalty for c in configs], 1.0, device)
     if penalty is None:
         return None, None
-    seen = _token_counts([r.prompt_token_ids + r.output_token_ids for r in requests], vocab_size, device)
+    seen = _token_counts([r.token_ids for r in requests], vocab_size, device)
     return penalty, seen > 0
 
 
@@ -188,7 +211,7 @@ def _banned_tokens(
     for row, request in enumerate(requests):
         config = request.gen_config
         banned = set(eos_token_ids) if config.ignore_eos else set()
-        if len(request.output_token_ids) < config.min_new_tokens:
+        if request.num_output_tokens < config.min_new_tokens:
             banned |= set(eos_token_ids) | set(config.stop_token_ids)
         banned = {token_id for token_id in banned if 0 <= token_id < vocab_size}
         rows.extend([row] * len(banned))

@@ -35,7 +35,7 @@ def make_request(
     gen_config = GenerationConfig(**config)
     seed = gen_config.random_seed
     generator = make_generator(seed, "cpu") if seed is not None else None
-    return SamplingRequest(gen_config, prompt or [], output or [], generator)
+    return SamplingRequest.from_lists(gen_config, prompt or [], output or [], generator)
 
 
 def build(requests: list[SamplingRequest], vocab_size: int = VOCAB) -> SamplingBatch:
