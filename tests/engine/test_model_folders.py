@@ -25,7 +25,7 @@ from lmserve.config import EngineConfig
 from lmserve.generation import GenerationConfig, Response
 from tests.models.model_helpers import tiny_hf_model
 from tests.models.test_model_logits import internlm2_config, internlm2_state_dict
-from tests.models.test_tokenizer import INTERNLM2_TEMPLATE, SPECIAL, _train_sentencepiece
+from tests.models.test_tokenizer import write_internlm2_tokenizer_files
 
 NUM_TOKENS = 10
 NUM_TOP = 5
@@ -112,7 +112,6 @@ def load_and_generate(model: str) -> tuple[list[int], Response]:
 def write_internlm2_folder(folder: Path) -> PreTrainedModel:
     """Tokenizer and config as internlm2_5-7b-chat ships them; weights are a tiny HF Llama's, renamed."""
     # 300 pieces; <|im_start|> = 3, <|im_end|> = 4
-    (folder / "tokenizer.model").write_bytes(_train_sentencepiece())
     hf = tiny_hf_model(
         "llama_linear", rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, vocab_size=300
     )
@@ -132,23 +131,7 @@ def write_internlm2_folder(folder: Path) -> PreTrainedModel:
     save_file(
         {k: v.contiguous() for k, v in internlm2_state_dict(hf).items()}, str(folder / "model.safetensors")
     )
-    tokenizer_auto_map = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
-    tokenizer_config = {
-        "tokenizer_class": "InternLM2Tokenizer",
-        "auto_map": tokenizer_auto_map,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "</s>",
-        "added_tokens_decoder": {
-            "3": {"content": "<|im_start|>", **SPECIAL},
-            "4": {"content": "<|im_end|>", **SPECIAL},
-        },
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "chat_template": INTERNLM2_TEMPLATE,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))
+    write_internlm2_tokenizer_files(folder)
     for name in ("configuration_internlm2.py", "modeling_internlm2.py", "tokenization_internlm2.py"):
         (folder / name).write_text(REMOTE_CODE)
     return hf

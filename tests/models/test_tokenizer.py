@@ -135,19 +135,12 @@ def _train_sentencepiece() -> bytes:
     return model.getvalue()
 
 
-@pytest.fixture(scope="session")
-def internlm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("internlm2")
+def write_internlm2_tokenizer_files(folder: Path) -> None:
+    """tokenizer.model (trained here), tokenizer_config.json and generation_config.json as internlm2_5-7b-chat ships them."""
     (folder / "tokenizer.model").write_bytes(_train_sentencepiece())
-    auto_map = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
-    (folder / "config.json").write_text(
-        json.dumps(
-            {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "auto_map": auto_map}
-        )
-    )
     tokenizer_config = {
         "tokenizer_class": "InternLM2Tokenizer",
-        "auto_map": auto_map,
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
@@ -161,6 +154,18 @@ def internlm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))
+
+
+@pytest.fixture(scope="session")
+def internlm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("internlm2")
+    auto_map = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "auto_map": auto_map}
+        )
+    )
+    write_internlm2_tokenizer_files(folder)
     (folder / "tokenization_internlm2.py").write_text("raise RuntimeError('remote code must not run')\n")
     return folder
 
