@@ -12,6 +12,7 @@ not slower at M = 16. --sweep also times other block shapes, split counts and th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from bench_kernels import copy_bandwidth, graph_of, time_ms
 
 from lmserve.kernels import awq_gemm as awq
+from lmserve.kernels import w4a16
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
+from lmserve.quant.linear import cuda_int8_matmul
 
 LAYER = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 """Llama-3-8B GEMMs of one decoder layer as (in_features K, out_features N)."""
@@ -65,23 +68,27 @@ def weight_bytes(method: str, k: int, n: int) -> int:
     return k * n + n * 4  # int8 weight + per-channel float32 scale
 
 
-def bench_gemm(k: int, n: int, m: int, awq_options: dict | None = None) -> dict:
-    """bf16, awq and int8 timings of one [m, k] x [k, n] product; awq_options go to awq_gemm (sweeps)."""
+def bench_gemm(k: int, n: int, m: int, w4_options: dict | None = None) -> dict:
+    """bf16, W4A16 and int8 timings of one [m, k] x [k, n] product; w4_options go to w4a16_matmul (sweeps)."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     row: dict = {"k": k, "n": n, "m": m}
     io_bytes = m * k * 2 + m * n * 2
-    sets = num_sets_for(weight_bytes("bf16", k, n))
-    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
-    row["bf16_us"] = graph_us([lambda w=w: F.linear(x, w) for w in dense])
-    del dense
+    sweeping = w4_options is not None
+    if not sweeping:
+        sets = num_sets_for(weight_bytes("bf16", k, n))
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        row["bf16_us"] = graph_us([lambda w=w: F.linear(x, w) for w in dense])
+        del dense
     sets = num_sets_for(weight_bytes("awq", k, n))
     packed = [awq_weights(k, n) for _ in range(sets)]
-    options = awq_options or {}
-    row["awq_us"] = graph_us(
-        [lambda p=p: awq.awq_gemm(x, **p, group_size=GROUP_SIZE, **options) for p in packed]
-    )
-    del packed
-    if awq_options is None:
+    repacked = [w4a16.repack_awq(**p, group_size=GROUP_SIZE) for p in packed]
+    row["awq_us"] = graph_us([lambda w=w: w4a16.w4a16_matmul(x, w, **(w4_options or {})) for w in repacked])
+    if not sweeping:
+        row["awq_old_us"] = graph_us(
+            [lambda p=p: awq.awq_gemm(x, **p, group_size=GROUP_SIZE) for p in packed]
+        )
+    del packed, repacked
+    if not sweeping:
         sets = num_sets_for(weight_bytes("int8", k, n))
         int8 = [
             (
@@ -94,6 +101,7 @@ def bench_gemm(k: int, n: int, m: int, awq_options: dict | None = None) -> dict:
         row["int8_gemm_us"] = graph_us(
             [lambda w=w, s=s: int8_gemm(x_q, w, x_scale, s, torch.bfloat16) for w, s in int8]
         )
+        row["int8_cublas_us"] = graph_us([lambda w=w: cuda_int8_matmul(x_q, w) for w, _ in int8])
         row["w8a8_us"] = graph_us([lambda w=w, s=s: w8a8_linear(x, w, s) for w, s in int8])
         del int8
     for method in ("bf16", "awq", "int8_gemm"):
@@ -107,7 +115,7 @@ def layer_totals(rows: list[dict]) -> dict[int, dict[str, float]]:
     totals: dict[int, dict[str, float]] = {}
     for row in rows:
         per_m = totals.setdefault(row["m"], {})
-        for key in ("bf16_us", "awq_us", "int8_gemm_us", "w8a8_us"):
+        for key in ("bf16_us", "awq_us", "awq_old_us", "int8_gemm_us", "int8_cublas_us", "w8a8_us"):
             per_m[key] = per_m.get(key, 0.0) + row.get(key, math.nan)
     return totals
 
@@ -115,56 +123,48 @@ def layer_totals(rows: list[dict]) -> dict[int, dict[str, float]]:
 def print_rows(rows: list[dict], copy_tb_s: float) -> None:
     print(
         f"{'gemm':8s} {'M':>3s} {'bf16_us':>8s} {'TB/s':>5s} {'awq_us':>8s} {'TB/s':>5s} {'%copy':>5s} "
-        f"{'x bf16':>6s} {'int8_us':>8s} {'TB/s':>5s} {'x bf16':>6s} {'w8a8_us':>8s}  awq kernel"
+        f"{'x bf16':>6s} {'old_us':>8s} {'int8_us':>8s} {'TB/s':>5s} {'x bf16':>6s} {'cublas8':>8s} {'w8a8_us':>8s}  w4 kernel"
     )
     for r in rows:
         print(
             f"{r['name']:8s} {r['m']:3d} {r['bf16_us']:8.1f} {r['bf16_tb_s']:5.2f} {r['awq_us']:8.1f} "
             f"{r['awq_tb_s']:5.2f} {100 * r['awq_tb_s'] / copy_tb_s:5.1f} {r['bf16_us'] / r['awq_us']:6.2f} "
-            f"{r['int8_gemm_us']:8.1f} {r['int8_gemm_tb_s']:5.2f} {r['bf16_us'] / r['int8_gemm_us']:6.2f} "
-            f"{r['w8a8_us']:8.1f}  {r['awq_kernel']}"
+            f"{r['awq_old_us']:8.1f} {r['int8_gemm_us']:8.1f} {r['int8_gemm_tb_s']:5.2f} "
+            f"{r['bf16_us'] / r['int8_gemm_us']:6.2f} {r['int8_cublas_us']:8.1f} {r['w8a8_us']:8.1f}  {r['awq_kernel']}"
         )
 
 
 def awq_choice(m: int, k: int, n: int) -> str:
-    """Which AWQ kernel and split the default dispatch takes, for the table."""
-    if m <= awq.GEMV_MAX_ROWS:
-        col_blocks = math.ceil(n // 8 / 32)
-        per_split = awq.choose_split(m * col_blocks, k // GROUP_SIZE, awq._GEMV_PROGRAMS_PER_SM, "cuda")
-        return f"gemv split={math.ceil(k // GROUP_SIZE / per_split)}"
-    blocks = awq.gemm_blocks(m, GROUP_SIZE)
-    tiles = math.ceil(m / blocks["block_m"]) * math.ceil(n / blocks["block_n"])
-    num_k_blocks = k // blocks["block_k"]
-    per_split = awq.choose_split(tiles, num_k_blocks, awq._GEMM_PROGRAMS_PER_SM, "cuda")
-    return f"gemm bm={blocks['block_m']} split={math.ceil(num_k_blocks / per_split)}"
+    """Which W4A16 kernel and split the default dispatch takes, for the table."""
+    num_blocks = math.ceil(k / w4a16.BLOCK_ROWS)
+    if m <= w4a16.GEMV_MAX_ROWS:
+        opts = w4a16.gemv_options(n)
+        tiles = math.ceil(n / opts["block_n"])
+        kernel = "gemv"
+    elif m <= w4a16.DOT_MAX_ROWS:
+        opts = w4a16.dot_options(m)
+        tiles = math.ceil(m / opts["block_m"]) * math.ceil(n / opts["block_n"])
+        kernel = f"dot bm={opts['block_m']}"
+    else:
+        return "dense"
+    per_split = w4a16.choose_splits(tiles, num_blocks, opts["programs_per_sm"], torch.device("cuda"))
+    return f"{kernel} bn={opts['block_n']} split={math.ceil(num_blocks / per_split)}"
+
+
+def _grid(**axes: list) -> list[dict]:
+    keys = list(axes)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
 SWEEP = {
-    1: [
-        {"kernel": "gemv", "block_packed": 16},
-        {"kernel": "gemv", "block_packed": 64, "block_k": 8},
-        {"kernel": "gemv", "block_k": 32},
-        {"kernel": "gemv", "num_warps": 8, "block_k": 32},
-        {"kernel": "gemv", "num_warps": 2, "block_k": 8},
-        {"kernel": "gemv", "blocks_per_split": 1},
-        {"kernel": "gemv", "blocks_per_split": 4},
-        {"kernel": "gemm"},
-        {"kernel": "gemm", "block_n": 64},
-    ],
-    16: [
-        {"kernel": "gemv"},
-        {"kernel": "gemm", "block_n": 64},
-        {"kernel": "gemm", "num_stages": 4},
-        {"kernel": "gemm", "num_stages": 2},
-        {"kernel": "gemm", "block_k": 128, "num_stages": 2},
-        {"kernel": "gemm", "blocks_per_split": 4},
-    ],
-    64: [
-        {"kernel": "gemm", "block_n": 64},
-        {"kernel": "gemm", "num_stages": 4},
-        {"kernel": "gemm", "block_m": 32},
-    ],
-}
+    1: _grid(kernel=["gemv"], block_n=[64, 128, 256], num_warps=[2, 4, 8], programs_per_sm=[2, 4, 8])
+    + _grid(kernel=["dot"], block_m=[16], block_n=[64, 128], num_warps=[4], programs_per_sm=[2, 4]),
+    16: _grid(kernel=["dot"], block_m=[16], block_n=[64, 128], num_warps=[4], num_stages=[1, 2, 3],
+              programs_per_sm=[1, 2, 4])
+    + _grid(kernel=["dot"], block_m=[16], block_n=[32, 64], num_warps=[2], num_stages=[2], programs_per_sm=[2, 4]),
+    64: _grid(kernel=["dot"], block_m=[32, 64], block_n=[64, 128], num_warps=[4, 8], programs_per_sm=[2])
+    + [{"kernel": "dense"}],
+}  # fmt: skip
 
 
 def run_sweep(rows: list[dict]) -> list[dict]:
@@ -174,13 +174,15 @@ def run_sweep(rows: list[dict]) -> list[dict]:
     for m, variants in SWEEP.items():
         for options in variants:
             try:
-                total = sum(bench_gemm(k, n, m, options)["awq_us"] for k, n in LAYER.values())
+                parts = {name: bench_gemm(k, n, m, options)["awq_us"] for name, (k, n) in LAYER.items()}
+                total = sum(parts.values())
             except Exception as error:  # a variant the compiler or the device refuses: report, go on
                 print(f"sweep M={m} {options}: failed: {str(error).splitlines()[0][:160]}")
                 continue
-            results.append({"m": m, "options": options, "layer_awq_us": total})
+            results.append({"m": m, "options": options, "layer_awq_us": total, "parts_us": parts})
             print(
-                f"sweep M={m:3d} {json.dumps(options):60s} layer awq {total:8.1f} us "
+                f"sweep M={m:3d} {json.dumps(options):90s} layer {total:7.1f} us "
+                f"({' '.join(f'{v:.1f}' for v in parts.values())}) "
                 f"(default {default_us[m]['awq_us']:.1f}, bf16 {default_us[m]['bf16_us']:.1f})"
             )
     return results
@@ -205,7 +207,8 @@ def main() -> None:
         verdict = f"goal >= {goals[m]}x: {'met' if speedup >= goals[m] else 'NOT met'}" if m in goals else ""
         print(
             f"layer M={m:3d}: bf16 {total['bf16_us']:7.1f} us  awq {total['awq_us']:7.1f} us ({speedup:.2f}x)  "
-            f"int8 {total['int8_gemm_us']:7.1f} us ({total['bf16_us'] / total['int8_gemm_us']:.2f}x)  "
+            f"old awq {total['awq_old_us']:7.1f} us  int8 {total['int8_gemm_us']:7.1f} us "
+            f"({total['bf16_us'] / total['int8_gemm_us']:.2f}x, cuBLAS int8 {total['int8_cublas_us']:.1f})  "
             f"w8a8 incl. quant {total['w8a8_us']:7.1f} us  {verdict}"
         )
     sweep = run_sweep(rows) if args.sweep else []

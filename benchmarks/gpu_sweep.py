@@ -116,7 +116,14 @@ def profile_decode(
 
 
 def model_bytes(engine: LLMEngine) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    """Bytes of every parameter, and of the W4A16 layers' repacked tensors (held outside the parameters)."""
+    model = engine.runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        w4 = getattr(module, "w4", None)
+        if w4 is not None:
+            total += sum(t.numel() * t.element_size() for t in (w4.qweight, w4.scales, w4.zeros))
+    return total
 
 
 def release(engine: LLMEngine) -> None:
@@ -131,7 +138,9 @@ def collect() -> None:
     torch.cuda.empty_cache()
 
 
-def quant_sweep(results: dict[str, Any], bf16_weight_bytes: int, max_batch_size: int) -> None:
+def quant_sweep(
+    results: dict[str, Any], bf16_weight_bytes: int, max_batch_size: int, decode_only: bool = False
+) -> None:
     """W4A16 (AWQ) and W8A8 random models: batch-1 decode, batch-16 step, memory; KV int8: capacity, the job."""
     for fmt in ("awq", "w8a8"):
         config = EngineConfig(device="cuda", model_format=fmt, max_batch_size=64)
@@ -146,6 +155,8 @@ def quant_sweep(results: dict[str, Any], bf16_weight_bytes: int, max_batch_size:
         release(engine)
         del engine
         collect()
+    if decode_only:
+        return
     engine = LLMEngine.from_random_weights(
         CONFIG, EngineConfig(device="cuda", quant_policy=8, max_batch_size=max_batch_size)
     )
@@ -163,6 +174,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small job sizes (smoke test)")
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--quant", action="store_true", help="also W4A16, W8A8 and KV-int8 engines")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="batch-1 decode and decode steps only (no eager, TTFT, jobs)",
+    )
     parser.add_argument(
         "--profile", default=None, metavar="PREFIX", help="write torch.profiler tables to PREFIX_bsN.txt"
     )
@@ -196,6 +212,19 @@ def main() -> None:
     lat = latency(engine, input_len=128, output_len=out_len, iterations=3)
     results["bs1_decode_tok_per_s_graph"] = lat.decode_tok_per_s_median
     results["bs1_fraction_of_roofline"] = lat.decode_tok_per_s_median / roofline
+    if args.decode_only:
+        for batch_size in (16, 64):
+            results |= profile_decode(engine, batch_size, args.profile)
+        bf16_bytes = model_bytes(engine)
+        release(engine)
+        del engine
+        collect()
+        quant_sweep(results, bf16_bytes, args.max_batch_size, decode_only=True)
+        print(json.dumps(results, indent=2), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     graph_runner, engine.runner.graph_runner = engine.runner.graph_runner, None
     eager = latency(engine, input_len=128, output_len=64, iterations=2)
     engine.runner.graph_runner = graph_runner

@@ -13,6 +13,7 @@ from lmserve.attention.backend import get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
+from lmserve.quant.linear import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
         disable=None,
     )
     model.load_weights(weights)
+    prepare_for_inference(model)
     model.eval()
     return model
 
@@ -103,6 +105,7 @@ def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int 
             else:  # packed or int8 quantized weights: any bit pattern is a valid weight
                 info = torch.iinfo(param.dtype)
                 param.random_(info.min, info.max, generator=generator)
+    prepare_for_inference(model)
     return model.eval()
 
 

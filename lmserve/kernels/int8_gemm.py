@@ -100,7 +100,7 @@ def _int8_gemm_kernel(
         b = tl.load(
             w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0
         )
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     x_scale = tl.load(x_scale_ptr + rows * stride_xs, mask=m_mask, other=0.0).to(tl.float32)
     w_scale = tl.load(w_scale_ptr + cols * stride_ws, mask=n_mask, other=0.0).to(tl.float32)
     out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]

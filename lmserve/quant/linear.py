@@ -33,12 +33,34 @@ class AWQLinear(nn.Module):
         self.scales = _frozen(torch.zeros(num_groups, out_features, dtype=torch.float16))
         self.bias = _frozen(torch.zeros(out_features)) if bias else None
 
+        self.w4: Any = None
+        """The weight repacked for the CUDA kernels (lmserve/kernels/w4a16.py), set by prepare_for_inference."""
+
+    def prepare_for_inference(self) -> None:
+        """On CUDA: repack into the kernels' K-interleaved layout once, and free the AutoAWQ tensors."""
+        if not (self.qweight.is_cuda and HAS_TRITON):
+            return
+        from lmserve.kernels.w4a16 import repack_awq, supports_group_size
+
+        if self.w4 is None and supports_group_size(self.group_size):
+            self.w4 = repack_awq(self.qweight.data, self.qzeros.data, self.scales.data, self.group_size)
+            for name in ("qweight", "qzeros", "scales"):
+                getattr(self, name).data = torch.empty(0, dtype=getattr(self, name).dtype, device="cuda")
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """[in, out] weight in `dtype`."""
+        if self.w4 is not None:
+            from lmserve.kernels.w4a16 import dequantize_w4
+
+            return dequantize_w4(self.w4, dtype)
         return awq_dequantize(self.qweight, self.qzeros, self.scales.to(dtype), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and HAS_TRITON:  # dequantize in registers (lmserve/kernels/awq_gemm.py)
+        if self.w4 is not None:  # dequantize in registers (lmserve/kernels/w4a16.py)
+            from lmserve.kernels.w4a16 import w4a16_matmul
+
+            out = w4a16_matmul(x, self.w4)
+        elif x.is_cuda and HAS_TRITON:  # group sizes the repacked kernels don't take
             from lmserve.kernels.awq_gemm import awq_gemm
 
             out = awq_gemm(x, self.qweight, self.qzeros, self.scales, self.group_size)
@@ -61,6 +83,14 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if x.is_cuda and HAS_TRITON:  # Triton: per-token quantization, int8 GEMM with both scales fused
+            from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
+
+            q, x_scale = per_token_quant_int8(flat)
+            out = int8_gemm(q, self.weight, x_scale, self.weight_scale, x.dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         if x.is_cuda:  # cuBLAS int8 tensor-core GEMM (int32 accumulation), scales applied once in float32
             q, x_scale = quantize_per_token_int8(flat)
             out = cuda_int8_matmul(q, self.weight) * x_scale * self.weight_scale.float().t()
@@ -94,6 +124,13 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # float32 holds every int8 product sum exactly up to 2**24 / 127**2 ~ 1040 terms per chunk;
     # float64 keeps it exact for any in_features we meet.
     return (a.double() @ b.double()).float()
+
+
+def prepare_for_inference(model: nn.Module) -> None:
+    """Once the weights are in: let each quantized layer convert them for its device's kernels."""
+    for module in model.modules():
+        if isinstance(module, AWQLinear):
+            module.prepare_for_inference()
 
 
 def make_quantized_linear(

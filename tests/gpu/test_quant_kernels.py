@@ -14,14 +14,7 @@ import torch
 from lmserve.kernels.awq_gemm import awq_dequantize, awq_dequantize_ref, awq_gemm, awq_gemm_ref
 from lmserve.kernels.int8_gemm import int8_gemm, int8_gemm_ref, per_token_quant_int8, per_token_quant_int8_ref
 from lmserve.kernels.testing import relative_error
-
-# Triton 3.6 (the GPU image) rejects this kernel's int8 tl.dot at compile time; 3.9's interpreter runs it.
-# The engine's W8A8 path uses cuBLAS (torch._int_mm) instead; see lmserve/quant/linear.py.
-INT8_TRITON_XFAIL = pytest.mark.xfail(
-    tuple(int(p) for p in __import__("triton").__version__.split(".")[:2]) < (3, 9),
-    reason="int8 tl.dot does not compile on triton < 3.9",
-    strict=False,
-)
+from lmserve.kernels.w4a16 import dequantize_w4, dequantize_w4_ref, repack_awq, w4a16_matmul
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -113,7 +106,6 @@ def test_per_token_quant_int8_matches_cpu_quantizer(num_rows: int, k: int, dtype
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
 
 
-@INT8_TRITON_XFAIL
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("num_rows", ROWS)
@@ -130,7 +122,6 @@ def test_int8_gemm(num_rows: int, k: int, n: int, out_dtype: torch.dtype) -> Non
     assert relative_error(out, ref) < 1e-3
 
 
-@INT8_TRITON_XFAIL
 @pytest.mark.parametrize("num_rows", [1, 33])
 def test_w8a8_kernels_match_the_cpu_linear(num_rows: int) -> None:
     """per_token_quant_int8 + int8_gemm give what W8A8Linear (the torch path) gives for the same weights."""
@@ -143,3 +134,52 @@ def test_w8a8_kernels_match_the_cpu_linear(num_rows: int) -> None:
     x_q, x_scale = per_token_quant_int8(x)
     out = int8_gemm(x_q, linear.weight, x_scale, linear.weight_scale, torch.bfloat16)
     assert relative_error(out, linear(x)) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [*SHAPES, (576, 1536), (1536, 576)])
+@pytest.mark.parametrize("num_rows", [1, 2, 16, 33, 64, 128, 300])
+@pytest.mark.parametrize("group_size", [128, 64])
+def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, dtype: torch.dtype) -> None:
+    """The repacked kernels (gemv, dot, dense by row count) against the AutoAWQ-layout float32 reference."""
+    if k % group_size:
+        pytest.skip("group must divide K")
+    qweight, qzeros, scales = random_awq(k, n, group_size)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x = torch.randn(num_rows, k, device="cuda").to(dtype)
+    poison_cache_allocator()
+    out = w4a16_matmul(x, weight)
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("kernel,options", [("gemv", {"blocks_per_split": 1}), ("gemv", {"blocks_per_split": 3}),
+                                            ("dot", {"blocks_per_split": 1}), ("dot", {"blocks_per_split": 2})])  # fmt: skip
+def test_w4a16_split_counters_survive_graph_replays(kernel: str, options: dict) -> None:
+    """Split-K tiles finish through per-tile counters that must be back at zero after every launch."""
+    k, n, group_size = 4096, 6144, 128
+    qweight, qzeros, scales = random_awq(k, n, group_size)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x = torch.randn(1 if kernel == "gemv" else 16, k, device="cuda", dtype=torch.bfloat16)
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+    w4a16_matmul(x, weight, kernel=kernel, **options)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_matmul(x, weight, kernel=kernel, **options)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_w4_dequantize_matches_reference_exactly(group_size: int) -> None:
+    qweight, qzeros, scales = random_awq(1024, 1000 // 8 * 8, group_size)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    assert torch.equal(
+        dequantize_w4_ref(weight), awq_dequantize_ref(qweight, qzeros, scales, group_size, torch.float32)
+    )
+    assert torch.equal(
+        dequantize_w4(weight, torch.float16), awq_dequantize_ref(qweight, qzeros, scales, group_size)
+    )

@@ -28,6 +28,7 @@ if IN_CHILD:
         per_token_quant_int8_ref,
     )
     from lmserve.kernels.testing import relative_error
+    from lmserve.kernels.w4a16 import dequantize_w4, dequantize_w4_ref, repack_awq, w4a16_matmul
     from lmserve.quant.formats import pack_awq
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
@@ -74,6 +75,41 @@ def test_awq_gemm_default_dispatch_and_leading_dims() -> None:
     out = awq_gemm(x, qweight, qzeros, scales, 64)
     ref = awq_gemm_ref(x.reshape(2, 64), qweight, qzeros, scales, 64).reshape(2, 1, 16)
     assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+@pytest.mark.parametrize("k,n,group_size", [(256, 40, 32), (576, 48, 64), (512, 16, 256)])
+def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int) -> None:
+    qweight, qzeros, scales = random_awq(k, n, group_size, seed=k)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    assert weight.qweight.shape == (-(-k // 128) * 128 // 8, n)  # K padded to whole 128-row blocks
+    assert torch.equal(
+        dequantize_w4_ref(weight), awq_dequantize_ref(qweight, qzeros, scales, group_size, torch.float32)
+    )
+    assert torch.equal(
+        dequantize_w4(weight, DTYPE), awq_dequantize_ref(qweight, qzeros, scales, group_size, DTYPE)
+    )
+
+
+@child_only
+@pytest.mark.parametrize(
+    "num_rows,kernel,options",
+    [
+        (1, "gemv", {"block_n": 16}),  # the heuristic's split: several programs finish through the counters
+        (1, "gemv", {"block_n": 32, "blocks_per_split": 1}),
+        (5, "dot", {"block_m": 16, "block_n": 16}),
+        (20, "dot", {"block_m": 16, "block_n": 32, "blocks_per_split": 1}),
+        (3, "dense", {}),
+    ],
+)
+@pytest.mark.parametrize("k,n,group_size", [(256, 40, 32), (576, 48, 64)])  # 576: K padded, a partial block
+def test_w4a16_matmul(num_rows: int, kernel: str, options: dict, k: int, n: int, group_size: int) -> None:
+    qweight, qzeros, scales = random_awq(k, n, group_size, seed=k + num_rows)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x = torch.randn(num_rows, k).to(DTYPE)
+    out = w4a16_matmul(x, weight, kernel=kernel, **options)
+    assert out.shape == (num_rows, n) and out.dtype == DTYPE
+    assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < 2e-3
 
 
 @child_only

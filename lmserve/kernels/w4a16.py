@@ -1,0 +1,379 @@
+"""W4A16 matmul over a K-interleaved 4-bit layout made once at load time from AutoAWQ tensors.
+
+Layout (`repack_awq`): K is padded to a multiple of 128 and cut into blocks of 128 rows. Block b holds 16
+packed rows; word (16 * b + i, n) of `qweight` int32 [K / 8, N] keeps in nibble j the 4-bit weight of row
+k = 128 * b + 16 * j + i, column n. So one contiguous [16, BLOCK_N] load gives a 128-row block, and nibble
+plane j pairs with the contiguous activations x[128 * b + 16 * j : +16]: no shuffles, no gathers. `scales`
+and `zeros` are [K / group, N] in 16-bit floats (zeros are the integers 0..15), w[k, n] = (q - z) * s.
+
+Two kernels, one launch each:
+- `_w4_gemv_kernel` (one row, CUDA cores): a nibble becomes a float with one AND/OR into 2**23's mantissa and
+  one subtract of (2**23 + z) kept in place (the nibble's place value 16**j is undone by pre-scaling x), so a
+  weight costs one integer and two float instructions; the group scale is applied once per group.
+- `_w4_dot_kernel` (2..128 rows, tensor cores): a nibble becomes the 16-bit float BIAS + q by OR-ing it into
+  BIAS's mantissa (exact); each 16-row plane is one tl.dot, and BIAS + z times the row sums of x is taken off
+  once per group.
+Split-K programs write float32 partials; the last program of a tile (an atomic counter per tile, reset by
+that program, so the counters stay zero between calls and under CUDA graphs) sums them in split order and
+writes the output: no second launch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.kernels._triton import jit, num_sms, tl
+
+BLOCK_ROWS = 128
+"""K rows per packed block (16 packed rows x 8 nibbles)."""
+PACKED_ROWS = BLOCK_ROWS // 8
+GEMV_MAX_ROWS = 1
+DOT_MAX_ROWS = 128
+"""Rows up to which the tensor-core kernel runs; more rows dequantize once and call cuBLAS (prefill)."""
+_MAGIC_16 = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
+"""16-bit float whose mantissa's low bits take a nibble exactly: (bit pattern, its value)."""
+_MAX_TILES = 1 << 16
+
+
+@dataclass(frozen=True)
+class W4Weight:
+    """A linear layer's 4-bit weight in the K-interleaved layout (see module docstring)."""
+
+    qweight: torch.Tensor  # int32 [K_pad / 8, N]
+    scales: torch.Tensor  # [K_pad / group, N], float16 or bfloat16
+    zeros: torch.Tensor  # [K_pad / group, N], same dtype as scales
+    in_features: int
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+
+def supports_group_size(group_size: int) -> bool:
+    """Group sizes the kernels take: a multiple of 16 that divides 128, or a multiple of 128."""
+    return group_size % 16 == 0 and (BLOCK_ROWS % group_size == 0 or group_size % BLOCK_ROWS == 0)
+
+
+def padded_in_features(in_features: int, group_size: int) -> int:
+    step = max(BLOCK_ROWS, group_size)
+    return math.ceil(in_features / step) * step
+
+
+def repack_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> W4Weight:
+    """AutoAWQ GEMM tensors (qweight [K, N / 8], qzeros [K / g, N / 8], scales [K / g, N]) -> W4Weight."""
+    from lmserve.quant.formats import unpack_awq
+
+    if not supports_group_size(group_size):
+        raise ValueError(
+            f"the W4A16 kernels need a group size that divides 128 or is a multiple of it, got {group_size}"
+        )
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    k_pad = padded_in_features(k, group_size)
+    q = unpack_awq(qweight).to(torch.int64)  # [K, N], 0..15
+    q = torch.nn.functional.pad(q, (0, 0, 0, k_pad - k))
+    planes = q.view(k_pad // BLOCK_ROWS, 8, PACKED_ROWS, n)  # [block, j, i, n]
+    shifts = (4 * torch.arange(8, device=q.device, dtype=torch.int64)).view(1, 8, 1, 1)
+    words = (planes << shifts).sum(dim=1)  # [block, i, n] < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(k_pad // 8, n)
+    groups_pad = k_pad // group_size - k // group_size
+    zeros = torch.nn.functional.pad(unpack_awq(qzeros).to(scales.dtype), (0, 0, 0, groups_pad))
+    padded_scales = torch.nn.functional.pad(scales, (0, 0, 0, groups_pad))
+    return W4Weight(words.contiguous(), padded_scales.contiguous(), zeros.contiguous(), k, group_size)
+
+
+def dequantize_w4_ref(weight: W4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense [K, N] weight (x @ w) from the K-interleaved layout, in float32 math, one rounding to dtype."""
+    k_pad, n = weight.qweight.shape[0] * 8, weight.out_features
+    words = weight.qweight.to(torch.int64).view(k_pad // BLOCK_ROWS, 1, PACKED_ROWS, n)
+    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64)).view(1, 8, 1, 1)
+    q = ((words >> shifts) & 0xF).view(k_pad, n).float()
+    g = weight.group_size
+    w = (q - weight.zeros.float().repeat_interleave(g, 0)) * weight.scales.float().repeat_interleave(g, 0)
+    return w[: weight.in_features].to(dtype)
+
+
+def w4a16_matmul_ref(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
+    return (x.float() @ dequantize_w4_ref(weight)).to(x.dtype)
+
+
+# -- kernels ------------------------------------------------------------------------------------------
+
+
+@jit
+def _finish_split(
+    total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits, stride_pm, stride_om,
+    N, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Write this split's float32 partial; the tile's last program sums all splits in order and stores them."""
+    split_stride = M * stride_pm
+    tl.store(
+        part_ptr + split * split_stride + rows[:, None] * stride_pm + cols[None, :], total, mask=out_mask
+    )
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    if arrived == num_splits - 1:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for s in range(num_splits):
+            acc += tl.load(
+                part_ptr + s * split_stride + rows[:, None] * stride_pm + cols[None, :],
+                mask=out_mask,
+                other=0.0,
+                cache_modifier=".cg",
+            )
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+        tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@jit
+def _w4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
+    N, K, num_blocks, blocks_per_split, num_splits, stride_w, stride_s, stride_pm, stride_om,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program = BLOCK_N columns x one split of the 128-row blocks, for a single row x."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    lanes = tl.arange(0, 16)
+    APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
+    PLANES: tl.constexpr = APPLY // 16
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    kb_start = split * blocks_per_split
+    kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
+    w_tile = w_ptr + lanes[:, None] * stride_w + cols[None, :]
+    for kb in range(kb_start, kb_end):
+        words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
+        high = words >> 16
+        for sub in tl.static_range(128 // APPLY):
+            group = (kb * 128 + sub * APPLY) // GROUP
+            scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+            part = tl.zeros([16, BLOCK_N], tl.float32)
+            for plane in tl.static_range(PLANES):
+                j = sub * PLANES + plane
+                place = 1 << (4 * (j % 4))
+                ks = kb * 128 + j * 16 + lanes
+                xj = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * (1.0 / place)
+                if j < 4:
+                    src = words
+                else:
+                    src = high
+                nibble = ((src & (0xF << (4 * (j % 4)))) | 0x4B000000).to(tl.float32, bitcast=True)
+                part += (nibble - (zero * place + 8388608.0)[None, :]) * xj[:, None]
+            acc += part * scale[None, :]
+    total = tl.sum(acc, 0)[None, :]
+    zero_row = tl.arange(0, 1)
+    out_mask = col_mask[None, :]
+    if num_splits == 1:
+        tl.store(out_ptr + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        _finish_split(
+            total, part_ptr, lock_ptr, out_ptr, zero_row, cols, out_mask, pid_n, split, num_splits,
+            stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+
+
+@jit
+def _w4_dot_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
+    MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program = a [BLOCK_M, BLOCK_N] output tile x one split of the 128-row blocks, on tensor cores."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    lanes = tl.arange(0, 16)
+    dtype = x_ptr.dtype.element_ty
+    APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
+    PLANES: tl.constexpr = APPLY // 16
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    kb_start = split * blocks_per_split
+    kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
+    w_tile = w_ptr + lanes[:, None] * stride_w + cols[None, :]
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    for kb in range(kb_start, kb_end):
+        words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
+        for sub in tl.static_range(128 // APPLY):
+            group = (kb * 128 + sub * APPLY) // GROUP
+            scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+            part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            row_sum = tl.zeros([BLOCK_M], tl.float32)
+            for plane in tl.static_range(PLANES):
+                j = sub * PLANES + plane
+                ks = kb * 128 + j * 16 + lanes
+                a = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+                q = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+                part = tl.dot(a, q, part)
+                row_sum += tl.sum(a.to(tl.float32), 1)
+            acc += (part - row_sum[:, None] * (zero + BIAS)[None, :]) * scale[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if num_splits == 1:
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        _finish_split(
+            acc, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits,
+            stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+
+
+# -- launchers ----------------------------------------------------------------------------------------
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_locks(device: torch.device) -> torch.Tensor:
+    """Per-tile arrival counters, zero between launches (each tile's last program resets its own)."""
+    if device not in _LOCKS:
+        _LOCKS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return _LOCKS[device]
+
+
+def choose_splits(num_tiles: int, num_blocks: int, programs_per_sm: int, device: torch.device) -> int:
+    """Blocks per split: enough splits for about programs_per_sm programs per SM, none of them empty."""
+    wanted = max(1, math.ceil(programs_per_sm * num_sms(device) / max(1, num_tiles)))
+    return math.ceil(num_blocks / min(wanted, num_blocks))
+
+
+def gemv_options(n: int) -> dict[str, int]:
+    return {"block_n": 128, "num_warps": 4, "programs_per_sm": 4}
+
+
+def dot_options(num_rows: int) -> dict[str, int]:
+    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
+    return {
+        "block_m": block_m,
+        "block_n": 64,
+        "num_warps": 4 if block_m <= 64 else 8,
+        "programs_per_sm": 2,
+        "num_stages": 2,
+    }
+
+
+def w4a16_matmul(
+    x: torch.Tensor, weight: W4Weight, kernel: str | None = None, **options: int
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ w, in x's dtype (float16 or bfloat16).
+
+    kernel: "gemv" (one row), "dot" (up to DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by
+    row count. options override block_n, block_m, num_warps, num_stages, programs_per_sm, blocks_per_split.
+    """
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the W4 weight takes {weight.in_features}")
+    if x.dtype not in _MAGIC_16:
+        raise ValueError(f"w4a16_matmul needs float16 or bfloat16 activations, got {x.dtype}")
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1 or (flat.shape[0] > 1 and flat.stride(0) != flat.shape[1]):
+        flat = flat.contiguous()
+    num_rows = flat.shape[0]
+    kernel = kernel or (
+        "gemv" if num_rows <= GEMV_MAX_ROWS else "dot" if num_rows <= DOT_MAX_ROWS else "dense"
+    )
+    if kernel == "dense":
+        out = flat @ dequantize_w4(weight, x.dtype)
+    else:
+        out = torch.empty(num_rows, weight.out_features, dtype=x.dtype, device=x.device)
+        if num_rows:
+            (_launch_gemv if kernel == "gemv" else _launch_dot)(flat, weight, out, **options)
+    return out.reshape(*x.shape[:-1], weight.out_features)
+
+
+def _partials(num_splits: int, num_rows: int, n: int, device: torch.device) -> torch.Tensor:
+    """Float32 split partials [splits * rows, N] (a one-row placeholder when nothing is split)."""
+    rows = num_splits * num_rows if num_splits > 1 else 1
+    return torch.empty(rows, n, dtype=torch.float32, device=device)
+
+
+def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
+    opts = gemv_options(out.shape[1]) | options
+    n, num_blocks = out.shape[1], weight.qweight.shape[0] // PACKED_ROWS
+    for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps "gemv" usable in tests
+        tiles = math.ceil(n / opts["block_n"])
+        per_split = opts.get("blocks_per_split") or choose_splits(
+            tiles, num_blocks, opts["programs_per_sm"], x.device
+        )
+        num_splits = math.ceil(num_blocks / per_split)
+        partial = _partials(num_splits, 1, n, x.device)
+        _w4_gemv_kernel[(tiles, num_splits)](
+            x[row], weight.qweight, weight.scales, weight.zeros, out[row], partial, tile_locks(x.device),
+            n, weight.in_features, num_blocks, per_split, num_splits, weight.qweight.stride(0),
+            weight.scales.stride(0), partial.stride(0), out.stride(0),
+            GROUP=weight.group_size, BLOCK_N=opts["block_n"], num_warps=opts["num_warps"],
+        )  # fmt: skip
+
+
+def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
+    num_rows, n = out.shape
+    opts = dot_options(num_rows) | options
+    num_blocks = weight.qweight.shape[0] // PACKED_ROWS
+    tiles = (math.ceil(num_rows / opts["block_m"]), math.ceil(n / opts["block_n"]))
+    per_split = opts.get("blocks_per_split") or choose_splits(
+        tiles[0] * tiles[1], num_blocks, opts["programs_per_sm"], x.device
+    )
+    num_splits = math.ceil(num_blocks / per_split)
+    partial = _partials(num_splits, num_rows, n, x.device)
+    magic, bias = _MAGIC_16[x.dtype]
+    _w4_dot_kernel[(*tiles, num_splits)](
+        x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
+        num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
+        weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
+        MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
+        num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+    )  # fmt: skip
+
+
+@jit
+def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_w, stride_s, stride_o,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One 128-row block x BLOCK_N columns of the dense weight: (q - z) * s, one rounding."""
+    kb = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    lanes = tl.arange(0, 16)
+    words = tl.load(
+        w_ptr + (kb * 16 + lanes)[:, None] * stride_w + cols[None, :], mask=col_mask[None, :], other=0
+    )
+    for j in tl.static_range(8):
+        ks = kb * 128 + j * 16 + lanes
+        group = (kb * 128 + j * 16) // GROUP
+        scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+        q = ((words >> (4 * j)) & 0xF).to(tl.float32)
+        w = (q - zero[None, :]) * scale[None, :]
+        mask = (ks < K)[:, None] & col_mask[None, :]
+        tl.store(out_ptr + ks[:, None] * stride_o + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_w4(weight: W4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [K, N] weight in dtype (for prefill-sized batches, then one cuBLAS GEMM)."""
+    k, n = weight.in_features, weight.out_features
+    out = torch.empty(k, n, dtype=dtype, device=weight.qweight.device)
+    num_blocks = weight.qweight.shape[0] // PACKED_ROWS
+    block_n = 128
+    _w4_dequantize_kernel[(num_blocks, math.ceil(n / block_n))](
+        weight.qweight, weight.scales, weight.zeros, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return out
