@@ -160,20 +160,37 @@ def store_quantized_kv(
 
 
 @jit
-def _load_dequantized(codes_ptr, params_ptr, rows, param_rows, dims, kv_mask, token_mask,
-                      HALF: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
-    """Both halves [BLOCK_N, HALF_PAD] of one head's keys or values, dequantized to DTYPE in registers."""
+def _load_codes(codes_ptr, params_ptr, rows, param_rows, dims, kv_mask, token_mask,
+                HALF: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """(codes of both halves [BLOCK_N, HALF_PAD] as DTYPE, scale [BLOCK_N], zero [BLOCK_N]) of one head.
+
+    Codes stay codes (0..255 are exact in bf16/fp16): callers fold scale and zero into the scores and the
+    output, x = code * scale + zero, instead of dequantizing every element of the tile.
+    """
     if BITS == 4:
         packed = tl.load(codes_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0)
         code_low, code_high = packed & 15, packed >> 4
     else:
         code_low = tl.load(codes_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0)
         code_high = tl.load(codes_ptr + rows[:, None] + HALF + dims[None, :], mask=kv_mask, other=0)
-    scale = tl.load(params_ptr + param_rows, mask=token_mask, other=0.0).to(tl.float32)[:, None]
-    zero = tl.load(params_ptr + param_rows + 1, mask=token_mask, other=0.0).to(tl.float32)[:, None]
-    low = (code_low.to(tl.float32) * scale + zero).to(DTYPE)
-    high = (code_high.to(tl.float32) * scale + zero).to(DTYPE)
-    return low, high
+    scale = tl.load(params_ptr + param_rows, mask=token_mask, other=0.0).to(tl.float32)
+    zero = tl.load(params_ptr + param_rows + 1, mask=token_mask, other=0.0).to(tl.float32)
+    return code_low.to(DTYPE), code_high.to(DTYPE), scale, zero
+
+
+@jit
+def _quantized_scores(q_low, q_high, q_sum, k_low, k_high, k_scale, k_zero):
+    """q · k for k = code * scale + zero: scale * (q · code) + zero * sum(q), in float32 [M, BLOCK_N]."""
+    q_codes = tl.dot(q_low, tl.trans(k_low)) + tl.dot(q_high, tl.trans(k_high))
+    return q_codes * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+
+
+@jit
+def _quantized_values(p, v_low, v_high, v_scale, v_zero, DTYPE: tl.constexpr):
+    """(p @ v for both halves, float32 [M, HALF_PAD]) for v = code * scale + zero, p [M, BLOCK_N] float32."""
+    weights = (p * v_scale[None, :]).to(DTYPE)
+    offset = tl.sum(p * v_zero[None, :], 1)[:, None]
+    return tl.dot(weights, v_low) + offset, tl.dot(weights, v_high) + offset
 
 
 @jit
@@ -202,6 +219,7 @@ def _quant_decode_split_kernel(
     q_row = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :]
     q_low = tl.load(q_row, mask=q_mask, other=0.0)
     q_high = tl.load(q_row + HALF, mask=q_mask, other=0.0)
+    q_sum = tl.sum(q_low.to(tl.float32), 1) + tl.sum(q_high.to(tl.float32), 1)
     dtype = q_ptr.dtype.element_ty
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -217,22 +235,22 @@ def _quant_decode_split_kernel(
         rows = block_ids * stride_codes_block + offsets * stride_codes_token + kv_head * stride_codes_head
         param_rows = block_ids * stride_params_block + offsets * stride_params_token + kv_head * 2
         kv_mask = token_mask[:, None] & (dims[None, :] < HALF)
-        k_low, k_high = _load_dequantized(
+        k_low, k_high, k_scale, k_zero = _load_codes(
             codes_ptr, params_ptr, rows, param_rows, dims, kv_mask, token_mask, HALF, BITS, dtype
         )
-        v_low, v_high = _load_dequantized(
+        v_low, v_high, v_scale, v_zero = _load_codes(
             codes_ptr + stride_codes_kv, params_ptr + stride_params_kv, rows, param_rows, dims, kv_mask,
             token_mask, HALF, BITS, dtype,
         )  # fmt: skip
-        scores = (tl.dot(q_low, tl.trans(k_low)) + tl.dot(q_high, tl.trans(k_high))) * scale_log2
+        scores = _quantized_scores(q_low, q_high, q_sum, k_low, k_high, k_scale, k_zero) * scale_log2
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(dtype)
-        acc_low = acc_low * alpha[:, None] + tl.dot(p, v_low)
-        acc_high = acc_high * alpha[:, None] + tl.dot(p, v_high)
+        pv_low, pv_high = _quantized_values(p, v_low, v_high, v_scale, v_zero, dtype)
+        acc_low = acc_low * alpha[:, None] + pv_low
+        acc_high = acc_high * alpha[:, None] + pv_high
         m_i = m_new
 
     empty = l_i == 0.0

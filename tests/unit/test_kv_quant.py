@@ -13,6 +13,7 @@ from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.config import EngineConfig
 from lmserve.engine import builder
 from lmserve.kernels.decode_attention import paged_decode_attention_ref
+from lmserve.kernels.hadamard import hadamard_matrix, rotate
 from lmserve.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
 from lmserve.kernels.testing import PagedBatch, make_paged_batch, relative_error
@@ -56,8 +57,12 @@ def test_constant_head_round_trips_exactly(bits: int) -> None:
     assert torch.equal(dequantize_kv_ref(*quantize_kv_ref(x, bits), bits, torch.float32), x)
 
 
-def quantized(batch: PagedBatch, bits: int) -> QuantizedKVCache:
-    return QuantizedKVCache(*quantize_kv_ref(batch.layer_cache, bits), bits)
+def quantized(
+    batch: PagedBatch, bits: int, rotations: tuple[bool, bool] = (False, False)
+) -> QuantizedKVCache:
+    """The batch's earlier context quantized, in the rotated space for the parts a backend rotates."""
+    parts = [rotate(x) if rotated else x for x, rotated in zip(batch.layer_cache, rotations, strict=True)]
+    return QuantizedKVCache(*quantize_kv_ref(torch.stack(parts), bits), bits)
 
 
 def attention_over(cache: torch.Tensor, batch: PagedBatch, scale: float) -> torch.Tensor:
@@ -82,23 +87,91 @@ BATCHES = {  # (query_lens, seq_lens): decodes first, then prefill chunks (a chu
 }
 
 
+def hadamard_by_definition(dim: int) -> torch.Tensor:
+    """H[i, j] = (-1)^popcount(i & j) / sqrt(dim): the Sylvester matrix written out entry by entry."""
+    index = torch.arange(dim)
+    bits = index[:, None] & index[None, :]
+    parity = torch.zeros_like(bits)
+    for shift in range(dim.bit_length()):
+        parity ^= (bits >> shift) & 1
+    return (1 - 2 * parity).double() / dim**0.5
+
+
+@pytest.mark.parametrize("dim", [1, 2, 64, 128])
+def test_hadamard_is_sylvester_symmetric_and_orthonormal(dim: int) -> None:
+    matrix = hadamard_matrix(dim, torch.float64, CPU)
+    assert torch.equal(matrix, hadamard_by_definition(dim)) and torch.equal(matrix, matrix.T)
+    assert torch.allclose(matrix @ matrix, torch.eye(dim, dtype=torch.float64), atol=1e-12)
+
+
+def test_hadamard_of_other_dims_is_block_diagonal_and_orthonormal() -> None:
+    matrix = hadamard_matrix(80, torch.float64, CPU)  # 80 = 64 + 16
+    assert torch.equal(matrix[:64, :64], hadamard_by_definition(64))
+    assert torch.equal(matrix[64:, 64:], hadamard_by_definition(16)) and not matrix[:64, 64:].any()
+    assert torch.allclose(matrix @ matrix.T, torch.eye(80, dtype=torch.float64), atol=1e-12)
+    q, k = torch.randn(5, 80, dtype=torch.float64), torch.randn(7, 80, dtype=torch.float64)
+    assert torch.allclose(rotate(q) @ rotate(k).T, q @ k.T) and torch.allclose(rotate(rotate(q)), q)
+
+
+def outlier_keys(num_tokens: int, num_heads: int, head_dim: int, seed: int = 0) -> torch.Tensor:
+    """Keys with a few large fixed channels, as after rotary in SmolLM2 (the case per-token int4 misses)."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_tokens, num_heads, head_dim, generator=generator)
+    keys[..., [3, 17, 40]] *= 20
+    return keys
+
+
+def test_rotation_shrinks_the_int4_key_error_on_outlier_channels() -> None:
+    keys, queries = outlier_keys(256, 2, 64), torch.randn(16, 2, 64)
+
+    def score_error(rotated: bool) -> float:
+        stored = rotate(keys) if rotated else keys
+        restored = dequantize_kv_ref(*quantize_kv_ref(stored, 4), 4, torch.float32)
+        restored = rotate(restored) if rotated else restored
+        return relative_error(torch.einsum("qhd,khd->hqk", queries, restored), queries_times(keys, queries))
+
+    def queries_times(k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("qhd,khd->hqk", q, k)
+
+    assert score_error(rotated=True) < 0.5 * score_error(rotated=False)
+
+
+def expected_cache(batch: PagedBatch, backend: TorchQuantKVBackend) -> QuantizedKVCache:
+    """The cache before the step, with the new (rotated where the backend rotates) K/V quantized into it."""
+    bits, rows = backend.bits, batch.meta.num_tokens
+    rotations = (backend.rotate_keys, backend.rotate_values)
+    expected = quantized(batch, bits, rotations)
+    valid = batch.meta.slot_mapping[:rows]
+    for index, (x, rotated) in enumerate(zip((batch.k, batch.v), rotations, strict=True)):
+        codes, params = quantize_kv_ref((rotate(x) if rotated else x)[:rows], bits)
+        expected.codes[index].view(-1, *codes.shape[1:])[valid] = codes
+        expected.params[index].view(-1, *params.shape[1:])[valid] = params
+    return expected
+
+
+def test_int4_rotates_keys_and_values_int8_does_not() -> None:
+    assert TorchQuantKVBackend(4).rotate_keys and TorchQuantKVBackend(4).rotate_values
+    assert not TorchQuantKVBackend(8).rotate_keys and not TorchQuantKVBackend(8).rotate_values
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("name", list(BATCHES))
 def test_torch_backend_is_plain_attention_over_the_dequantized_cache(bits: int, name: str) -> None:
     batch = make_paged_batch(*BATCHES[name], 6, 2, 32, 8, torch.float32, CPU, num_padding_tokens=2)
-    cache, scale = quantized(batch, bits), 32**-0.5
-    out = TorchQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, cache, batch.meta, scale)
+    backend, scale = TorchQuantKVBackend(bits), 32**-0.5
+    cache = quantized(batch, bits, (backend.rotate_keys, backend.rotate_values))
+    out = backend.forward(batch.q, batch.k, batch.v, cache, batch.meta, scale)
     rows = batch.meta.num_tokens
-    # independent truth 1: the new tokens went in quantized, padding rows wrote nothing
-    expected = quantized(batch, bits)
-    valid = batch.meta.slot_mapping[:rows]
-    for index, x in enumerate((batch.k, batch.v)):
-        codes, params = quantize_kv_ref(x[:rows], bits)
-        expected.codes[index].view(-1, *codes.shape[1:])[valid] = codes
-        expected.params[index].view(-1, *params.shape[1:])[valid] = params
+    # independent truth 1: the new tokens went in quantized (after the rotation), padding rows wrote nothing
+    expected = expected_cache(batch, backend)
     assert torch.equal(cache.codes, expected.codes) and torch.equal(cache.params, expected.params)
-    # 2: attention is the reference math over the dequantized cache
-    assert relative_error(out[:rows], attention_over(cache.dequantize(torch.float32), batch, scale)) < 1e-5
+    # 2: attention is the reference math over the dequantized cache (scores in the rotated space when
+    # keys are rotated, the output rotated back when values are)
+    plain_cache = cache.dequantize(torch.float32)
+    rotated_batch = dataclasses.replace(batch, q=rotate(batch.q) if backend.rotate_keys else batch.q)
+    ref = attention_over(plain_cache, rotated_batch, scale)
+    ref = rotate(ref) if backend.rotate_values else ref
+    assert relative_error(out[:rows], ref) < 1e-5
     # 3: and close to the unquantized backend on the original data
     # (the plain backend's decode-only path takes no padding rows: cut them off)
     plain_meta = dataclasses.replace(batch.meta, slot_mapping=batch.meta.slot_mapping[:rows])

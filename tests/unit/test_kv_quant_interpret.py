@@ -28,6 +28,8 @@ if IN_CHILD:
         store_quantized_kv,
         store_quantized_kv_ref,
     )
+    from lmserve.kernels.kv_quant_prefill import paged_prefill_attention_quant
+    from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
     from lmserve.kernels.testing import PagedBatch, make_paged_batch, relative_error
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
@@ -63,6 +65,24 @@ def test_decode_attention_over_codes(bits: int, num_splits: int) -> None:
     plain = cache.dequantize(DTYPE)
     ref = paged_decode_attention_ref(batch.q, plain[0], plain[1], meta.block_tables, meta.seq_lens, 0.3)
     assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_attention_over_codes(bits: int) -> None:
+    """Chunks with and without a cached prefix, one longer than a query block, behind a decode row."""
+    batch = make_paged_batch([1, 40, 5, 9], [6, 40, 37, 9], 4, 2, 32, 8, DTYPE, "cpu", seed=bits)
+    cache, meta = quantized_batch(batch, bits), batch.meta
+    args = (batch.q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    out = paged_prefill_attention_quant(
+        *args, 0.3, bits, first_seq=1, num_seqs=3, max_query_len=40, block_m=16, block_n=16
+    )
+    plain = cache.dequantize(DTYPE)
+    ref = paged_prefill_attention_ref(
+        batch.q, plain[0], plain[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3,
+        first_seq=1, num_seqs=3,
+    )  # fmt: skip
+    assert relative_error(out[1:], ref[1:]) < 2e-3
 
 
 @child_only
