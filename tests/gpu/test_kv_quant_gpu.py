@@ -26,6 +26,8 @@ from lmserve.kernels.kv_quant import (
     store_quantized_kv,
     store_quantized_kv_ref,
 )
+from lmserve.kernels.kv_quant_prefill import paged_prefill_attention_quant
+from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
 from lmserve.kernels.testing import TOLERANCE, PagedBatch, make_paged_batch, relative_error
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
@@ -100,6 +102,28 @@ def check_decode(
     assert relative_error(out, ref) < TOLERANCE[dtype]
 
 
+def check_prefill(
+    device: torch.device, bits: int, dtype: torch.dtype, head_layout: tuple[int, int, int], block_size: int,
+    query_lens: list[int], seq_lens: list[int], block_n: int = 32,
+) -> None:  # fmt: skip
+    """The int-code prefill kernel against the reference over the dequantized cache (decode rows skipped)."""
+    batch = make_paged_batch(query_lens, seq_lens, *head_layout, block_size, dtype, device)
+    cache, meta, scale = quantized(batch, bits), batch.meta, head_layout[2] ** -0.5
+    first, num_prefills = meta.num_decodes, meta.num_seqs - meta.num_decodes
+    args = (batch.q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    with no_host_sync(device):
+        out = paged_prefill_attention_quant(
+            *args, scale, bits, first_seq=first, num_seqs=num_prefills, max_query_len=meta.max_query_len,
+            block_n=block_n,
+        )  # fmt: skip
+    plain = cache.dequantize(dtype)
+    ref = paged_prefill_attention_ref(
+        batch.q, plain[0], plain[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+        first_seq=first, num_seqs=num_prefills,
+    )  # fmt: skip
+    assert relative_error(out[first:], ref[first:]) < TOLERANCE[dtype]
+
+
 def check_backend(
     device: torch.device, bits: int, dtype: torch.dtype, head_layout: tuple[int, int, int], block_size: int,
     query_lens: list[int], seq_lens: list[int],
@@ -128,8 +152,23 @@ def test_store_matches_reference(bits: int, block_size: int, layout: str) -> Non
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("num_splits", [None, 1])
-def test_decode_matches_reference(bits: int, dtype: torch.dtype, layout: str, num_splits: int | None) -> None:
-    check_decode(CUDA, bits, dtype, HEAD_LAYOUTS[layout], 64, [1, 2, 33, 700, 2049, 4096], num_splits)
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_decode_matches_reference(
+    bits: int, dtype: torch.dtype, layout: str, num_splits: int | None, block_n: int
+) -> None:
+    seq_lens = [1, 2, 33, 700, 2049, 4096]
+    check_decode(CUDA, bits, dtype, HEAD_LAYOUTS[layout], 64, seq_lens, num_splits, block_n=block_n)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("name", ["mixed", "prefill_only"])
+def test_prefill_matches_reference(
+    bits: int, dtype: torch.dtype, layout: str, block_n: int, name: str
+) -> None:
+    check_prefill(CUDA, bits, dtype, HEAD_LAYOUTS[layout], 16, *BATCHES[name], block_n=block_n)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
