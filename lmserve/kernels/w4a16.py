@@ -135,10 +135,37 @@ def _finish_split(
 
 
 @jit
+def _gemv_block(acc, words, kb, valid, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP: tl.constexpr):
+    """acc [16, BLOCK_N] += one 128-row block's products (nothing when valid is false)."""
+    lanes = tl.arange(0, 16)
+    APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
+    PLANES: tl.constexpr = APPLY // 16
+    high = words >> 16
+    for sub in tl.static_range(128 // APPLY):
+        group = (kb * 128 + sub * APPLY) // GROUP
+        scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask & valid, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask & valid, other=0.0).to(tl.float32)
+        part = tl.zeros_like(acc)
+        for plane in tl.static_range(PLANES):
+            j = sub * PLANES + plane
+            place = 1 << (4 * (j % 4))
+            ks = kb * 128 + j * 16 + lanes
+            xj = tl.load(x_ptr + ks, mask=(ks < K) & valid, other=0.0).to(tl.float32) * (1.0 / place)
+            if j < 4:
+                src = words
+            else:
+                src = high
+            nibble = ((src & (0xF << (4 * (j % 4)))) | 0x4B000000).to(tl.float32, bitcast=True)
+            part += (nibble - (zero * place + 8388608.0)[None, :]) * xj[:, None]
+        acc += part * scale[None, :]
+    return acc
+
+
+@jit
 def _w4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     N, K, num_blocks, blocks_per_split, num_splits, stride_w, stride_s, stride_pm, stride_om,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """One program = BLOCK_N columns x one split of the 128-row blocks, for a single row x."""
     pid_n = tl.program_id(0)
@@ -146,40 +173,31 @@ def _w4_gemv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     lanes = tl.arange(0, 16)
-    APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
-    PLANES: tl.constexpr = APPLY // 16
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     kb_start = split * blocks_per_split
     kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
     w_tile = w_ptr + lanes[:, None] * stride_w + cols[None, :]
-    for kb in range(kb_start, kb_end):
-        words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
-        high = words >> 16
-        for sub in tl.static_range(128 // APPLY):
-            group = (kb * 128 + sub * APPLY) // GROUP
-            scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
-            part = tl.zeros([16, BLOCK_N], tl.float32)
-            for plane in tl.static_range(PLANES):
-                j = sub * PLANES + plane
-                place = 1 << (4 * (j % 4))
-                ks = kb * 128 + j * 16 + lanes
-                xj = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * (1.0 / place)
-                if j < 4:
-                    src = words
-                else:
-                    src = high
-                nibble = ((src & (0xF << (4 * (j % 4)))) | 0x4B000000).to(tl.float32, bitcast=True)
-                part += (nibble - (zero * place + 8388608.0)[None, :]) * xj[:, None]
-            acc += part * scale[None, :]
+    if PREFETCH:  # the next block's words load while this block is decoded: two tiles in flight
+        words = tl.load(
+            w_tile + kb_start * 16 * stride_w, mask=col_mask[None, :] & (kb_start < kb_end), other=0
+        )
+        for kb in range(kb_start, kb_end):
+            upcoming = tl.load(
+                w_tile + (kb + 1) * 16 * stride_w, mask=col_mask[None, :] & (kb + 1 < kb_end), other=0
+            )
+            acc = _gemv_block(acc, words, kb, True, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
+            words = upcoming
+    else:
+        for kb in range(kb_start, kb_end):
+            words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
+            acc = _gemv_block(acc, words, kb, True, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
     total = tl.sum(acc, 0)[None, :]
-    zero_row = tl.arange(0, 1)
     out_mask = col_mask[None, :]
     if num_splits == 1:
         tl.store(out_ptr + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         _finish_split(
-            total, part_ptr, lock_ptr, out_ptr, zero_row, cols, out_mask, pid_n, split, num_splits,
+            total, part_ptr, lock_ptr, out_ptr, tl.arange(0, 1), cols, out_mask, pid_n, split, num_splits,
             stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
@@ -258,18 +276,14 @@ def choose_splits(num_tiles: int, num_blocks: int, programs_per_sm: int, device:
 
 
 def gemv_options(n: int) -> dict[str, int]:
-    return {"block_n": 128, "num_warps": 4, "programs_per_sm": 4}
+    return {"block_n": 64, "num_warps": 4, "programs_per_sm": 4, "prefetch": 1, "num_stages": 1}
 
 
 def dot_options(num_rows: int) -> dict[str, int]:
-    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
-    return {
-        "block_m": block_m,
-        "block_n": 64,
-        "num_warps": 4 if block_m <= 64 else 8,
-        "programs_per_sm": 2,
-        "num_stages": 2,
-    }
+    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64."""
+    block_m = 16 if num_rows <= 16 else 64
+    return {"block_m": block_m, "block_n": 128, "num_warps": 4, "programs_per_sm": 4 if block_m == 16 else 2,
+            "num_stages": 3 if block_m == 16 else 2}  # fmt: skip
 
 
 def w4a16_matmul(
@@ -320,7 +334,8 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
             x[row], weight.qweight, weight.scales, weight.zeros, out[row], partial, tile_locks(x.device),
             n, weight.in_features, num_blocks, per_split, num_splits, weight.qweight.stride(0),
             weight.scales.stride(0), partial.stride(0), out.stride(0),
-            GROUP=weight.group_size, BLOCK_N=opts["block_n"], num_warps=opts["num_warps"],
+            GROUP=weight.group_size, BLOCK_N=opts["block_n"], PREFETCH=bool(opts["prefetch"]),
+            num_warps=opts["num_warps"], num_stages=opts["num_stages"],
         )  # fmt: skip
 
 
