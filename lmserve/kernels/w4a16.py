@@ -135,22 +135,22 @@ def _finish_split(
 
 
 @jit
-def _gemv_block(acc, words, kb, valid, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP: tl.constexpr):
-    """acc [16, BLOCK_N] += one 128-row block's products (nothing when valid is false)."""
+def _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP: tl.constexpr):
+    """acc [16, BLOCK_N] += one 128-row block's products."""
     lanes = tl.arange(0, 16)
     APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
     PLANES: tl.constexpr = APPLY // 16
     high = words >> 16
     for sub in tl.static_range(128 // APPLY):
         group = (kb * 128 + sub * APPLY) // GROUP
-        scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask & valid, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask & valid, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
         part = tl.zeros_like(acc)
         for plane in tl.static_range(PLANES):
             j = sub * PLANES + plane
             place = 1 << (4 * (j % 4))
             ks = kb * 128 + j * 16 + lanes
-            xj = tl.load(x_ptr + ks, mask=(ks < K) & valid, other=0.0).to(tl.float32) * (1.0 / place)
+            xj = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * (1.0 / place)
             if j < 4:
                 src = words
             else:
@@ -179,18 +179,22 @@ def _w4_gemv_kernel(
     w_tile = w_ptr + lanes[:, None] * stride_w + cols[None, :]
     if PREFETCH:  # the next block's words load while this block is decoded: two tiles in flight
         words = tl.load(
-            w_tile + kb_start * 16 * stride_w, mask=col_mask[None, :] & (kb_start < kb_end), other=0
+            w_tile + kb_start * 16 * stride_w,
+            mask=col_mask[None, :] & (lanes[:, None] * 0 + kb_start < kb_end),
+            other=0,
         )
         for kb in range(kb_start, kb_end):
             upcoming = tl.load(
-                w_tile + (kb + 1) * 16 * stride_w, mask=col_mask[None, :] & (kb + 1 < kb_end), other=0
+                w_tile + (kb + 1) * 16 * stride_w,
+                mask=col_mask[None, :] & (lanes[:, None] * 0 + kb + 1 < kb_end),
+                other=0,
             )
-            acc = _gemv_block(acc, words, kb, True, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
+            acc = _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
             words = upcoming
     else:
         for kb in range(kb_start, kb_end):
             words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
-            acc = _gemv_block(acc, words, kb, True, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
+            acc = _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
     total = tl.sum(acc, 0)[None, :]
     out_mask = col_mask[None, :]
     if num_splits == 1:
