@@ -49,3 +49,10 @@ def test_kv_int8_is_close_to_float_kv(smollm2_gguf_path: Path, float_ppl: float)
     print(f"float (transformers) {float_ppl:.3f}  engine KV plain {plain:.3f}  KV int8 {int8:.3f}")
     assert plain == pytest.approx(float_ppl, rel=1e-3)
     assert int8 <= plain * 1.01
+
+
+def test_kv_int4_with_rotation_is_within_8_percent(smollm2_gguf_path: Path, float_ppl: float) -> None:
+    """int4 K/V (Hadamard-rotated, as the engine stores them): within the issue's +8 % (+5.5 % here)."""
+    int4 = _ppl(smollm2_gguf_path, 4)
+    print(f"float (transformers) {float_ppl:.3f}  KV int4 {int4:.3f}")
+    assert int4 <= float_ppl * 1.08
