@@ -27,6 +27,8 @@ import torch
 
 from lmserve.kernels._triton import jit, num_sms, tl
 
+TILE_N = 64
+"""Columns per contiguous strip of the layout."""
 BLOCK_ROWS = 128
 """K rows per packed block (16 packed rows x 8 nibbles)."""
 PACKED_ROWS = BLOCK_ROWS // 8
@@ -42,15 +44,16 @@ _MAX_TILES = 1 << 16
 class W4Weight:
     """A linear layer's 4-bit weight in the K-interleaved layout (see module docstring)."""
 
-    qweight: torch.Tensor  # int32 [K_pad / 8, N]
-    scales: torch.Tensor  # [K_pad / group, N], float16 or bfloat16
-    zeros: torch.Tensor  # [K_pad / group, N], same dtype as scales
+    qweight: torch.Tensor  # int32 [N_pad / 64, K_pad / 8, 64]
+    scales: torch.Tensor  # [N_pad / 64, K_pad / group, 64], float16 or bfloat16
+    zeros: torch.Tensor  # [N_pad / 64, K_pad / group, 64], same dtype as scales
     in_features: int
+    out_features: int
     group_size: int
 
     @property
-    def out_features(self) -> int:
-        return self.qweight.shape[1]
+    def num_blocks(self) -> int:
+        return self.qweight.shape[1] // PACKED_ROWS
 
 
 def supports_group_size(group_size: int) -> bool:
@@ -84,17 +87,33 @@ def repack_awq(
     groups_pad = k_pad // group_size - k // group_size
     zeros = torch.nn.functional.pad(unpack_awq(qzeros).to(scales.dtype), (0, 0, 0, groups_pad))
     padded_scales = torch.nn.functional.pad(scales, (0, 0, 0, groups_pad))
-    return W4Weight(words.contiguous(), padded_scales.contiguous(), zeros.contiguous(), k, group_size)
+    tiled = [_tile_columns(t) for t in (words, padded_scales, zeros)]
+    return W4Weight(*tiled, in_features=k, out_features=n, group_size=group_size)
+
+
+def _tile_columns(rows: torch.Tensor) -> torch.Tensor:
+    """[R, N] -> [N_pad / 64, R, 64]: each 64-column strip contiguous, so a program streams one run of memory."""
+    n = rows.shape[1]
+    rows = torch.nn.functional.pad(rows, (0, -n % TILE_N))
+    return rows.view(rows.shape[0], -1, TILE_N).permute(1, 0, 2).contiguous()
+
+
+def _untile_columns(tiled: torch.Tensor, n: int) -> torch.Tensor:
+    return tiled.permute(1, 0, 2).reshape(tiled.shape[1], -1)[:, :n]
 
 
 def dequantize_w4_ref(weight: W4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense [K, N] weight (x @ w) from the K-interleaved layout, in float32 math, one rounding to dtype."""
-    k_pad, n = weight.qweight.shape[0] * 8, weight.out_features
-    words = weight.qweight.to(torch.int64).view(k_pad // BLOCK_ROWS, 1, PACKED_ROWS, n)
+    n = weight.out_features
+    k_pad = weight.num_blocks * BLOCK_ROWS
+    words = _untile_columns(weight.qweight, n).to(torch.int64).view(k_pad // BLOCK_ROWS, 1, PACKED_ROWS, n)
     shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64)).view(1, 8, 1, 1)
     q = ((words >> shifts) & 0xF).view(k_pad, n).float()
     g = weight.group_size
-    w = (q - weight.zeros.float().repeat_interleave(g, 0)) * weight.scales.float().repeat_interleave(g, 0)
+    zeros, scales = (
+        _untile_columns(t, n).float().repeat_interleave(g, 0) for t in (weight.zeros, weight.scales)
+    )
+    w = (q - zeros) * scales
     return w[: weight.in_features].to(dtype)
 
 
@@ -103,6 +122,14 @@ def w4a16_matmul_ref(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
 
 
 # -- kernels ------------------------------------------------------------------------------------------
+
+
+@jit
+def _strip_offsets(cols, strip_stride, BLOCK_N: tl.constexpr):
+    """Offsets of columns cols in the 64-column strip layout (a strip every strip_stride elements)."""
+    RUN: tl.constexpr = 64 if BLOCK_N > 64 else BLOCK_N
+    offsets = (cols // 64) * strip_stride + cols % 64
+    return tl.max_contiguous(tl.multiple_of(offsets, RUN), RUN)
 
 
 @jit
@@ -135,7 +162,7 @@ def _finish_split(
 
 
 @jit
-def _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP: tl.constexpr):
+def _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, s_cols, col_mask, K, GROUP: tl.constexpr):
     """acc [16, BLOCK_N] += one 128-row block's products."""
     lanes = tl.arange(0, 16)
     APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
@@ -143,8 +170,8 @@ def _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s
     high = words >> 16
     for sub in tl.static_range(128 // APPLY):
         group = (kb * 128 + sub * APPLY) // GROUP
-        scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
         part = tl.zeros_like(acc)
         for plane in tl.static_range(PLANES):
             j = sub * PLANES + plane
@@ -176,25 +203,26 @@ def _w4_gemv_kernel(
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     kb_start = split * blocks_per_split
     kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
-    w_tile = w_ptr + lanes[:, None] * stride_w + cols[None, :]
+    w_tile = w_ptr + _strip_offsets(cols, stride_w, BLOCK_N)[None, :] + lanes[:, None] * 64
+    s_cols = _strip_offsets(cols, stride_s, BLOCK_N)
     if PREFETCH:  # the next block's words load while this block is decoded: two tiles in flight
         words = tl.load(
-            w_tile + kb_start * 16 * stride_w,
+            w_tile + kb_start * 1024,
             mask=col_mask[None, :] & (lanes[:, None] * 0 + kb_start < kb_end),
             other=0,
         )
         for kb in range(kb_start, kb_end):
             upcoming = tl.load(
-                w_tile + (kb + 1) * 16 * stride_w,
+                w_tile + (kb + 1) * 1024,
                 mask=col_mask[None, :] & (lanes[:, None] * 0 + kb + 1 < kb_end),
                 other=0,
             )
-            acc = _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
+            acc = _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, s_cols, col_mask, K, GROUP)
             words = upcoming
     else:
         for kb in range(kb_start, kb_end):
-            words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
-            acc = _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, cols, col_mask, K, stride_s, GROUP)
+            words = tl.load(w_tile + kb * 1024, mask=col_mask[None, :], other=0)
+            acc = _gemv_block(acc, words, kb, x_ptr, s_ptr, z_ptr, s_cols, col_mask, K, GROUP)
     total = tl.sum(acc, 0)[None, :]
     out_mask = col_mask[None, :]
     if num_splits == 1:
@@ -228,14 +256,15 @@ def _w4_dot_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     kb_start = split * blocks_per_split
     kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
-    w_tile = w_ptr + lanes[:, None] * stride_w + cols[None, :]
+    w_tile = w_ptr + _strip_offsets(cols, stride_w, BLOCK_N)[None, :] + lanes[:, None] * 64
+    s_cols = _strip_offsets(cols, stride_s, BLOCK_N)
     x_rows = x_ptr + rows[:, None] * stride_xm
     for kb in range(kb_start, kb_end):
-        words = tl.load(w_tile + kb * 16 * stride_w, mask=col_mask[None, :], other=0)
+        words = tl.load(w_tile + kb * 1024, mask=col_mask[None, :], other=0)
         for sub in tl.static_range(128 // APPLY):
             group = (kb * 128 + sub * APPLY) // GROUP
-            scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
             part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             row_sum = tl.zeros([BLOCK_M], tl.float32)
             for plane in tl.static_range(PLANES):
@@ -326,7 +355,7 @@ def _partials(num_splits: int, num_rows: int, n: int, device: torch.device) -> t
 
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     opts = gemv_options(out.shape[1]) | options
-    n, num_blocks = out.shape[1], weight.qweight.shape[0] // PACKED_ROWS
+    n, num_blocks = out.shape[1], weight.num_blocks
     for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps "gemv" usable in tests
         tiles = math.ceil(n / opts["block_n"])
         per_split = opts.get("blocks_per_split") or choose_splits(
@@ -346,7 +375,7 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
 def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     num_rows, n = out.shape
     opts = dot_options(num_rows) | options
-    num_blocks = weight.qweight.shape[0] // PACKED_ROWS
+    num_blocks = weight.num_blocks
     tiles = (math.ceil(num_rows / opts["block_m"]), math.ceil(n / opts["block_n"]))
     per_split = opts.get("blocks_per_split") or choose_splits(
         tiles[0] * tiles[1], num_blocks, opts["programs_per_sm"], x.device
@@ -371,14 +400,16 @@ def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_w, stride_s
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     lanes = tl.arange(0, 16)
+    w_cols = _strip_offsets(cols, stride_w, BLOCK_N)
+    s_cols = _strip_offsets(cols, stride_s, BLOCK_N)
     words = tl.load(
-        w_ptr + (kb * 16 + lanes)[:, None] * stride_w + cols[None, :], mask=col_mask[None, :], other=0
+        w_ptr + w_cols[None, :] + (kb * 16 + lanes)[:, None] * 64, mask=col_mask[None, :], other=0
     )
     for j in tl.static_range(8):
         ks = kb * 128 + j * 16 + lanes
         group = (kb * 128 + j * 16) // GROUP
-        scale = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
         q = ((words >> (4 * j)) & 0xF).to(tl.float32)
         w = (q - zero[None, :]) * scale[None, :]
         mask = (ks < K)[:, None] & col_mask[None, :]
@@ -389,8 +420,8 @@ def dequantize_w4(weight: W4Weight, dtype: torch.dtype) -> torch.Tensor:
     """Dense [K, N] weight in dtype (for prefill-sized batches, then one cuBLAS GEMM)."""
     k, n = weight.in_features, weight.out_features
     out = torch.empty(k, n, dtype=dtype, device=weight.qweight.device)
-    num_blocks = weight.qweight.shape[0] // PACKED_ROWS
-    block_n = 128
+    num_blocks = weight.num_blocks
+    block_n = 64
     _w4_dequantize_kernel[(num_blocks, math.ceil(n / block_n))](
         weight.qweight, weight.scales, weight.zeros, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
         out.stride(0), GROUP=weight.group_size, BLOCK_N=block_n, num_warps=4,

@@ -82,7 +82,8 @@ def test_awq_gemm_default_dispatch_and_leading_dims() -> None:
 def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int) -> None:
     qweight, qzeros, scales = random_awq(k, n, group_size, seed=k)
     weight = repack_awq(qweight, qzeros, scales, group_size)
-    assert weight.qweight.shape == (-(-k // 128) * 128 // 8, n)  # K padded to whole 128-row blocks
+    # K padded to whole 128-row blocks, N to whole 64-column strips
+    assert weight.qweight.shape == (-(-n // 64), -(-k // 128) * 128 // 8, 64)
     assert torch.equal(
         dequantize_w4_ref(weight), awq_dequantize_ref(qweight, qzeros, scales, group_size, torch.float32)
     )
