@@ -87,8 +87,9 @@ def repack_awq(
     groups_pad = k_pad // group_size - k // group_size
     zeros = torch.nn.functional.pad(unpack_awq(qzeros).to(scales.dtype), (0, 0, 0, groups_pad))
     padded_scales = torch.nn.functional.pad(scales, (0, 0, 0, groups_pad))
-    tiled = [_tile_columns(t) for t in (words, padded_scales, zeros)]
-    return W4Weight(*tiled, in_features=k, out_features=n, group_size=group_size)
+    return W4Weight(
+        _tile_columns(words), _tile_columns(padded_scales), _tile_columns(zeros), k, n, group_size
+    )
 
 
 def _tile_columns(rows: torch.Tensor) -> torch.Tensor:
