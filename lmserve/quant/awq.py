@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.quant.rtn import fake_quantize
+from lmserve.quant.rtn import GroupQuantized, fake_quantize, group_params
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -22,6 +22,12 @@ CLIP_SAMPLE_TOKENS = 512
 # come from all of them): choosing one of 20 ratios needs far fewer tokens than the statistics do.
 SEARCH_SAMPLE_TOKENS = 1024
 SKIP_CLIP = ("q_proj", "k_proj")  # AutoAWQ: clipping q/k hurts the softmax more than it helps
+GPTQ_DAMP = 0.01
+"""Dampening added to the Hessian's diagonal, as a fraction of its mean (GPTQ's percdamp)."""
+# Measured on SmolLM2-135M and off (benchmarks/quant_quality.md): v -> o scales under grouped-query
+# attention, and clip ranges searched per end.
+GQA_V_O = False
+ASYM_CLIP = False
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,25 @@ class QuantSpec:
 
     def fake(self, weight: torch.Tensor) -> torch.Tensor:
         return fake_quantize(weight, self.w_bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class HeadSharing:
+    """Grouped-query attention: v_proj's output channel (kv head g, dim d) feeds o_proj's input channels
+    (h, d) of every query head h that reads kv head g, so one v scale serves num_repeats o_proj channels."""
+
+    num_kv_heads: int
+    num_repeats: int
+    head_dim: int
+
+    def expand(self, kv_values: torch.Tensor) -> torch.Tensor:
+        """[kv heads * head_dim] -> [query heads * head_dim] (query head h reads kv head h // num_repeats)."""
+        grid = kv_values.view(self.num_kv_heads, 1, self.head_dim)
+        return grid.expand(-1, self.num_repeats, -1).reshape(-1)
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """[query heads * head_dim] -> [kv heads * head_dim], the mean over the query heads of each kv head."""
+        return values.view(self.num_kv_heads, self.num_repeats, self.head_dim).mean(dim=1).reshape(-1)
 
 
 @dataclass
@@ -45,6 +70,15 @@ class ScaleGroup:
     """(sampled inputs, the batch index of each) -> block outputs."""
     per_token: bool = True
     """The block treats tokens independently, so any rows may be sampled (attention needs whole sequences)."""
+    sharing: HeadSharing | None = None
+    """Set when prev_op has fewer output channels than the linears have inputs (v -> o under GQA)."""
+
+    def prev_op_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The linears' input scales as prev_op's output scales (equal channels share one scale)."""
+        if self.sharing is None:
+            return scales
+        sharing = self.sharing
+        return scales.view(sharing.num_kv_heads, sharing.num_repeats, sharing.head_dim)[:, 0].reshape(-1)
 
 
 def llama_scale_groups(layer: Any, kwargs: list[dict]) -> list[ScaleGroup]:
@@ -66,10 +100,16 @@ def llama_scale_groups(layer: Any, kwargs: list[dict]) -> list[ScaleGroup]:
             per_token=False,
         )
     ]
-    # v -> o only when shapes match; with grouped-query attention one v channel feeds several heads.
-    if attn.v_proj.out_features == attn.o_proj.in_features:
+    sharing = _head_sharing(attn)
+    if sharing is not None or attn.v_proj.out_features == attn.o_proj.in_features:
         groups.append(
-            ScaleGroup(attn.v_proj, ["self_attn.o_proj"], "self_attn.o_proj", _per_batch(attn.o_proj))
+            ScaleGroup(
+                attn.v_proj,
+                ["self_attn.o_proj"],
+                "self_attn.o_proj",
+                _per_batch(attn.o_proj),
+                sharing=sharing,
+            )
         )
     groups.append(
         ScaleGroup(
@@ -78,6 +118,25 @@ def llama_scale_groups(layer: Any, kwargs: list[dict]) -> list[ScaleGroup]:
     )
     groups.append(ScaleGroup(mlp.up_proj, ["mlp.down_proj"], "mlp.down_proj", _per_batch(mlp.down_proj)))
     return groups
+
+
+def _head_sharing(attn: Any) -> HeadSharing | None:
+    """How v's channels map onto o_proj's inputs under grouped-query attention (None: one to one, or unknown).
+
+    AutoAWQ skips v -> o when the shapes differ. Scaling v's output channel (g, d) by 1/s scales the attention
+    output channel (h, d) of every query head h of group g by 1/s (softmax weights do not involve v), so o_proj's
+    input channels (h, d) take s exactly when the scales are shared within each kv group.
+    """
+    if not GQA_V_O:
+        return None
+    head_dim = getattr(attn, "head_dim", None)
+    num_repeats = getattr(attn, "num_key_value_groups", None)
+    if not head_dim or not num_repeats or num_repeats == 1:
+        return None
+    num_kv_heads = attn.v_proj.out_features // head_dim
+    if num_kv_heads * num_repeats * head_dim != attn.o_proj.in_features:
+        return None
+    return HeadSharing(num_kv_heads, num_repeats, head_dim)
 
 
 def _attention_kwargs(kwargs: dict) -> dict:
@@ -116,15 +175,21 @@ def ratio_scales(act_scale: torch.Tensor, weight_mean: torch.Tensor, ratio: floa
 
 
 @torch.no_grad()
-def apply_scales(prev_op: Any, linears: list[Any], scales: torch.Tensor) -> None:
-    """Fold diag(s)^-1 into prev_op's output and diag(s) into each linear's input columns."""
+def apply_scales(
+    prev_op: Any, linears: list[Any], scales: torch.Tensor, prev_scales: torch.Tensor | None = None
+) -> None:
+    """Fold diag(s)^-1 into prev_op's output and diag(s) into each linear's input columns.
+
+    prev_scales: prev_op's output scales when they differ in length from the linears' inputs (GQA v -> o).
+    """
     scales = scales.to(linears[0].weight.device)
+    prev = scales if prev_scales is None else prev_scales.to(scales.device)
     if isinstance(prev_op, nn.Linear):
-        prev_op.weight.div_(scales.view(-1, 1).to(prev_op.weight.dtype))
+        prev_op.weight.div_(prev.view(-1, 1).to(prev_op.weight.dtype))
         if prev_op.bias is not None:
-            prev_op.bias.div_(scales.to(prev_op.bias.dtype))
+            prev_op.bias.div_(prev.to(prev_op.bias.dtype))
     else:  # RMSNorm: y = weight * normalized(x)
-        prev_op.weight.div_(scales.to(prev_op.weight.dtype))
+        prev_op.weight.div_(prev.to(prev_op.weight.dtype))
     for linear in linears:
         linear.weight.mul_(scales.view(1, -1).to(linear.weight.dtype))
 
@@ -136,11 +201,15 @@ def search_scales(group: ScaleGroup, layer: Any, inputs: list[torch.Tensor], spe
     originals = [linear.weight.detach().clone() for linear in linears]
     act_mean = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).abs().float().mean(dim=0)
     weight_mean = weight_channel_mean(torch.cat(originals), spec.group_size)
+    if group.sharing is not None:  # candidates live on prev_op's channels, one scale per kv-head channel
+        act_mean, weight_mean = group.sharing.reduce(act_mean), group.sharing.reduce(weight_mean)
     sampled, batch_ids = sample_inputs(inputs, group.per_token)
     reference = group.inspect(sampled, batch_ids)
     candidates = [torch.ones_like(act_mean)] + [
         ratio_scales(act_mean, weight_mean, i / N_GRID) for i in range(N_GRID)
     ]
+    if group.sharing is not None:
+        candidates = [group.sharing.expand(c) for c in candidates]
     best_scales, best_loss = candidates[0], float("inf")
     for scales in candidates:
         for linear, original in zip(linears, originals, strict=True):
@@ -185,6 +254,56 @@ def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec) -> 
     return best_max
 
 
+@torch.no_grad()
+def search_clip_range(weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per (output channel, group) range [lo, hi] minimizing the group's output error: [out, groups, 2].
+
+    The asymmetric grid is set by its ends, so they are searched apart (AutoAWQ shrinks both by one factor).
+    """
+    out_features, in_features = weight.shape
+    num_groups = in_features // spec.group_size
+    gram = _group_gram(inputs, num_groups, spec.group_size)
+    w = weight.float().reshape(out_features, num_groups, spec.group_size)
+    original_hi, original_lo = w.amax(dim=-1, keepdim=True), w.amin(dim=-1, keepdim=True)
+    best = torch.cat([original_lo, original_hi], dim=-1)
+    min_error = torch.full_like(original_hi, float("inf"))
+    steps = int(MAX_SHRINK * N_GRID)
+    for hi_step in range(steps):
+        hi = original_hi * (1 - hi_step / N_GRID)
+        for lo_step in range(steps):
+            lo = original_lo * (1 - lo_step / N_GRID)
+            error = _quadratic_error(w - _fake_range(w, lo, hi, spec.w_bits), gram)
+            better = (error < min_error).squeeze(-1)
+            min_error[better] = error[better]
+            best[better] = torch.cat([lo, hi], dim=-1)[better]
+    return best
+
+
+def _fake_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """Quantize-dequantize w clamped to [lo, hi] on the asymmetric grid those ends define (rtn's rules)."""
+    max_int = 2**w_bits - 1
+    clipped = torch.minimum(torch.maximum(w, lo), hi)
+    lo, hi = clipped.amin(dim=-1, keepdim=True), clipped.amax(dim=-1, keepdim=True)
+    scales = (hi - lo).clamp(min=1e-5) / max_int
+    zeros = (-torch.round(lo / scales)).clamp(0, max_int)
+    return ((torch.round(clipped / scales) + zeros).clamp(0, max_int) - zeros) * scales
+
+
+def _group_gram(inputs: torch.Tensor, num_groups: int, group_size: int) -> torch.Tensor:
+    step = max(1, len(inputs) // CLIP_SAMPLE_TOKENS)
+    x = inputs[::step].float()
+    x_groups = x.reshape(len(x), num_groups, group_size).transpose(0, 1)  # [groups, tokens, g]
+    return torch.bmm(x_groups.transpose(1, 2), x_groups) / len(x)  # [groups, g, g]
+
+
+@torch.no_grad()
+def apply_clip_range(linear: Any, bounds: torch.Tensor, group_size: int) -> None:
+    out_features, in_features = linear.weight.shape
+    grouped = linear.weight.reshape(out_features, in_features // group_size, group_size)
+    bounds = bounds.to(grouped.dtype)
+    grouped.copy_(torch.minimum(torch.maximum(grouped, bounds[..., :1]), bounds[..., 1:]))
+
+
 def _quadratic_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """d^T G d per (output channel, group): delta [out, groups, g], gram [groups, g, g] -> [out, groups, 1]."""
     projected = torch.bmm(delta.transpose(0, 1), gram)  # [groups, out, g]
@@ -197,3 +316,72 @@ def apply_clip(linear: Any, max_val: torch.Tensor, group_size: int) -> None:
     grouped = linear.weight.reshape(out_features, in_features // group_size, group_size)
     limit = max_val.to(grouped.dtype)
     grouped.copy_(torch.maximum(torch.minimum(grouped, limit), -limit))
+
+
+def input_hessian(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """H = X^T X / n over every calibration token of a linear's input: [in, in]."""
+    total = torch.zeros(inputs[0].shape[-1], inputs[0].shape[-1])
+    count = 0
+    for x in inputs:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        total += rows.t() @ rows
+        count += len(rows)
+    return total / count
+
+
+@torch.no_grad()
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> GroupQuantized:
+    """Integer weights that minimize the layer's output error tr(D H D^T), not each weight's own error.
+
+    GPTQ (Frantar et al., 2022) on AWQ's grid: columns are rounded left to right and each one's error is
+    pushed onto the columns not yet rounded, through the inverse Hessian. A group's scale and zero point
+    come from its weights (already scaled and clipped by AWQ) as updated when the group is reached, so the
+    checkpoint layout is unchanged. The AWQ paper notes the two are orthogonal and combine.
+    """
+    w = weight.float().clone()
+    upper = _inverse_hessian_factor(hessian, w)
+    codes = torch.empty(w.shape, dtype=torch.int32)
+    scales, zeros = [], []
+    for start in range(0, w.shape[1], spec.group_size):
+        end = start + spec.group_size
+        group_scales, group_zeros = group_params(w[:, start:end], spec.w_bits, spec.symmetric)
+        group_scales = group_scales.half().float()  # the feedback sees the scales the checkpoint stores
+        grid = _Grid(group_scales, group_zeros, 2**spec.w_bits - 1)
+        errors = _round_columns(w[:, start:end], upper[start:end, start:end], grid, codes[:, start:end])
+        w[:, end:] -= errors @ upper[start:end, end:]
+        scales.append(group_scales)
+        zeros.append(group_zeros)
+    return GroupQuantized(
+        codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1).to(torch.int32), spec.group_size
+    )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    scales: torch.Tensor  # [out, 1]
+    zeros: torch.Tensor  # [out, 1]
+    max_int: int
+
+
+def _round_columns(
+    block: torch.Tensor, upper: torch.Tensor, grid: _Grid, codes: torch.Tensor
+) -> torch.Tensor:
+    """Round block's columns in place (writing codes), each error spread over the block's later columns."""
+    errors = torch.empty_like(block)
+    for i in range(block.shape[1]):
+        column = block[:, i : i + 1]
+        q = (torch.round(column / grid.scales) + grid.zeros).clamp(0, grid.max_int)
+        codes[:, i] = q[:, 0].to(torch.int32)
+        errors[:, i : i + 1] = (column - (q - grid.zeros) * grid.scales) / upper[i, i]
+        block[:, i:] -= errors[:, i : i + 1] * upper[i : i + 1, i:]
+    return errors
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1; inputs that never fire are zeroed in weight (GPTQ's recipe)."""
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    h.diagonal().add_(GPTQ_DAMP * torch.diagonal(h).mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

@@ -30,12 +30,19 @@ from lmserve.quant.calibrate import (
     load_float_model,
     load_stats,
     record_linear_inputs,
+    run_layer,
     save_stats,
 )
 from lmserve.quant.checkpoint import save_config, save_tensors, save_tokenizer, staging_dir
 from lmserve.quant.corpus import DEFAULT_DATASET, calibration_samples, load_text
 from lmserve.quant.formats import awq_quantization_config, awq_tensors, w8a8_quantization_config
-from lmserve.quant.rtn import check_group_size, check_w_bits, quantize_groups
+from lmserve.quant.rtn import (
+    GroupQuantized,
+    check_group_size,
+    check_w_bits,
+    dequantize_groups,
+    quantize_groups,
+)
 from lmserve.quant.smooth_quant import int8_tensors, smooth_layer
 
 DTYPES = ("auto", "float16", "bfloat16")
@@ -141,9 +148,15 @@ def auto_awq(
     tensors: dict[str, torch.Tensor] = {}
     layers = decoder_layers(float_model.model)
     for index in tqdm(range(len(layers)), desc="auto_awq", unit="layer"):
+        layer, hessians = layers[index], dict[str, torch.Tensor]()
         if batches is not None:
-            batches = awq_layer(layers[index], batches, spec, options.search_scale)
-        tensors |= _awq_layer_tensors(layers[index], f"model.layers.{index}", spec)
+            layer_inputs = batches
+            batches, hessians = awq_layer(layer, batches, spec, options.search_scale)
+        quantized = quantize_layer(layer, spec, hessians)
+        if hessians:  # search: the next layer calibrates on what the quantized layers before it produce
+            _load_dequantized(layer, quantized)
+            batches = run_layer(layer, layer_inputs)
+        tensors |= _awq_layer_tensors(layer, f"model.layers.{index}", quantized)
     tensors |= _unquantized_tensors(float_model.model, tensors, out_dtype)
     return _write(
         work_dir,
@@ -154,8 +167,13 @@ def auto_awq(
     )
 
 
-def awq_layer(layer: Any, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool) -> list[LayerBatch]:
-    """Scale (and with search, clip) one layer's float weights in place; returns the next layer's inputs."""
+def awq_layer(
+    layer: Any, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool
+) -> tuple[list[LayerBatch], dict[str, torch.Tensor]]:
+    """Scale (and with search, clip) one layer's float weights in place.
+
+    Returns the next layer's inputs and, with search, the Hessian X^T X / n of each recorded (scaled) input.
+    """
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in set(INPUT_OF.values())}
 
     def observe(name: str, x: torch.Tensor) -> None:
@@ -164,17 +182,37 @@ def awq_layer(layer: Any, batches: list[LayerBatch], spec: awq.QuantSpec, search
 
     next_batches = record_linear_inputs(layer, batches, observe)
     for group in awq.llama_scale_groups(layer, [batch.kwargs for batch in batches]):
+        if group.sharing is not None and not search:
+            continue  # LMDeploy's fixed-ratio mode skips v -> o under grouped-query attention
         xs = inputs[group.input_name]
         scales = (
             awq.search_scales(group, layer, xs, spec)
             if search
             else _fixed_ratio_scales(layer, group, xs, spec)
         )
-        awq.apply_scales(group.prev_op, [layer.get_submodule(name) for name in group.linears], scales)
+        linears = [layer.get_submodule(name) for name in group.linears]
+        awq.apply_scales(group.prev_op, linears, scales, group.prev_op_scales(scales))
         inputs[group.input_name] = [x / scales.to(x.dtype) for x in xs]
-    if search:
-        _clip_layer(layer, inputs, spec)
-    return next_batches
+    if not search:
+        return next_batches, {}
+    _clip_layer(layer, inputs, spec)
+    return next_batches, {name: awq.input_hessian(xs) for name, xs in inputs.items()}
+
+
+def quantize_layer(
+    layer: Any, spec: awq.QuantSpec, hessians: dict[str, torch.Tensor]
+) -> dict[str, GroupQuantized]:
+    """Each linear's integers: error-feedback rounding where its input's Hessian is known, else nearest."""
+    quantized = {}
+    for name, input_name in INPUT_OF.items():
+        weight = layer.get_submodule(name).weight.detach()
+        hessian = hessians.get(input_name)
+        quantized[name] = (
+            awq.gptq_round(weight, hessian, spec)
+            if hessian is not None
+            else quantize_groups(weight, spec.w_bits, spec.group_size, spec.symmetric)
+        )
+    return quantized
 
 
 def _fixed_ratio_scales(
@@ -191,15 +229,26 @@ def _clip_layer(layer: Any, inputs: dict[str, list[torch.Tensor]], spec: awq.Qua
             continue
         linear = layer.get_submodule(name)
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[input_name]])
-        awq.apply_clip(linear, awq.search_clip(linear.weight, x, spec), spec.group_size)
+        if awq.ASYM_CLIP and not spec.symmetric:
+            awq.apply_clip_range(linear, awq.search_clip_range(linear.weight, x, spec), spec.group_size)
+        else:
+            awq.apply_clip(linear, awq.search_clip(linear.weight, x, spec), spec.group_size)
 
 
-def _awq_layer_tensors(layer: Any, prefix: str, spec: awq.QuantSpec) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def _load_dequantized(layer: Any, quantized: dict[str, GroupQuantized]) -> None:
+    for name, values in quantized.items():
+        weight = layer.get_submodule(name).weight
+        weight.copy_(dequantize_groups(values).to(weight.dtype))
+
+
+def _awq_layer_tensors(
+    layer: Any, prefix: str, quantized: dict[str, GroupQuantized]
+) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in INPUT_OF:
         linear = layer.get_submodule(name)
-        quantized = quantize_groups(linear.weight.detach(), spec.w_bits, spec.group_size, spec.symmetric)
-        tensors |= {f"{prefix}.{name}.{key}": value for key, value in awq_tensors(quantized).items()}
+        tensors |= {f"{prefix}.{name}.{key}": value for key, value in awq_tensors(quantized[name]).items()}
         if linear.bias is not None:
             tensors[f"{prefix}.{name}.bias"] = linear.bias.detach().to(torch.float16)
     return tensors

@@ -39,7 +39,7 @@ def check_group_size(in_features: int, group_size: int, name: str = "linear") ->
         )
 
 
-def _group_params(grouped: torch.Tensor, w_bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(grouped: torch.Tensor, w_bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scales, zeros) per row of `grouped` [num_groups_total, group_size] (AutoAWQ's pseudo_quantize_tensor)."""
     max_int = 2**w_bits - 1
     if symmetric:
@@ -59,7 +59,7 @@ def quantize_groups(weight: torch.Tensor, w_bits: int, group_size: int, symmetri
     out_features, in_features = weight.shape
     check_group_size(in_features, group_size)
     grouped = weight.float().reshape(-1, group_size)
-    scales, zeros = _group_params(grouped, w_bits, symmetric)
+    scales, zeros = group_params(grouped, w_bits, symmetric)
     q = (torch.round(grouped / scales) + zeros).clamp(0, 2**w_bits - 1)
     num_groups = in_features // group_size
     return GroupQuantized(
@@ -81,7 +81,7 @@ def dequantize_groups(quantized: GroupQuantized) -> torch.Tensor:
 def fake_quantize(weight: torch.Tensor, w_bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """Quantize then dequantize, in the weight's dtype (what the searches score against)."""
     grouped = weight.float().reshape(-1, group_size)
-    scales, zeros = _group_params(grouped, w_bits, symmetric)
+    scales, zeros = group_params(grouped, w_bits, symmetric)
     q = (torch.round(grouped / scales) + zeros).clamp(0, 2**w_bits - 1)
     return ((q - zeros) * scales).reshape(weight.shape).to(weight.dtype)
 
