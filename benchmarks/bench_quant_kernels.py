@@ -159,12 +159,10 @@ def _grid(**axes: list) -> list[dict]:
 SWEEP = {
     1: [
         {"kernel": "gemv", "block_n": bn, "num_warps": warps, "prefetch": prefetch, "programs_per_sm": pps}
-        for bn, warps in [(32, 2), (64, 4), (64, 2)]
+        for bn, warps in [(32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)]
         for prefetch in (0, 1)
         for pps in (4, 8)
     ],
-    16: _grid(kernel=["dot"], block_m=[16], block_n=[64, 128], num_warps=[4], num_stages=[3], programs_per_sm=[4, 8]),
-    64: _grid(kernel=["dot"], block_m=[64], block_n=[64, 128], num_warps=[4], num_stages=[3], programs_per_sm=[2]),
 }  # fmt: skip
 
 
