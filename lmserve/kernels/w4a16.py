@@ -253,7 +253,7 @@ def _w4_gemv_kernel(
 def _w4_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
-    nibble, magic, BIAS: tl.constexpr, GROUP: tl.constexpr,
+    MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program = a [BLOCK_M, BLOCK_N] output tile x one split of the 128-row blocks, on tensor cores."""
@@ -286,7 +286,7 @@ def _w4_dot_kernel(
                 j = sub * PLANES + plane
                 ks = kb * 128 + j * 16 + lanes
                 a = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
-                q = (((words >> (4 * j)) & nibble) | magic).to(tl.int16).to(dtype, bitcast=True)
+                q = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
                 part = tl.dot(a, q, part)
                 row_sum += tl.sum(a.to(tl.float32), 1)
             acc += (part - row_sum[:, None] * (zero + BIAS)[None, :]) * scale[None, :]
@@ -403,7 +403,7 @@ def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options:
         x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
         num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
         weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
-        0xF, magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
+        MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
         num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
 
