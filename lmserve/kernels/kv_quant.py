@@ -194,6 +194,49 @@ def _quantized_values(p, v_low, v_high, v_scale, v_zero, DTYPE: tl.constexpr):
 
 
 @jit
+def _attend_quant_tile(
+    q_low, q_high, q_sum, m_i, l_i, acc_low, acc_high, codes_ptr, params_ptr, block_table, start_n, end,
+    query_positions, kv_head, dims, scale_log2, stride_codes_kv, stride_codes_block, stride_codes_token,
+    stride_codes_head, stride_params_kv, stride_params_block, stride_params_token,
+    HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+    MASK: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (m_i, l_i, acc) with the keys start_n..+BLOCK_N, read as int codes.
+
+    MASK: 0 every key of the tile is visible (whole prefill tiles), 1 keys at or past `end` are hidden (decode's
+    last tile), 2 also causal against query_positions (prefill's diagonal tiles).
+    """
+    dtype = q_low.dtype
+    tokens = start_n + tl.arange(0, BLOCK_N)
+    token_mask = tokens < end
+    block_ids = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+    offsets = tokens % BLOCK_SIZE
+    rows = block_ids * stride_codes_block + offsets * stride_codes_token + kv_head * stride_codes_head
+    param_rows = block_ids * stride_params_block + offsets * stride_params_token + kv_head * 2
+    kv_mask = token_mask[:, None] & (dims[None, :] < HALF)
+    k_low, k_high, k_scale, k_zero = _load_codes(
+        codes_ptr, params_ptr, rows, param_rows, dims, kv_mask, token_mask, HALF, BITS, dtype
+    )
+    v_low, v_high, v_scale, v_zero = _load_codes(
+        codes_ptr + stride_codes_kv, params_ptr + stride_params_kv, rows, param_rows, dims, kv_mask,
+        token_mask, HALF, BITS, dtype,
+    )  # fmt: skip
+    scores = _quantized_scores(q_low, q_high, q_sum, k_low, k_high, k_scale, k_zero) * scale_log2
+    if MASK == 1:
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+    if MASK == 2:
+        visible = token_mask[None, :] & (tokens[None, :] <= query_positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv_low, pv_high = _quantized_values(p, v_low, v_high, v_scale, v_zero, dtype)
+    return m_new, l_i, acc_low * alpha[:, None] + pv_low, acc_high * alpha[:, None] + pv_high
+
+
+@jit
 def _quant_decode_split_kernel(
     q_ptr, codes_ptr, params_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
     scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
@@ -220,7 +263,6 @@ def _quant_decode_split_kernel(
     q_low = tl.load(q_row, mask=q_mask, other=0.0)
     q_high = tl.load(q_row + HALF, mask=q_mask, other=0.0)
     q_sum = tl.sum(q_low.to(tl.float32), 1) + tl.sum(q_high.to(tl.float32), 1)
-    dtype = q_ptr.dtype.element_ty
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -228,30 +270,12 @@ def _quant_decode_split_kernel(
     acc_high = tl.zeros([GROUP_PAD, HALF_PAD], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
     for start_n in range(start, end, BLOCK_N):
-        tokens = start_n + tl.arange(0, BLOCK_N)
-        token_mask = tokens < end
-        block_ids = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        offsets = tokens % BLOCK_SIZE
-        rows = block_ids * stride_codes_block + offsets * stride_codes_token + kv_head * stride_codes_head
-        param_rows = block_ids * stride_params_block + offsets * stride_params_token + kv_head * 2
-        kv_mask = token_mask[:, None] & (dims[None, :] < HALF)
-        k_low, k_high, k_scale, k_zero = _load_codes(
-            codes_ptr, params_ptr, rows, param_rows, dims, kv_mask, token_mask, HALF, BITS, dtype
-        )
-        v_low, v_high, v_scale, v_zero = _load_codes(
-            codes_ptr + stride_codes_kv, params_ptr + stride_params_kv, rows, param_rows, dims, kv_mask,
-            token_mask, HALF, BITS, dtype,
+        m_i, l_i, acc_low, acc_high = _attend_quant_tile(
+            q_low, q_high, q_sum, m_i, l_i, acc_low, acc_high, codes_ptr, params_ptr, block_table, start_n,
+            end, group, kv_head, dims, scale_log2, stride_codes_kv, stride_codes_block, stride_codes_token,
+            stride_codes_head, stride_params_kv, stride_params_block, stride_params_token,
+            HALF, BLOCK_SIZE, BLOCK_N, BITS, 1,
         )  # fmt: skip
-        scores = _quantized_scores(q_low, q_high, q_sum, k_low, k_high, k_scale, k_zero) * scale_log2
-        scores = tl.where(token_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv_low, pv_high = _quantized_values(p, v_low, v_high, v_scale, v_zero, dtype)
-        acc_low = acc_low * alpha[:, None] + pv_low
-        acc_high = acc_high * alpha[:, None] + pv_high
-        m_i = m_new
 
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)[:, None]

@@ -8,44 +8,7 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, tl
-from lmserve.kernels.kv_quant import _load_codes, _quantized_scores, _quantized_values
-
-
-@jit
-def _attend_quant_tile(
-    q_low, q_high, q_sum, m_i, l_i, acc_low, acc_high, codes_ptr, params_ptr, block_table, start_n, end,
-    query_positions, kv_head, dims, scale_log2, stride_codes_kv, stride_codes_block, stride_codes_token,
-    stride_codes_head, stride_params_kv, stride_params_block, stride_params_token,
-    HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
-    MASKED: tl.constexpr,
-):  # fmt: skip
-    """prefill_attention's _attend_tile over int codes: online-softmax update with keys start_n..+BLOCK_N."""
-    dtype = q_low.dtype
-    tokens = start_n + tl.arange(0, BLOCK_N)
-    token_mask = tokens < end
-    block_ids = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-    offsets = tokens % BLOCK_SIZE
-    rows = block_ids * stride_codes_block + offsets * stride_codes_token + kv_head * stride_codes_head
-    param_rows = block_ids * stride_params_block + offsets * stride_params_token + kv_head * 2
-    kv_mask = token_mask[:, None] & (dims[None, :] < HALF)
-    k_low, k_high, k_scale, k_zero = _load_codes(
-        codes_ptr, params_ptr, rows, param_rows, dims, kv_mask, token_mask, HALF, BITS, dtype
-    )
-    v_low, v_high, v_scale, v_zero = _load_codes(
-        codes_ptr + stride_codes_kv, params_ptr + stride_params_kv, rows, param_rows, dims, kv_mask,
-        token_mask, HALF, BITS, dtype,
-    )  # fmt: skip
-    scores = _quantized_scores(q_low, q_high, q_sum, k_low, k_high, k_scale, k_zero) * scale_log2
-    if MASKED:
-        visible = token_mask[None, :] & (tokens[None, :] <= query_positions[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv_low, pv_high = _quantized_values(p, v_low, v_high, v_scale, v_zero, dtype)
-    return m_new, l_i, acc_low * alpha[:, None] + pv_low, acc_high * alpha[:, None] + pv_high
+from lmserve.kernels.kv_quant import _attend_quant_tile
 
 
 @jit
@@ -91,14 +54,14 @@ def _quant_prefill_kernel(
             q_low, q_high, q_sum, m_i, l_i, acc_low, acc_high, codes_ptr, params_ptr, block_table, start_n,
             end, query_positions, kv_head, dims, scale_log2, stride_codes_kv, stride_codes_block,
             stride_codes_token, stride_codes_head, stride_params_kv, stride_params_block, stride_params_token,
-            HALF, BLOCK_SIZE, BLOCK_N, BITS, False,
+            HALF, BLOCK_SIZE, BLOCK_N, BITS, 0,
         )  # fmt: skip
     for start_n in range(unmasked_end, end, BLOCK_N):
         m_i, l_i, acc_low, acc_high = _attend_quant_tile(
             q_low, q_high, q_sum, m_i, l_i, acc_low, acc_high, codes_ptr, params_ptr, block_table, start_n,
             end, query_positions, kv_head, dims, scale_log2, stride_codes_kv, stride_codes_block,
             stride_codes_token, stride_codes_head, stride_params_kv, stride_params_block, stride_params_token,
-            HALF, BLOCK_SIZE, BLOCK_N, BITS, True,
+            HALF, BLOCK_SIZE, BLOCK_N, BITS, 2,
         )  # fmt: skip
 
     norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
