@@ -148,12 +148,12 @@ def auto_awq(
     tensors: dict[str, torch.Tensor] = {}
     layers = decoder_layers(float_model.model)
     for index in tqdm(range(len(layers)), desc="auto_awq", unit="layer"):
-        layer, hessians = layers[index], dict[str, torch.Tensor]()
+        layer, search = layers[index], None
         if batches is not None:
             layer_inputs = batches
-            batches, hessians = awq_layer(layer, batches, spec, options.search_scale)
-        quantized = quantize_layer(layer, spec, hessians)
-        if hessians:  # search: the next layer calibrates on what the quantized layers before it produce
+            batches, search = awq_layer(layer, batches, spec, options.search_scale)
+        quantized = quantize_layer(layer, spec, search)
+        if search is not None:  # the next layer calibrates on what the quantized layers before it produce
             _load_dequantized(layer, quantized)
             batches = run_layer(layer, layer_inputs)
         tensors |= _awq_layer_tensors(layer, f"model.layers.{index}", quantized)
@@ -167,12 +167,22 @@ def auto_awq(
     )
 
 
+@dataclass(frozen=True)
+class LayerSearch:
+    """What the search found for one layer, besides the scales already folded into its weights."""
+
+    hessians: dict[str, torch.Tensor]
+    """X^T X / n of each recorded (scaled) input, by input name (INPUT_OF's values)."""
+    clip_max: dict[str, torch.Tensor]
+    """Per linear (q/k excepted): each (output channel, group)'s range limit, [out, groups, 1]."""
+
+
 def awq_layer(
     layer: Any, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool
-) -> tuple[list[LayerBatch], dict[str, torch.Tensor]]:
-    """Scale (and with search, clip) one layer's float weights in place.
+) -> tuple[list[LayerBatch], LayerSearch | None]:
+    """Scale one layer's float weights in place; with search, also find its clip ranges and Hessians.
 
-    Returns the next layer's inputs and, with search, the Hessian X^T X / n of each recorded (scaled) input.
+    Returns the next layer's inputs (of the float layer) and the search's findings (None without search).
     """
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in set(INPUT_OF.values())}
 
@@ -194,24 +204,21 @@ def awq_layer(
         awq.apply_scales(group.prev_op, linears, scales, group.prev_op_scales(scales))
         inputs[group.input_name] = [x / scales.to(x.dtype) for x in xs]
     if not search:
-        return next_batches, {}
-    _clip_layer(layer, inputs, spec)
-    return next_batches, {name: awq.input_hessian(xs) for name, xs in inputs.items()}
+        return next_batches, None
+    hessians = {name: awq.input_hessian(xs) for name, xs in inputs.items()}
+    return next_batches, LayerSearch(hessians, _clip_ranges(layer, inputs, spec))
 
 
-def quantize_layer(
-    layer: Any, spec: awq.QuantSpec, hessians: dict[str, torch.Tensor]
-) -> dict[str, GroupQuantized]:
-    """Each linear's integers: error-feedback rounding where its input's Hessian is known, else nearest."""
+def quantize_layer(layer: Any, spec: awq.QuantSpec, search: LayerSearch | None) -> dict[str, GroupQuantized]:
+    """Each linear's integers: error-feedback rounding within the searched ranges, or nearest without search."""
     quantized = {}
     for name, input_name in INPUT_OF.items():
         weight = layer.get_submodule(name).weight.detach()
-        hessian = hessians.get(input_name)
-        quantized[name] = (
-            awq.gptq_round(weight, hessian, spec)
-            if hessian is not None
-            else quantize_groups(weight, spec.w_bits, spec.group_size, spec.symmetric)
-        )
+        if search is None:
+            quantized[name] = quantize_groups(weight, spec.w_bits, spec.group_size, spec.symmetric)
+        else:
+            hessian, clip_max = search.hessians[input_name], search.clip_max.get(name)
+            quantized[name] = awq.gptq_round(weight, hessian, spec, clip_max)
     return quantized
 
 
@@ -223,16 +230,16 @@ def _fixed_ratio_scales(
     return awq.ratio_scales(act_absmax, awq.weight_channel_mean(weight, spec.group_size), 0.5)
 
 
-def _clip_layer(layer: Any, inputs: dict[str, list[torch.Tensor]], spec: awq.QuantSpec) -> None:
+def _clip_ranges(
+    layer: Any, inputs: dict[str, list[torch.Tensor]], spec: awq.QuantSpec
+) -> dict[str, torch.Tensor]:
+    ranges = {}
     for name, input_name in INPUT_OF.items():
         if name.endswith(awq.SKIP_CLIP):
             continue
-        linear = layer.get_submodule(name)
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[input_name]])
-        if awq.ASYM_CLIP and not spec.symmetric:
-            awq.apply_clip_range(linear, awq.search_clip_range(linear.weight, x, spec), spec.group_size)
-        else:
-            awq.apply_clip(linear, awq.search_clip(linear.weight, x, spec), spec.group_size)
+        ranges[name] = awq.search_clip(layer.get_submodule(name).weight, x, spec)
+    return ranges
 
 
 @torch.no_grad()

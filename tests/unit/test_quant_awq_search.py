@@ -147,3 +147,20 @@ def test_gptq_round_lowers_the_output_error_of_round_to_nearest() -> None:
         return float((held_out @ (weight - quantized).t()).pow(2).mean())
 
     assert output_error(gptq) < 0.8 * output_error(nearest)
+
+
+def test_gptq_round_takes_the_clipped_range_but_rounds_the_true_weights() -> None:
+    torch.manual_seed(4)
+    weight = torch.randn(8, 32)
+    clip_max = weight.abs().reshape(8, 2, 16).amax(-1, keepdim=True) * 0.7
+    quantized = awq.gptq_round(weight, torch.eye(32), SPEC, clip_max)  # H = I: no error feedback
+    clipped = torch.maximum(torch.minimum(weight.reshape(8, 2, 16), clip_max), -clip_max).reshape(8, 32)
+    grid = quantize_groups(clipped, 4, SPEC.group_size, symmetric=False)
+    assert torch.equal(quantized.scales, grid.scales.half().float()) and torch.equal(
+        quantized.zeros, grid.zeros
+    )
+    scales = quantized.scales.repeat_interleave(16, dim=1)
+    zeros = quantized.zeros.repeat_interleave(16, dim=1)
+    nearest = (torch.round(weight / scales) + zeros).clamp(0, 15)  # the unclipped weights on that grid
+    assert torch.equal(quantized.q, nearest.to(torch.int32))
+    assert not torch.equal(quantized.q, quantize_groups(weight, 4, 16, symmetric=False).q)
