@@ -1,4 +1,4 @@
-"""Time W4A16 (awq_gemm) and W8A8 (int8_gemm) against bf16 F.linear on the Llama-3-8B layer GEMMs at decode batches.
+"""Time W4A16 (w4a16_matmul) and W8A8 (int8_gemm) against bf16 F.linear on the Llama-3-8B layer GEMMs at decode batches.
 
     PYTHONPATH=. python benchmarks/bench_quant_kernels.py [--json results.json] [--sweep]
 
@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from bench_kernels import copy_bandwidth, graph_of, time_ms
 
-from lmserve.kernels import awq_gemm as awq
 from lmserve.kernels import w4a16
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
 from lmserve.quant.linear import cuda_int8_matmul
@@ -83,10 +82,6 @@ def bench_gemm(k: int, n: int, m: int, w4_options: dict | None = None) -> dict:
     packed = [awq_weights(k, n) for _ in range(sets)]
     repacked = [w4a16.repack_awq(**p, group_size=GROUP_SIZE) for p in packed]
     row["awq_us"] = graph_us([lambda w=w: w4a16.w4a16_matmul(x, w, **(w4_options or {})) for w in repacked])
-    if not sweeping:
-        row["awq_old_us"] = graph_us(
-            [lambda p=p: awq.awq_gemm(x, **p, group_size=GROUP_SIZE) for p in packed]
-        )
     del packed, repacked
     if not sweeping:
         sets = num_sets_for(weight_bytes("int8", k, n))
@@ -115,7 +110,7 @@ def layer_totals(rows: list[dict]) -> dict[int, dict[str, float]]:
     totals: dict[int, dict[str, float]] = {}
     for row in rows:
         per_m = totals.setdefault(row["m"], {})
-        for key in ("bf16_us", "awq_us", "awq_old_us", "int8_gemm_us", "int8_cublas_us", "w8a8_us"):
+        for key in ("bf16_us", "awq_us", "int8_gemm_us", "int8_cublas_us", "w8a8_us"):
             per_m[key] = per_m.get(key, 0.0) + row.get(key, math.nan)
     return totals
 
@@ -123,13 +118,13 @@ def layer_totals(rows: list[dict]) -> dict[int, dict[str, float]]:
 def print_rows(rows: list[dict], copy_tb_s: float) -> None:
     print(
         f"{'gemm':8s} {'M':>3s} {'bf16_us':>8s} {'TB/s':>5s} {'awq_us':>8s} {'TB/s':>5s} {'%copy':>5s} "
-        f"{'x bf16':>6s} {'old_us':>8s} {'int8_us':>8s} {'TB/s':>5s} {'x bf16':>6s} {'cublas8':>8s} {'w8a8_us':>8s}  w4 kernel"
+        f"{'x bf16':>6s} {'int8_us':>8s} {'TB/s':>5s} {'x bf16':>6s} {'cublas8':>8s} {'w8a8_us':>8s}  w4 kernel"
     )
     for r in rows:
         print(
             f"{r['name']:8s} {r['m']:3d} {r['bf16_us']:8.1f} {r['bf16_tb_s']:5.2f} {r['awq_us']:8.1f} "
             f"{r['awq_tb_s']:5.2f} {100 * r['awq_tb_s'] / copy_tb_s:5.1f} {r['bf16_us'] / r['awq_us']:6.2f} "
-            f"{r['awq_old_us']:8.1f} {r['int8_gemm_us']:8.1f} {r['int8_gemm_tb_s']:5.2f} "
+            f"{r['int8_gemm_us']:8.1f} {r['int8_gemm_tb_s']:5.2f} "
             f"{r['bf16_us'] / r['int8_gemm_us']:6.2f} {r['int8_cublas_us']:8.1f} {r['w8a8_us']:8.1f}  {r['awq_kernel']}"
         )
 
@@ -206,7 +201,7 @@ def main() -> None:
         verdict = f"goal >= {goals[m]}x: {'met' if speedup >= goals[m] else 'NOT met'}" if m in goals else ""
         print(
             f"layer M={m:3d}: bf16 {total['bf16_us']:7.1f} us  awq {total['awq_us']:7.1f} us ({speedup:.2f}x)  "
-            f"old awq {total['awq_old_us']:7.1f} us  int8 {total['int8_gemm_us']:7.1f} us "
+            f"int8 {total['int8_gemm_us']:7.1f} us "
             f"({total['bf16_us'] / total['int8_gemm_us']:.2f}x, cuBLAS int8 {total['int8_cublas_us']:.1f})  "
             f"w8a8 incl. quant {total['w8a8_us']:7.1f} us  {verdict}"
         )

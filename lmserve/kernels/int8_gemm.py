@@ -2,7 +2,7 @@
 
 y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * x_scale[m] * w_scale[n]: int8 tensor-core dots accumulate exactly in
 int32, the two scales are applied once in float32 at the end. Small batches split K (float32 partials summed
-by awq_gemm's reduce kernel) so that the weight streams through every SM.
+by a reduce kernel) so that the weight streams through every SM.
 """
 
 from __future__ import annotations
@@ -11,11 +11,47 @@ import math
 
 import torch
 
-from lmserve.kernels._triton import jit, next_power_of_2, tl
-from lmserve.kernels.awq_gemm import choose_split, split_destination, sum_splits
+from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
 from lmserve.quant.rtn import quantize_per_token_int8
 
 _PROGRAMS_PER_SM = 4
+
+
+@jit
+def _sum_splits_kernel(partial_ptr, out_ptr, N, num_splits, stride_split, stride_om, BLOCK: tl.constexpr):
+    """out[m, :] = sum over splits of partial[split, m, :] (float32), cast to out's dtype."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    total = tl.zeros([BLOCK], tl.float32)
+    for split in range(num_splits):
+        total += tl.load(partial_ptr + split * stride_split + row * N + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_splits(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, N] = partial [splits, M, N] (contiguous float32) summed over splits."""
+    num_splits, num_rows, n = partial.shape
+    block = 1024
+    _sum_splits_kernel[(num_rows, math.ceil(n / block))](
+        partial, out, n, num_splits, partial.stride(0), out.stride(0), BLOCK=block, num_warps=4
+    )
+    return out
+
+
+def choose_split(num_tiles: int, num_k_blocks: int, programs_per_sm: int, device: torch.device) -> int:
+    """K-blocks per split: enough splits for about programs_per_sm programs per SM, none of them empty."""
+    wanted = max(1, math.ceil(programs_per_sm * num_sms(device) / max(1, num_tiles)))
+    return math.ceil(num_k_blocks / min(wanted, num_k_blocks))
+
+
+def split_destination(num_splits: int, out: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Where the split programs write: out itself for one split, else a float32 [splits, M, N] buffer."""
+    if num_splits == 1:
+        return out, 0, out.stride(0)
+    num_rows, n = out.shape
+    partial = torch.empty(num_splits, num_rows, n, dtype=torch.float32, device=out.device)
+    return partial, partial.stride(0), partial.stride(1)
 
 
 @jit

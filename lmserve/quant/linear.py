@@ -60,10 +60,10 @@ class AWQLinear(nn.Module):
             from lmserve.kernels.w4a16 import w4a16_matmul
 
             out = w4a16_matmul(x, self.w4)
-        elif x.is_cuda and HAS_TRITON:  # group sizes the repacked kernels don't take
-            from lmserve.kernels.awq_gemm import awq_gemm
+        elif x.is_cuda and HAS_TRITON:  # group sizes the repacked kernels don't take: dense weight, cuBLAS
+            from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
 
-            out = awq_gemm(x, self.qweight, self.qzeros, self.scales, self.group_size)
+            out = x @ awq_dequantize_cuda(self.qweight, self.qzeros, self.scales, self.group_size, x.dtype)
         else:
             out = x @ self.dequantized_weight(x.dtype)
         return out + self.bias.to(x.dtype) if self.bias is not None else out

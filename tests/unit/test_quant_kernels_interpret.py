@@ -20,7 +20,7 @@ def test_quant_kernels_match_references_under_interpreter() -> None:
 
 
 if IN_CHILD:
-    from lmserve.kernels.awq_gemm import awq_dequantize, awq_dequantize_ref, awq_gemm, awq_gemm_ref
+    from lmserve.kernels.awq_dequant import awq_dequantize, awq_dequantize_ref, awq_gemm_ref
     from lmserve.kernels.int8_gemm import (
         int8_gemm,
         int8_gemm_ref,
@@ -49,32 +49,6 @@ def test_awq_dequantize_matches_reference_exactly() -> None:
     assert torch.equal(
         awq_dequantize(qweight, qzeros, scales, 16), awq_dequantize_ref(qweight, qzeros, scales, 16)
     )
-
-
-@child_only
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-@pytest.mark.parametrize("groups_per_split", [None, 1, 4])  # None: the heuristic (several splits here)
-def test_awq_gemm(kernel: str, groups_per_split: int | None) -> None:
-    k, n, group_size = 128, 40, 32  # 5 packed columns: a partial column block
-    qweight, qzeros, scales = random_awq(k, n, group_size, seed=3)
-    x = torch.randn(3 if kernel == "gemv" else 20, k).to(DTYPE)
-    blocks = {"block_packed": 4} if kernel == "gemv" else {"block_m": 16, "block_n": 32, "block_k": 16}
-    if kernel == "gemm" and groups_per_split is not None:
-        groups_per_split *= group_size // blocks["block_k"]  # the GEMM counts BLOCK_K tiles
-    out = awq_gemm(
-        x, qweight, qzeros, scales, group_size, kernel=kernel, blocks_per_split=groups_per_split, **blocks
-    )
-    assert out.shape == (x.shape[0], n) and out.dtype == DTYPE
-    assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < 2e-3
-
-
-@child_only
-def test_awq_gemm_default_dispatch_and_leading_dims() -> None:
-    qweight, qzeros, scales = random_awq(64, 16, 64, seed=5)
-    x = torch.randn(2, 1, 64).to(DTYPE)
-    out = awq_gemm(x, qweight, qzeros, scales, 64)
-    ref = awq_gemm_ref(x.reshape(2, 64), qweight, qzeros, scales, 64).reshape(2, 1, 16)
-    assert relative_error(out, ref) < 2e-3
 
 
 @child_only
