@@ -1,9 +1,12 @@
 """`lite` entry points: auto_awq (W4A16), smooth_quant (W8A8) and calibrate, layer by layer.
 
-What `--search-scale` means (as in LMDeploy): off, the AWQ scales use LMDeploy's fixed ratio 0.5
-from the activations' per-channel absmax (no search, no clipping); on, the ratio is searched on a
-grid per group of linears against the block's output (AutoAWQ) and then each weight group's clip
-range is searched. `rtn=True` (`--rtn`, ours) turns both off: plain round-to-nearest, the baseline.
+What `--search-scale` means: off, the AWQ scales use LMDeploy's fixed ratio 0.5 from the activations'
+per-channel absmax (no search, no clipping, nearest rounding), as LMDeploy does. On, the ratio is searched
+on a grid per group of linears against the block's output (AutoAWQ), each weight group's clip range is
+searched (AutoAWQ), and then the weights are rounded on those grids with GPTQ's error feedback instead of
+to the nearest point; each layer calibrates on the outputs of the already quantized layers before it.
+The checkpoint is the same AutoAWQ GEMM layout either way. `rtn=True` (`--rtn`, ours) turns all of it
+off: plain round-to-nearest, the baseline.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Quantization quality on the real SmolLM2-135M (GGUF): AWQ beats RTN, W8A8 stays close to float."""
+"""Quantization quality on the real SmolLM2-135M (GGUF): AWQ within +15% and beating RTN, W8A8 close to float."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def test_awq_beats_rtn_and_w8a8_is_close(float_model, tmp_path: Path) -> None:  
     rtn_ppl, awq_ppl, w8a8_ppl = (_ppl(load_quantized_model(p), tokens) for p in (rtn, awq, w8a8))
     print(f"float {base:.3f}  rtn {rtn_ppl:.3f}  awq {awq_ppl:.3f}  w8a8 {w8a8_ppl:.3f}")
     assert math.isfinite(base)
-    # The issue's goal awq_ppl <= base * 1.15 is not met on this model (+16.6%): benchmarks/quant_quality.md
-    assert awq_ppl < rtn_ppl
+    assert (
+        awq_ppl <= base * 1.15 and awq_ppl < rtn_ppl
+    )  # the issue's goal; +11.1% measured (quant_quality.md)
     assert w8a8_ppl <= base * 1.03
