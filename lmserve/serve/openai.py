@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -116,14 +116,48 @@ async def _chat_stream(
 ) -> AsyncIterator[str]:
     created, model = now(), state.config.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    choices = [fmt.ChoiceState() for _ in submissions]
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, reason: str | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return fmt.chat_chunk(api_id, created, model, [choice], include_usage)
 
+    def content(index: int, out: Any) -> str:
+        logprobs = None
+        if body.logprobs:
+            logprobs = fmt.chat_logprobs(
+                state.token_text, out.logprobs or [], body.top_logprobs or 0
+            ).model_dump()
+        return chunk(index, {"content": out.text}, logprobs)
+
+    def finish(index: int, out: Any) -> str:
+        return chunk(index, {}, None, fmt.finish_reason(out.finish_reason))
+
+    def usage(totals: Any) -> str:
+        return fmt.chat_chunk(api_id, created, model, [], True, totals)
+
     for sub in submissions:
         yield chunk(sub.index, {"role": "assistant", "content": ""})
+    async for event in _stream_outputs(
+        state, api_id, submissions, body.n, content, finish, usage if include_usage else None
+    ):
+        yield event
+
+
+async def _stream_outputs(
+    state: ServerState,
+    api_id: str,
+    submissions: list[Submission],
+    n: int,
+    content: Callable[[int, Any], str],
+    finish: Callable[[int, Any], str],
+    usage: Callable[[Any], str] | None,
+) -> AsyncIterator[str]:
+    """The SSE events of a streamed request after its opening chunks, shared by chat and completions.
+
+    content(index, output) formats an output that carries text or logprobs, finish(index, output) the finish
+    chunk; usage(totals), when given, the closing usage chunk. An error ends the stream with an OpenAI error body.
+    """
+    choices = [fmt.ChoiceState() for _ in submissions]
     try:
         async with state.slot():
             async for index, out in run_choices(
@@ -133,18 +167,14 @@ async def _chat_stream(
                     raise APIError(500, f"engine error: {out.error}")
                 choices[index].add(out)
                 if out.text or out.logprobs:
-                    logprobs = None
-                    if body.logprobs:
-                        lp = fmt.chat_logprobs(state.token_text, out.logprobs or [], body.top_logprobs or 0)
-                        logprobs = lp.model_dump()
-                    yield chunk(index, {"content": out.text}, logprobs)
+                    yield content(index, out)
                 if out.finished:
-                    yield chunk(index, {}, None, fmt.finish_reason(out.finish_reason))
+                    yield finish(index, out)
     except Exception as error:
         yield _stream_error(error)
         return
-    if include_usage:
-        yield fmt.chat_chunk(api_id, created, model, [], True, fmt.usage_of(choices, body.n))
+    if usage is not None:
+        yield usage(fmt.usage_of(choices, n))
     yield fmt.SSE_DONE
 
 
@@ -251,38 +281,30 @@ async def _completion_stream(
 ) -> AsyncIterator[str]:
     created, model = now(), state.config.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    choices = [fmt.ChoiceState() for _ in submissions]
     offsets = [len(e) for e in echoes]
 
     def chunk(index: int, text: str, logprobs: Any = None, reason: str | None = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         return fmt.completion_chunk(api_id, created, model, [choice], include_usage)
 
+    def content(index: int, out: Any) -> str:
+        logprobs = None
+        if body.logprobs is not None:
+            lp = fmt.completion_logprobs(state.token_text, out.logprobs or [], body.logprobs, offsets[index])
+            logprobs = lp.model_dump()
+        offsets[index] += len(out.text)
+        return chunk(index, out.text, logprobs)
+
+    def finish(index: int, out: Any) -> str:
+        return chunk(index, "", None, fmt.finish_reason(out.finish_reason))
+
+    def usage(totals: Any) -> str:
+        return fmt.completion_chunk(api_id, created, model, [], True, totals)
+
     for sub in submissions:
         if echoes[sub.index]:
             yield chunk(sub.index, echoes[sub.index])
-    try:
-        async with state.slot():
-            async for index, out in run_choices(
-                state.engine, api_id, submissions, state.in_flight, state.metrics
-            ):
-                if out.error:
-                    raise APIError(500, f"engine error: {out.error}")
-                choices[index].add(out)
-                if out.text or out.logprobs:
-                    logprobs = None
-                    if body.logprobs is not None:
-                        lp = fmt.completion_logprobs(
-                            state.token_text, out.logprobs or [], body.logprobs, offsets[index]
-                        )
-                        logprobs = lp.model_dump()
-                    offsets[index] += len(out.text)
-                    yield chunk(index, out.text, logprobs)
-                if out.finished:
-                    yield chunk(index, "", None, fmt.finish_reason(out.finish_reason))
-    except Exception as error:
-        yield _stream_error(error)
-        return
-    if include_usage:
-        yield fmt.completion_chunk(api_id, created, model, [], True, fmt.usage_of(choices, body.n))
-    yield fmt.SSE_DONE
+    async for event in _stream_outputs(
+        state, api_id, submissions, body.n, content, finish, usage if include_usage else None
+    ):
+        yield event
