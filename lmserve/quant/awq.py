@@ -1,7 +1,8 @@
-"""AWQ for one decoder layer: activation-aware scales (fixed ratio, or grid search), weight clipping.
+"""AWQ for one decoder layer: activation-aware scales (fixed ratio, or grid search), clip ranges, GPTQ rounding.
 
 Scales s (one per input channel) move quantization difficulty from weights to activations:
 W x = (W diag(s)) (diag(s)^-1 x), and diag(s)^-1 folds into the previous op (an RMSNorm or a linear).
+Then each weight group's range is searched, and the weights are rounded on that grid with error feedback.
 """
 
 from __future__ import annotations
@@ -283,8 +284,8 @@ def gptq_round(
 
     GPTQ (Frantar et al., 2022) on AWQ's grid: columns are rounded left to right and each one's error is
     pushed onto the columns not yet rounded, through the inverse Hessian. A group's scale and zero point
-    come from its weights (already scaled and clipped by AWQ) as updated when the group is reached, so the
-    checkpoint layout is unchanged. The AWQ paper notes the two are orthogonal and combine.
+    come from its weights (already scaled by AWQ) as updated when the group is reached, so the checkpoint
+    layout is unchanged. The AWQ paper notes the two are orthogonal and combine.
 
     clip_max ([out, groups, 1], from search_clip) narrows each group's range to [-clip_max, clip_max] but the
     weights themselves are not clipped: the rounding aims at the true weights and compensates what the
