@@ -53,7 +53,8 @@ def _add_auto_awq(commands: Any) -> None:
     parser.add_argument(
         "--search-scale",
         action="store_true",
-        help="search AWQ scales per group of linears on a grid and clip weights (AutoAWQ); off: LMDeploy's fixed ratio 0.5",
+        help="search AWQ scales per group of linears and each group's clip range on a grid (AutoAWQ), then round "
+        "with GPTQ's error feedback on that grid; off: LMDeploy's fixed ratio 0.5",
     )
     parser.add_argument(
         "--rtn", action="store_true", help="plain round-to-nearest: no activation-aware scaling, no clipping"
