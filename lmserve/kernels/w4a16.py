@@ -323,7 +323,8 @@ def choose_splits(num_tiles: int, num_blocks: int, programs_per_sm: int, device:
     return math.ceil(num_blocks / min(wanted, num_blocks))
 
 
-def gemv_options(n: int) -> dict[str, int]:
+def gemv_options() -> dict[str, int]:
+    """The GEMV's launch settings (H100 sweeps in benchmarks/RESULTS.md: 64-column tiles, 4 warps, no prefetch)."""
     return {"block_n": 64, "num_warps": 4, "programs_per_sm": 4, "prefetch": 0, "num_stages": 1}
 
 
@@ -369,7 +370,7 @@ def _partials(num_splits: int, num_rows: int, n: int, device: torch.device) -> t
 
 
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
-    opts = gemv_options(out.shape[1]) | options
+    opts = gemv_options() | options
     n, num_blocks = out.shape[1], weight.num_blocks
     for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps "gemv" usable in tests
         tiles = math.ceil(n / opts["block_n"])
