@@ -141,3 +141,22 @@ class Response:
         self.input_token_len = out.num_prompt_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
+
+
+class PromptThenOutput:
+    """Views of a token list that holds the prompt, then the generated tokens (engine and sampler rows)."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens

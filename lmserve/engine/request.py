@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmserve.generation import FinishReason, GenerationConfig
+from lmserve.generation import FinishReason, GenerationConfig, PromptThenOutput
 
 
 class RequestStatus(enum.Enum):
@@ -17,7 +17,7 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Request:
+class Request(PromptThenOutput):
     """Phase-free progress: the first num_computed_tokens of token_ids have their K/V in the cache."""
 
     request_id: str
@@ -44,18 +44,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.generation import GenerationConfig, TokenLogprob
+from lmserve.generation import GenerationConfig, PromptThenOutput, TokenLogprob
 
 Device = torch.device | str
 
@@ -19,7 +19,7 @@ def make_generator(seed: int, device: Device) -> torch.Generator:
 
 
 @dataclass
-class SamplingRequest:
+class SamplingRequest(PromptThenOutput):
     """What the sampler needs to know about one row of the batch."""
 
     gen_config: GenerationConfig
@@ -37,18 +37,6 @@ class SamplingRequest:
         generator: torch.Generator | None = None,
     ) -> SamplingRequest:
         return cls(gen_config, prompt_token_ids + output_token_ids, len(prompt_token_ids), generator)
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
