@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -48,12 +48,14 @@ class EngineConfig:
     num_cpu_threads: int | None = None
     """torch intra-op threads on CPU (default: torch's choice)."""
     seed: int = 0
-    """Seed for requests without a per-request seed."""
+    """Seed of torch's global random stream, set when the engine is built: requests without a seed of their
+    own draw from it, so the same seed and the same requests in the same order give the same tokens."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
         _check(self.device in DEVICES, f"device={self.device!r} must be one of {DEVICES}")
         _check(self.tp >= 1, f"tp={self.tp} must be >= 1")
+        _check(self.tp == 1, f"tp={self.tp}: tensor parallelism is not supported yet; run with --tp 1")
         _check(
             self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2"
         )
@@ -102,7 +104,6 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     webui: bool = True
     disable_metrics: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")

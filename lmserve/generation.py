@@ -27,6 +27,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit before sampling (OpenAI's logit_bias)."""
     random_seed: int | None = None
     """Per-request seed: the same seed and prompt give the same tokens."""
     stop_words: tuple[str, ...] = ()
@@ -72,6 +74,10 @@ class GenerationConfig:
                 -2.0 <= self.presence_penalty <= 2.0,
                 f"presence_penalty={self.presence_penalty} must be in [-2, 2]",
             ),
+            (
+                _valid_logit_bias(self.logit_bias),
+                f"logit_bias={self.logit_bias} must map token ids >= 0 to biases in [-100, 100]",
+            ),
             (self.min_new_tokens >= 0, f"min_new_tokens={self.min_new_tokens} must be >= 0"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
@@ -89,6 +95,15 @@ class GenerationConfig:
 
     def with_updates(self, **changes: Any) -> GenerationConfig:
         return replace(self, **changes)
+
+
+def _valid_logit_bias(logit_bias: dict[int, float] | None) -> bool:
+    if logit_bias is None:
+        return True
+    return all(
+        isinstance(token_id, int) and token_id >= 0 and -100.0 <= bias <= 100.0
+        for token_id, bias in logit_bias.items()
+    )
 
 
 @dataclass(frozen=True)

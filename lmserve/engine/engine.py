@@ -77,15 +77,20 @@ class LLMEngine:
         cls, model: str | None = None, config: EngineConfig | None = None, chat_template: str | None = None
     ) -> LLMEngine:
         """Load a model (folder, .gguf, cached hub id; None = embedded SmolLM2) and size its KV cache."""
-        from lmserve.models.loader import load_generation_defaults, load_model_config, resolve_model
+        from lmserve.models.loader import (
+            check_model_format,
+            load_generation_defaults,
+            load_model_config,
+            resolve_model,
+        )
         from lmserve.models.tokenizer import load_tokenizer
 
         config = config or EngineConfig()
         source = resolve_model(model)
         model_config = load_model_config(source)
+        check_model_format(config.model_format, source, model_config)
         resolved = builder.resolve_config(config, model_config)
-        if config.num_cpu_threads:
-            torch.set_num_threads(config.num_cpu_threads)
+        _apply_torch_settings(config)
         tokenizer = load_tokenizer(source, chat_template)
         net = builder.load_model(source, model_config, resolved)
         return cls.build(config, model_config, net, tokenizer, load_generation_defaults(source), resolved)
@@ -144,6 +149,7 @@ class LLMEngine:
             hf_config["quantization_config"] = quantization
         model_config = ModelConfig.from_hf_config(hf_config)
         resolved = builder.resolve_config(config, model_config)
+        _apply_torch_settings(config)
         return cls.build(
             config, model_config, builder.random_model(model_config, resolved), resolved=resolved
         )
@@ -318,6 +324,13 @@ class LLMEngine:
     def request_status(self, request_id: str) -> RequestStatus | None:
         request = self.requests.get(request_id)
         return request.status if request else None
+
+
+def _apply_torch_settings(config: EngineConfig) -> None:
+    """Process-wide torch settings the config asks for: CPU threads, and the seed of the global random stream."""
+    if config.num_cpu_threads:
+        torch.set_num_threads(config.num_cpu_threads)
+    torch.manual_seed(config.seed)  # unseeded sampled requests draw from this stream (vLLM's --seed)
 
 
 def _defaults_from(generation_defaults: dict[str, Any]) -> GenerationConfig:

@@ -73,6 +73,10 @@ class SamplingBatch:
     banned_rows: torch.Tensor | None
     """int64[B] with banned_token_ids: (row, token) pairs forced to -inf (min_new_tokens, ignore_eos)."""
     banned_token_ids: torch.Tensor | None
+    bias_rows: torch.Tensor | None
+    """int64[B] with bias_token_ids and bias_values float[B]: logit_bias entries, added to the logits."""
+    bias_token_ids: torch.Tensor | None
+    bias_values: torch.Tensor | None
     seeded_rows: list[tuple[int, torch.Generator]]
     num_logprobs: list[int | None]
     logprob_rows: torch.Tensor | None
@@ -91,6 +95,7 @@ class SamplingBatch:
         frequency, presence, counts = _output_penalties(configs, requests, vocab_size, device)
         repetition, seen = _repetition_penalty(configs, requests, vocab_size, device)
         banned_rows, banned_token_ids = _banned_tokens(requests, eos_token_ids, vocab_size, device)
+        bias_rows, bias_token_ids, bias_values = _logit_bias(configs, vocab_size, device)
         num_logprobs = [config.logprobs for config in configs]
         logprob_rows = [row for row, k in enumerate(num_logprobs) if k is not None]
         return cls(
@@ -112,6 +117,9 @@ class SamplingBatch:
             output_token_counts=counts,
             banned_rows=banned_rows,
             banned_token_ids=banned_token_ids,
+            bias_rows=bias_rows,
+            bias_token_ids=bias_token_ids,
+            bias_values=bias_values,
             seeded_rows=[
                 (row, r.generator) for row, r in enumerate(requests) if r.generator and not greedy[row]
             ],
@@ -127,6 +135,7 @@ class SamplingBatch:
             self.repetition_penalty is not None
             or self.output_token_counts is not None
             or self.banned_rows is not None
+            or self.bias_rows is not None
         )
 
 
@@ -209,6 +218,28 @@ def _banned_tokens(
     return torch.tensor(rows, device=device), torch.tensor(token_ids, device=device)
 
 
+def _logit_bias(
+    configs: list[GenerationConfig], vocab_size: int, device: Device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(rows, token_ids, biases) of every row's logit_bias, or three None when no row has one."""
+    entries = [
+        (row, token_id, bias)
+        for row, config in enumerate(configs)
+        for token_id, bias in (config.logit_bias or {}).items()
+    ]
+    if not entries:
+        return None, None, None
+    for _, token_id, _ in entries:
+        if token_id >= vocab_size:  # the engine validates requests; this guards our own invariant
+            raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})")
+    rows, token_ids, biases = zip(*entries, strict=True)
+    return (
+        torch.tensor(rows, dtype=torch.long, device=device),
+        torch.tensor(token_ids, dtype=torch.long, device=device),
+        torch.tensor(biases, dtype=torch.float32, device=device),
+    )
+
+
 class Sampler:
     """Turns a batch of logits into one token per row.
 
@@ -240,7 +271,7 @@ class Sampler:
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Repetition (HF), frequency/presence (OpenAI) penalties and banned tokens, in place."""
+    """Repetition (HF), frequency/presence (OpenAI) penalties, logit_bias, then banned tokens (in place)."""
     if batch.repetition_penalty is not None and batch.seen_token_mask is not None:
         penalty = batch.repetition_penalty
         penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
@@ -249,6 +280,11 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         assert batch.frequency_penalty is not None and batch.presence_penalty is not None
         counts = batch.output_token_counts
         logits -= batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0)
+    if batch.bias_rows is not None:
+        assert batch.bias_token_ids is not None and batch.bias_values is not None
+        logits.index_put_(
+            (batch.bias_rows, batch.bias_token_ids), batch.bias_values.to(logits.dtype), accumulate=True
+        )
     if batch.banned_rows is not None:
         logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
     return logits

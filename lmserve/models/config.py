@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = (
@@ -46,7 +46,6 @@ class ModelConfig:
     quantization_config: dict[str, Any] | None = None
     """HF quantization_config (quant_method awq / compressed-tensors ...), or None."""
     sliding_window: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rope_type(self) -> str:

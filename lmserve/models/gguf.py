@@ -92,7 +92,6 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
         torch_dtype="float32",
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(reader),
-        extra={"gguf_architecture": arch, "gguf_file_type": read_field(reader, "general.file_type")},
     )
 
 

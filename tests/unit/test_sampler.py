@@ -265,3 +265,48 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
         top_values, top_ids = reference[row].topk(k)
         assert [token for token, _ in logprob.top] == top_ids.tolist()
         assert [value for _, value in logprob.top] == pytest.approx(top_values.tolist(), abs=1e-5)
+
+
+def test_logit_bias_matches_hf_sequence_bias_per_row() -> None:
+    from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+    biases = [{5: 2.5, 9: -100.0}, {}, {5: -1.0, 63: 7.0}]
+    requests = [make_request(logit_bias=bias or None) for bias in biases]
+    logits = random_logits(3)
+    ours = apply_penalties(logits.clone(), build(requests))
+    for row, bias in enumerate(biases):
+        expected = logits[row : row + 1]
+        if bias:
+            hf = SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()})
+            expected = hf(torch.zeros(1, 1, dtype=torch.long), expected.clone())
+        torch.testing.assert_close(ours[row : row + 1], expected)
+
+
+def test_logit_bias_steers_greedy_and_sampled_rows_but_not_logprobs() -> None:
+    requests = [
+        make_request(logit_bias={17: 100.0}, logprobs=1),
+        make_request(do_sample=True, temperature=1.0, random_seed=3, logit_bias={42: 100.0}),
+    ]
+    logits = random_logits(2)
+    result = Sampler().sample(logits.clone(), build(requests))
+    assert result.token_ids == [17, 42]
+    raw = logits[0].log_softmax(-1)
+    first = result.logprobs[0]
+    assert first is not None and math.isclose(first.logprob, float(raw[17]), rel_tol=1e-5)
+
+
+def test_logit_bias_never_unbans_min_new_tokens() -> None:
+    request = make_request(logit_bias={EOS[0]: 100.0}, min_new_tokens=2)
+    out = apply_penalties(random_logits(1), build([request]))
+    assert out[0, EOS[0]] == float("-inf")
+
+
+@pytest.mark.parametrize("bias", [{1: 100.5}, {-1: 1.0}, {2: float("nan")}])
+def test_logit_bias_out_of_range_is_an_error_naming_the_field(bias: dict[int, float]) -> None:
+    with pytest.raises(ValueError, match="logit_bias"):
+        GenerationConfig(logit_bias=bias)
+
+
+def test_logit_bias_token_outside_vocab_is_refused() -> None:
+    with pytest.raises(ValueError, match="logit_bias"):
+        build([make_request(logit_bias={VOCAB: 1.0})])
