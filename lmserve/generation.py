@@ -96,6 +96,16 @@ class GenerationConfig:
     def with_updates(self, **changes: Any) -> GenerationConfig:
         return replace(self, **changes)
 
+    def fan_out(self) -> list[GenerationConfig]:
+        """The n single-sequence configs the engine runs for n choices (the engine takes n=1 only).
+
+        Choice i gets seed + i, so a seeded n > 1 request gives different yet reproducible choices.
+        """
+        if self.n == 1:
+            return [self]
+        seed = self.random_seed
+        return [replace(self, n=1, random_seed=None if seed is None else seed + i) for i in range(self.n)]
+
 
 def _valid_logit_bias(logit_bias: dict[int, float] | None) -> bool:
     if logit_bias is None:

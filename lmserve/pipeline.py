@@ -79,8 +79,7 @@ class Pipeline:
         index_of: dict[str, int] = {}
         try:
             for index, prompt in enumerate(batch):
-                for sample in range(gen_config.n):
-                    config = _nth_config(gen_config, sample)
+                for config in gen_config.fan_out():
                     request_id = self.engine.add_request(self.encode(prompt, do_preprocess), config)
                     index_of[request_id] = index
                     responses[request_id] = Response("", 0, 0, index=index)
@@ -121,10 +120,3 @@ def _is_single(prompts: Any) -> bool:
 
 def _as_batch(prompts: Any) -> list[Prompt]:
     return [prompts] if _is_single(prompts) else list(prompts)
-
-
-def _nth_config(gen_config: GenerationConfig, sample: int) -> GenerationConfig:
-    if gen_config.n == 1:
-        return gen_config
-    seed = None if gen_config.random_seed is None else gen_config.random_seed + sample
-    return gen_config.with_updates(n=1, random_seed=seed)
