@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from lmserve.generation import GenerationConfig
+from lmserve.generation import FinishReason, GenerationConfig
 
 PROMPT_CONTEXT_TOKENS = 5
 """Prompt tokens decoded in front of the output, so the first output token gets its leading space."""
@@ -159,3 +160,56 @@ def _added_tokens_needing_own_segment(tokenizer: Any) -> frozenset[str]:
     if getattr(tokenizer, "is_fast", True):
         return frozenset()
     return frozenset(tokenizer.get_added_vocab())
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """What a batch of new tokens adds to a request's text."""
+
+    text: str
+    num_tokens: int
+    """How many of the pushed tokens belong to the output (fewer when a stop string ended it early)."""
+    finish_reason: FinishReason | None
+
+
+class TextStream:
+    """One request's text as its tokens arrive: incremental detokenization, stop strings, the final flush.
+
+    The one stop/detokenize implementation: the in-process engine pushes one token per step, the front end
+    of an engine-core process pushes whatever arrived since the client last read (several tokens when it
+    fell behind). The end comes from the engine (`finish_reason`: a stop token, the length limit) or from a
+    stop string found here; in that case the caller ends the request in the engine.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], gen_config: GenerationConfig) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, gen_config)
+        self._token_by_token = bool(gen_config.stop_words)
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string ended the text."""
+        return self._detokenizer.stopped
+
+    def push(self, token_ids: list[int], finish_reason: FinishReason | None) -> TextDelta:
+        """Text of new tokens; finish_reason 'stop' from the engine means the last token is the stop token."""
+        if self.stopped:
+            return TextDelta("", 0, "stop")
+        visible = token_ids[:-1] if finish_reason == "stop" else token_ids
+        if self._token_by_token:
+            text, num_read = self._push_until_stop_string(visible)
+            if self.stopped:
+                return TextDelta(text, num_read, "stop")
+        else:
+            text = self._detokenizer.step(visible) if visible else ""
+        if finish_reason in ("stop", "length"):
+            text += self._detokenizer.finish()
+        return TextDelta(text, len(token_ids), finish_reason)
+
+    def _push_until_stop_string(self, token_ids: list[int]) -> tuple[str, int]:
+        """One token at a time, so the output ends at the token that completes a stop string."""
+        pieces = []
+        for index, token_id in enumerate(token_ids):
+            pieces.append(self._detokenizer.step([token_id]))
+            if self.stopped:
+                return "".join(pieces), index + 1
+        return "".join(pieces), len(token_ids)
