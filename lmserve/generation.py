@@ -27,6 +27,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit before sampling (OpenAI's logit_bias)."""
     random_seed: int | None = None
     """Per-request seed: the same seed and prompt give the same tokens."""
     stop_words: tuple[str, ...] = ()

@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,7 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         gen_config: GenerationConfig | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's output deltas; leaving early (break, close, cancel) aborts it."""
         gen_config = gen_config or self.default_generation_config
         self.engine.validate_request(prompt_token_ids, gen_config)  # raises ValueError before anything starts

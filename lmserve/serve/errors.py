@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,17 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+def internal_error(request_id: str | None, failure: BaseException | str) -> APIError:
+    """A 500 for the client, who gets a request id and never the failure's own text (it may hold
+    internals); the log gets the id with the failure (and its traceback, for an exception)."""
+    request_id = request_id or f"req-{uuid.uuid4().hex}"
+    if isinstance(failure, BaseException):
+        logger.exception("internal error in request %s", request_id, exc_info=failure)
+    else:
+        logger.error("internal error in request %s: %s", request_id, failure)
+    return APIError(500, f"internal error (request id {request_id}); the server log has the details")
 
 
 def error_body(
@@ -90,8 +102,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s", request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    error = internal_error(None, exc)
+    return error_response(error.status_code, error.message)
 
 
 def install_error_handlers(app: FastAPI) -> None:
