@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -12,6 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("lmserve.serve")
+# pydantic puts the Union member it tried ("str", "list[ContentPart]") in an error's location: no field
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool)$|\[")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -66,7 +69,7 @@ def error_response(
 
 def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     """Turn one pydantic error into (message naming the field, dotted field path)."""
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_member(part)]
     if error.get("type") == "json_invalid":
         detail = error.get("ctx", {}).get("error", "")
         return f"malformed JSON body: {detail}".rstrip(": "), None
@@ -79,10 +82,19 @@ def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     return f"{param}: {message}", param
 
 
+def _is_union_member(part: object) -> bool:
+    return isinstance(part, str) and _UNION_MEMBER.search(part) is not None
+
+
+def most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error deepest in the body: for a Union, the member that got furthest names the real problem."""
+    return max(errors, key=lambda error: len(error.get("loc", ())))
+
+
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    message, param = validation_message(errors[0]) if errors else ("invalid request body", None)
+    message, param = validation_message(most_specific(errors)) if errors else ("invalid request body", None)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return error_response(400, message, param)
