@@ -76,9 +76,8 @@ class EngineClient(Protocol):
     def stats(self) -> EngineLoad: ...
 
 
-if (
-    TYPE_CHECKING
-):  # mypy proves the real classes satisfy the Protocols; importing them at run time pulls torch
+# mypy proves the real classes satisfy the Protocols; importing them at run time would pull torch
+if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
     from lmserve.engine.engine import EngineStats
     from lmserve.models.tokenizer import Tokenizer

@@ -41,8 +41,10 @@ class APIError(Exception):
 
 
 def internal_error(request_id: str | None, failure: BaseException | str) -> APIError:
-    """A 500 for the client, who gets a request id and never the failure's own text (it may hold
-    internals); the log gets the id with the failure (and its traceback, for an exception)."""
+    """A 500 that tells the client a request id, never the failure's text (it may show internals).
+
+    The log gets the id with the failure, and the traceback when it is an exception.
+    """
     request_id = request_id or f"req-{uuid.uuid4().hex}"
     if isinstance(failure, BaseException):
         logger.exception("internal error in request %s", request_id, exc_info=failure)

@@ -112,8 +112,8 @@ class SamplingFields(RequestModel):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    """Our bound (vLLM and LMDeploy set none): 2 halves a seen token's logit, far past the 1.0-1.3
-    that model cards and the CTRL paper (1.2) use; beyond it output degenerates, and 1e30 is no setting."""
+    """Our bound (vLLM and LMDeploy only ask > 0): at 2 a seen token's positive logit is already halved,
+    far past the 1.0-1.3 that model cards and the CTRL paper (1.2) use; 1e30 is a typo, not a setting."""
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True

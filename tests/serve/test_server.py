@@ -42,7 +42,9 @@ def test_real_engine_is_an_engine_client(engine: Any) -> None:
 
 
 def test_completion_prompt_with_a_lone_surrogate_is_400(client: httpx.Client) -> None:
-    error = client.post("/v1/completions", json={"prompt": "\ud800", "max_tokens": 2}).json()["error"]
+    body = json.dumps({"prompt": "\ud800", "max_tokens": 2}).encode()  # httpx's json= cannot write it
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = response.json()["error"]
     assert error["param"] == "prompt"
 
 
@@ -220,8 +222,12 @@ BAD_REQUESTS: list[tuple[dict[str, Any] | bytes, int, str | None]] = [
     ({"messages": HELLO, "model": "gpt-4"}, 404, "model"),
     ({"messages": HELLO, "max_tokens": 10**6}, 400, "max_tokens"),
     # invalid Unicode would reach the real tokenizer (a TypeError there): 400 naming the field
-    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "messages.0.content"),
-    ({"messages": HELLO, "stop": "\ud800"}, 400, "stop"),
+    (
+        json.dumps({"messages": [{"role": "user", "content": "hi \ud800"}]}).encode(),
+        400,
+        "messages.0.content",
+    ),
+    (json.dumps({"messages": HELLO, "stop": "\ud800"}).encode(), 400, "stop"),
     (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', 400, "messages.0.content"),
     (
         b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}',
