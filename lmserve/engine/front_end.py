@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,7 @@ class FrontEnd:
         prompt_token_ids: list[int],
         gen_config: GenerationConfig | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's output deltas; leaving early (break, close, cancel) aborts it.
 
         ValueError before the first yield for a request that can never run; RuntimeError for an engine failure.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,7 +12,8 @@ from fastapi.staticfiles import StaticFiles
 
 import lmserve
 from lmserve.config import ServeConfig
-from lmserve.serve import openai
+from lmserve.engine.client import ChatTokenizer, EngineClient
+from lmserve.serve import openai, sampling
 from lmserve.serve.errors import APIError, error_response, install_error_handlers
 from lmserve.serve.guard import GuardMiddleware
 from lmserve.serve.metrics import ServerMetrics
@@ -26,7 +26,7 @@ WEBUI_DIR = Path(__file__).parent / "webui"
 misc = APIRouter()
 
 
-def create_app(engine: Any, config: ServeConfig) -> FastAPI:
+def create_app(engine: EngineClient, config: ServeConfig) -> FastAPI:
     """The OpenAI-compatible app over one engine; serve it with uvicorn (see lmserve.cli.serve)."""
     docs = not config.disable_fastapi_docs
     app = FastAPI(
@@ -102,10 +102,9 @@ async def encode(body: EncodeRequest, request: Request) -> EncodeResponse:
     return EncodeResponse(input_ids=ids, length=[len(x) for x in ids])
 
 
-def _encode_one(tokenizer: Any, text: str, body: EncodeRequest) -> list[int]:
+def _encode_one(tokenizer: ChatTokenizer, text: str, body: EncodeRequest) -> list[int]:
     if body.do_preprocess:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return sampling.encode_chat(tokenizer, [{"role": "user", "content": text}], {}, "input")
     return list(tokenizer.encode(text, add_special_tokens=body.add_bos))
 
 

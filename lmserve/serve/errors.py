@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("lmserve.serve")
+# pydantic puts the Union member it tried ("str", "list[ContentPart]") in an error's location: no field
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool)$|\[")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -36,6 +40,19 @@ class APIError(Exception):
         self.code = code
 
 
+def internal_error(request_id: str | None, failure: BaseException | str) -> APIError:
+    """A 500 that tells the client a request id, never the failure's text (it may show internals).
+
+    The log gets the id with the failure, and the traceback when it is an exception.
+    """
+    request_id = request_id or f"req-{uuid.uuid4().hex}"
+    if isinstance(failure, BaseException):
+        logger.exception("internal error in request %s", request_id, exc_info=failure)
+    else:
+        logger.error("internal error in request %s: %s", request_id, failure)
+    return APIError(500, f"internal error (request id {request_id}); the server log has the details")
+
+
 def error_body(
     status_code: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -54,7 +71,7 @@ def error_response(
 
 def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     """Turn one pydantic error into (message naming the field, dotted field path)."""
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_member(part)]
     if error.get("type") == "json_invalid":
         detail = error.get("ctx", {}).get("error", "")
         return f"malformed JSON body: {detail}".rstrip(": "), None
@@ -67,10 +84,19 @@ def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     return f"{param}: {message}", param
 
 
+def _is_union_member(part: object) -> bool:
+    return isinstance(part, str) and _UNION_MEMBER.search(part) is not None
+
+
+def most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error deepest in the body: for a Union, the member that got furthest names the real problem."""
+    return max(errors, key=lambda error: len(error.get("loc", ())))
+
+
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    message, param = validation_message(errors[0]) if errors else ("invalid request body", None)
+    message, param = validation_message(most_specific(errors)) if errors else ("invalid request body", None)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return error_response(400, message, param)
@@ -90,8 +116,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s", request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    error = internal_error(None, exc)
+    return error_response(error.status_code, error.message)
 
 
 def install_error_handlers(app: FastAPI) -> None:

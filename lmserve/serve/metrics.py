@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import Response
 from prometheus_client import (
@@ -14,6 +13,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from lmserve.engine.client import EngineLoad
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -59,7 +60,7 @@ class ServerMetrics:
             "lmserve_prefix_cache_hit_rate", "Prefix-cache hits / queries (0..1)", registry=r
         )
 
-    def update_engine_gauges(self, stats: Any) -> None:
+    def update_engine_gauges(self, stats: EngineLoad) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
@@ -68,7 +69,7 @@ class ServerMetrics:
         self.prefix_hits.set(hits)
         self.prefix_hit_rate.set(hits / queries if queries else 0.0)
 
-    def render(self, stats: Any | None) -> Response:
+    def render(self, stats: EngineLoad | None) -> Response:
         if stats is not None:
             self.update_engine_gauges(stats)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

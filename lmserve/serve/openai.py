@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.serve import formatting as fmt
 from lmserve.serve import sampling
-from lmserve.serve.errors import APIError, error_body
+from lmserve.serve.errors import APIError, error_body, internal_error
 from lmserve.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -53,7 +53,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     max_new_tokens = sampling.chat_max_tokens(body)
     sampling.check_context(len(prompt_ids), max_new_tokens, state.engine.session_len, "messages")
     defaults = state.engine.default_generation_config
-    config = sampling.build_generation_config(body, defaults, max_new_tokens, sampling.chat_logprobs(body))
+    config = sampling.build_generation_config(
+        body, defaults, max_new_tokens, sampling.chat_logprobs(body), state.engine.tokenizer.vocab_size
+    )
     api_id = random_id("chatcmpl-")
     submissions = [Submission(i, prompt_ids, sampling.seeded(config, i)) for i in range(body.n)]
     if body.stream:
@@ -65,17 +67,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     messages = sampling.chat_messages(body.messages)
-    tokenizer = state.engine.tokenizer
-    kwargs = body.chat_template_kwargs or {}
-    try:
-        if hasattr(tokenizer, "encode_chat"):
-            ids = list(tokenizer.encode_chat(messages, **kwargs))
-        else:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-            ids = list(tokenizer.encode(text, add_special_tokens=False))
-    except Exception as error:  # the template rejects some conversations (e.g. roles out of order)
-        raise APIError(400, f"chat template could not format the messages: {error}", "messages") from error
-    state.log_prompt("chat", str(messages))
+    ids = sampling.encode_chat(state.engine.tokenizer, messages, body.chat_template_kwargs or {}, "messages")
+    state.log_prompt("chat", str(messages), body.user)
     return ids
 
 
@@ -86,7 +79,7 @@ async def _collect(state: ServerState, api_id: str, submissions: list[Submission
             state.engine, api_id, submissions, state.in_flight, state.metrics
         ):
             if out.error:
-                raise APIError(500, f"engine error: {out.error}")
+                raise internal_error(api_id, f"engine error: {out.error}")
             choices[index].add(out)
     return choices
 
@@ -164,25 +157,24 @@ async def _stream_outputs(
                 state.engine, api_id, submissions, state.in_flight, state.metrics
             ):
                 if out.error:
-                    raise APIError(500, f"engine error: {out.error}")
+                    raise internal_error(api_id, f"engine error: {out.error}")
                 choices[index].add(out)
                 if out.text or out.logprobs:
                     yield content(index, out)
                 if out.finished:
                     yield finish(index, out)
     except Exception as error:
-        yield _stream_error(error)
+        yield _stream_error(api_id, error)
         return
     if usage is not None:
         yield usage(fmt.usage_of(choices, n))
     yield fmt.SSE_DONE
 
 
-def _stream_error(error: Exception) -> str:
-    if isinstance(error, APIError):
-        payload = error_body(error.status_code, error.message, error.param, error.code)
-    else:
-        payload = error_body(500, f"internal error: {type(error).__name__}: {error}")
+def _stream_error(api_id: str, error: Exception) -> str:
+    if not isinstance(error, APIError):
+        error = internal_error(api_id, error)
+    payload = error_body(error.status_code, error.message, error.param, error.code)
     return fmt.sse(payload) + fmt.SSE_DONE
 
 
@@ -197,12 +189,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise APIError(400, "suffix is not supported by this server", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported", "best_of")
-    prompts = _completion_prompts(state, body.prompt)
+    prompts = _completion_prompts(state, body.prompt, body.user)
     for ids in prompts:
         sampling.check_context(len(ids), body.max_tokens, state.engine.session_len, "prompt")
     defaults = state.engine.default_generation_config
     config = sampling.build_generation_config(
-        body, defaults, body.max_tokens, sampling.completion_logprobs(body)
+        body, defaults, body.max_tokens, sampling.completion_logprobs(body), state.engine.tokenizer.vocab_size
     )
     api_id = random_id("cmpl-")
     submissions = [
@@ -219,7 +211,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 
 def _completion_prompts(
-    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]
+    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]], user: str | None
 ) -> list[list[int]]:
     """Normalize the four shapes OpenAI accepts into token-id lists."""
     if isinstance(prompt, str):
@@ -230,18 +222,18 @@ def _completion_prompts(
         items = list(prompt)
     if not items:
         raise APIError(400, "prompt must not be empty", "prompt")
-    return [_prompt_ids(state, item, i) for i, item in enumerate(items)]
+    return [_prompt_ids(state, item, i, user) for i, item in enumerate(items)]
 
 
-def _prompt_ids(state: ServerState, item: str | list[int], index: int) -> list[int]:
+def _prompt_ids(state: ServerState, item: str | list[int], index: int, user: str | None) -> list[int]:
     tokenizer = state.engine.tokenizer
     ids = list(tokenizer.encode(item, add_special_tokens=True)) if isinstance(item, str) else list(item)
     if not ids:
         raise APIError(400, f"prompt {index} is empty", "prompt")
-    vocab_size = getattr(tokenizer, "vocab_size", None)
-    if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+    vocab_size = tokenizer.vocab_size
+    if any(not 0 <= t < vocab_size for t in ids):
         raise APIError(400, f"prompt {index} has token ids outside [0, {vocab_size})", "prompt")
-    state.log_prompt("completion", item if isinstance(item, str) else str(ids))
+    state.log_prompt("completion", item if isinstance(item, str) else str(ids), user)
     return ids
 
 

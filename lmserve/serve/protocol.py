@@ -2,15 +2,64 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-# Unknown request fields are ignored (OpenAI clients send new ones all the time);
-# fields we know but cannot honour are rejected by check_supported() in openai.py.
-_IGNORE_EXTRA = ConfigDict(extra="ignore")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class RequestModel(BaseModel):
+    """Base of every request model: strict JSON types, finite numbers, valid Unicode in every string."""
+
+    # Unknown fields are ignored (OpenAI clients send new ones all the time); fields we know but
+    # cannot honour are rejected by check_supported() in sampling.py.
+    # strict: "yes" is no boolean and "5" no integer (OpenAI's API is as strict); allow_inf_nan:
+    # JSON's Infinity/NaN literals (and 1e400, which parses to inf) are no numbers.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _text_and_numbers_are_valid(cls, value: Any) -> Any:
+        problem = first_invalid_value(value)
+        if problem is not None:
+            raise PydanticCustomError("invalid_value", problem)
+        return value
+
+
+def first_invalid_value(value: Any) -> str | None:
+    """What is wrong inside a validated field value (text, lists, dicts, JSON held as Any), or None.
+
+    Strings with lone surrogates (JSON's "\\ud800", CESU-8 bytes) cannot be encoded to UTF-8, so the
+    tokenizer and the response writer would fail on them. Iterative, as JSON held as Any may nest deep.
+    Nested models are skipped: their own fields ran this check, naming the inner field.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _encodes_as_utf8(item):
+                return "text must be valid Unicode (it holds a lone surrogate)"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "numbers must be finite"
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def random_id(prefix: str) -> str:
@@ -21,7 +70,7 @@ def now() -> int:
     return int(time.time())
 
 
-class ContentPart(BaseModel):
+class ContentPart(RequestModel):
     """One part of a message's content list; only `text` parts are supported."""
 
     model_config = ConfigDict(extra="allow")
@@ -29,27 +78,24 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = _IGNORE_EXTRA
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
 
 
-class StreamOptions(BaseModel):
-    model_config = _IGNORE_EXTRA
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     model_config = ConfigDict(extra="allow")
     type: str = "text"
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """Fields shared by chat and completions requests (OpenAI's plus LMDeploy's extras)."""
 
-    model_config = _IGNORE_EXTRA
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -60,16 +106,23 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    """Bounded as vLLM does: the engine seeds a torch.Generator, which takes 64-bit seeds."""
     user: str | None = None
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    """Our bound (vLLM and LMDeploy only ask > 0): at 2 a seen token's positive logit is already halved,
+    far past the 1.0-1.3 that model cards and the CTRL paper (1.2) use; 1e30 is a typo, not a setting."""
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     min_new_tokens: int | None = Field(default=None, ge=0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    """vLLM's name for min_new_tokens."""
+    logit_bias: dict[str, float] | None = None
+    """OpenAI's token id (a JSON string key) -> bias in [-100, 100]; checked in sampling.py."""
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -82,6 +135,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
 
 
@@ -95,10 +149,9 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(default=None, ge=1)
 
 
-class EncodeRequest(BaseModel):
+class EncodeRequest(RequestModel):
     """LMDeploy's /v1/encode: tokenize text (optionally as a chat user turn)."""
 
-    model_config = _IGNORE_EXTRA
     input: Union[str, list[str]]
     do_preprocess: bool = False
     """Wrap the text in the chat template as one user message first."""
@@ -110,8 +163,7 @@ class EncodeResponse(BaseModel):
     length: Union[int, list[int]]
 
 
-class AbortRequest(BaseModel):
-    model_config = _IGNORE_EXTRA
+class AbortRequest(RequestModel):
     request_id: str | None = None
     """An id returned by this server (chatcmpl-..., cmpl-...)."""
     abort_all: bool = False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from lmserve.engine.client import ChatTokenizer
 from lmserve.generation import GenerationConfig
 from lmserve.serve.errors import APIError
 from lmserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -11,6 +13,9 @@ from lmserve.serve.protocol import ChatCompletionRequest, ChatMessage, Completio
 _UNSUPPORTED_PARTS = {"image_url", "image", "input_image", "input_audio", "audio", "file", "video_url"}
 # request fields that map one-to-one onto GenerationConfig fields
 _SAME_NAME = ("top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+# a token id as OpenAI's logit_bias keys spell it; 19 digits bound it before int() parses it
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,19}")
+MAX_LOGIT_BIAS = 100.0
 
 
 def check_supported(request: ChatCompletionRequest) -> None:
@@ -23,6 +28,8 @@ def check_supported(request: ChatCompletionRequest) -> None:
         raise APIError(400, "tool_choice is not supported by this server yet", "tool_choice")
     if request.function_call not in (None, "none"):
         raise APIError(400, "function_call is not supported by this server yet", "function_call")
+    if request.parallel_tool_calls is False:  # true (OpenAI's default) is moot without tools
+        raise APIError(400, "parallel_tool_calls is not supported by this server yet", "parallel_tool_calls")
     if request.response_format is not None and request.response_format.type != "text":
         message = f"response_format type {request.response_format.type!r} is not supported; only 'text'"
         raise APIError(400, message, "response_format")
@@ -31,8 +38,25 @@ def check_supported(request: ChatCompletionRequest) -> None:
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template wants them: role + plain string content."""
-    return [{"role": _role(m, i), "content": _text_content(m, i)} for i, m in enumerate(messages)]
+    """Messages as the chat template wants them: role + plain string content (+ name, where given)."""
+    return [_template_message(m, i) for i, m in enumerate(messages)]
+
+
+def _template_message(message: ChatMessage, index: int) -> dict[str, str]:
+    result = {"role": _role(message, index), "content": _text_content(message, index)}
+    if message.name is not None:  # templates that know participants' names read it; others ignore it
+        result["name"] = message.name
+    return result
+
+
+def encode_chat(
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any], param: str
+) -> list[int]:
+    """Token ids of the rendered chat; 400 naming `param` when the template refuses the conversation."""
+    try:
+        return list(tokenizer.encode_chat(messages, **template_kwargs))
+    except Exception as error:  # the template rejects some conversations (e.g. roles out of order)
+        raise APIError(400, f"chat template could not format the messages: {error}", param) from error
 
 
 def _role(message: ChatMessage, index: int) -> str:
@@ -74,8 +98,12 @@ def build_generation_config(
     defaults: GenerationConfig,
     max_new_tokens: int | None,
     logprobs: int | None,
+    vocab_size: int,
 ) -> GenerationConfig:
-    """Request fields over the model's defaults; temperature 0 is greedy, > 0 samples (as OpenAI does)."""
+    """Request fields over the model's defaults; temperature 0 is greedy, > 0 samples (as OpenAI does).
+
+    vocab_size bounds the token ids of logit_bias.
+    """
     set_fields = request.model_fields_set
     changes: dict[str, Any] = {name: getattr(request, name) for name in _SAME_NAME if name in set_fields}
     changes = {name: value for name, value in changes.items() if value is not None}
@@ -90,9 +118,8 @@ def build_generation_config(
         skip_special_tokens=request.skip_special_tokens,
         spaces_between_special_tokens=request.spaces_between_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
-        min_new_tokens=request.min_new_tokens
-        if request.min_new_tokens is not None
-        else defaults.min_new_tokens,
+        min_new_tokens=_min_new_tokens(request, defaults),
+        logit_bias=logit_bias(request.logit_bias, vocab_size),
         logprobs=logprobs,
         n=1,
     )
@@ -100,6 +127,43 @@ def build_generation_config(
         return defaults.with_updates(**changes)
     except ValueError as error:
         raise APIError(400, str(error), _field_of(str(error))) from error
+
+
+def _min_new_tokens(request: SamplingFields, defaults: GenerationConfig) -> int:
+    """LMDeploy's min_new_tokens or vLLM's min_tokens: one number under either name."""
+    given = {request.min_new_tokens, request.min_tokens} - {None}
+    if len(given) > 1:
+        message = (
+            f"min_tokens={request.min_tokens} and min_new_tokens={request.min_new_tokens} differ; "
+            "they are two names of one setting: give one"
+        )
+        raise APIError(400, message, "min_tokens")
+    value = next(iter(given), None)
+    return defaults.min_new_tokens if value is None else value
+
+
+def logit_bias(biases: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} as {token id: bias}; 400 naming logit_bias for a bad id or bias."""
+    if not biases:
+        return None
+    return {_bias_token_id(key, vocab_size): _checked_bias(key, bias) for key, bias in biases.items()}
+
+
+def _bias_token_id(key: str, vocab_size: int) -> int:
+    if not _TOKEN_ID_KEY.fullmatch(key):
+        message = f'logit_bias keys must be token ids (integers written as strings, like "42"), got {key!r}'
+        raise APIError(400, message, "logit_bias")
+    token_id = int(key)
+    if not 0 <= token_id < vocab_size:
+        raise APIError(400, f"logit_bias token id {token_id} is outside [0, {vocab_size})", "logit_bias")
+    return token_id
+
+
+def _checked_bias(key: str, bias: float) -> float:
+    if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+        message = f"logit_bias of token {key} is {bias}; biases must be in [-100, 100]"
+        raise APIError(400, message, "logit_bias")
+    return bias
 
 
 def _field_of(message: str) -> str | None:

@@ -8,11 +8,11 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
 from lmserve.config import ServeConfig
+from lmserve.engine.client import EngineClient
 from lmserve.serve.errors import APIError
 from lmserve.serve.metrics import ServerMetrics
 from lmserve.serve.streams import InFlight
@@ -22,7 +22,7 @@ logger = logging.getLogger("lmserve.serve")
 
 @dataclass
 class ServerState:
-    engine: Any
+    engine: EngineClient
     config: ServeConfig
     metrics: ServerMetrics | None
     in_flight: InFlight = field(default_factory=InFlight)
@@ -51,10 +51,11 @@ class ServerState:
             message = f"The model `{model}` does not exist. This server serves `{self.config.model_name}`."
             raise APIError(404, message, "model", "model_not_found")
 
-    def log_prompt(self, api_id: str, prompt: str) -> None:
+    def log_prompt(self, api_id: str, prompt: str, user: str | None) -> None:
+        """Log the prompt with OpenAI's `user` (an end-user id, for abuse monitoring: all it is for)."""
         if logger.isEnabledFor(logging.INFO):
             limit = self.config.max_log_len
-            logger.info("%s prompt=%r", api_id, prompt if limit is None else prompt[:limit])
+            logger.info("%s user=%r prompt=%r", api_id, user, prompt if limit is None else prompt[:limit])
 
 
 def get_state(request: Request) -> ServerState:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from lmserve.engine.client import EngineClient
 from lmserve.generation import GenerationConfig, RequestOutput
 from lmserve.serve.errors import APIError
 from lmserve.serve.metrics import RequestTimer, ServerMetrics
@@ -43,7 +44,11 @@ _DONE = object()
 
 
 async def _pump(
-    engine: Any, sub: Submission, engine_id: str, queue: asyncio.Queue[Any], metrics: ServerMetrics | None
+    engine: EngineClient,
+    sub: Submission,
+    engine_id: str,
+    queue: asyncio.Queue[Any],
+    metrics: ServerMetrics | None,
 ) -> None:
     """Feed one engine request's outputs into the shared queue; an exception goes into the queue too."""
     timer = RequestTimer(metrics)
@@ -70,7 +75,7 @@ async def _pump(
 
 
 async def run_choices(
-    engine: Any,
+    engine: EngineClient,
     api_id: str,
     submissions: list[Submission],
     in_flight: InFlight,

@@ -1,11 +1,16 @@
-"""A tiny stand-in for AsyncEngine (byte tokenizer, scripted text) to test the HTTP layer without a model."""
+"""A tiny stand-in for AsyncEngine (byte tokenizer, scripted text) to test the HTTP layer without a model.
+
+FakeEngine satisfies lmserve.engine.client.EngineClient and ByteTokenizer the interface of
+lmserve.models.tokenizer.Tokenizer; test_engine_client.py checks both, with mypy and at run time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lmserve.generation import GenerationConfig, RequestOutput, TokenLogprob
 
@@ -14,7 +19,10 @@ EOS = 256
 
 
 class ByteTokenizer:
+    """UTF-8 bytes as token ids 0-255, then EOS; a chat template of <role> tags."""
+
     eos_token_ids = (EOS,)
+    bos_token_id = None
     vocab_size = 257
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -26,10 +34,13 @@ class ByteTokenizer:
         return text if skip_special_tokens or EOS not in ids else text + "</s>"
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kw: object
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
     ) -> str:
         body = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return body + ("<assistant>" if add_generation_prompt else "")
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
 
 
 @dataclass
@@ -56,7 +67,7 @@ class FakeEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], gen_config: GenerationConfig, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         if len(prompt_token_ids) >= self.session_len:
             raise ValueError(
                 f"prompt of {len(prompt_token_ids)} tokens is longer than session_len={self.session_len}"
@@ -139,3 +150,13 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.alive = False
+
+
+if TYPE_CHECKING:  # what `mypy tests/serve/fake_engine.py` proves (test_engine_client.py runs it)
+    from lmserve.engine.client import ChatTokenizer, EngineClient
+
+    def _fake_engine_is_an_engine_client(engine: FakeEngine) -> EngineClient:
+        return engine
+
+    def _byte_tokenizer_is_a_chat_tokenizer(tokenizer: ByteTokenizer) -> ChatTokenizer:
+        return tokenizer

@@ -25,7 +25,7 @@ def test_openai_names_map_to_lmserve_names() -> None:
     body = request(
         temperature=0.5, top_p=0.9, top_k=5, seed=3, stop="x", frequency_penalty=0.5, min_new_tokens=2
     )
-    config = build_generation_config(body, GenerationConfig(), 7, 2)
+    config = build_generation_config(body, GenerationConfig(), 7, 2, vocab_size=257)
     assert (config.max_new_tokens, config.do_sample, config.temperature) == (7, True, 0.5)
     assert (config.top_p, config.top_k, config.random_seed, config.stop_words) == (0.9, 5, 3, ("x",))
     assert (config.frequency_penalty, config.min_new_tokens, config.logprobs) == (0.5, 2, 2)
@@ -33,9 +33,9 @@ def test_openai_names_map_to_lmserve_names() -> None:
 
 def test_temperature_zero_is_greedy_and_unset_fields_use_model_defaults() -> None:
     defaults = GenerationConfig(temperature=0.6, top_p=0.8, repetition_penalty=1.1)
-    greedy = build_generation_config(request(temperature=0), defaults, None, None)
+    greedy = build_generation_config(request(temperature=0), defaults, None, None, vocab_size=257)
     assert greedy.greedy and greedy.max_new_tokens is None
-    unset = build_generation_config(request(), defaults, None, None)
+    unset = build_generation_config(request(), defaults, None, None, vocab_size=257)
     assert (unset.temperature, unset.top_p, unset.repetition_penalty, unset.do_sample) == (
         0.6,
         0.8,

@@ -12,6 +12,8 @@ import openai
 import pytest
 from conftest import API_KEY, MODEL_NAME, RunningServer, wait_until
 
+from lmserve.engine.client import ChatTokenizer, EngineClient
+
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -33,6 +35,22 @@ def test_models_lists_the_served_model(client: httpx.Client, engine: Any) -> Non
     assert data["data"][0]["id"] == MODEL_NAME
     assert data["data"][0]["owned_by"] == "lmserve"
     assert data["data"][0]["max_model_len"] == engine.session_len
+
+
+def test_real_engine_is_an_engine_client(engine: Any) -> None:
+    assert isinstance(engine, EngineClient) and isinstance(engine.tokenizer, ChatTokenizer)
+
+
+def test_completion_prompt_with_a_lone_surrogate_is_400(client: httpx.Client) -> None:
+    body = json.dumps({"prompt": "\ud800", "max_tokens": 2}).encode()  # httpx's json= cannot write it
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = response.json()["error"]
+    assert error["param"] == "prompt"
+
+
+def test_logit_bias_and_min_tokens_are_accepted(client: httpx.Client) -> None:
+    response = chat(client, temperature=0, max_tokens=3, min_tokens=3, logit_bias={"0": -100})
+    assert response.status_code == 200, response.text
 
 
 def test_openai_client_chat_answers_paris(server: RunningServer) -> None:
@@ -203,6 +221,22 @@ BAD_REQUESTS: list[tuple[dict[str, Any] | bytes, int, str | None]] = [
     ),
     ({"messages": HELLO, "model": "gpt-4"}, 404, "model"),
     ({"messages": HELLO, "max_tokens": 10**6}, 400, "max_tokens"),
+    # invalid Unicode would reach the real tokenizer (a TypeError there): 400 naming the field
+    (
+        json.dumps({"messages": [{"role": "user", "content": "hi \ud800"}]}).encode(),
+        400,
+        "messages.0.content",
+    ),
+    (json.dumps({"messages": HELLO, "stop": "\ud800"}).encode(), 400, "stop"),
+    (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', 400, "messages.0.content"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}',
+        400,
+        "repetition_penalty",
+    ),
+    ({"messages": HELLO, "repetition_penalty": 1e30}, 400, "repetition_penalty"),
+    ({"messages": HELLO, "seed": 2**64}, 400, "seed"),
+    ({"messages": HELLO, "logit_bias": {"10000000": 1}}, 400, "logit_bias"),
 ]
 
 
