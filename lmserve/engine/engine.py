@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +13,10 @@ from lmserve.config import EngineConfig
 from lmserve.engine import builder
 from lmserve.engine.detokenizer import IncrementalDetokenizer
 from lmserve.engine.kv_cache import BlockManager
-from lmserve.engine.request import Request, RequestStatus
+from lmserve.engine.request import Request
 from lmserve.engine.sampler import SampleResult, make_generator
-from lmserve.engine.scheduler import ScheduledRequest, Scheduler
-from lmserve.generation import FinishReason, GenerationConfig, RequestOutput
+from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
+from lmserve.generation import GenerationConfig, RequestOutput, TokenLogprob
 from lmserve.models.config import ModelConfig
 from lmserve.runner import ModelRunner
 
@@ -62,12 +61,15 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.cache_block_seq_len, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, resolved.max_batch_size, config.max_prefill_token_num)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            resolved.max_batch_size,
+            config.max_prefill_token_num,
+            eos_token_ids_of(model_config, tokenizer),
+            self.session_len,
+        )
         self.requests: dict[str, Request] = {}
         self.default_generation_config = _defaults_from(generation_defaults or {})
-        self.eos_token_ids = frozenset(model_config.eos_token_ids).union(
-            tokenizer.eos_token_ids if tokenizer else ()
-        )
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_preemptions = 0
@@ -110,9 +112,7 @@ class LLMEngine:
         num_blocks = builder.num_kv_blocks(config, resolved, model_config)
         kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
         graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
-        eos_token_ids = tuple(
-            sorted(set(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ()))
-        )
+        eos_token_ids = eos_token_ids_of(model_config, tokenizer)
         runner = ModelRunner(
             net,
             model_config,
@@ -212,8 +212,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        self.scheduler.finish(request)
-        request.finish_reason = "abort"
+        self.scheduler.finish(request, "abort")
         return self._output(request, "", [], None, finished=True)
 
     def has_unfinished(self) -> bool:
@@ -243,54 +242,30 @@ class LLMEngine:
     def _postprocess(
         self, scheduled: list[ScheduledRequest], result: SampleResult | None
     ) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        sample_index = 0
-        now = time.monotonic()
-        for s in scheduled:
-            request = s.request
-            samples = s.samples
-            request.num_computed_tokens += s.num_new_tokens
-            if not samples:
-                self.block_manager.cache_full_blocks(request)
-                continue
-            assert result is not None
-            token_id = result.token_ids[sample_index]
-            logprob = result.logprobs[sample_index] if result.logprobs else None
-            sample_index += 1
-            request.first_token_time = request.first_token_time or now
-            outputs.append(self._append_token(request, token_id, logprob))
-            if not request.is_finished:
-                self.block_manager.cache_full_blocks(request)
-        return outputs
+        """The scheduler applies the step's tokens (progress, stop tokens, lengths); the engine adds text."""
+        sampled = self.scheduler.update(scheduled, result.token_ids if result else [])
+        logprobs = result.logprobs if result and result.logprobs else [None] * len(sampled)
+        return [self._emit(token, logprob) for token, logprob in zip(sampled, logprobs, strict=True)]
 
-    def _append_token(self, request: Request, token_id: int, logprob: Any) -> RequestOutput:
-        request.token_ids.append(token_id)
-        reason = self._stop_reason(request, token_id)
-        text, detokenizer = "", request.detokenizer
-        if detokenizer is not None:
-            text = "" if reason == "stop" else detokenizer.step([token_id])
-            if detokenizer.stopped:
-                reason = "stop"
-            elif reason is not None:
-                text += detokenizer.finish()
-        if reason is not None:
-            self.scheduler.finish(request)
+    def _emit(self, sampled: SampledToken, logprob: TokenLogprob | None) -> RequestOutput:
+        request = sampled.request
+        text = self._detokenize(request, sampled.token_id)
+        if request.is_finished:
             self.requests.pop(request.request_id, None)
-            request.finish_reason = reason
-        return self._output(
-            request, text, [token_id], [logprob] if logprob is not None else None, reason is not None
-        )
+        logprobs = [logprob] if logprob is not None else None
+        return self._output(request, text, [sampled.token_id], logprobs, request.is_finished)
 
-    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
-        config = request.gen_config
-        if request.num_output_tokens > config.min_new_tokens:
-            if token_id in config.stop_token_ids or (
-                not config.ignore_eos and token_id in self.eos_token_ids
-            ):
-                return "stop"
-        if request.num_output_tokens >= request.max_new_tokens or request.num_tokens >= self.session_len:
-            return "length"
-        return None
+    def _detokenize(self, request: Request, token_id: int) -> str:
+        """The new token's text; a completed stop string finishes the request (and wins over "length")."""
+        detokenizer = request.detokenizer
+        if detokenizer is None:  # benchmarks on random weights have no tokenizer
+            return ""
+        text = "" if request.finish_reason == "stop" else detokenizer.step([token_id])
+        if detokenizer.stopped:
+            self.scheduler.finish(request, "stop")
+        elif request.is_finished:
+            text += detokenizer.finish()
+        return text
 
     def _output(
         self, request: Request, text: str, token_ids: list[int], logprobs: Any, finished: bool
@@ -321,9 +296,10 @@ class LLMEngine:
             num_steps=self.num_steps,
         )
 
-    def request_status(self, request_id: str) -> RequestStatus | None:
-        request = self.requests.get(request_id)
-        return request.status if request else None
+
+def eos_token_ids_of(model_config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end generation: the model config's EOS ids and the tokenizer's."""
+    return tuple(sorted(set(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ())))
 
 
 def _apply_torch_settings(config: EngineConfig) -> None:

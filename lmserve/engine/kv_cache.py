@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmserve.engine.request import Request
+
+# A per-process secret key: nobody outside can predict block hashes, so nobody can craft a prompt whose
+# blocks collide with another user's and be served their KV.
+_HASH_KEY = os.urandom(16)
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None
     """Set once the block is full and registered in the prefix cache."""
+    token_ids: tuple[int, ...] | None = None
+    """The tokens the block holds, set with block_hash: a hit must match them, not just the hash."""
 
 
-def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block, chained to its parent's so equal blocks only match with equal prefixes."""
-    return hash((parent_hash, token_ids))
+def chain_hash(parent_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """Keyed 128-bit BLAKE2b of a full block, chained to its parent's so equal blocks only match with equal prefixes."""
+    digest = hashlib.blake2b(digest_size=16, key=_HASH_KEY)
+    if parent_hash is not None:
+        digest.update(parent_hash)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
@@ -38,7 +52,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives block 0 first
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._hash_to_block: dict[int, int] = {}
+        self._hash_to_block: dict[bytes, int] = {}
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
 
@@ -58,28 +72,31 @@ class BlockManager:
     def match_prefix(self, request: Request) -> list[int]:
         """Block ids of the longest cached run of the request's full blocks (prompt, and output after a preemption).
 
-        A prompt that hits entirely gives back its last block, so at least one token is
-        computed (the step that produces the first output token needs its logits).
+        Only looks: nothing is taken or counted until `take_prefix` on admission. A prompt that
+        hits entirely gives back its last block, so at least one token is computed (the step
+        that produces the first output token needs its logits).
         """
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent: int | None = None
-        num_full = request.num_tokens // self.block_size
-        for i in range(num_full):
-            parent = chain_hash(parent, request.block_tokens(i, self.block_size))
-            block_id = self._hash_to_block.get(parent)
+        parent: bytes | None = None
+        for i in range(request.num_tokens // self.block_size):
+            token_ids = request.block_tokens(i, self.block_size)
+            parent = chain_hash(parent, token_ids)
+            block_id = self._cached_block(parent, token_ids)
             if block_id is None:
                 break
             hits.append(block_id)
         if hits and len(hits) * self.block_size >= request.num_tokens:
             hits.pop()
-        self.num_prefix_queries += request.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
         return hits
 
-    def take_prefix(self, request: Request, block_ids: list[int]) -> None:
-        """Give the request the matched cached blocks; their tokens count as computed."""
+    def take_prefix(self, request: Request, block_ids: Sequence[int]) -> None:
+        """Admit the request onto the matched cached blocks (maybe none); their tokens count as computed.
+
+        Called once per admission, so the prefix-cache statistics count each admission once.
+        """
+        assert not request.block_table, f"request {request.request_id} already holds blocks"
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -90,6 +107,15 @@ class BlockManager:
         request.num_cached_tokens = request.num_computed_tokens
         request.last_hashed_block = len(block_ids)
         request.last_block_hash = self.blocks[block_ids[-1]].block_hash if block_ids else None
+        if self.enable_prefix_caching:
+            self.num_prefix_queries += request.num_tokens
+            self.num_prefix_hits += request.num_computed_tokens
+
+    def _cached_block(self, block_hash: bytes, token_ids: tuple[int, ...]) -> int | None:
+        block_id = self._hash_to_block.get(block_hash)
+        if block_id is None or self.blocks[block_id].token_ids != token_ids:
+            return None  # a hash collision is a miss, never another prompt's KV
+        return block_id
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register blocks the request has filled since last time (prompt and output alike)."""
@@ -97,23 +123,32 @@ class BlockManager:
             return
         num_full = request.num_computed_tokens // self.block_size
         for i in range(request.last_hashed_block, num_full):
-            request.last_block_hash = chain_hash(
-                request.last_block_hash, request.block_tokens(i, self.block_size)
-            )
+            token_ids = request.block_tokens(i, self.block_size)
+            block_hash = chain_hash(request.last_block_hash, token_ids)
+            request.last_block_hash = block_hash
             block = self.blocks[request.block_table[i]]
-            if block.block_hash is None and request.last_block_hash not in self._hash_to_block:
-                block.block_hash = request.last_block_hash
-                self._hash_to_block[request.last_block_hash] = block.block_id
+            if block.block_hash is None and block_hash not in self._hash_to_block:
+                block.block_hash, block.token_ids = block_hash, token_ids
+                self._hash_to_block[block_hash] = block.block_id
         request.last_hashed_block = max(request.last_hashed_block, num_full)
 
     # -- allocation -----------------------------------------------------------------
 
-    def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
-        needed = self.num_blocks_for(request.num_computed_tokens + num_new_tokens)
-        return max(0, needed - len(request.block_table))
+    def num_new_blocks(self, request: Request, num_new_tokens: int, num_hit_blocks: int = 0) -> int:
+        """Blocks to allocate for num_new_tokens more tokens, after num_hit_blocks cached ones are taken."""
+        num_computed = request.num_computed_tokens + num_hit_blocks * self.block_size
+        needed = self.num_blocks_for(num_computed + num_new_tokens)
+        return max(0, needed - len(request.block_table) - num_hit_blocks)
 
-    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(request, num_new_tokens) <= self.num_free_blocks
+    def can_allocate(self, request: Request, num_new_tokens: int, prefix_hits: Sequence[int] = ()) -> bool:
+        """Whether num_new_tokens more tokens fit, after taking prefix_hits (from `match_prefix`, not taken yet).
+
+        Hit blocks need no allocation, but those idle in the evictable LRU are counted in
+        num_free_blocks and stop being free for this request's new blocks once it takes them.
+        """
+        num_idle_hits = sum(1 for block_id in prefix_hits if self.blocks[block_id].ref_count == 0)
+        num_new = self.num_new_blocks(request, num_new_tokens, len(prefix_hits))
+        return num_new <= self.num_free_blocks - num_idle_hits
 
     def allocate(self, request: Request, num_new_tokens: int) -> None:
         """Grow the request's block table to hold num_new_tokens more tokens."""
@@ -148,4 +183,4 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.block_hash is not None and self._hash_to_block.get(block.block_hash) == block_id:
             del self._hash_to_block[block.block_hash]
-        block.block_hash = None
+        block.block_hash, block.token_ids = None, None

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lmserve.generation import FinishReason, GenerationConfig, PromptThenOutput
+
+if TYPE_CHECKING:  # the scheduler and block manager import this module and stay free of torch
+    import torch
+
+    from lmserve.engine.detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -32,14 +36,13 @@ class Request(PromptThenOutput):
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     last_hashed_block: int = 0
-    last_block_hash: int | None = None
+    """Blocks of block_table registered in the prefix cache so far."""
+    last_block_hash: bytes | None = None
+    """Chain hash of the last registered block: the parent of the next one."""
     finish_reason: FinishReason | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    num_preemptions: int = 0
-    # per-request helpers owned by the engine (sampling generator, detokenizer)
-    generator: Any = None
-    detokenizer: Any = None
+    # per-request helpers owned by the engine
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,12 +1,14 @@
-"""Token-budget scheduler: continuous batching, chunked prefill, preemption by recompute."""
+"""Token-budget scheduler: continuous batching, chunked prefill, preemption by recompute, stop checks."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from lmserve.engine.kv_cache import BlockManager
 from lmserve.engine.request import Request, RequestStatus
+from lmserve.generation import FinishReason
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,14 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass(frozen=True)
+class SampledToken:
+    """One token appended by `Scheduler.update`; `request.is_finished` says whether it ended the request."""
+
+    request: Request
+    token_id: int
+
+
 class Scheduler:
     """Each step hands out `max_prefill_token_num` tokens: running requests first, then waiting ones.
 
@@ -43,12 +53,25 @@ class Scheduler:
     more tokens computed, whether they are prompt or the last sampled token. When KV
     blocks run out, the most recently admitted running request is preempted: its blocks
     are freed and it goes back to the front of the queue to be recomputed later.
+
+    The scheduler owns all token-level state (progress, sampled tokens, the prefix cache,
+    stop tokens and lengths); the engine owns text (detokenizer, stop strings), which ends
+    a request through `finish`.
     """
 
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_token_num: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_batch_size: int,
+        max_prefill_token_num: int,
+        eos_token_ids: Collection[int],
+        session_len: int,
+    ) -> None:
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.token_budget = max_prefill_token_num
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.session_len = session_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -58,6 +81,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+
+    # -- scheduling ---------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -86,35 +111,78 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
-            if not request.block_table:
-                hits = self.block_manager.match_prefix(request)
-                if hits:
-                    self.block_manager.take_prefix(request, hits)
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(request, num_new):
+            # look up cached blocks without taking them: a request that must wait holds nothing
+            hits = self.block_manager.match_prefix(request)
+            num_new = min(request.num_tokens - len(hits) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(request, num_new, hits):
                 if not self.running and not output.scheduled:
                     # nothing will ever free blocks for it; the engine rejects such requests up front
                     raise RuntimeError(f"request {request.request_id} cannot fit in an empty KV cache")
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(request, num_new)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._admit(request, hits, num_new)
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+
+    def _admit(self, request: Request, prefix_hits: list[int], num_new_tokens: int) -> None:
+        self.block_manager.take_prefix(request, prefix_hits)
+        self.block_manager.allocate(request, num_new_tokens)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def _preempt(self, request: Request, output: SchedulerOutput) -> None:
         self.running.remove(request)
         output.scheduled = [s for s in output.scheduled if s.request is not request]
         self.block_manager.free(request)
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         output.preempted.append(request)
 
-    def finish(self, request: Request) -> None:
-        """Remove a finished or aborted request wherever it is and free its blocks."""
+    # -- after the model ran --------------------------------------------------------------
+
+    def update(
+        self, scheduled: Sequence[ScheduledRequest], sampled_token_ids: Sequence[int]
+    ) -> list[SampledToken]:
+        """Apply one model step: advance progress, cache filled blocks, append sampled tokens, stop.
+
+        sampled_token_ids holds one token per entry of `scheduled` that `samples`, in order.
+        Returns one SampledToken per such entry, in the same order (the caller pairs them with
+        its logprobs). A request stopped by a stop token or a length limit is finished here
+        and its blocks freed; its full blocks are cached first, so even a request that ends
+        on its first token leaves its prompt in the prefix cache.
+        """
+        sampling = [s.request for s in scheduled if s.samples]  # before progress moves
+        assert len(sampling) == len(sampled_token_ids), "one sampled token per sampling request"
+        for s in scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(s.request)
+        return [self._append_token(r, t) for r, t in zip(sampling, sampled_token_ids, strict=True)]
+
+    def _append_token(self, request: Request, token_id: int) -> SampledToken:
+        request.token_ids.append(token_id)
+        reason = self._stop_reason(request, token_id)
+        if reason is not None:
+            self.finish(request, reason)
+        return SampledToken(request, token_id)
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        config = request.gen_config
+        if request.num_output_tokens > config.min_new_tokens:
+            if token_id in config.stop_token_ids or (
+                not config.ignore_eos and token_id in self.eos_token_ids
+            ):
+                return "stop"
+        if request.num_output_tokens >= request.max_new_tokens or request.num_tokens >= self.session_len:
+            return "length"
+        return None
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """End a request wherever it is and free its blocks (stop, length, stop string, abort).
+
+        Calling it again on a finished request only replaces the reason (a stop string
+        completed by the token that also reached the length limit reports "stop").
+        """
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
@@ -122,3 +190,4 @@ class Scheduler:
         if request.block_table:
             self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
+        request.finish_reason = reason

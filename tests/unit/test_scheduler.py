@@ -9,21 +9,28 @@ from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.scheduler import Scheduler
 from lmserve.generation import GenerationConfig
 
+SAMPLED = 7
+"""The token every fake model step samples (not an EOS id of these schedulers)."""
 
-def make_request(request_id: str, num_prompt: int, start: int = 0) -> Request:
+
+def make_request(request_id: str, num_prompt: int, start: int = 0, max_new_tokens: int = 16) -> Request:
     tokens = list(range(start, start + num_prompt))
-    return Request(request_id, tokens, num_prompt, GenerationConfig(), max_new_tokens=16)
+    return Request(request_id, tokens, num_prompt, GenerationConfig(), max_new_tokens=max_new_tokens)
+
+
+def make_scheduler(
+    block_manager: BlockManager, max_batch_size: int = 8, max_prefill_token_num: int = 100
+) -> Scheduler:
+    return Scheduler(
+        block_manager, max_batch_size, max_prefill_token_num, eos_token_ids={2}, session_len=1024
+    )
 
 
 def run_step(scheduler: Scheduler) -> list[tuple[str, int]]:
-    """Schedule, then pretend the model ran: advance progress and sample token 7 where due."""
+    """Schedule, then pretend the model ran: the real Scheduler.update with token SAMPLED where due."""
     out = scheduler.schedule()
-    for s in out.scheduled:
-        samples = s.samples
-        s.request.num_computed_tokens += s.num_new_tokens
-        if samples:
-            s.request.token_ids.append(7)
-        scheduler.block_manager.cache_full_blocks(s.request)
+    num_sampling = sum(s.samples for s in out.scheduled)
+    scheduler.update(out.scheduled, [SAMPLED] * num_sampling)
     return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
 
 
@@ -97,7 +104,7 @@ def test_eviction_reuses_least_recently_freed_cached_block() -> None:
 
 
 def test_long_prompt_is_chunked_under_the_budget() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_token_num=16)
+    scheduler = make_scheduler(BlockManager(64, 4), max_prefill_token_num=16)
     scheduler.add(make_request("long", 40))
     assert run_step(scheduler) == [("long", 16)]
     assert run_step(scheduler) == [("long", 16)]
@@ -106,7 +113,7 @@ def test_long_prompt_is_chunked_under_the_budget() -> None:
 
 
 def test_decodes_first_then_prefill_chunk_in_one_step() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_token_num=10)
+    scheduler = make_scheduler(BlockManager(64, 4), max_prefill_token_num=10)
     scheduler.add(make_request("a", 3))
     scheduler.add(make_request("b", 4))
     assert run_step(scheduler) == [("a", 3), ("b", 4)]
@@ -116,7 +123,7 @@ def test_decodes_first_then_prefill_chunk_in_one_step() -> None:
 
 
 def test_max_batch_size_limits_running_requests() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_batch_size=2, max_prefill_token_num=100)
+    scheduler = make_scheduler(BlockManager(64, 4), max_batch_size=2)
     for name in "abc":
         scheduler.add(make_request(name, 3))
     assert [name for name, _ in run_step(scheduler)] == ["a", "b"]
@@ -124,7 +131,7 @@ def test_max_batch_size_limits_running_requests() -> None:
 
 
 def test_preemption_when_blocks_run_out_and_resume() -> None:
-    scheduler = Scheduler(BlockManager(4, 4), max_batch_size=8, max_prefill_token_num=100)
+    scheduler = make_scheduler(BlockManager(4, 4))
     a, b = make_request("a", 4), make_request("b", 4, start=50)
     scheduler.add(a)
     scheduler.add(b)
@@ -136,7 +143,7 @@ def test_preemption_when_blocks_run_out_and_resume() -> None:
     assert [r.request_id for r in out.preempted] == ["b"]
     assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert [s.request.request_id for s in out.scheduled] == ["a"]
-    scheduler.finish(a)
+    scheduler.finish(a, "abort")
     assert scheduler.block_manager.num_free_blocks == 4
     num_tokens = b.num_tokens
     assert run_step(scheduler) == [("b", num_tokens)]  # recomputes prompt + its outputs
@@ -144,11 +151,69 @@ def test_preemption_when_blocks_run_out_and_resume() -> None:
 
 def test_finish_frees_waiting_and_running() -> None:
     bm = BlockManager(8, 4)
-    scheduler = Scheduler(bm, max_batch_size=1, max_prefill_token_num=100)
+    scheduler = make_scheduler(bm, max_batch_size=1)
     a, b = make_request("a", 5), make_request("b", 5)
     scheduler.add(a)
     scheduler.add(b)
     run_step(scheduler)
-    scheduler.finish(b)  # still waiting
-    scheduler.finish(a)  # running
+    scheduler.finish(b, "abort")  # still waiting
+    scheduler.finish(a, "abort")  # running
     assert bm.num_free_blocks == 8 and scheduler.num_unfinished == 0
+
+
+def _first_tokens(gen_config: GenerationConfig, tokens: list[int], session_len: int = 1024) -> Request:
+    """A 4-token request decoding the given tokens through Scheduler.update until it stops."""
+    scheduler = Scheduler(BlockManager(64, 4), 8, 100, eos_token_ids={2}, session_len=session_len)
+    request = Request("r", [10, 11, 12, 13], 4, gen_config, max_new_tokens=8)
+    scheduler.add(request)
+    for token in tokens:
+        (sampled,) = scheduler.update(scheduler.schedule().scheduled, [token])
+        assert sampled.request is request and sampled.token_id == token
+        if request.is_finished:
+            break
+    return request
+
+
+@pytest.mark.parametrize(
+    ("gen_config", "tokens", "num_output", "reason"),
+    [
+        (GenerationConfig(), [5, 2, 5], 2, "stop"),  # EOS
+        (GenerationConfig(ignore_eos=True), [2] * 9, 8, "length"),  # max_new_tokens
+        (GenerationConfig(stop_token_ids=[5]), [4, 5, 4], 2, "stop"),
+        (GenerationConfig(min_new_tokens=2), [2, 2, 2, 4], 3, "stop"),  # EOS counts after 2 tokens
+    ],
+)
+def test_update_stops_on_tokens_and_lengths(
+    gen_config: GenerationConfig, tokens: list[int], num_output: int, reason: str
+) -> None:
+    request = _first_tokens(gen_config, tokens)
+    assert request.is_finished and request.finish_reason == reason
+    assert request.output_token_ids == tokens[:num_output] and request.block_table == []
+
+
+def test_update_stops_at_the_session_length() -> None:
+    request = _first_tokens(GenerationConfig(), [5] * 8, session_len=7)
+    assert request.finish_reason == "length" and request.output_token_ids == [5, 5, 5]
+
+
+def test_update_advances_progress_and_returns_only_sampled_rows() -> None:
+    scheduler = make_scheduler(BlockManager(64, 4), max_prefill_token_num=6)
+    short, long = make_request("short", 3), make_request("long", 10, start=20)
+    scheduler.add(short)
+    scheduler.add(long)
+    out = scheduler.schedule()  # short's whole prompt (samples), 3 tokens of long's (does not)
+    sampled = scheduler.update(out.scheduled, [SAMPLED])
+    assert [(s.request.request_id, s.token_id) for s in sampled] == [("short", SAMPLED)]
+    assert (short.num_computed_tokens, long.num_computed_tokens) == (3, 3)
+    assert short.output_token_ids == [SAMPLED] and long.output_token_ids == []
+
+
+def test_finish_again_replaces_the_reason_only() -> None:
+    bm = BlockManager(8, 4)
+    scheduler = make_scheduler(bm)
+    request = make_request("a", 4, max_new_tokens=1)
+    scheduler.add(request)
+    run_step(scheduler)
+    assert request.finish_reason == "length" and bm.num_free_blocks == 8
+    scheduler.finish(request, "stop")  # a stop string completed by the same token
+    assert request.finish_reason == "stop" and bm.num_free_blocks == 8 and scheduler.num_unfinished == 0
