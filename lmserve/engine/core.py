@@ -176,4 +176,3 @@ class CoreLoop:
             if client_outputs or heartbeat:
                 socket.send(self.encoder.encode(CoreOutputs(client_outputs, stats)))
         self.last_sent = time.monotonic()
-

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmserve.config import EngineConfig
 from lmserve.engine import builder
-from lmserve.engine.detokenizer import IncrementalDetokenizer
+from lmserve.engine.detokenizer import TextStream
 from lmserve.engine.kv_cache import BlockManager
+from lmserve.engine.limits import EngineLimits, validate_request
+from lmserve.engine.messages import EngineStats
 from lmserve.engine.request import Request
 from lmserve.engine.sampler import SampleResult, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
@@ -26,21 +27,12 @@ logger = logging.getLogger(__name__)
 _GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_total_blocks: int
-    num_free_blocks: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_steps: int
-
-
 class LLMEngine:
-    """Owns scheduler, block manager and model runner; not thread-safe (AsyncEngine serializes calls)."""
+    """Owns scheduler, block manager and model runner; not thread-safe (AsyncEngine serializes calls).
+
+    With `detokenize` (and a tokenizer) each output carries its text and stop strings end requests here;
+    without it outputs carry token ids only and a front end makes the text (server, engine-core process).
+    """
 
     def __init__(
         self,
@@ -51,8 +43,10 @@ class LLMEngine:
         num_blocks: int,
         resolved: builder.ResolvedConfig,
         generation_defaults: dict[str, Any] | None = None,
+        detokenize: bool = True,
     ) -> None:
         self.config = config
+        self.detokenize = detokenize and tokenizer is not None
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.runner = runner
@@ -76,7 +70,11 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(
-        cls, model: str | None = None, config: EngineConfig | None = None, chat_template: str | None = None
+        cls,
+        model: str | None = None,
+        config: EngineConfig | None = None,
+        chat_template: str | None = None,
+        detokenize: bool = True,
     ) -> LLMEngine:
         """Load a model (folder, .gguf, cached hub id; None = embedded SmolLM2) and size its KV cache."""
         from lmserve.models.loader import (
@@ -95,7 +93,8 @@ class LLMEngine:
         _apply_torch_settings(config)
         tokenizer = load_tokenizer(source, chat_template)
         net = builder.load_model(source, model_config, resolved)
-        return cls.build(config, model_config, net, tokenizer, load_generation_defaults(source), resolved)
+        defaults = load_generation_defaults(source)
+        return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize)
 
     @classmethod
     def build(
@@ -106,6 +105,7 @@ class LLMEngine:
         tokenizer: Any = None,
         generation_defaults: dict[str, Any] | None = None,
         resolved: builder.ResolvedConfig | None = None,
+        detokenize: bool = True,
     ) -> LLMEngine:
         """An engine around a constructed model: sizes and allocates the KV cache, sets up the runner."""
         resolved = resolved or builder.resolve_config(config, model_config)
@@ -122,7 +122,9 @@ class LLMEngine:
             eos_token_ids,
             graph_runner,
         )
-        engine = cls(config, model_config, tokenizer, runner, num_blocks, resolved, generation_defaults)
+        engine = cls(
+            config, model_config, tokenizer, runner, num_blocks, resolved, generation_defaults, detokenize
+        )
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks",
             model_config.architecture,
@@ -156,33 +158,14 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------
 
+    @property
+    def limits(self) -> EngineLimits:
+        bm = self.block_manager
+        return EngineLimits(self.session_len, bm.num_blocks, bm.block_size, self.model_config.vocab_size)
+
     def validate_request(self, prompt_token_ids: list[int], gen_config: GenerationConfig) -> int:
         """Check a request can ever run; returns its resolved max new tokens. ValueError otherwise."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if num_prompt >= self.session_len:
-            raise ValueError(
-                f"the prompt has {num_prompt} tokens but this model's context (session_len) is {self.session_len}; "
-                "shorten the prompt"
-            )
-        room = self.session_len - num_prompt
-        if gen_config.max_new_tokens is not None and gen_config.max_new_tokens > room:
-            raise ValueError(
-                f"prompt ({num_prompt} tokens) + max_new_tokens ({gen_config.max_new_tokens}) = "
-                f"{num_prompt + gen_config.max_new_tokens} exceeds the context of {self.session_len} tokens"
-            )
-        max_new = gen_config.max_new_tokens or room
-        if self.block_manager.num_blocks_for(num_prompt + max_new) > self.block_manager.num_blocks:
-            capacity = self.block_manager.num_blocks * self.block_manager.block_size
-            raise ValueError(
-                f"prompt + max_new_tokens = {num_prompt + max_new} tokens exceed the whole KV cache ({capacity} tokens); "
-                "raise --cache-max-entry-count or lower max_tokens"
-            )
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        return max_new
+        return validate_request(prompt_token_ids, gen_config, self.limits)
 
     def add_request(
         self,
@@ -199,10 +182,8 @@ class LLMEngine:
         seed = gen_config.random_seed
         if seed is not None and not gen_config.greedy:
             request.generator = make_generator(seed, self.resolved.device)
-        if self.tokenizer is not None:  # benchmarks on random weights have no tokenizer and no text
-            request.detokenizer = IncrementalDetokenizer(
-                self.tokenizer.hf, request.prompt_token_ids, gen_config
-            )
+        if self.detokenize:
+            request.detokenizer = TextStream(self.tokenizer.hf, request.prompt_token_ids, gen_config)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -257,15 +238,13 @@ class LLMEngine:
 
     def _detokenize(self, request: Request, token_id: int) -> str:
         """The new token's text; a completed stop string finishes the request (and wins over "length")."""
-        detokenizer = request.detokenizer
-        if detokenizer is None:  # benchmarks on random weights have no tokenizer
+        stream = request.detokenizer
+        if stream is None:  # no text: a front end makes it, or a benchmark on random weights
             return ""
-        text = "" if request.finish_reason == "stop" else detokenizer.step([token_id])
-        if detokenizer.stopped:
+        delta = stream.push([token_id], request.finish_reason if request.is_finished else None)
+        if stream.stopped:
             self.scheduler.finish(request, "stop")
-        elif request.is_finished:
-            text += detokenizer.finish()
-        return text
+        return delta.text
 
     def _output(
         self, request: Request, text: str, token_ids: list[int], logprobs: Any, finished: bool

@@ -153,7 +153,9 @@ def _copy(logprobs: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
     return None if logprobs is None else list(logprobs)
 
 
-def _to_request_output(request_id: str, merged: _Merged, text: TextStream, num_generated: int) -> RequestOutput:
+def _to_request_output(
+    request_id: str, merged: _Merged, text: TextStream, num_generated: int
+) -> RequestOutput:
     last = merged.last
     if last.error is not None:
         raise RuntimeError(last.error)

@@ -11,7 +11,7 @@ from lmserve.generation import FinishReason, GenerationConfig, PromptThenOutput
 if TYPE_CHECKING:  # the scheduler and block manager import this module and stay free of torch
     import torch
 
-    from lmserve.engine.detokenizer import IncrementalDetokenizer
+    from lmserve.engine.detokenizer import TextStream
 
 
 class RequestStatus(enum.Enum):
@@ -42,7 +42,7 @@ class Request(PromptThenOutput):
     finish_reason: FinishReason | None = None
     # per-request helpers owned by the engine
     generator: torch.Generator | None = None
-    detokenizer: IncrementalDetokenizer | None = None
+    detokenizer: TextStream | None = None
 
     @property
     def num_tokens(self) -> int:
