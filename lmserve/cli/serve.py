@@ -13,6 +13,7 @@ from lmserve.config import ServeConfig
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+ENGINE_CORES = ("auto", "process", "thread")
 
 
 def register(subparsers: Any) -> None:
@@ -63,6 +64,13 @@ def _add_api_server(commands: Any) -> None:
         "--no-webui", dest="webui", action="store_false", help="do not serve the chat page at /chat"
     )
     group.add_argument("--disable-metrics", action="store_true", help="no Prometheus /metrics")
+    group.add_argument(
+        "--engine-core",
+        choices=ENGINE_CORES,
+        default="auto",
+        help="where the engine core runs: its own process (streams never hold up the GPU), or a thread of "
+        "the server; auto: a process on CUDA, a thread on CPU",
+    )
     add_engine_args(parser)
     parser.set_defaults(func=run_api_server)
 
@@ -112,10 +120,12 @@ def default_model_name(model: str | None) -> str:
 
 
 def run_api_server(args: argparse.Namespace) -> int:
-    """Validate flags first (cheap), then load the model, then serve until SIGTERM / Ctrl-C."""
+    """Validate flags first (cheap), then load the model, then serve until SIGTERM / Ctrl-C.
+
+    Exits 1 when the engine core process dies, so a supervisor restarts the server.
+    """
     import uvicorn
 
-    from lmserve.engine.async_engine import AsyncEngine
     from lmserve.serve.app import create_app
 
     serve_config = serve_config_from_args(args)
@@ -123,20 +133,54 @@ def run_api_server(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=serve_config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    engine = AsyncEngine.from_pretrained(args.model, engine_config, chat_template=args.chat_template)
-    try:
-        app = create_app(engine, serve_config)
-        _print_urls(serve_config)
-        # uvicorn turns SIGINT/SIGTERM into a graceful shutdown: stop accepting, finish, return
-        uvicorn.run(
-            app,
+    engine = start_engine(
+        args.model, engine_config, args.chat_template, args.engine_core, serve_config.log_level
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, serve_config),
             host=serve_config.server_name,
             port=serve_config.server_port,
             log_level=serve_config.log_level.lower(),
         )
+    )
+    died: list[bool] = []
+
+    def on_core_death() -> None:  # the receiver thread: stop serving; open streams already got their error
+        died.append(True)
+        server.should_exit = True
+
+    if hasattr(engine, "on_death"):
+        engine.on_death.append(on_core_death)
+    try:
+        _print_urls(serve_config)
+        server.run()  # SIGINT/SIGTERM: stop accepting, finish open requests, return
     finally:
         engine.shutdown()
-    return 0
+    return 1 if died else 0
+
+
+def start_engine(
+    model: str | None, config: Any, chat_template: str | None, engine_core: str, log_level: str
+) -> Any:
+    """The engine the server streams from: a CoreClient (core in its own process) or an AsyncEngine."""
+    if engine_core == "auto":
+        engine_core = "process" if _resolved_device(config) == "cuda" else "thread"
+    if engine_core == "process":
+        from lmserve.engine.core_client import CoreClient
+
+        return CoreClient.start(model, config, chat_template, log_level)
+    from lmserve.engine.async_engine import AsyncEngine
+
+    return AsyncEngine.from_pretrained(model, config, chat_template)
+
+
+def _resolved_device(config: Any) -> str:
+    if config.device != "auto":
+        return str(config.device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _print_urls(config: ServeConfig) -> None:

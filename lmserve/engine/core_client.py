@@ -93,7 +93,7 @@ class CoreClient(FrontEnd):
         from lmserve.models.loader import resolve_model
         from lmserve.models.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve_model(model), chat_template)
+        source = resolve_model(model)  # a bad path fails here, before a process starts
         workdir = tempfile.mkdtemp(prefix="lmserve-core-")
         addresses = CoreAddresses(f"ipc://{workdir}/input", (f"ipc://{workdir}/output-0",))
         context = zmq.Context()
@@ -106,6 +106,7 @@ class CoreClient(FrontEnd):
         )
         process.start()
         try:
+            tokenizer = load_tokenizer(source, chat_template)  # while the core loads the weights
             ready = _wait_ready(outputs, process)
         except BaseException:
             _stop_process(process)

@@ -1,4 +1,8 @@
-"""Fixtures: real uvicorn servers on free loopback ports, serving the embedded SmolLM2 through AsyncEngine."""
+"""Fixtures: real uvicorn servers on free loopback ports, serving the embedded SmolLM2.
+
+The shared engine runs its core in a process of its own (CoreClient), as `serve api_server` does on CUDA;
+the browser tests (tests/e2e) serve through the in-process AsyncEngine, so both transports are covered.
+"""
 
 from __future__ import annotations
 
@@ -59,9 +63,9 @@ def start_server(engine: Any, config: ServeConfig) -> RunningServer:
 
 
 def load_engine(**engine_options: Any) -> Any:
-    from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.engine.core_client import CoreClient
 
-    return AsyncEngine.from_pretrained(None, EngineConfig(dtype="float32", **engine_options))
+    return CoreClient.start(None, EngineConfig(dtype="float32", **engine_options))
 
 
 @pytest.fixture(scope="session")
