@@ -198,7 +198,7 @@ def quantize_rows_int8(x: torch.Tensor, min_scale: float = 1e-8) -> tuple[torch.
     scale = max(absmax / 127, min_scale) in float32 (the floor keeps an all-zero row finite: its codes are 0),
     codes = round_half_even(x / scale) clamped to +-127.
     The one int8 row quantizer: weights per output channel (SmoothQuant checkpoints, the CPU lm_head copy),
-    activations per token (W8A8Linear's torch paths), and the reference per_token_quant_int8 must match.
+    activations per token (W8A8Linear's torch paths); the Triton per_token_quant_int8 must give the same.
     """
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=min_scale)
     codes = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
