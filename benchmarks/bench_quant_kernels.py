@@ -23,7 +23,7 @@ from bench_kernels import copy_bandwidth, graph_of, time_ms
 
 from lmserve.kernels import w4a16
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
-from lmserve.quant.linear import cuda_int8_matmul
+from lmserve.layers.quant import cuda_int8_matmul
 
 LAYER = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 """Llama-3-8B GEMMs of one decoder layer as (in_features K, out_features N)."""

@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-# Each module defines `register(subparsers)`, adding its commands with `func=` set.
+# Each module defines `register(subparsers)`, adding its commands with `func=` set; it imports torch-heavy
+# code only inside those functions, so building the parser (and `--help`) never loads torch.
 COMMAND_MODULES = (
     "lmserve.cli.serve",
     "lmserve.cli.chat",
@@ -31,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmserve", description="Deploy and quantize large language models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name == name:
-                continue  # command not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from lmserve.attention.backend import get_attention_backend
 from lmserve.config import EngineConfig
+from lmserve.layers.quant import prepare_for_inference
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
-from lmserve.quant.linear import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,11 @@ def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int 
 def random_quantization_config(model_format: str) -> dict[str, Any] | None:
     """quantization_config for a random model of `--model-format awq|w8a8` (None otherwise)."""
     if model_format == "awq":
-        from lmserve.quant.formats import awq_quantization_config
+        from lmserve.layers.quant_formats import awq_quantization_config
 
         return awq_quantization_config(4, 128)
     if model_format == "w8a8":
-        from lmserve.quant.formats import w8a8_quantization_config
+        from lmserve.layers.quant_formats import w8a8_quantization_config
 
         return w8a8_quantization_config(["lm_head"])
     return None

@@ -1,9 +1,10 @@
-"""AutoAWQ-layout tensors on CUDA: a dequantize kernel, and the torch references every W4A16 kernel is tested against.
+"""AutoAWQ GEMM layout: int4 packing, a CUDA dequantize kernel, and the torch references W4A16 kernels are tested against.
 
-Layout (lmserve/quant/formats.py): qweight int32 [K, N / 8], eight nibbles per int32 where nibble i holds column
-8 * word + AWQ_ORDER[i] (AWQ_ORDER = 0, 2, 4, 6, 1, 3, 5, 7); qzeros int32 [K / group, N / 8] packed the same
-way; scales fp16 [K / group, N]; w[k, n] = (q - z) * s. The matmul kernels run on the repacked layout of
-lmserve/kernels/w4a16.py; this dense dequantize serves the group sizes those kernels do not take.
+Layout: qweight int32 [K, N / 8], eight nibbles per int32 where nibble i holds column 8 * word + AWQ_ORDER[i]
+(AWQ_ORDER = 0, 2, 4, 6, 1, 3, 5, 7); qzeros int32 [K / group, N / 8] packed the same way; scales fp16
+[K / group, N]; w[k, n] = (q - z) * s (lmserve/layers/quant_formats.py describes the checkpoint). The matmul
+kernels run on the repacked layout of lmserve/kernels/w4a16.py; this dense dequantize serves the group sizes
+those kernels do not take.
 """
 
 from __future__ import annotations
@@ -14,7 +15,33 @@ import torch
 
 from lmserve.kernels._triton import jit, tl
 
-PACK_NUM = 8
+PACK_NUM = 8  # 4-bit values per int32
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+"""Nibble i of each packed int32 holds column AWQ_ORDER[i] of its block of eight."""
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+"""Column c of a block of eight sits in nibble AWQ_REVERSE_ORDER[c]."""
+_SHIFTS = torch.arange(PACK_NUM, dtype=torch.int64) * 4
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values [rows, cols] (0..15) into int32 [rows, cols / 8] in AutoAWQ's order."""
+    rows, cols = values.shape
+    if cols % PACK_NUM:
+        raise ValueError(f"cannot pack {cols} columns: must be a multiple of {PACK_NUM}")
+    if values.min() < 0 or values.max() > 15:
+        raise ValueError("int4 values must lie in 0..15")
+    blocks = values.to(torch.int64).reshape(rows, cols // PACK_NUM, PACK_NUM)[..., list(AWQ_ORDER)]
+    packed = (blocks << _SHIFTS).sum(dim=-1)
+    # Wrap to two's complement: nibble 7 reaches bit 31.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_awq: int32 [rows, cols / 8] -> int32 [rows, cols] in 0..15."""
+    rows, packed_cols = packed.shape
+    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
+    return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(rows, packed_cols * PACK_NUM).to(torch.int32)
 
 
 @jit
@@ -71,8 +98,6 @@ def awq_dequantize_ref(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Torch reference of awq_dequantize: unpack in AutoAWQ's order, (q - z) * s in float32, one rounding."""
-    from lmserve.quant.formats import unpack_awq
-
     q = unpack_awq(qweight)
     zeros = unpack_awq(qzeros).repeat_interleave(group_size, dim=0)
     w = (q - zeros).float() * scales.float().repeat_interleave(group_size, dim=0)

@@ -12,7 +12,6 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
-from lmserve.quant.rtn import quantize_per_token_int8
 
 _PROGRAMS_PER_SM = 4
 
@@ -192,8 +191,22 @@ def int8_gemm(
 
 # -- torch references --------------------------------------------------------------------------------
 
-per_token_quant_int8_ref = quantize_per_token_int8
-"""The CPU path's own quantizer (lmserve.quant.rtn): the kernel must give the same int8 codes and scales."""
+
+def quantize_rows_int8(x: torch.Tensor, min_scale: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (last dim): (int8 [..., K], float32 scale [..., 1]), x ~ codes * scale.
+
+    scale = max(absmax / 127, min_scale) in float32 (the floor keeps an all-zero row finite: its codes are 0),
+    codes = round_half_even(x / scale) clamped to +-127.
+    The one int8 row quantizer: weights per output channel (SmoothQuant checkpoints, the CPU lm_head copy),
+    activations per token (W8A8Linear's torch paths); the Triton per_token_quant_int8 must give the same.
+    """
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=min_scale)
+    codes = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+per_token_quant_int8_ref = quantize_rows_int8
+"""The CPU path's own quantizer: the kernel must give the same int8 codes and scales."""
 
 
 def int8_gemm_ref(

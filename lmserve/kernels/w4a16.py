@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.kernels._triton import jit, num_sms, tl
+from lmserve.kernels.awq_dequant import unpack_awq
 
 TILE_N = 64
 """Columns per contiguous strip of the layout."""
@@ -70,8 +71,6 @@ def repack_awq(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> W4Weight:
     """AutoAWQ GEMM tensors (qweight [K, N / 8], qzeros [K / g, N / 8], scales [K / g, N]) -> W4Weight."""
-    from lmserve.quant.formats import unpack_awq
-
     if not supports_group_size(group_size):
         raise ValueError(
             f"the W4A16 kernels need a group size that divides 128 or is a multiple of it, got {group_size}"

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels.int8_gemm import quantize_rows_int8
+from lmserve.layers.quant import make_quantized_linear
+
 INT4_GROUP_SIZE = 32
 INT4_MAX_ROWS = 4
 """Up to this many rows the CPU int4 kernel wins (it reads 4x fewer bytes than bf16); above, the bf16 GEMM's
@@ -49,9 +52,9 @@ class Linear(nn.Module):
 
 def pack_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] -> (int8 [N, K], scales [N]): symmetric round-to-nearest per output row."""
-    scales = weight.detach().float().abs().amax(1).clamp_min(1e-12) / 127
-    codes = torch.round(weight.detach().float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return codes, scales.to(dtype)
+    # A lower floor than the activations' 1e-8 (absmax >= 1e-12): rows of tiny weights keep all 255 levels.
+    codes, scales = quantize_rows_int8(weight.detach(), min_scale=1e-12 / 127)
+    return codes, scales.squeeze(1).to(dtype)
 
 
 def int8_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -83,7 +86,7 @@ def pack_int4_if_exact(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.
 def make_linear(
     in_features: int, out_features: int, bias: bool, quant_config: dict[str, Any] | None
 ) -> nn.Module:
-    """A linear layer; quantized (lmserve.quant.linear) when quant_config is set.
+    """A linear layer; quantized (lmserve.layers.quant) when quant_config is set.
 
     Every returned module exposes `output_dims`: param name -> the dim holding output features,
     so fused projections (qkv, gate_up) can be concatenated shard by shard at load time.
@@ -91,8 +94,6 @@ def make_linear(
     """
     if quant_config is None:
         return Linear(in_features, out_features, bias)
-    from lmserve.quant.linear import make_quantized_linear
-
     return make_quantized_linear(in_features, out_features, bias, quant_config)
 
 

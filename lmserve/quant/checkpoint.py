@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lmserve.layers.quant import make_quantized_linear
+from lmserve.layers.quant_formats import quant_method
 from lmserve.models.loader import ModelSource, read_json
 from lmserve.models.tokenizer import Tokenizer
 from lmserve.quant.calibrate import build_hf_model, check_quantizable
-from lmserve.quant.formats import quant_method
-from lmserve.quant.linear import make_quantized_linear
 
 MAX_SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = (

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch loads in the functions that make tensors: the CLI reads DEFAULT_DATASET without it
+    import torch
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_DATASET = "kjv"
@@ -116,6 +117,8 @@ def calibration_samples(
     """
     if num_samples < 1 or seqlen < 2:
         raise ValueError(f"{num_samples=} must be >= 1 and {seqlen=} >= 2")
+    import torch
+
     ids = torch.tensor(tokenizer.encode(load_text(dataset, "calib")), dtype=torch.long)
     if len(ids) <= seqlen:
         raise ValueError(f"calibration text has {len(ids)} tokens; calib_seqlen={seqlen} needs more")
@@ -129,4 +132,6 @@ def evaluation_tokens(tokenizer: TextEncoder, dataset: str | None, num_tokens: i
     ids = tokenizer.encode(load_text(dataset, "heldout"))
     if len(ids) < num_tokens:
         raise ValueError(f"evaluation text has {len(ids)} tokens, fewer than num_tokens={num_tokens}")
+    import torch
+
     return torch.tensor(ids[:num_tokens], dtype=torch.long)

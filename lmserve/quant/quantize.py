@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lmserve.layers.quant_formats import awq_quantization_config, check_group_size, w8a8_quantization_config
 from lmserve.models.config import ModelConfig
 from lmserve.models.loader import load_model_config, resolve_model
 from lmserve.quant import awq
@@ -38,14 +39,7 @@ from lmserve.quant.calibrate import (
 )
 from lmserve.quant.checkpoint import save_config, save_tensors, save_tokenizer, staging_dir
 from lmserve.quant.corpus import DEFAULT_DATASET, calibration_samples, load_text
-from lmserve.quant.formats import awq_quantization_config, awq_tensors, w8a8_quantization_config
-from lmserve.quant.rtn import (
-    GroupQuantized,
-    check_group_size,
-    check_w_bits,
-    dequantize_groups,
-    quantize_groups,
-)
+from lmserve.quant.rtn import GroupQuantized, awq_tensors, check_w_bits, dequantize_groups, quantize_groups
 from lmserve.quant.smooth_quant import int8_tensors, smooth_layer
 
 DTYPES = ("auto", "float16", "bfloat16")

@@ -1,10 +1,13 @@
-"""Round-to-nearest weight quantization: per-group int4 with zero points, per-channel int8."""
+"""Round-to-nearest weight quantization: per-group int4 with zero points, packed as AutoAWQ checkpoints."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from lmserve.kernels.awq_dequant import pack_awq
+from lmserve.layers.quant_formats import check_group_size
 
 SUPPORTED_W_BITS = (4,)
 
@@ -26,16 +29,6 @@ def check_w_bits(w_bits: int) -> None:
     if w_bits not in SUPPORTED_W_BITS:
         raise ValueError(
             f"{w_bits=} is not supported; allowed values: {SUPPORTED_W_BITS} (AutoAWQ GEMM layout)"
-        )
-
-
-def check_group_size(in_features: int, group_size: int, name: str = "linear") -> None:
-    """Groups run along the input features, so the group size must divide them exactly."""
-    if group_size <= 0 or in_features % group_size != 0:
-        divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
-        raise ValueError(
-            f"w_group_size={group_size} does not divide {name}'s in_features={in_features}; "
-            f"use one of {divisors or 'a divisor of in_features'}"
         )
 
 
@@ -86,15 +79,10 @@ def fake_quantize(weight: torch.Tensor, w_bits: int, group_size: int, symmetric:
     return ((q - zeros) * scales).reshape(weight.shape).to(weight.dtype)
 
 
-def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: (int8 [out, in], float32 scale [out, 1])."""
-    scale = (weight.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
-    q = torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per row (token): (int8 [..., in], float32 scale [..., 1])."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8)
-    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def awq_tensors(quantized: GroupQuantized) -> dict[str, torch.Tensor]:
+    """qweight / qzeros / scales for one linear (the AutoAWQ GEMM checkpoint layout), from [out, in] integers."""
+    return {
+        "qweight": pack_awq(quantized.q.t().contiguous()),
+        "qzeros": pack_awq(quantized.zeros.t().contiguous()),
+        "scales": quantized.scales.t().contiguous().to(torch.float16),
+    }

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from lmserve.kernels.int8_gemm import quantize_rows_int8
 from lmserve.quant.awq import apply_scales
-from lmserve.quant.rtn import quantize_per_channel_int8
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -65,7 +65,7 @@ def int8_tensors(layer: Any, prefix: str) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in LINEAR_NAMES:
         linear = layer.get_submodule(name)
-        q, scale = quantize_per_channel_int8(linear.weight)
+        q, scale = quantize_rows_int8(linear.weight)
         tensors[f"{prefix}.{name}.weight"] = q
         tensors[f"{prefix}.{name}.weight_scale"] = scale
         if linear.bias is not None:

@@ -40,9 +40,8 @@ def poison_cache_allocator() -> None:
 
 @pytest.mark.parametrize("num_rows", [1, 8, 300])  # GEMV, tensor cores, dequantize + cuBLAS
 def test_w4a16_matches_a_real_rtn_quantized_weight(num_rows: int) -> None:
-    """Through the project's own quantizer and packer (formats.awq_tensors), not random words."""
-    from lmserve.quant.formats import awq_tensors
-    from lmserve.quant.rtn import quantize_groups
+    """Through the project's own quantizer and packer (rtn.awq_tensors), not random words."""
+    from lmserve.quant.rtn import awq_tensors, quantize_groups
 
     weight = torch.randn(512, 1024)  # nn.Linear [out, in]
     tensors = {
@@ -95,16 +94,16 @@ def test_int8_gemm(num_rows: int, k: int, n: int, out_dtype: torch.dtype) -> Non
 
 @pytest.mark.parametrize("num_rows", [1, 33])
 def test_w8a8_kernels_match_the_cpu_linear(num_rows: int) -> None:
-    """per_token_quant_int8 + int8_gemm give what W8A8Linear (the torch path) gives for the same weights."""
-    from lmserve.quant.linear import W8A8Linear
+    """per_token_quant_int8 + int8_gemm give what W8A8Linear's CPU torch path gives for the same weights."""
+    from lmserve.layers.quant import W8A8Linear
 
-    linear = W8A8Linear(4096, 1024, bias=False).cuda()
-    linear.weight.data = torch.randint(-127, 128, (1024, 4096), dtype=torch.int8, device="cuda")
-    linear.weight_scale.data = torch.rand(1024, 1, device="cuda") * 1e-3
-    x = torch.randn(num_rows, 4096, device="cuda", dtype=torch.bfloat16)
-    x_q, x_scale = per_token_quant_int8(x)
-    out = int8_gemm(x_q, linear.weight, x_scale, linear.weight_scale, torch.bfloat16)
-    assert relative_error(out, linear(x)) < 1e-3
+    linear = W8A8Linear(4096, 1024, bias=False)  # on the CPU: on CUDA it would run these same kernels
+    linear.weight.data = torch.randint(-127, 128, (1024, 4096), dtype=torch.int8)
+    linear.weight_scale.data = torch.rand(1024, 1) * 1e-3
+    x = torch.randn(num_rows, 4096, dtype=torch.bfloat16)
+    x_q, x_scale = per_token_quant_int8(x.cuda())
+    out = int8_gemm(x_q, linear.weight.cuda(), x_scale, linear.weight_scale.cuda(), torch.bfloat16)
+    assert relative_error(out.cpu(), linear(x)) < 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

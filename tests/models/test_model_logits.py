@@ -225,8 +225,8 @@ def test_half_precision_model_tracks_float32_hf(dtype: torch.dtype) -> None:
 
 def test_awq_checkpoint_loads_into_fused_projections() -> None:
     """AWQ tensors pack output features along dim 1: q/k/v and gate/up shards must be fused there."""
-    from lmserve.quant.formats import awq_dequantize, awq_quantization_config, awq_tensors
-    from lmserve.quant.rtn import quantize_groups
+    from lmserve.layers.quant_formats import awq_dequantize, awq_quantization_config
+    from lmserve.quant.rtn import awq_tensors, quantize_groups
 
     hf, group_size = tiny_hf_model("qwen2"), 32
     awq: dict[str, torch.Tensor] = {}

@@ -56,3 +56,13 @@ def test_int8_lm_head_is_close_to_dense() -> None:
     out = int8_linear(x, pack_int8(weight.to(torch.bfloat16), torch.bfloat16)).float()
     dense = x.float() @ weight.t()
     assert (out - dense).abs().max() <= 0.03 * dense.abs().max()
+
+
+def test_int8_lm_head_packing_keeps_its_floor_for_tiny_rows() -> None:
+    # pack_int8's own formula before it shared the row quantizer: absmax floored at 1e-12, not scale at 1e-8
+    weight = torch.randn(6, 64) * torch.tensor([1.0, 1e-3, 1e-7, 3e-9, 1e-13, 0.0])[:, None]
+    scales = weight.abs().amax(1).clamp_min(1e-12) / 127
+    codes = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    packed_codes, packed_scales = pack_int8(weight, torch.float32)
+    assert torch.equal(packed_codes, codes) and torch.equal(packed_scales, scales)
+    assert packed_codes[2].abs().max() == 127  # a 1e-7 row still spans all levels

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmserve.quant.formats import awq_dequantize, awq_tensors, pack_awq, quant_method, unpack_awq
-from lmserve.quant.linear import AWQLinear, W8A8Linear, int8_matmul, make_quantized_linear
-from lmserve.quant.rtn import dequantize_groups, quantize_groups, quantize_per_channel_int8
+from lmserve.kernels.awq_dequant import pack_awq, unpack_awq
+from lmserve.kernels.int8_gemm import quantize_rows_int8
+from lmserve.layers.quant import AWQLinear, W8A8Linear, int8_matmul, make_quantized_linear
+from lmserve.layers.quant_formats import awq_dequantize, quant_method
+from lmserve.quant.rtn import awq_tensors, dequantize_groups, quantize_groups
 
 
 def test_pack_round_trip() -> None:
@@ -69,10 +71,19 @@ def test_w8a8_linear_is_close_to_float() -> None:
     generator = torch.Generator().manual_seed(3)
     weight, x = torch.randn(64, 96, generator=generator), torch.randn(40, 96, generator=generator)
     layer = W8A8Linear(96, 64, bias=False)
-    q, scale = quantize_per_channel_int8(weight)
+    q, scale = quantize_rows_int8(weight)
     layer.weight.data, layer.weight_scale.data = q, scale
     out, reference = layer(x), F.linear(x, weight)
     assert ((out - reference).norm() / reference.norm()) < 0.02
+
+
+def test_int8_rows_by_hand() -> None:
+    # absmax 127 gives scale 1 exactly, so the codes are the values rounded half to even
+    x = torch.tensor([[[127.0, -63.5, 0.5, 1.5, 2.5], [0.0, 0.0, 0.0, 0.0, 0.0]]])
+    codes, scale = quantize_rows_int8(x)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (1, 2, 1)
+    assert codes.tolist() == [[[127, -64, 0, 2, 2], [0, 0, 0, 0, 0]]]
+    assert scale.flatten().tolist() == [1.0, torch.tensor(1e-8).item()]  # an all-zero row gets the floor
 
 
 def test_int8_matmul_is_exact() -> None:

@@ -20,7 +20,7 @@ def test_quant_kernels_match_references_under_interpreter() -> None:
 
 
 if IN_CHILD:
-    from lmserve.kernels.awq_dequant import awq_dequantize, awq_dequantize_ref, awq_gemm_ref
+    from lmserve.kernels.awq_dequant import awq_dequantize, awq_dequantize_ref, awq_gemm_ref, pack_awq
     from lmserve.kernels.int8_gemm import (
         int8_gemm,
         int8_gemm_ref,
@@ -29,7 +29,6 @@ if IN_CHILD:
     )
     from lmserve.kernels.testing import relative_error
     from lmserve.kernels.w4a16 import dequantize_w4, dequantize_w4_ref, repack_awq, w4a16_matmul
-    from lmserve.quant.formats import pack_awq
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
 

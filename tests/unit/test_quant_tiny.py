@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmserve.cli.main import main
+from lmserve.layers.quant_formats import awq_dequantize
 from lmserve.quant import quantize
 from lmserve.quant.calibrate import STATS_FILE, load_float_model
 from lmserve.quant.checkpoint import load_quantized_model
-from lmserve.quant.formats import awq_dequantize
 from lmserve.quant.quantize import AWQOptions, CalibrationOptions, auto_awq, calibrate, smooth_quant
 
 CALIB = CalibrationOptions(calib_samples=4, calib_seqlen=64)

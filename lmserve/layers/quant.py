@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from lmserve.kernels._triton import HAS_TRITON
-from lmserve.quant.formats import PACK_NUM, awq_dequantize, quant_method
-from lmserve.quant.rtn import check_group_size, quantize_per_token_int8
+from lmserve.kernels.awq_dequant import PACK_NUM
+from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
+from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_rows_int8
+from lmserve.kernels.w4a16 import dequantize_w4, repack_awq, supports_group_size, w4a16_matmul
+from lmserve.layers.quant_formats import awq_dequantize, check_group_size, quant_method
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -40,8 +43,6 @@ class AWQLinear(nn.Module):
         """On CUDA: repack into the kernels' K-interleaved layout once, and free the AutoAWQ tensors."""
         if not (self.qweight.is_cuda and HAS_TRITON):
             return
-        from lmserve.kernels.w4a16 import repack_awq, supports_group_size
-
         if self.w4 is None and supports_group_size(self.group_size):
             self.w4 = repack_awq(self.qweight.data, self.qzeros.data, self.scales.data, self.group_size)
             for name in ("qweight", "qzeros", "scales"):
@@ -50,19 +51,13 @@ class AWQLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """[in, out] weight in `dtype`."""
         if self.w4 is not None:
-            from lmserve.kernels.w4a16 import dequantize_w4
-
             return dequantize_w4(self.w4, dtype)
         return awq_dequantize(self.qweight, self.qzeros, self.scales.to(dtype), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w4 is not None:  # dequantize in registers (lmserve/kernels/w4a16.py)
-            from lmserve.kernels.w4a16 import w4a16_matmul
-
             out = w4a16_matmul(x, self.w4)
         elif x.is_cuda and HAS_TRITON:  # group sizes the repacked kernels don't take: dense weight, cuBLAS
-            from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
-
             out = x @ awq_dequantize_cuda(self.qweight, self.qzeros, self.scales, self.group_size, x.dtype)
         else:
             out = x @ self.dequantized_weight(x.dtype)
@@ -84,20 +79,18 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if x.is_cuda and HAS_TRITON:  # Triton: per-token quantization, int8 GEMM with both scales fused
-            from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
-
             q, x_scale = per_token_quant_int8(flat)
             out = int8_gemm(q, self.weight, x_scale, self.weight_scale, x.dtype)
             if self.bias is not None:
                 out = out + self.bias.to(x.dtype)
             return out.reshape(*x.shape[:-1], self.out_features)
         if x.is_cuda:  # cuBLAS int8 tensor-core GEMM (int32 accumulation), scales applied once in float32
-            q, x_scale = quantize_per_token_int8(flat)
+            q, x_scale = quantize_rows_int8(flat)
             out = cuda_int8_matmul(q, self.weight) * x_scale * self.weight_scale.float().t()
             if self.bias is not None:
                 out = out + self.bias.float()
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        q, x_scale = quantize_per_token_int8(flat)
+        q, x_scale = quantize_rows_int8(flat)
         accumulated = int8_matmul(q, self.weight.t())
         out = accumulated * x_scale * self.weight_scale.float().t()
         if self.bias is not None:

@@ -1,4 +1,4 @@
-"""Checkpoint layouts: AutoAWQ GEMM int4 packing and the compressed-tensors W8A8 int8 layout.
+"""Checkpoint layouts the runtime reads: AutoAWQ GEMM int4 and compressed-tensors W8A8 int8.
 
 AWQ "GEMM" (AutoAWQ, vLLM, SGLang, LMDeploy read it), per linear of nn.Linear shape [out, in]:
   qweight int32 [in, out / 8]        eight 4-bit values per int32, nibble i holds column
@@ -6,6 +6,7 @@ AWQ "GEMM" (AutoAWQ, vLLM, SGLang, LMDeploy read it), per linear of nn.Linear sh
   qzeros  int32 [in / group, out / 8] zero points, packed the same way
   scales  fp16  [in / group, out]
   w[in, out] = (q - zeros[group]) * scales[group]
+  (the bit packing itself: lmserve/kernels/awq_dequant.py, pack_awq / unpack_awq)
 
 compressed-tensors W8A8 int8 (vLLM, SGLang), per linear:
   weight       int8 [out, in]   symmetric, per output channel
@@ -16,44 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.quant.rtn import GroupQuantized
-
-PACK_NUM = 8  # 4-bit values per int32
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-"""Nibble i of each packed int32 holds column AWQ_ORDER[i] of its block of eight."""
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
-"""Column c of a block of eight sits in nibble AWQ_REVERSE_ORDER[c]."""
-_SHIFTS = torch.arange(PACK_NUM, dtype=torch.int64) * 4
+from lmserve.kernels.awq_dequant import unpack_awq
 
 
-def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """Pack int4 values [rows, cols] (0..15) into int32 [rows, cols / 8] in AutoAWQ's order."""
-    rows, cols = values.shape
-    if cols % PACK_NUM:
-        raise ValueError(f"cannot pack {cols} columns: must be a multiple of {PACK_NUM}")
-    if values.min() < 0 or values.max() > 15:
-        raise ValueError("int4 values must lie in 0..15")
-    blocks = values.to(torch.int64).reshape(rows, cols // PACK_NUM, PACK_NUM)[..., list(AWQ_ORDER)]
-    packed = (blocks << _SHIFTS).sum(dim=-1)
-    # Wrap to two's complement: nibble 7 reaches bit 31.
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return packed.to(torch.int32)
-
-
-def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_awq: int32 [rows, cols / 8] -> int32 [rows, cols] in 0..15."""
-    rows, packed_cols = packed.shape
-    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
-    return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(rows, packed_cols * PACK_NUM).to(torch.int32)
-
-
-def awq_tensors(quantized: GroupQuantized) -> dict[str, torch.Tensor]:
-    """qweight / qzeros / scales for one linear, from nn.Linear-shaped [out, in] integers."""
-    return {
-        "qweight": pack_awq(quantized.q.t().contiguous()),
-        "qzeros": pack_awq(quantized.zeros.t().contiguous()),
-        "scales": quantized.scales.t().contiguous().to(torch.float16),
-    }
+def check_group_size(in_features: int, group_size: int, name: str = "linear") -> None:
+    """Groups run along the input features, so the group size must divide them exactly."""
+    if group_size <= 0 or in_features % group_size != 0:
+        divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+        raise ValueError(
+            f"w_group_size={group_size} does not divide {name}'s in_features={in_features}; "
+            f"use one of {divisors or 'a divisor of in_features'}"
+        )
 
 
 def awq_dequantize(
