@@ -167,7 +167,7 @@ def check_model_format(model_format: str, source: ModelSource, config: ModelConf
 
 def _hf_format(config: ModelConfig) -> str:
     """'hf' for plain weights, else 'awq' or 'w8a8' from quantization_config (ValueError for others)."""
-    from lmserve.quant.formats import quant_method
+    from lmserve.layers.quant_formats import quant_method
 
     return quant_method(config.quantization_config) or "hf"
 

@@ -11,9 +11,9 @@ import torch
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.generation import GenerationConfig
+from lmserve.layers.quant_formats import awq_quantization_config
 from lmserve.models.config import ModelConfig
 from lmserve.models.loader import ModelSource, check_model_format, load_model_config, resolve_model
-from lmserve.quant.formats import awq_quantization_config
 from tests.models.model_helpers import tiny_hf_model
 
 SAMPLED = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=12, ignore_eos=True)
