@@ -27,7 +27,7 @@ if IN_CHILD:
     from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
     from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
     from lmserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
-    from lmserve.kernels.testing import make_paged_batch, reference_forward, relative_error
+    from lmserve.kernels.testing import backend_step, make_paged_batch, reference_forward, relative_error
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
 
@@ -68,7 +68,9 @@ def test_prefill_attention_with_prefix() -> None:
 def test_backend_matches_reference_on_mixed_batch() -> None:
     batch = make_paged_batch([1, 1, 12, 5], [3, 33, 12, 21], 8, 2, 32, 16, DTYPE, "cpu", num_padding_tokens=1)
     ref, ref_cache = reference_forward(batch, 0.25)
-    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, 0.25)
+    out = backend_step(
+        TritonAttentionBackend(), batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, 0.25
+    )
     rows = batch.meta.num_tokens
     assert relative_error(out[:rows], ref[:rows]) < 2e-3
     assert torch.equal(batch.layer_cache, ref_cache)
