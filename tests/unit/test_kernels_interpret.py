@@ -77,6 +77,21 @@ def test_backend_matches_reference_on_mixed_batch() -> None:
 
 
 @child_only
+def test_backend_over_padded_graph_inputs_matches_reference() -> None:
+    """A decode batch of 3 loaded into static buffers for 4 (as before a graph replay): the padding
+    sequence writes nothing and the real rows match the reference."""
+    batch = make_paged_batch([1, 1, 1], [3, 17, 30], 8, 2, 32, 8, DTYPE, "cpu")
+    ref, ref_cache = reference_forward(batch, 0.25)
+    backend = TritonAttentionBackend()
+    inputs = backend.graph_inputs(4, batch.meta.block_tables.shape[1] + 2, 8, torch.device("cpu"))
+    inputs.load(batch.meta, batch_size=4)
+    q, k, v = (torch.cat([x, x[:1]]) for x in (batch.q, batch.k, batch.v))  # a stale padding row
+    out = backend.forward(q, k, v, batch.layer_cache, inputs.plan(4), 0.25)
+    assert relative_error(out[:3], ref) < 2e-3
+    assert torch.equal(batch.layer_cache, ref_cache)
+
+
+@child_only
 def test_rms_norms() -> None:
     x, residual, weight = (
         torch.randn(5, 48).to(DTYPE),
