@@ -95,10 +95,10 @@ def compact_slot_mapping(
     query_lens: list[int], seq_lens: list[int], max_blocks: int, block_size: int
 ) -> torch.Tensor:
     """Slots of the new tokens in the compact copy (sequence i at i * max_blocks * block_size + position)."""
-    query_lens_t = torch.tensor(query_lens)
-    seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens_t)
-    first_position = torch.tensor(seq_lens) - query_lens_t
-    first_row = torch.cumsum(query_lens_t, 0) - query_lens_t
+    new_counts = torch.tensor(query_lens)
+    seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), new_counts)
+    first_position = torch.tensor(seq_lens) - new_counts
+    first_row = torch.cumsum(new_counts, 0) - new_counts
     rows = torch.arange(len(seq_ids))
     return seq_ids * max_blocks * block_size + first_position[seq_ids] + rows - first_row[seq_ids]
 
@@ -153,9 +153,8 @@ class TorchQuantKVBackend(_QuantizedKVAllocation):
             slot_mapping=compact_slot_mapping(query_lens, seq_lens, max_blocks, meta.block_size).to(device),
             block_tables=compact_block_tables(meta.num_seqs, max_blocks, device),
         )
-        compact = TorchPlan(
-            compact_meta, query_lens, seq_lens, kept_rows=None
-        )  # every compact row is written
+        # every row of the compact slot mapping is a real token: no padding to look for
+        compact = TorchPlan(compact_meta, query_lens, seq_lens, kept_rows=None)
         block_ids = meta.block_tables[:, :max_blocks].reshape(-1)
         return CompactPlan(meta.slot_mapping, block_ids, compact, meta.num_tokens)
 
