@@ -16,7 +16,8 @@ import statistics
 
 import torch
 
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.metadata import SequenceChunk, build_step_batch
+from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.attention.torch_backend import decode_attention as torch_decode_attention
 from lmserve.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from lmserve.kernels.prefill_attention import paged_prefill_attention
@@ -109,14 +110,9 @@ def bench_torch_reference(batch: int, block_size: int) -> float:
         2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16
     )
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
-        seq_lens=torch.full((batch,), CONTEXT_LEN, dtype=torch.int32, device="cuda"),
-        block_tables=tables[0], block_size=block_size, max_query_len=1, max_seq_len=CONTEXT_LEN,
-        num_decodes=batch, query_lens_cpu=[1] * batch, seq_lens_cpu=[CONTEXT_LEN] * batch,
-    )  # fmt: skip
-    return time_ms(lambda: torch_decode_attention(q, cache, meta, HEAD_DIM**-0.5), iterations=20) * 1e3
+    chunks = [SequenceChunk([0], CONTEXT_LEN - 1, table) for table in tables[0].tolist()]
+    plan = TorchAttentionBackend().prepare(build_step_batch(chunks, block_size, "cuda").metadata)
+    return time_ms(lambda: torch_decode_attention(q, cache, plan, HEAD_DIM**-0.5), iterations=20) * 1e3
 
 
 def bench_prefill(prompt_len: int = 2048, block_size: int = 64, **kernel_options) -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.bench_kernels import graph_of, time_ms
 from lmserve.attention.kv_quant import QuantizedKVCache, TritonQuantKVBackend, compact_block_tables
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.metadata import AttentionMetadata, SequenceChunk, build_step_batch
 from lmserve.attention.triton_backend import TritonAttentionBackend
 from lmserve.kernels.kv_quant import dequantize_blocks, paged_decode_attention_quant, quantize_kv_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention
@@ -51,14 +51,8 @@ def backend_of(policy: int) -> Any:
 
 
 def decode_metadata(tables: torch.Tensor, seq_len: int) -> AttentionMetadata:
-    batch = tables.shape[0]
-    slots = tables[:, (seq_len - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (seq_len - 1) % BLOCK_SIZE
-    return AttentionMetadata(
-        slot_mapping=slots, query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=CUDA),
-        seq_lens=torch.full((batch,), seq_len, dtype=torch.int32, device=CUDA), block_tables=tables,
-        block_size=BLOCK_SIZE, max_query_len=1, max_seq_len=seq_len, num_decodes=batch,
-        query_lens_cpu=[1] * batch, seq_lens_cpu=[seq_len] * batch,
-    )  # fmt: skip
+    chunks = [SequenceChunk([0], seq_len - 1, table) for table in tables.tolist()]
+    return build_step_batch(chunks, BLOCK_SIZE, CUDA).metadata
 
 
 def decode_sets(batch: int, policy: int) -> tuple[list[AttentionMetadata], Any, int]:
@@ -82,7 +76,8 @@ def bench_decode_backend(batch: int, policy: int) -> dict[str, Any]:
     backend = backend_of(policy)
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16)
     k, v = (torch.randn(batch, NUM_KV_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16) for _ in "kv")
-    us = graph_us([lambda meta=meta: backend.forward(q, k, v, cache, meta, SCALE) for meta in metas])
+    plans = [backend.prepare(meta) for meta in metas]
+    us = graph_us([lambda plan=plan: backend.forward(q, k, v, cache, plan, SCALE) for plan in plans])
     return {"kind": "decode_backend", "policy": policy, "batch": batch, "context": CONTEXT_LEN,
             "us": us, "kv_tb_s": bytes_per_set / (us * 1e-6) / 1e12}  # fmt: skip
 
@@ -106,21 +101,13 @@ def bench_decode_kernel(batch: int, bits: int, block_n: int, num_warps: int) -> 
 def prefill_metadata() -> AttentionMetadata:
     blocks_per_seq = PROMPT_LEN // BLOCK_SIZE
     tables = torch.randperm(NUM_PROMPTS * blocks_per_seq, device=CUDA).to(torch.int32)
-    tables = tables.view(NUM_PROMPTS, blocks_per_seq)
-    positions = torch.arange(PROMPT_LEN, device=CUDA)
-    slots = (tables.long()[:, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE).reshape(-1)
-    return AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=torch.arange(NUM_PROMPTS + 1, dtype=torch.int32, device=CUDA) * PROMPT_LEN,
-        seq_lens=torch.full((NUM_PROMPTS,), PROMPT_LEN, dtype=torch.int32, device=CUDA), block_tables=tables,
-        block_size=BLOCK_SIZE, max_query_len=PROMPT_LEN, max_seq_len=PROMPT_LEN, num_decodes=0,
-        query_lens_cpu=[PROMPT_LEN] * NUM_PROMPTS, seq_lens_cpu=[PROMPT_LEN] * NUM_PROMPTS,
-    )  # fmt: skip
+    chunks = [SequenceChunk([0] * PROMPT_LEN, 0, table) for table in tables.view(NUM_PROMPTS, -1).tolist()]
+    return build_step_batch(chunks, BLOCK_SIZE, CUDA).metadata
 
 
 def old_int8_prefill(q: torch.Tensor, cache: Any, meta: AttentionMetadata, out: torch.Tensor) -> None:
     """The int8 prefill before this change: dequantize every block of the chunk, then the bf16 kernel."""
-    max_blocks = -(-max(meta.seq_lens_cpu) // BLOCK_SIZE)
+    max_blocks = -(-meta.max_seq_len // BLOCK_SIZE)
     block_ids = meta.block_tables[:, :max_blocks].reshape(-1)
     compact = dequantize_blocks(cache.codes, cache.params, block_ids, cache.bits, q.dtype)
     tables = compact_block_tables(meta.num_seqs, max_blocks, q.device)
@@ -140,7 +127,8 @@ def bench_prefill(policy: int, old_path: bool = False) -> dict[str, Any]:
     if old_path:
         ms = time_ms(lambda: old_int8_prefill(q, cache, meta, out), iterations=20)
     else:
-        ms = time_ms(lambda: backend.forward(q, k, v, cache, meta, SCALE), iterations=20)
+        plan = backend.prepare(meta)
+        ms = time_ms(lambda: backend.forward(q, k, v, cache, plan, SCALE), iterations=20)
     name = "prefill_old_dequantize_copy" if old_path else "prefill_backend"
     return {"kind": name, "policy": policy, "prompts": NUM_PROMPTS, "prompt_len": PROMPT_LEN, "us": ms * 1e3}
 

@@ -1,17 +1,26 @@
-"""AttentionBackend: the protocol every paged-attention implementation follows, and how one is picked."""
+"""AttentionBackend: the lifecycle every paged-attention implementation follows, and how one is picked."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
 from lmserve.attention.metadata import AttentionMetadata
 
 
-class AttentionBackend(Protocol):
-    """Attention over a paged KV cache for a flat, ragged batch (decodes first, then prefill chunks)."""
+class AttentionBackend(ABC):
+    """Attention over a paged KV cache for a flat, ragged batch (decodes first, then prefill chunks).
 
+    One instance per engine: `allocate_kv_cache` once, then per step `prepare(metadata)` once and
+    `forward(..., plan, ...)` in every layer. Under CUDA graphs, `graph_inputs` replaces `prepare`.
+    """
+
+    supports_cuda_graphs: bool = False
+    """True when forward reads no host value that changes between steps of a fixed decode batch size."""
+
+    @abstractmethod
     def allocate_kv_cache(
         self,
         num_layers: int,
@@ -23,23 +32,89 @@ class AttentionBackend(Protocol):
         device: torch.device,
     ) -> list[Any]:
         """One cache object per layer."""
-        ...
 
+    @abstractmethod
+    def prepare(self, meta: AttentionMetadata) -> Any:
+        """The step's plan: whatever every layer of this step shares, computed once."""
+
+    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         layer_cache: Any,
-        meta: AttentionMetadata,
+        plan: Any,
         scale: float,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D].
 
-        Writes the new k/v at meta.slot_mapping (slots of -1 are skipped), then each sequence's
-        new queries attend causally to all its tokens (cached and new) through meta.block_tables.
+        Writes the new k/v at the plan's slot_mapping (slots of -1 are skipped), then each sequence's
+        new queries attend causally to all its tokens (cached and new) through its block_tables.
         """
-        ...
+
+    def graph_inputs(
+        self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+    ) -> DecodeGraphInputs:
+        """Static buffers and plans for decode batches captured in CUDA graphs (one token per sequence)."""
+        if not self.supports_cuda_graphs:
+            raise TypeError(f"{type(self).__name__} reads host lengths: it cannot run under CUDA graphs")
+        return DecodeGraphInputs(self, max_num_seqs, max_blocks_per_seq, block_size, device)
+
+
+class DecodeGraphInputs:
+    """Device buffers a captured decode graph reads, sized for the largest batch and sliced per batch size.
+
+    `plan(batch_size)` is captured once; before each replay `load(meta, batch_size)` copies a real batch
+    in and pads it: padding sequences get slot -1 (no KV write) and length 0 (attention reads nothing).
+    A backend whose plan holds more device state (e.g. FlashInfer's wrappers) subclasses this.
+    """
+
+    def __init__(
+        self,
+        backend: AttentionBackend,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.backend = backend
+        self.block_size = block_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
+
+    def metadata(self, batch_size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch_size],
+            query_start_loc=self.query_start_loc[: batch_size + 1],
+            seq_lens=self.seq_lens[:batch_size],
+            block_tables=self.block_tables[:batch_size],
+            block_size=self.block_size,
+            num_seqs=batch_size,
+            num_tokens=batch_size,
+            num_decodes=batch_size,
+            max_query_len=1,
+            max_seq_len=self.max_blocks_per_seq * self.block_size,
+            query_lens_cpu=None,
+            seq_lens_cpu=None,
+        )
+
+    def plan(self, batch_size: int) -> Any:
+        """The plan a graph of this batch size is captured with (it stays valid for every replay)."""
+        return self.backend.prepare(self.metadata(batch_size))
+
+    def load(self, meta: AttentionMetadata, batch_size: int) -> None:
+        """Copy a decode-only batch of at most batch_size sequences into the buffers (device copies only)."""
+        n = meta.num_seqs
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if batch_size > n:
+            self.slot_mapping[n:batch_size].fill_(-1)
+            self.seq_lens[n:batch_size].fill_(0)
 
 
 def get_attention_backend(device: torch.device, quant_policy: int = 0) -> AttentionBackend:

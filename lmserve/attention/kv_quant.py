@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.torch_backend import TorchAttentionBackend, TorchPlan
 from lmserve.kernels.hadamard import rotate
 from lmserve.kernels.kv_quant import (
     PARAMS_DTYPE,
@@ -89,19 +91,19 @@ def compact_block_tables(num_seqs: int, max_blocks: int, device: torch.device) -
     return torch.arange(num_seqs * max_blocks, dtype=torch.int32, device=device).view(num_seqs, max_blocks)
 
 
-def compact_slot_mapping(meta: AttentionMetadata, max_blocks: int, num_rows: int) -> torch.Tensor:
+def compact_slot_mapping(
+    query_lens: list[int], seq_lens: list[int], max_blocks: int, block_size: int
+) -> torch.Tensor:
     """Slots of the new tokens in the compact copy (sequence i at i * max_blocks * block_size + position)."""
-    query_lens = torch.tensor(meta.query_lens_cpu)
-    seq_ids = torch.repeat_interleave(torch.arange(meta.num_seqs), query_lens)
-    first_position = torch.tensor(meta.seq_lens_cpu) - query_lens
-    first_row = torch.cumsum(query_lens, 0) - query_lens
+    new_counts = torch.tensor(query_lens)
+    seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), new_counts)
+    first_position = torch.tensor(seq_lens) - new_counts
+    first_row = torch.cumsum(new_counts, 0) - new_counts
     rows = torch.arange(len(seq_ids))
-    slots = seq_ids * max_blocks * meta.block_size + first_position[seq_ids] + rows - first_row[seq_ids]
-    padding = torch.full((num_rows - len(slots),), -1, dtype=torch.int64)
-    return torch.cat([slots, padding]).to(meta.slot_mapping.device)
+    return seq_ids * max_blocks * block_size + first_position[seq_ids] + rows - first_row[seq_ids]
 
 
-class _QuantizedKVAllocation:
+class _QuantizedKVAllocation(AttentionBackend):
     """What both quantized-KV backends share: the bit width and the cache layout."""
 
     bits: int
@@ -121,32 +123,40 @@ class _QuantizedKVAllocation:
         )
 
 
+@dataclass(frozen=True)
+class CompactPlan:
+    """A step of the torch reference: where the new K/V go, the blocks to dequantize, and the plain plan over
+    their compact copy (which covers the first num_tokens rows: padding rows belong to no sequence)."""
+
+    slot_mapping: torch.Tensor
+    block_ids: torch.Tensor
+    compact: TorchPlan
+    num_tokens: int
+
+
 class TorchQuantKVBackend(_QuantizedKVAllocation):
     """The reference (CPU): quantize-and-store in torch, dequantize the batch's blocks into a compact plain
     cache, then run the unquantized TorchAttentionBackend on that copy."""
 
     def __init__(self, bits: int) -> None:
-        from lmserve.attention.torch_backend import TorchAttentionBackend
-
         self.bits = bits
         self.rotate_keys, self.rotate_values = rotations_for(bits)
         self.inner = TorchAttentionBackend()
-        # every layer of a step shares one metadata: build its compact layout once per step
-        self._planned_for: torch.Tensor | None = None
-        self._plan: tuple[torch.Tensor, AttentionMetadata] | None = None
 
-    def plan(self, meta: AttentionMetadata, num_rows: int) -> tuple[torch.Tensor, AttentionMetadata]:
-        """(block ids to dequantize, metadata over the compact copy) for this step."""
-        if meta.slot_mapping is not self._planned_for or self._plan is None:
-            max_blocks = -(-max(meta.seq_lens_cpu) // meta.block_size)
-            block_ids = meta.block_tables[:, :max_blocks].reshape(-1)
-            compact_meta = dataclasses.replace(
-                meta,
-                slot_mapping=compact_slot_mapping(meta, max_blocks, num_rows),
-                block_tables=compact_block_tables(meta.num_seqs, max_blocks, meta.block_tables.device),
-            )
-            self._plan, self._planned_for = (block_ids, compact_meta), meta.slot_mapping
-        return self._plan
+    def prepare(self, meta: AttentionMetadata) -> CompactPlan:
+        """The compact layout every layer of the step shares, built once per step."""
+        query_lens, seq_lens = meta.host_lens()
+        max_blocks = -(-max(seq_lens) // meta.block_size)
+        device = meta.block_tables.device
+        compact_meta = dataclasses.replace(
+            meta,
+            slot_mapping=compact_slot_mapping(query_lens, seq_lens, max_blocks, meta.block_size).to(device),
+            block_tables=compact_block_tables(meta.num_seqs, max_blocks, device),
+        )
+        # every row of the compact slot mapping is a real token: no padding to look for
+        compact = TorchPlan(compact_meta, query_lens, seq_lens, kept_rows=None)
+        block_ids = meta.block_tables[:, :max_blocks].reshape(-1)
+        return CompactPlan(meta.slot_mapping, block_ids, compact, meta.num_tokens)
 
     def forward(
         self,
@@ -154,21 +164,19 @@ class TorchQuantKVBackend(_QuantizedKVAllocation):
         k: torch.Tensor,
         v: torch.Tensor,
         layer_cache: QuantizedKVCache,
-        meta: AttentionMetadata,
+        plan: CompactPlan,
         scale: float,
     ) -> torch.Tensor:
-        bits = self.bits
+        bits, num_tokens = self.bits, plan.num_tokens
         if self.rotate_keys:
             q, k = rotate(q), rotate(k)
         if self.rotate_values:
             v = rotate(v)
-        store_quantized_kv_ref(k, v, layer_cache.codes, layer_cache.params, meta.slot_mapping, bits)
-        num_tokens = meta.num_tokens  # padding rows (slot -1) belong to no sequence: leave them out
-        block_ids, compact_meta = self.plan(meta, num_tokens)
-        compact = dequantize_blocks(layer_cache.codes, layer_cache.params, block_ids, bits, q.dtype)
+        store_quantized_kv_ref(k, v, layer_cache.codes, layer_cache.params, plan.slot_mapping, bits)
+        compact = dequantize_blocks(layer_cache.codes, layer_cache.params, plan.block_ids, bits, q.dtype)
         # the new K/V as stored: a prompt with nothing cached attends to them directly
         k, v = (dequantize_kv_ref(*quantize_kv_ref(x[:num_tokens], bits), bits, q.dtype) for x in (k, v))
-        out = self.inner.forward(q[:num_tokens], k, v, compact, compact_meta, scale)
+        out = self.inner.forward(q[:num_tokens], k, v, compact, plan.compact, scale)
         if self.rotate_values:
             out = rotate(out)
         if num_tokens == q.shape[0]:
@@ -180,9 +188,15 @@ class TritonQuantKVBackend(_QuantizedKVAllocation):
     """CUDA: a Triton quantize-and-store, then decode and prefill attention kernels that read the int codes
     through the block tables (no dequantized copy, no host sync: CUDA-graph safe)."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self.rotate_keys, self.rotate_values = rotations_for(bits)
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The metadata is the whole plan: the grids are sized by host ints already in it."""
+        return meta
 
     def forward(
         self,
@@ -190,7 +204,7 @@ class TritonQuantKVBackend(_QuantizedKVAllocation):
         k: torch.Tensor,
         v: torch.Tensor,
         layer_cache: QuantizedKVCache,
-        meta: AttentionMetadata,
+        plan: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
         from lmserve.kernels.kv_quant import paged_decode_attention_quant, store_quantized_kv
@@ -201,19 +215,19 @@ class TritonQuantKVBackend(_QuantizedKVAllocation):
         if self.rotate_values:
             v = rotate(v)
         codes, params = layer_cache.codes, layer_cache.params
-        store_quantized_kv(k, v, codes, params, meta.slot_mapping, self.bits)
+        store_quantized_kv(k, v, codes, params, plan.slot_mapping, self.bits)
         out = torch.empty_like(q)
-        num_decodes = meta.num_decodes
+        num_decodes = plan.num_decodes
         if num_decodes:
             paged_decode_attention_quant(
-                q[:num_decodes], codes, params, meta.block_tables, meta.seq_lens, scale, self.bits,
+                q[:num_decodes], codes, params, plan.block_tables, plan.seq_lens, scale, self.bits,
                 out=out[:num_decodes],
             )  # fmt: skip
-        if num_decodes < meta.num_seqs:
+        if num_decodes < plan.num_seqs:
             paged_prefill_attention_quant(
-                q, codes, params, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, self.bits,
-                first_seq=num_decodes, num_seqs=meta.num_seqs - num_decodes,
-                max_query_len=meta.max_query_len, out=out,
+                q, codes, params, plan.block_tables, plan.seq_lens, plan.query_start_loc, scale, self.bits,
+                first_seq=num_decodes, num_seqs=plan.num_seqs - num_decodes,
+                max_query_len=plan.max_query_len, out=out,
             )  # fmt: skip
         return rotate(out) if self.rotate_values else out
 

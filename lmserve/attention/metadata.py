@@ -1,13 +1,14 @@
-"""AttentionMetadata: what one forward pass over a flat, ragged batch needs to read and write the paged KV cache."""
+"""The per-step batch: per-sequence facts in, flat ragged tensors out (StepBatch, AttentionMetadata), built once."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionMetadata:
     """A batch of sequences flattened into one token dimension.
 
@@ -26,21 +27,124 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     """[num_seqs, max_blocks_per_seq] int32: physical block ids of each sequence, padded with 0."""
     block_size: int
-    max_query_len: int
-    max_seq_len: int
+    num_seqs: int
+    num_tokens: int
+    """Rows that belong to a sequence; q/k/v may have more (padding rows, slot -1) after them."""
     num_decodes: int
     """The first num_decodes sequences have exactly one new token each."""
-    query_lens_cpu: list[int]
-    seq_lens_cpu: list[int]
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens_cpu)
+    max_query_len: int
+    max_seq_len: int
+    """At least every seq_len: exact in an eager step, the block-table capacity under a CUDA graph."""
+    query_lens_cpu: list[int] | None
+    """Host copies of the lengths; None under a CUDA graph, whose replays reuse one capture for any
+    lengths. Backends that read them (the torch ones) set supports_cuda_graphs False."""
+    seq_lens_cpu: list[int] | None
 
     @property
     def is_decode_only(self) -> bool:
         return self.num_decodes == self.num_seqs
+
+    def host_lens(self) -> tuple[list[int], list[int]]:
+        """(query_lens_cpu, seq_lens_cpu) for a backend that needs them: never under a CUDA graph."""
+        assert self.query_lens_cpu is not None and self.seq_lens_cpu is not None, "no host lengths here"
+        return self.query_lens_cpu, self.seq_lens_cpu
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's part of a step: new tokens at positions start .. start + len(token_ids) - 1."""
+
+    token_ids: Sequence[int]
+    start: int
+    """Tokens already in the cache (the position of the first new token)."""
+    block_table: Sequence[int]
+    """Physical blocks of the sequence, enough for start + len(token_ids) tokens."""
+    samples: bool = True
+    """Whether the logits of the last new token are wanted (a token is sampled)."""
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one forward pass reads: flat token tensors, the rows to compute logits for, attention metadata."""
+
+    input_ids: torch.Tensor
+    """[num_tokens] int64."""
+    positions: torch.Tensor
+    """[num_tokens] int64."""
+    logits_indices: torch.Tensor
+    """[num_sampling] int64: row of the last new token of each sequence that samples."""
+    metadata: AttentionMetadata
+
+
+def build_step_batch(
+    chunks: Sequence[SequenceChunk], block_size: int, device: torch.device | str
+) -> StepBatch:
+    """The one place a step's flat tensors are made; pass decodes (one new token) first.
+
+    Everything is laid out in two host lists (int64: ids, positions, slots, logits rows; int32: query starts,
+    seq lens, block tables) and uploaded in two copies, from pinned memory without blocking on CUDA.
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_indices: list[int] = []
+    query_lens = [len(c.token_ids) for c in chunks]
+    seq_lens = [c.start + n for c, n in zip(chunks, query_lens, strict=True)]
+    for chunk, end in zip(chunks, seq_lens, strict=True):
+        input_ids.extend(chunk.token_ids)
+        table = chunk.block_table
+        positions.extend(range(chunk.start, end))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
+        if chunk.samples:
+            logits_indices.append(len(input_ids) - 1)
+    num_tokens = len(input_ids)
+    longs = input_ids + positions + slots + logits_indices
+    width = max(len(c.block_table) for c in chunks)
+    ints = [0, *_cumsum(query_lens), *seq_lens]
+    for chunk in chunks:
+        ints.extend(chunk.block_table)
+        ints.extend([0] * (width - len(chunk.block_table)))
+    long_tensor, int_tensor = _upload(longs, torch.int64, device), _upload(ints, torch.int32, device)
+    num_seqs = len(chunks)
+    metadata = AttentionMetadata(
+        slot_mapping=long_tensor[2 * num_tokens : 3 * num_tokens],
+        query_start_loc=int_tensor[: num_seqs + 1],
+        seq_lens=int_tensor[num_seqs + 1 : 2 * num_seqs + 1],
+        block_tables=int_tensor[2 * num_seqs + 1 :].view(num_seqs, width),
+        block_size=block_size,
+        num_seqs=num_seqs,
+        num_tokens=num_tokens,
+        num_decodes=_num_leading_ones(query_lens),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    return StepBatch(
+        input_ids=long_tensor[:num_tokens],
+        positions=long_tensor[num_tokens : 2 * num_tokens],
+        logits_indices=long_tensor[3 * num_tokens :],
+        metadata=metadata,
+    )
+
+
+def _upload(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    total, sums = 0, []
+    for value in values:
+        total += value
+        sums.append(total)
+    return sums
+
+
+def _num_leading_ones(query_lens: list[int]) -> int:
+    """Decodes come first; a later one-token chunk (after a prefill) is attended as a prefill."""
+    count = 0
+    while count < len(query_lens) and query_lens[count] == 1:
+        count += 1
+    return count

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
 
 
-class TorchAttentionBackend:
+@dataclass(frozen=True)
+class TorchPlan:
+    """A step's metadata with its host lengths, and the rows whose slot is not -1 (None: every row is written)."""
+
+    meta: AttentionMetadata
+    query_lens: list[int]
+    seq_lens: list[int]
+    kept_rows: torch.Tensor | None
+
+
+class TorchAttentionBackend(AttentionBackend):
     """KV cache per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V).
 
     Decodes of a batch run as one padded SDPA call; prefill chunks run one SDPA call per sequence.
+    It slices by the host lengths, so it cannot run under CUDA graphs.
     """
-
-    def __init__(self) -> None:
-        # every layer of a step shares one slot_mapping: look for padding once per step, not per layer
-        self._checked_slots: torch.Tensor | None = None
-        self._kept_rows: torch.Tensor | None = None
 
     def allocate_kv_cache(
         self,
@@ -32,13 +41,13 @@ class TorchAttentionBackend:
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
-    def kept_rows(self, slot_mapping: torch.Tensor) -> torch.Tensor | None:
-        """Rows whose slot is not -1, or None when every row is written."""
-        if slot_mapping is not self._checked_slots:
-            has_padding = bool((slot_mapping < 0).any())
-            self._kept_rows = (slot_mapping >= 0).nonzero().squeeze(1) if has_padding else None
-            self._checked_slots = slot_mapping
-        return self._kept_rows
+    def prepare(self, meta: AttentionMetadata) -> TorchPlan:
+        """Looks for padding rows once per step, not per layer (a host read of the slots)."""
+        query_lens, seq_lens = meta.host_lens()
+        slot_mapping = meta.slot_mapping
+        has_padding = bool((slot_mapping < 0).any())
+        kept_rows = (slot_mapping >= 0).nonzero().squeeze(1) if has_padding else None
+        return TorchPlan(meta, query_lens, seq_lens, kept_rows)
 
     def forward(
         self,
@@ -46,21 +55,22 @@ class TorchAttentionBackend:
         k: torch.Tensor,
         v: torch.Tensor,
         layer_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        plan: TorchPlan,
         scale: float,
     ) -> torch.Tensor:
-        write_kv_cache(layer_cache, k, v, meta.slot_mapping, self.kept_rows(meta.slot_mapping))
+        meta = plan.meta
+        write_kv_cache(layer_cache, k, v, meta.slot_mapping, plan.kept_rows)
         num_decodes = meta.num_decodes
         if num_decodes == meta.num_seqs:
-            return decode_attention(q, layer_cache, meta, scale)
+            return decode_attention(q, layer_cache, plan, scale)
         out = torch.empty_like(q)
         if num_decodes:
-            out[:num_decodes] = decode_attention(q[:num_decodes], layer_cache, meta, scale)
+            out[:num_decodes] = decode_attention(q[:num_decodes], layer_cache, plan, scale)
         start = num_decodes
         for i in range(num_decodes, meta.num_seqs):
-            end = start + meta.query_lens_cpu[i]
+            end = start + plan.query_lens[i]
             out[start:end] = prefill_attention(
-                q[start:end], k[start:end], v[start:end], layer_cache, meta, i, scale
+                q[start:end], k[start:end], v[start:end], layer_cache, plan, i, scale
             )
             start = end
         return out
@@ -92,12 +102,12 @@ def gather_kv(layer_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tenso
 
 
 def decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, layer_cache: torch.Tensor, plan: TorchPlan, scale: float
 ) -> torch.Tensor:
     """The first len(q) sequences each have one new query: q [B, Hq, D] -> [B, Hq, D], in one SDPA call."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = layer_cache.shape[2], layer_cache.shape[3]
-    seq_lens_cpu = meta.seq_lens_cpu[:num_seqs]
+    meta, seq_lens_cpu = plan.meta, plan.seq_lens[:num_seqs]
     max_len = max(seq_lens_cpu)
     num_blocks = -(-max_len // block_size)
     kv = gather_kv(layer_cache, meta.block_tables[:num_seqs, :num_blocks])[:, :, :max_len]
@@ -117,17 +127,17 @@ def prefill_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layer_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    plan: TorchPlan,
     seq_index: int,
     scale: float,
 ) -> torch.Tensor:
     """One sequence's chunk of new queries q [n, Hq, D] attends causally to its cached and new tokens."""
-    query_len, seq_len = q.shape[0], meta.seq_lens_cpu[seq_index]
+    query_len, seq_len = q.shape[0], plan.seq_lens[seq_index]
     if query_len == seq_len:  # nothing cached: the new K/V are the whole context
         keys, values, mask, causal = k, v, None, True
     else:
         block_size = layer_cache.shape[2]
-        block_ids = meta.block_tables[seq_index, : -(-seq_len // block_size)]
+        block_ids = plan.meta.block_tables[seq_index, : -(-seq_len // block_size)]
         kv = gather_kv(layer_cache, block_ids)[:, :seq_len]
         keys, values, causal = kv[0], kv[1], False
         mask = causal_mask_with_offset(query_len, seq_len, q.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.decode_attention import paged_decode_attention
@@ -14,12 +15,15 @@ if not HAS_TRITON:
     raise ImportError("TritonAttentionBackend needs triton (pip install 'lmserve[cuda]')")
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(AttentionBackend):
     """Same cache layout as the torch reference: per layer [2, num_blocks, block_size, num_kv_heads, head_dim].
 
-    Host values (meta's *_cpu lists, max_query_len) size grids only; nothing reads GPU values back, so a
-    decode-only batch of fixed size and block-table width launches the same grids every step (CUDA graphs).
+    Host ints of the metadata (num_seqs, num_decodes, max_query_len, block-table width) size grids only;
+    nothing reads GPU values back, so a decode-only batch of fixed size and block-table width launches the
+    same grids every step (CUDA graphs).
     """
+
+    supports_cuda_graphs = True
 
     def allocate_kv_cache(
         self,
@@ -34,33 +38,37 @@ class TritonAttentionBackend:
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The metadata is the whole plan: the grids are sized by host ints already in it."""
+        return meta
+
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         layer_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        plan: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
         k_cache, v_cache = layer_cache[0], layer_cache[1]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, plan.slot_mapping)
         out = torch.empty_like(q)
-        num_decodes = meta.num_decodes
+        num_decodes = plan.num_decodes
         if num_decodes:
             paged_decode_attention(
                 q[:num_decodes],
                 k_cache,
                 v_cache,
-                meta.block_tables,
-                meta.seq_lens,
+                plan.block_tables,
+                plan.seq_lens,
                 scale,
                 out=out[:num_decodes],
             )
-        num_prefills = meta.num_seqs - num_decodes
+        num_prefills = plan.num_seqs - num_decodes
         if num_prefills:
             paged_prefill_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                first_seq=num_decodes, num_seqs=num_prefills, max_query_len=meta.max_query_len, out=out,
+                q, k_cache, v_cache, plan.block_tables, plan.seq_lens, plan.query_start_loc, scale,
+                first_seq=num_decodes, num_seqs=num_prefills, max_query_len=plan.max_query_len, out=out,
             )  # fmt: skip
         return out

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmserve.attention.backend import get_attention_backend
+from lmserve.attention.backend import AttentionBackend, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.layers.quant import prepare_for_inference
 from lmserve.models.config import ModelConfig
@@ -72,12 +72,17 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig) -> ResolvedC
     )
 
 
+def attention_backend(resolved: ResolvedConfig) -> AttentionBackend:
+    """The engine's one backend: the model holds it (`model.attention_backend`); the KV cache and the runner
+    take it from there."""
+    return get_attention_backend(resolved.device, resolved.quant_policy)
+
+
 def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig) -> Any:
     """Construct the model on its device and stream the checkpoint's weights into it."""
     from lmserve.models.loader import iter_weights
 
-    backend = get_attention_backend(resolved.device, resolved.quant_policy)
-    model: Any = build_model(model_config, backend, resolved.dtype, resolved.device)
+    model: Any = build_model(model_config, attention_backend(resolved), resolved.dtype, resolved.device)
     weights = tqdm(
         iter_weights(source, model_config),
         desc="Loading weights",
@@ -93,8 +98,7 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
 
 def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int = 0) -> Any:
     """The model with N(0, 0.02) weights and unit norms: real shapes and speed, no checkpoint needed."""
-    backend = get_attention_backend(resolved.device, resolved.quant_policy)
-    model = build_model(model_config, backend, resolved.dtype, resolved.device)
+    model = build_model(model_config, attention_backend(resolved), resolved.dtype, resolved.device)
     generator = torch.Generator(resolved.device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -161,9 +165,12 @@ def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: 
 
 
 def allocate_kv_cache(
-    num_blocks: int, block_size: int, model_config: ModelConfig, resolved: ResolvedConfig
+    backend: AttentionBackend,
+    num_blocks: int,
+    block_size: int,
+    model_config: ModelConfig,
+    resolved: ResolvedConfig,
 ) -> list[Any]:
-    backend = get_attention_backend(resolved.device, resolved.quant_policy)
     return list(
         backend.allocate_kv_cache(
             model_config.num_hidden_layers,

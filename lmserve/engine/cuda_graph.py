@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.metadata import AttentionMetadata, StepBatch
 
 logger = logging.getLogger(__name__)
 
@@ -19,44 +20,34 @@ class CUDAGraphRunner:
     """Captures model.forward for decode batches of fixed sizes; pads a batch up to the next size.
 
     Decode steps launch hundreds of small kernels whose launch cost dominates at small batch;
-    a replayed graph launches them all at once. Padding rows have slot -1 (no KV write) and
-    sequence length 0 (attention reads nothing), so they cannot disturb real sequences.
+    a replayed graph launches them all at once. The backend owns the attention side of the static
+    inputs (`backend.graph_inputs`): padding rows have slot -1 (no KV write) and sequence length 0
+    (attention reads nothing), so they cannot disturb real sequences.
     """
 
     def __init__(
-        self, model: Any, kv_caches: list[Any], max_batch_size: int, block_size: int, session_len: int
+        self,
+        model: Any,
+        backend: AttentionBackend,
+        kv_caches: list[Any],
+        max_batch_size: int,
+        block_size: int,
+        session_len: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.block_size = block_size
         self.sizes = sorted({s for s in CAPTURE_SIZES if s < max_batch_size} | {max_batch_size})
         self.max_blocks = -(-session_len // block_size)
         device = next(model.parameters()).device
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.attention = backend.graph_inputs(n, self.max_blocks, block_size, device)
+        self.plans: dict[int, Any] = {}  # kept alive: a graph reads what its plan points to
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_all()
-
-    def _metadata(self, batch_size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch_size],
-            query_start_loc=self.query_start_loc[: batch_size + 1],
-            seq_lens=self.seq_lens[:batch_size],
-            block_tables=self.block_tables[:batch_size],
-            block_size=self.block_size,
-            max_query_len=1,
-            max_seq_len=self.max_blocks * self.block_size,
-            num_decodes=batch_size,
-            query_lens_cpu=[1] * batch_size,
-            seq_lens_cpu=[1] * batch_size,
-        )
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -67,8 +58,8 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
 
     def _capture(self, batch_size: int) -> None:
-        meta = self._metadata(batch_size)
-        args = (self.input_ids[:batch_size], self.positions[:batch_size], self.kv_caches, meta)
+        self.plans[batch_size] = plan = self.attention.plan(batch_size)
+        args = (self.input_ids[:batch_size], self.positions[:batch_size], self.kv_caches, plan)
         for _ in range(2):  # warm up: Triton compiles, cuBLAS picks kernels, outside the graph
             self.model(*args)
         torch.cuda.synchronize()
@@ -84,18 +75,12 @@ class CUDAGraphRunner:
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, inputs: Any) -> torch.Tensor:
+    def run(self, batch: StepBatch) -> torch.Tensor:
         """Copy the batch into the static buffers, replay the graph of the next size up."""
-        meta: AttentionMetadata = inputs.metadata
-        n = meta.num_seqs
+        n = batch.metadata.num_seqs
         batch_size = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(inputs.input_ids)
-        self.positions[:n].copy_(inputs.positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
-        if batch_size > n:
-            self.slot_mapping[n:batch_size].fill_(-1)
-            self.seq_lens[n:batch_size].fill_(0)
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.attention.load(batch.metadata, batch_size)
         self.graphs[batch_size].replay()
         return self.outputs[batch_size][:n]

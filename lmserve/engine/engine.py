@@ -8,18 +8,20 @@ from typing import Any
 
 import torch
 
+from lmserve.attention.backend import AttentionBackend
 from lmserve.config import EngineConfig
 from lmserve.engine import builder
+from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.detokenizer import TextStream
 from lmserve.engine.kv_cache import BlockManager
 from lmserve.engine.limits import EngineLimits, validate_request
 from lmserve.engine.messages import EngineStats
 from lmserve.engine.request import Request
+from lmserve.engine.runner import ModelRunner
 from lmserve.engine.sampler import SampleResult, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import GenerationConfig, RequestOutput, TokenLogprob
 from lmserve.models.config import ModelConfig
-from lmserve.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +109,23 @@ class LLMEngine:
         resolved: builder.ResolvedConfig | None = None,
         detokenize: bool = True,
     ) -> LLMEngine:
-        """An engine around a constructed model: sizes and allocates the KV cache, sets up the runner."""
+        """An engine around a constructed model: sizes and allocates the KV cache, sets up the runner.
+
+        The model's attention backend (`net.attention_backend`) allocates the cache and plans every step.
+        """
         resolved = resolved or builder.resolve_config(config, model_config)
+        backend = net.attention_backend
         num_blocks = builder.num_kv_blocks(config, resolved, model_config)
-        kv_caches = builder.allocate_kv_cache(num_blocks, config.cache_block_seq_len, model_config, resolved)
-        graph_runner = _make_graph_runner(net, kv_caches, config, resolved)
+        block_size = config.cache_block_seq_len
+        kv_caches = builder.allocate_kv_cache(backend, num_blocks, block_size, model_config, resolved)
+        graph_runner = _make_graph_runner(net, backend, kv_caches, config, resolved)
         eos_token_ids = eos_token_ids_of(model_config, tokenizer)
         runner = ModelRunner(
             net,
             model_config,
+            backend,
             kv_caches,
-            config.cache_block_seq_len,
+            block_size,
             resolved.device,
             eos_token_ids,
             graph_runner,
@@ -305,14 +313,14 @@ def _defaults_from(generation_defaults: dict[str, Any]) -> GenerationConfig:
 
 
 def _make_graph_runner(
-    model: Any, kv_caches: list[Any], config: EngineConfig, resolved: builder.ResolvedConfig
-) -> Any:
-    if resolved.device.type != "cuda" or config.eager_mode:
-        return None
-    try:
-        from lmserve.engine.cuda_graph import CUDAGraphRunner
-    except ImportError:
+    model: Any,
+    backend: AttentionBackend,
+    kv_caches: list[Any],
+    config: EngineConfig,
+    resolved: builder.ResolvedConfig,
+) -> CUDAGraphRunner | None:
+    if resolved.device.type != "cuda" or config.eager_mode or not backend.supports_cuda_graphs:
         return None
     return CUDAGraphRunner(
-        model, kv_caches, resolved.max_batch_size, config.cache_block_seq_len, resolved.session_len
+        model, backend, kv_caches, resolved.max_batch_size, config.cache_block_seq_len, resolved.session_len
     )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.metadata import AttentionMetadata, SequenceChunk, build_step_batch
+
+if TYPE_CHECKING:
+    from lmserve.attention.backend import AttentionBackend
 
 # Largest ||out - ref|| / ||ref|| accepted for attention, by operand dtype (reference in float32 from the same
 # inputs): one rounding of the output is ~2^-9 (bf16) or ~2^-12 (fp16), and the kernels also round P to it.
@@ -43,44 +47,42 @@ def make_paged_batch(
     num_padding_tokens extra rows at the end of q/k/v have slot -1 and belong to no sequence.
     """
     generator = torch.Generator().manual_seed(seed)
-    num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
     blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
     physical = torch.randperm(num_blocks, generator=generator).tolist()
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
-    for seq, count in enumerate(blocks_per_seq):
-        block_tables[seq, :count] = torch.tensor([physical.pop() for _ in range(count)])
-    slots = [
-        int(block_tables[seq, position // block_size]) * block_size + position % block_size
-        for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True))
-        for position in range(seq_len - query_len, seq_len)
-    ] + [-1] * num_padding_tokens
+    width = max(blocks_per_seq) + 1  # one spare column, as a batch whose longest table is not full
+    chunks = []
+    for query_len, seq_len, count in zip(query_lens, seq_lens, blocks_per_seq, strict=True):
+        table = [physical.pop() for _ in range(count)] + [0] * (width - count)
+        chunks.append(SequenceChunk([0] * query_len, seq_len - query_len, table))
+    meta = build_step_batch(chunks, block_size, device).metadata
+    padding = torch.full((num_padding_tokens,), -1, dtype=torch.int64, device=meta.slot_mapping.device)
+    meta = dataclasses.replace(meta, slot_mapping=torch.cat([meta.slot_mapping, padding]))
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype)
 
-    num_tokens = len(slots)
+    num_tokens = meta.num_tokens + num_padding_tokens
     layer_cache = randn(2, num_blocks, block_size, num_kv_heads, head_dim)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(
-            [0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=device
-        ),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=block_tables.to(device),
-        block_size=block_size,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        num_decodes=num_decodes,
-        query_lens_cpu=list(query_lens),
-        seq_lens_cpu=list(seq_lens),
-    )
     q, k, v = (
         randn(num_tokens, num_q_heads, head_dim),
         randn(num_tokens, num_kv_heads, head_dim),
         randn(num_tokens, num_kv_heads, head_dim),
     )
     return PagedBatch(q.to(device), k.to(device), v.to(device), layer_cache.to(device), meta)
+
+
+def backend_step(
+    backend: AttentionBackend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_cache: Any,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One layer of one step through a backend, as the model runs it: plan the step, then forward."""
+    return backend.forward(q, k, v, layer_cache, backend.prepare(meta), scale)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.attention.backend import AttentionBackend
-from lmserve.attention.metadata import AttentionMetadata
 from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.embedding import VocabEmbedding
 from lmserve.layers.linear import INT4_MAX_ROWS, Linear, int8_linear, make_linear, output_dims_of, pack_int8
@@ -60,16 +59,14 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = make_linear(self.q_size, config.hidden_size, config.o_proj_bias, quant)
 
-    def forward(
-        self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: Any, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: Any, attn_plan: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         # q and k rotate together: one rope pass over Hq + Hkv heads
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
         q, k = rotate_qk(qk, self.num_heads, rope)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, attn_plan, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -104,13 +101,13 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         rope: RopeInputs,
         kv_cache: Any,
-        meta: AttentionMetadata,
+        attn_plan: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, normed = hidden, self.input_layernorm(hidden)
         else:
             normed, residual = self.input_layernorm.add_forward(hidden, residual)
-        hidden = self.self_attn(normed, rope, kv_cache, meta)
+        hidden = self.self_attn(normed, rope, kv_cache, attn_plan)
         normed, residual = self.post_attention_layernorm.add_forward(hidden, residual)
         return self.mlp(normed), residual
 
@@ -130,13 +127,13 @@ class LlamaModel(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], attn_plan: Any
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.prepare(positions)  # once per step, shared by every layer
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, attn_plan)
         assert residual is not None
         return self.norm.add_forward(hidden, residual)[0]
 
@@ -149,6 +146,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        self.attention_backend = backend
         with default_dtype_and_device(dtype, device):
             self.model = LlamaModel(config, backend)
             self.lm_head = (
@@ -162,10 +160,13 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[Any],
-        attn_metadata: AttentionMetadata,
+        attn_plan: Any,
     ) -> torch.Tensor:
-        """input_ids/positions [T] int64 of a flat ragged batch -> final hidden states [T, H]."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+        """input_ids/positions [T] int64 of a flat ragged batch -> final hidden states [T, H].
+
+        attn_plan is `attention_backend.prepare(metadata)` of the step, shared by every layer.
+        """
+        return self.model(input_ids, positions, kv_caches, attn_plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V] (lm_head, or the embedding when tied)."""

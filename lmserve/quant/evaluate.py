@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batch
 from lmserve.models.loader import read_json, resolve_model
 from lmserve.models.tokenizer import load_tokenizer
 from lmserve.quant.calibrate import load_float_model
@@ -81,26 +81,12 @@ class EnginePrefill:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [1, length] -> float32 logits [1, length, vocab]."""
-        runner, device = self.runner, self.runner.device
-        tokens = ids[0].to(device)
-        positions = torch.arange(len(tokens), device=device)
-        meta = prefill_metadata(len(tokens), runner.block_size, device)
-        hidden = runner.model(tokens, positions, runner.kv_caches, meta)
-        return runner.model.compute_logits(hidden).unsqueeze(0)
+        runner = self.runner
+        batch = prefill_batch(ids[0].tolist(), runner.block_size, runner.device)
+        return runner.model.compute_logits(runner.forward(batch)).unsqueeze(0)
 
 
-def prefill_metadata(length: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    """One sequence of `length` new tokens in blocks 0, 1, ... (every window reuses them: no prefix)."""
-    num_blocks = -(-length // block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.arange(length, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor([0, length], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([length], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device).unsqueeze(0),
-        block_size=block_size,
-        max_query_len=length,
-        max_seq_len=length,
-        num_decodes=1 if length == 1 else 0,
-        query_lens_cpu=[length],
-        seq_lens_cpu=[length],
-    )
+def prefill_batch(token_ids: list[int], block_size: int, device: torch.device) -> StepBatch:
+    """One sequence of new tokens in blocks 0, 1, ... (every window reuses them: no prefix)."""
+    block_table = list(range(-(-len(token_ids) // block_size)))
+    return build_step_batch([SequenceChunk(token_ids, 0, block_table)], block_size, device)

@@ -58,12 +58,9 @@ def test_logits_match_hf_on_gpu(hf_model: torch.nn.Module) -> None:
     prompt = prompts(hf_model.config.vocab_size, 1)[0]
     engine.add_request(prompt, GenerationConfig(max_new_tokens=1))
     schedule = engine.scheduler.schedule()
-    inputs = engine.runner.prepare_inputs(schedule.scheduled)
+    batch = engine.runner.step_batch(schedule.scheduled)
     with torch.inference_mode():
-        hidden = engine.runner.model(
-            inputs.input_ids, inputs.positions, engine.runner.kv_caches, inputs.metadata
-        )
-        ours = engine.runner.model.compute_logits(hidden)
+        ours = engine.runner.model.compute_logits(engine.runner.forward(batch))
         reference = hf_model.to(CUDA)(torch.tensor([prompt], device=CUDA)).logits[0].float()
     hf_model.cpu()
     # bf16 weights and activations vs float32: 3% of the largest logit (stated tolerance)

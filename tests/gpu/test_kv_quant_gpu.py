@@ -28,7 +28,7 @@ from lmserve.kernels.kv_quant import (
 )
 from lmserve.kernels.kv_quant_prefill import paged_prefill_attention_quant
 from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
-from lmserve.kernels.testing import TOLERANCE, PagedBatch, make_paged_batch, relative_error
+from lmserve.kernels.testing import TOLERANCE, PagedBatch, backend_step, make_paged_batch, relative_error
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
 from tests.engine.test_engine_tiny import random_prompts, run_all
@@ -133,9 +133,9 @@ def check_backend(
     )
     scale = head_layout[2] ** -0.5
     cache, ref_cache = quantized(batch, bits), quantized(batch, bits)
-    ref = TorchQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, ref_cache, batch.meta, scale)
+    ref = backend_step(TorchQuantKVBackend(bits), batch.q, batch.k, batch.v, ref_cache, batch.meta, scale)
     with no_host_sync(device):
-        out = TritonQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, cache, batch.meta, scale)
+        out = backend_step(TritonQuantKVBackend(bits), batch.q, batch.k, batch.v, cache, batch.meta, scale)
     rows = batch.meta.num_tokens
     assert relative_error(out[:rows], ref[:rows]) < TOLERANCE[dtype]
     assert_same_cache(cache, ref_cache, dtype)
@@ -188,20 +188,21 @@ def test_decode_in_cuda_graph_replays_with_new_lengths(bits: int) -> None:
     seq_lens = [3, 200, 1500, 4096, 17, 64, 65, 1000]
     batch = make_paged_batch([1] * len(seq_lens), seq_lens, 32, 8, 128, 64, torch.bfloat16, "cuda")
     meta, backend, scale = batch.meta, TritonQuantKVBackend(bits), 128**-0.5
+    plan = backend.prepare(meta)
     eager_cache = quantized(batch, bits)
-    expected = backend.forward(batch.q, batch.k, batch.v, eager_cache, meta, scale)
+    expected = backend.forward(batch.q, batch.k, batch.v, eager_cache, plan, scale)
     true_seq_lens, true_q = meta.seq_lens.clone(), batch.q.clone()
     cache = quantized(batch, bits)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm up outside the capture
-        backend.forward(batch.q, batch.k, batch.v, quantized(batch, bits), meta, scale)
+        backend.forward(batch.q, batch.k, batch.v, quantized(batch, bits), plan, scale)
     torch.cuda.current_stream().wait_stream(side)
     meta.seq_lens.fill_(1)
     batch.q.normal_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend.forward(batch.q, batch.k, batch.v, cache, meta, scale)
+        out = backend.forward(batch.q, batch.k, batch.v, cache, plan, scale)
     meta.seq_lens.copy_(true_seq_lens)
     batch.q.copy_(true_q)
     graph.replay()

@@ -9,7 +9,7 @@ import torch
 
 from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.attention.triton_backend import TritonAttentionBackend
-from lmserve.kernels.testing import TOLERANCE, PagedBatch, make_paged_batch, relative_error
+from lmserve.kernels.testing import TOLERANCE, PagedBatch, backend_step, make_paged_batch, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -34,7 +34,9 @@ def reference(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, torch.Tens
     """
     cache, rows = batch.layer_cache.clone(), batch.meta.num_tokens
     meta = dataclasses.replace(batch.meta, slot_mapping=batch.meta.slot_mapping[:rows])
-    out = TorchAttentionBackend().forward(batch.q[:rows], batch.k[:rows], batch.v[:rows], cache, meta, scale)
+    out = backend_step(
+        TorchAttentionBackend(), batch.q[:rows], batch.k[:rows], batch.v[:rows], cache, meta, scale
+    )
     return out, cache
 
 
@@ -61,8 +63,8 @@ def test_matches_torch_backend(dtype: torch.dtype, block_size: int, layout: str,
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # the Triton path must never wait on the GPU
     try:
-        out = TritonAttentionBackend().forward(
-            batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, scale
+        out = backend_step(
+            TritonAttentionBackend(), batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, scale
         )
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -88,6 +90,7 @@ def test_decode_in_cuda_graph_replays_with_new_lengths(block_size: int) -> None:
     seq_lens = [3, 200, 1500, 4096, 17, 64, 65, 1000]
     batch = make_paged_batch([1] * len(seq_lens), seq_lens, 32, 8, 128, block_size, torch.bfloat16, "cuda")
     meta, backend, scale = batch.meta, TritonAttentionBackend(), 128**-0.5
+    plan = backend.prepare(meta)
     expected, expected_cache = reference(batch, scale)
     true_seq_lens, true_q = meta.seq_lens.clone(), batch.q.clone()
     cache = batch.layer_cache.clone()
@@ -95,13 +98,13 @@ def test_decode_in_cuda_graph_replays_with_new_lengths(block_size: int) -> None:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm up outside the capture
-        backend.forward(batch.q, batch.k, batch.v, cache.clone(), meta, scale)
+        backend.forward(batch.q, batch.k, batch.v, cache.clone(), plan, scale)
     torch.cuda.current_stream().wait_stream(side)
     meta.seq_lens.fill_(1)
     batch.q.normal_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend.forward(batch.q, batch.k, batch.v, cache, meta, scale)
+        out = backend.forward(batch.q, batch.k, batch.v, cache, plan, scale)
     meta.seq_lens.copy_(true_seq_lens)
     batch.q.copy_(true_q)
     graph.replay()

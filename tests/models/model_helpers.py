@@ -1,4 +1,4 @@
-"""Test helpers: tiny random HF models, and paged-KV metadata built by hand (no scheduler needed)."""
+"""Test helpers: tiny random HF models, and paged-KV step batches over hand-run block tables (no scheduler)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batch
 
 TINY = dict(
     vocab_size=97,
@@ -82,7 +82,7 @@ def hf_logits(model: PreTrainedModel, token_ids: list[int]) -> torch.Tensor:
 
 @dataclass
 class PagedSequences:
-    """Hands out KV blocks to sequences as they grow, and builds the metadata of one forward step.
+    """Hands out KV blocks to sequences as they grow, and builds the batch of one forward step.
 
     Blocks are handed out from the top down so block ids never equal a sequence's logical block index.
     """
@@ -96,53 +96,17 @@ class PagedSequences:
     def __post_init__(self) -> None:
         self.free_blocks = list(range(self.num_blocks))
 
-    def step(
-        self, chunks: list[tuple[str, list[int]]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """input_ids, positions and metadata for new tokens of each sequence (pass decodes first)."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+    def step(self, chunks: list[tuple[str, list[int]]]) -> StepBatch:
+        """The batch of one forward step over new tokens of each sequence (pass decodes first)."""
+        sequence_chunks = []
         for seq_id, tokens in chunks:
             start = self.seq_lens.get(seq_id, 0)
             self._grow(seq_id, start + len(tokens))
-            input_ids += tokens
-            positions += range(start, start + len(tokens))
-            slots += [self._slot(seq_id, p) for p in range(start, start + len(tokens))]
-        meta = self._metadata([seq_id for seq_id, _ in chunks], [len(t) for _, t in chunks], slots)
-        return torch.tensor(input_ids), torch.tensor(positions), meta
+            sequence_chunks.append(SequenceChunk(tokens, start, self.block_tables[seq_id]))
+        return build_step_batch(sequence_chunks, self.block_size, "cpu")
 
     def _grow(self, seq_id: str, new_len: int) -> None:
         table = self.block_tables.setdefault(seq_id, [])
         while len(table) * self.block_size < new_len:
             table.append(self.free_blocks.pop())
         self.seq_lens[seq_id] = new_len
-
-    def _slot(self, seq_id: str, position: int) -> int:
-        return (
-            self.block_tables[seq_id][position // self.block_size] * self.block_size
-            + position % self.block_size
-        )
-
-    def _metadata(self, seq_ids: list[str], query_lens: list[int], slots: list[int]) -> AttentionMetadata:
-        seq_lens = [self.seq_lens[s] for s in seq_ids]
-        width = max(len(self.block_tables[s]) for s in seq_ids)
-        tables = [self.block_tables[s] + [0] * (width - len(self.block_tables[s])) for s in seq_ids]
-        num_decodes = 0
-        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-            num_decodes += 1
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            block_size=self.block_size,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            num_decodes=num_decodes,
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )

@@ -39,8 +39,9 @@ def new_cache(model: Any, num_blocks: int = 64) -> tuple[list[torch.Tensor], Pag
 def run_step(
     model: Any, caches: list[torch.Tensor], paged: PagedSequences, chunks: list[tuple[str, list[int]]]
 ):
-    input_ids, positions, meta = paged.step(chunks)
-    return model.compute_logits(model(input_ids, positions, caches, meta))
+    batch = paged.step(chunks)
+    plan = model.attention_backend.prepare(batch.metadata)
+    return model.compute_logits(model(batch.input_ids, batch.positions, caches, plan))
 
 
 def prompt(seed: int, length: int, vocab: int = 97) -> list[int]:

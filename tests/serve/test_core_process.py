@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +54,9 @@ def cli_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     command = [sys.executable, "-m", "lmserve.cli.main", "serve", "api_server", "--engine-core", "process"]
     command += ["--dtype", "float32", "--server-name", "127.0.0.1", "--server-port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(base_url), START_TIMEOUT_S), "server did not start"
@@ -104,7 +105,9 @@ def test_killed_core_fails_open_streams_turns_health_503_and_exits_nonzero(
     assert not children_of(process.pid)
 
 
-def test_ctrl_c_stops_server_and_core_leaving_no_orphans(cli_server: tuple[subprocess.Popen[bytes], str]) -> None:
+def test_ctrl_c_stops_server_and_core_leaving_no_orphans(
+    cli_server: tuple[subprocess.Popen[bytes], str],
+) -> None:
     process, base_url = cli_server
     core = core_pid_of(process.pid)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group gets it

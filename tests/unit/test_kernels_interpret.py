@@ -27,7 +27,7 @@ if IN_CHILD:
     from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
     from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
     from lmserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
-    from lmserve.kernels.testing import make_paged_batch, reference_forward, relative_error
+    from lmserve.kernels.testing import backend_step, make_paged_batch, reference_forward, relative_error
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
 
@@ -68,9 +68,26 @@ def test_prefill_attention_with_prefix() -> None:
 def test_backend_matches_reference_on_mixed_batch() -> None:
     batch = make_paged_batch([1, 1, 12, 5], [3, 33, 12, 21], 8, 2, 32, 16, DTYPE, "cpu", num_padding_tokens=1)
     ref, ref_cache = reference_forward(batch, 0.25)
-    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, 0.25)
+    out = backend_step(
+        TritonAttentionBackend(), batch.q, batch.k, batch.v, batch.layer_cache, batch.meta, 0.25
+    )
     rows = batch.meta.num_tokens
     assert relative_error(out[:rows], ref[:rows]) < 2e-3
+    assert torch.equal(batch.layer_cache, ref_cache)
+
+
+@child_only
+def test_backend_over_padded_graph_inputs_matches_reference() -> None:
+    """A decode batch of 3 loaded into static buffers for 4 (as before a graph replay): the padding
+    sequence writes nothing and the real rows match the reference."""
+    batch = make_paged_batch([1, 1, 1], [3, 17, 30], 8, 2, 32, 8, DTYPE, "cpu")
+    ref, ref_cache = reference_forward(batch, 0.25)
+    backend = TritonAttentionBackend()
+    inputs = backend.graph_inputs(4, batch.meta.block_tables.shape[1] + 2, 8, torch.device("cpu"))
+    inputs.load(batch.meta, batch_size=4)
+    q, k, v = (torch.cat([x, x[:1]]) for x in (batch.q, batch.k, batch.v))  # a stale padding row
+    out = backend.forward(q, k, v, batch.layer_cache, inputs.plan(4), 0.25)
+    assert relative_error(out[:3], ref) < 2e-3
     assert torch.equal(batch.layer_cache, ref_cache)
 
 

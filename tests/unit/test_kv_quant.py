@@ -16,7 +16,7 @@ from lmserve.kernels.decode_attention import paged_decode_attention_ref
 from lmserve.kernels.hadamard import hadamard_matrix, rotate
 from lmserve.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
-from lmserve.kernels.testing import PagedBatch, make_paged_batch, relative_error
+from lmserve.kernels.testing import PagedBatch, backend_step, make_paged_batch, relative_error
 from lmserve.models.config import ModelConfig
 
 CPU = torch.device("cpu")
@@ -160,7 +160,7 @@ def test_torch_backend_is_plain_attention_over_the_dequantized_cache(bits: int, 
     batch = make_paged_batch(*BATCHES[name], 6, 2, 32, 8, torch.float32, CPU, num_padding_tokens=2)
     backend, scale = TorchQuantKVBackend(bits), 32**-0.5
     cache = quantized(batch, bits, (backend.rotate_keys, backend.rotate_values))
-    out = backend.forward(batch.q, batch.k, batch.v, cache, batch.meta, scale)
+    out = backend_step(backend, batch.q, batch.k, batch.v, cache, batch.meta, scale)
     rows = batch.meta.num_tokens
     # independent truth 1: the new tokens went in quantized (after the rotation), padding rows wrote nothing
     expected = expected_cache(batch, backend)
@@ -175,9 +175,10 @@ def test_torch_backend_is_plain_attention_over_the_dequantized_cache(bits: int, 
     # 3: and close to the unquantized backend on the original data
     # (the plain backend's decode-only path takes no padding rows: cut them off)
     plain_meta = dataclasses.replace(batch.meta, slot_mapping=batch.meta.slot_mapping[:rows])
-    plain_out = TorchAttentionBackend().forward(
-        batch.q[:rows], batch.k[:rows], batch.v[:rows], batch.layer_cache.clone(), plain_meta, scale
-    )
+    plain_out = backend_step(
+        TorchAttentionBackend(),
+        batch.q[:rows], batch.k[:rows], batch.v[:rows], batch.layer_cache.clone(), plain_meta, scale,
+    )  # fmt: skip
     assert relative_error(out[:rows], plain_out) < ATTENTION_ERROR[bits]
     assert not out[rows:].any()
 
@@ -185,7 +186,7 @@ def test_torch_backend_is_plain_attention_over_the_dequantized_cache(bits: int, 
 def test_torch_backend_runs_in_bfloat16() -> None:
     batch = make_paged_batch(*BATCHES["mixed"], 6, 2, 32, 8, torch.bfloat16, CPU)
     cache = quantized(batch, 8)
-    out = TorchQuantKVBackend(8).forward(batch.q, batch.k, batch.v, cache, batch.meta, 0.2)
+    out = backend_step(TorchQuantKVBackend(8), batch.q, batch.k, batch.v, cache, batch.meta, 0.2)
     ref = attention_over(cache.dequantize(torch.bfloat16), batch, 0.2)
     assert out.dtype == torch.bfloat16 and relative_error(out, ref) < 1.5e-2
 

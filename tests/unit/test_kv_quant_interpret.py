@@ -30,7 +30,7 @@ if IN_CHILD:
     )
     from lmserve.kernels.kv_quant_prefill import paged_prefill_attention_quant
     from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
-    from lmserve.kernels.testing import PagedBatch, make_paged_batch, relative_error
+    from lmserve.kernels.testing import PagedBatch, backend_step, make_paged_batch, relative_error
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
 
@@ -90,8 +90,8 @@ def test_prefill_attention_over_codes(bits: int) -> None:
 def test_triton_backend_matches_torch_backend_on_mixed_batch(bits: int) -> None:
     batch = make_paged_batch([1, 1, 12, 5], [3, 33, 12, 21], 8, 2, 32, 16, DTYPE, "cpu", num_padding_tokens=1)
     cache, ref_cache = quantized_batch(batch, bits), quantized_batch(batch, bits)
-    out = TritonQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, cache, batch.meta, 0.25)
-    ref = TorchQuantKVBackend(bits).forward(batch.q, batch.k, batch.v, ref_cache, batch.meta, 0.25)
+    out = backend_step(TritonQuantKVBackend(bits), batch.q, batch.k, batch.v, cache, batch.meta, 0.25)
+    ref = backend_step(TorchQuantKVBackend(bits), batch.q, batch.k, batch.v, ref_cache, batch.meta, 0.25)
     rows = batch.meta.num_tokens
     assert relative_error(out[:rows], ref[:rows]) < 2e-3
     assert torch.equal(cache.codes, ref_cache.codes) and torch.equal(cache.params, ref_cache.params)

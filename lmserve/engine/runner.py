@@ -1,0 +1,79 @@
+"""ModelRunner: turns a scheduled batch into a StepBatch, runs the model over the paged KV cache, samples."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batch
+from lmserve.engine.cuda_graph import CUDAGraphRunner
+from lmserve.engine.sampler import Sampler, SampleResult, SamplingBatch, SamplingRequest
+from lmserve.engine.scheduler import ScheduledRequest
+from lmserve.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model, its attention backend and KV cache, and the sampler; one `execute()` per engine step."""
+
+    def __init__(
+        self,
+        model: Any,
+        model_config: ModelConfig,
+        backend: AttentionBackend,
+        kv_caches: list[Any],
+        block_size: int,
+        device: torch.device,
+        eos_token_ids: tuple[int, ...],
+        graph_runner: CUDAGraphRunner | None = None,
+    ) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self.graph_runner = graph_runner
+        self.vocab_size = model_config.vocab_size
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> SampleResult | None:
+        """Run one step; returns sampled tokens for the entries whose `samples` is True (in order)."""
+        batch = self.step_batch(scheduled)
+        hidden = self.forward(batch)
+        sampling = [s for s in scheduled if s.samples]
+        if not sampling:
+            return None
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        sampling_batch = SamplingBatch.build(
+            [self._sampling_request(s) for s in sampling], self.eos_token_ids, logits.shape[-1], self.device
+        )
+        return self.sampler.sample(logits, sampling_batch)
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Hidden states [T, H] of the batch: a graph replay for decode-only batches it covers, else eager."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch.metadata):
+            return self.graph_runner.run(batch)
+        plan = self.backend.prepare(batch.metadata)
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, plan)
+
+    @staticmethod
+    def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
+        r = s.request
+        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator)
+
+    def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:
+        """The flat batch of this step (the scheduler puts decodes first)."""
+        chunks = []
+        for s in scheduled:
+            r = s.request
+            start = r.num_computed_tokens
+            tokens = r.token_ids[start : start + s.num_new_tokens]
+            chunks.append(SequenceChunk(tokens, start, r.block_table, s.samples))
+        return build_step_batch(chunks, self.block_size, self.device)
