@@ -55,7 +55,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build EngineConfig from parsed flags; ValueError names the bad flag's field."""
-    names = {f.name for f in fields(EngineConfig)}
+    # `--seed` of chat and api_client is the sampling seed (GenerationConfig.random_seed), not EngineConfig.seed
+    names = {f.name for f in fields(EngineConfig)} - {"seed"}
     return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 

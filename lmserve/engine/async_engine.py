@@ -27,13 +27,12 @@ class AsyncEngine(FrontEnd):
 
     Callers hand commands (add, abort) to the thread through a queue; token outputs come back to each
     request's stream (FrontEnd), where text and stop strings are made in the caller's event loop.
-    The `LLMEngine` must be built with `detokenize=False` (the front end makes the text).
+    It takes the `LLMEngine` over: from then on only the loop thread touches it, and it makes no text.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
         super().__init__()
-        if engine.detokenize:
-            raise ValueError("AsyncEngine makes the text itself: build its LLMEngine with detokenize=False")
+        engine.detokenize = False  # the engine is ours from now on, and the front end makes the text
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.limits = engine.limits
