@@ -122,6 +122,5 @@ async def abort_request(body: AbortRequest, request: Request) -> AbortResponse:
     else:
         api_ids = [body.request_id]
     for api_id in api_ids:
-        for engine_id in in_flight.get(api_id, []):
-            state.engine.abort(engine_id)
+        state.in_flight.abort(state.engine, api_id)
     return AbortResponse(aborted=api_ids)

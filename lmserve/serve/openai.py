@@ -60,9 +60,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     submissions = [Submission(i, prompt_ids, sampling.seeded(config, i)) for i in range(body.n)]
     if body.stream:
         chunks = _chat_stream(state, api_id, body, submissions)
-        return StreamingResponse(stop_on_disconnect(request, chunks), media_type="text/event-stream")
+        return _event_stream(state, request, api_id, chunks)
     choices = await unless_disconnected(request, _collect(state, api_id, submissions))
     return JSONResponse(_chat_response(state, api_id, body, choices).model_dump())
+
+
+def _event_stream(
+    state: ServerState, request: Request, api_id: str, chunks: AsyncIterator[str]
+) -> StreamingResponse:
+    """SSE response whose engine requests are aborted the moment the client goes away."""
+
+    def on_disconnect() -> None:
+        state.in_flight.abort(state.engine, api_id)
+
+    return StreamingResponse(
+        stop_on_disconnect(request, chunks, on_disconnect), media_type="text/event-stream"
+    )
 
 
 def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
@@ -205,7 +218,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     echoes = [_echo_text(state, body, prompts[s.index // body.n]) for s in submissions]
     if body.stream:
         chunks = _completion_stream(state, api_id, body, submissions, echoes)
-        return StreamingResponse(stop_on_disconnect(request, chunks), media_type="text/event-stream")
+        return _event_stream(state, request, api_id, chunks)
     choices = await unless_disconnected(request, _collect(state, api_id, submissions))
     return JSONResponse(_completion_response(state, api_id, body, choices, echoes).model_dump())
 
