@@ -1,12 +1,13 @@
 """HTTP vs offline on one GPU, in one call: is the api_server as fast as the engine it serves?
 
 Makes a Llama-3-8B-shaped checkpoint with random bf16 weights (vocab 49152, so SmolLM2's tokenizer fits),
-runs `lmserve bench throughput` on it twice (the second run is the one reported: Triton and cuBLAS warmed),
-then for each engine-core mode serves it with `lmserve serve api_server` and loads it with
-`lmserve bench serving` at 256, 32 and 1 concurrent streams (512-token prompts, 256 output tokens).
+runs the offline engine (`lmserve bench throughput`'s function) on 256 streams twice (the second run is
+reported: Triton and cuBLAS warmed), the offline engine at 32 and 1 streams, then serves it with `lmserve serve api_server` (engine core in its
+own process; one front end, then two) and loads it with `lmserve bench serving` at the same 256, 32 and
+1 concurrent streams (512-token prompts, 256 output tokens; two front ends at 256 only).
 
 Usage (on the GPU machine, from the repo root):
-    PYTHONPATH=. python benchmarks/serving_gpu.py --tokenizer DIR --out OUT_DIR [--modes process thread]
+    PYTHONPATH=. python benchmarks/serving_gpu.py --tokenizer DIR --out OUT_DIR [--servers process:1 thread:1]
 """
 
 from __future__ import annotations
@@ -50,24 +51,33 @@ def make_checkpoint(tokenizer: Path, folder: Path) -> None:
         shutil.copy(file, folder / file.name)
 
 
-def offline(folder: Path, out: Path) -> dict[str, float]:
-    """`lmserve bench throughput` twice in one process is not a CLI feature: run it twice, keep the second."""
-    args = ["bench", "throughput", str(folder), "--num-prompts", "256", "--concurrency", "256"]
-    args += [
-        "--input-len",
-        str(JOB["input_len"]),
-        "--output-len",
-        str(JOB["output_len"]),
-        "--max-batch-size",
-        "256",
-    ]
-    for attempt in (1, 2):
-        run([*LMSERVE, *args, "--json", str(out / f"offline_{attempt}.json")])
-    return json.loads((out / "offline_2.json").read_text())
+def offline(folder: Path, out: Path, loads: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
+    """The offline engine on the same job and loads, in a process of its own (it frees the GPU after)."""
+    pairs = [f"{c}:{n}" for c, n in loads]
+    run([sys.executable, __file__, "--offline-worker", str(folder), str(out), *pairs])
+    return json.loads((out / "offline.json").read_text())
 
 
-def serve(folder: Path, mode: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+def offline_worker(folder: Path, out: Path, pairs: list[str]) -> None:
+    """One engine, `lmserve bench throughput`'s function at 256 streams (twice: the second is reported) and
+    at every other load, as `lmserve bench throughput --concurrency C` runs it."""
+    from lmserve.bench.offline import throughput
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+
+    engine = LLMEngine.from_pretrained(str(folder), EngineConfig(max_batch_size=256))
+    job = (JOB["input_len"], JOB["output_len"])
+    throughput(engine, 256, *job, 256)  # warm-up: Triton and cuBLAS pick their kernels
+    results = {}
+    for pair in pairs:
+        concurrency, num = (int(x) for x in pair.split(":"))
+        results[f"c{concurrency}"] = throughput(engine, num, *job, concurrency).as_dict()
+    (out / "offline.json").write_text(json.dumps(results, indent=2))
+
+
+def serve(folder: Path, mode: str, count: int, port: int, log: Path) -> subprocess.Popen[bytes]:
     args = ["serve", "api_server", str(folder), "--engine-core", mode, "--max-batch-size", "256"]
+    args += ["--api-server-count", str(count)]
     args += ["--server-port", str(port), "--log-level", "ERROR"]
     process = subprocess.Popen([*LMSERVE, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -103,29 +113,37 @@ def run(command: list[str]) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--offline-worker"]:
+        offline_worker(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json etc.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/llama3-8b-shape-random"))
-    parser.add_argument("--modes", nargs="+", default=["process", "thread"], choices=["process", "thread"])
-    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument(
+        "--servers", nargs="+", default=["process:1", "process:2"], help="engine-core:api-server-count"
+    )
     parser.add_argument("--loads", nargs="+", default=list(LOADS), help="concurrency:requests pairs")
+    parser.add_argument("--skip-offline", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     make_checkpoint(args.tokenizer, args.checkpoint)
+    loads = [(int(c), int(n)) for c, n in (pair.split(":") for pair in args.loads)]
     report: dict[str, object] = {"job": JOB}
     if not args.skip_offline:
-        report["offline"] = offline(args.checkpoint, args.out)
-    for mode in args.modes:
-        server = serve(args.checkpoint, mode, 23333, args.out / f"server_{mode}.log")
+        report["offline"] = offline(args.checkpoint, args.out, loads)
+    for server_spec in args.servers:
+        mode, count = server_spec.split(":")
+        name = f"{mode}x{count}"
+        server = serve(args.checkpoint, mode, int(count), 23333, args.out / f"server_{name}.log")
         try:
-            pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.loads]
-            report[mode] = {f"c{c}": load(23333, c, n, args.out / f"http_{mode}_c{c}.json") for c, n in pairs}
+            report[name] = {f"c{c}": load(23333, c, n, args.out / f"http_{name}_c{c}.json") for c, n in loads}
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=60)
+        loads = loads[:1]  # more front ends matter at the highest load only
     (args.out / "serving_gpu.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

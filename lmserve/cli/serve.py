@@ -13,7 +13,7 @@ from lmserve.config import ServeConfig
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
-ENGINE_CORES = ("auto", "process", "thread")
+ENGINE_CORES = ("process", "thread")
 
 
 def register(subparsers: Any) -> None:
@@ -67,9 +67,16 @@ def _add_api_server(commands: Any) -> None:
     group.add_argument(
         "--engine-core",
         choices=ENGINE_CORES,
-        default="auto",
-        help="where the engine core runs: its own process (streams never hold up the GPU), or a thread of "
-        "the server; auto: a process on CUDA, a thread on CPU",
+        default="process",
+        help="where the engine core runs: a process of its own (the HTTP work never holds up the model), "
+        "or a thread of the server",
+    )
+    group.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="front-end processes sharing the port and one engine core (for more streams than one "
+        "Python process can encode)",
     )
     add_engine_args(parser)
     parser.set_defaults(func=run_api_server)
@@ -122,50 +129,36 @@ def default_model_name(model: str | None) -> str:
 def run_api_server(args: argparse.Namespace) -> int:
     """Validate flags first (cheap), then load the model, then serve until SIGTERM / Ctrl-C.
 
-    Exits 1 when the engine core process dies, so a supervisor restarts the server.
+    Exits 1 when the engine core process (or a front-end process) dies, so a supervisor restarts the server.
     """
-    import uvicorn
-
-    from lmserve.serve.app import create_app
+    from lmserve.cli.front_ends import serve, serve_many
 
     serve_config = serve_config_from_args(args)
     engine_config = engine_config_from_args(args)
+    count = args.api_server_count
+    if count < 1:
+        raise ValueError(f"api_server_count={count} must be >= 1")
+    if count > 1 and args.engine_core == "thread":
+        raise ValueError(
+            "--api-server-count above 1 needs --engine-core process: the front ends share one core"
+        )
     logging.basicConfig(
         level=serve_config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if count > 1:
+        _print_urls(serve_config)
+        return serve_many(args.model, engine_config, args.chat_template, serve_config, count)
     engine = start_engine(
         args.model, engine_config, args.chat_template, args.engine_core, serve_config.log_level
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, serve_config),
-            host=serve_config.server_name,
-            port=serve_config.server_port,
-            log_level=serve_config.log_level.lower(),
-        )
-    )
-    died: list[bool] = []
-
-    def on_core_death() -> None:  # the receiver thread: stop serving; open streams already got their error
-        died.append(True)
-        server.should_exit = True
-
-    if hasattr(engine, "on_death"):
-        engine.on_death.append(on_core_death)
-    try:
-        _print_urls(serve_config)
-        server.run()  # SIGINT/SIGTERM: stop accepting, finish open requests, return
-    finally:
-        engine.shutdown()
-    return 1 if died else 0
+    _print_urls(serve_config)
+    return serve(engine, serve_config)
 
 
 def start_engine(
     model: str | None, config: Any, chat_template: str | None, engine_core: str, log_level: str
 ) -> Any:
     """The engine the server streams from: a CoreClient (core in its own process) or an AsyncEngine."""
-    if engine_core == "auto":
-        engine_core = "process" if _resolved_device(config) == "cuda" else "thread"
     if engine_core == "process":
         from lmserve.engine.core_client import CoreClient
 
@@ -173,14 +166,6 @@ def start_engine(
     from lmserve.engine.async_engine import AsyncEngine
 
     return AsyncEngine.from_pretrained(model, config, chat_template)
-
-
-def _resolved_device(config: Any) -> str:
-    if config.device != "auto":
-        return str(config.device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _print_urls(config: ServeConfig) -> None:

@@ -39,40 +39,88 @@ class EngineCoreDied(RuntimeError):
     pass
 
 
+class CoreProcess:
+    """The engine-core process and its endpoints; owned by the server's main process, which stops it."""
+
+    def __init__(self, process: Any, addresses: CoreAddresses, workdir: str) -> None:
+        self.process = process
+        self.addresses = addresses
+        self.workdir = workdir
+
+    @classmethod
+    def start(
+        cls,
+        model: str | None,
+        config: EngineConfig,
+        chat_template: str | None = None,
+        log_level: str = "WARNING",
+        num_front_ends: int = 1,
+    ) -> CoreProcess:
+        """Start the core loading the model (front ends then connect and wait for its ready message)."""
+        workdir = tempfile.mkdtemp(prefix="lmserve-core-")
+        outputs = tuple(f"ipc://{workdir}/output-{i}" for i in range(num_front_ends))
+        addresses = CoreAddresses(f"ipc://{workdir}/input", outputs)
+        spec = CoreSpec(model, config, chat_template, addresses, os.getpid(), log_level)
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(spec,), name="lmserve-engine-core"
+        )
+        process.start()
+        return cls(process, addresses, workdir)
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def is_alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 class CoreClient(FrontEnd):
-    """Starts the engine-core process, streams its tokens into per-request asyncio queues.
+    """One front end of an engine-core process: streams its tokens into per-request asyncio queues.
 
     A receiver thread reads the core's outputs (zmq releases the GIL while it waits) and hands them to the
     streams' event loops; tokenization, text and SSE stay in those loops. If the core dies, every open
     stream ends with an error at once, `is_alive()` turns false and the `on_death` callbacks run.
+    Front end `client_index` reads the core's outputs[client_index]; the one that owns the CoreProcess
+    stops it on shutdown, the others (`--api-server-count`) only let go of it.
     """
 
     def __init__(
         self,
-        process: Any,
-        context: zmq.Context,
-        outputs: zmq.Socket,
         addresses: CoreAddresses,
-        ready: CoreReady,
+        client_index: int,
         tokenizer: Any,
-        workdir: str,
+        core_alive: Callable[[], bool],
+        owner: CoreProcess | None = None,
     ) -> None:
         super().__init__()
-        assert ready.limits and ready.default_generation_config and ready.stats
         self.tokenizer = tokenizer
+        self.on_death: list[Callable[[], None]] = []
+        self._client_index = client_index
+        self._core_alive = core_alive
+        self._owner = owner
+        self._context = zmq.Context()
+        self._outputs = self._context.socket(zmq.PULL)
+        self._outputs.setsockopt(zmq.RCVHWM, 0)
+        self._outputs.bind(addresses.outputs[client_index])
+        try:
+            ready = _wait_ready(self._outputs, core_alive)
+        except BaseException:
+            self._context.destroy(linger=0)
+            raise
+        assert ready.limits and ready.default_generation_config and ready.stats
         self.limits = ready.limits
         self.default_generation_config = ready.default_generation_config
-        self.on_death: list[Callable[[], None]] = []
-        self._process = process
-        self._context = context
-        self._outputs = outputs
-        self._inputs = context.socket(zmq.PUSH)
+        self._stats = ready.stats
+        self._inputs = self._context.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)
         self._inputs.connect(addresses.input)
         self._send_lock = threading.Lock()
         self._encoder = msgspec.msgpack.Encoder()
-        self._stats = ready.stats
-        self._workdir = workdir
         self._closing = threading.Event()
         self._dead = False
         self._receiver = threading.Thread(target=self._receive, name="lmserve-core-receiver", daemon=True)
@@ -86,7 +134,7 @@ class CoreClient(FrontEnd):
         chat_template: str | None = None,
         log_level: str = "WARNING",
     ) -> CoreClient:
-        """Resolve the model and load its tokenizer here, then start the core and wait until it is ready.
+        """Start a core for this one front end and wait until it is ready.
 
         ValueError / FileNotFoundError for a model the core cannot load (with the core's message).
         """
@@ -94,60 +142,40 @@ class CoreClient(FrontEnd):
         from lmserve.models.tokenizer import load_tokenizer
 
         source = resolve_model(model)  # a bad path fails here, before a process starts
-        workdir = tempfile.mkdtemp(prefix="lmserve-core-")
-        addresses = CoreAddresses(f"ipc://{workdir}/input", (f"ipc://{workdir}/output-0",))
-        context = zmq.Context()
-        outputs = context.socket(zmq.PULL)
-        outputs.setsockopt(zmq.RCVHWM, 0)
-        outputs.bind(addresses.outputs[0])
-        spec = CoreSpec(model, config or EngineConfig(), chat_template, addresses, os.getpid(), log_level)
-        process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(spec,), name="lmserve-engine-core"
-        )
-        process.start()
+        core = CoreProcess.start(model, config or EngineConfig(), chat_template, log_level)
         try:
             tokenizer = load_tokenizer(source, chat_template)  # while the core loads the weights
-            ready = _wait_ready(outputs, process)
+            return cls(core.addresses, 0, tokenizer, core.is_alive, owner=core)
         except BaseException:
-            _stop_process(process)
-            context.destroy(linger=0)
-            shutil.rmtree(workdir, ignore_errors=True)
+            core.stop()
             raise
-        return cls(process, context, outputs, addresses, ready, tokenizer, workdir)
 
     # -- FrontEnd ------------------------------------------------------------------------
 
     def _submit(self, request_id: str, prompt_token_ids: list[int], gen_config: GenerationConfig) -> None:
-        self._send(AddRequest(request_id, prompt_token_ids, gen_config, 0))
+        self._send(AddRequest(request_id, prompt_token_ids, gen_config, self._client_index))
 
     def _abort_in_core(self, request_id: str) -> None:
         if not self._dead:
             self._send(AbortRequests([request_id]))
 
     def is_alive(self) -> bool:
-        return not self._dead and self._process.is_alive()
+        return not self._dead and self._core_alive()
 
     def stats(self) -> EngineStats:
         return self._stats
 
-    @property
-    def core_pid(self) -> int:
-        return int(self._process.pid)
-
     def shutdown(self) -> None:
-        """Stop the core (politely, then by force) and the receiver; safe to call twice."""
+        """Let go of the core (and stop it, politely then by force, if this front end owns it); idempotent."""
         if self._closing.is_set():
             return
         self._closing.set()
-        if self._process.is_alive():
-            try:
+        if self._owner is not None:
+            if self._owner.is_alive():
                 self._send(Shutdown())
-            except zmq.ZMQError:
-                pass
-        _stop_process(self._process)
+            self._owner.stop()
         self._receiver.join(timeout=5)
         self._context.destroy(linger=0)
-        shutil.rmtree(self._workdir, ignore_errors=True)
 
     # -- the receiver thread -------------------------------------------------------------
 
@@ -163,7 +191,7 @@ class CoreClient(FrontEnd):
         while not self._closing.is_set():
             if poller.poll(POLL_MS):
                 self._drain(decoder)
-            elif not self._process.is_alive():
+            elif not self._core_alive():
                 self._core_died()
                 return
 
@@ -181,23 +209,38 @@ class CoreClient(FrontEnd):
         if self._closing.is_set():
             return
         self._dead = True
-        message = f"the engine core process died (exit code {self._process.exitcode})"
+        message = "the engine core process died"
         logger.error("%s; failing %d open requests", message, len(self._streams))
         self._fail_all(message)
         for callback in self.on_death:
             callback()
 
 
-def _wait_ready(outputs: zmq.Socket, process: Any) -> CoreReady:
+def _wait_ready(outputs: zmq.Socket, core_alive: Callable[[], bool]) -> CoreReady:
     """The core's ready message; raises with its error, or if it dies before saying anything."""
     decoder = ready_decoder()
     while not outputs.poll(POLL_MS):
-        if not process.is_alive():
-            raise EngineCoreDied(f"the engine core process exited (code {process.exitcode}) while loading")
+        if not core_alive():
+            raise EngineCoreDied("the engine core process exited while loading the model")
     ready = decoder.decode(outputs.recv())
     if ready.error is not None:
         raise ValueError(ready.error)
     return ready
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a sibling cannot reap it, so is_alive won't do)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: fall back to a signal-0 probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def _stop_process(process: Any) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -48,23 +49,34 @@ def core_pid_of(server_pid: int) -> int:
     raise AssertionError(f"no engine-core child under {server_pid}")
 
 
-@pytest.fixture()
-def cli_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`lmserve serve api_server --engine-core process` as a user starts it, in its own process group."""
+def start_cli_server(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`lmserve serve api_server` as a user starts it (engine core in its own process), in its own group."""
     port = free_port()
-    command = [sys.executable, "-m", "lmserve.cli.main", "serve", "api_server", "--engine-core", "process"]
-    command += ["--dtype", "float32", "--server-name", "127.0.0.1", "--server-port", str(port)]
+    command = [sys.executable, "-m", "lmserve.cli.main", "serve", "api_server", "--dtype", "float32"]
+    command += ["--server-name", "127.0.0.1", "--server-port", str(port), *extra]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     base_url = f"http://127.0.0.1:{port}"
+    if not wait_until(lambda: _healthy(base_url), START_TIMEOUT_S):
+        stop_group(process)
+        raise AssertionError("server did not start")
+    return process, base_url
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture()
+def cli_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    process, base_url = start_cli_server()
     try:
-        assert wait_until(lambda: _healthy(base_url), START_TIMEOUT_S), "server did not start"
         yield process, base_url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_group(process)
 
 
 def _healthy(base_url: str) -> bool:
@@ -144,3 +156,32 @@ def test_clients_leaving_at_random_points_free_every_block(server: RunningServer
     assert after["choices"][0]["message"] == before["choices"][0]["message"]
     metrics = httpx.get(f"{server.base_url}/metrics").text
     assert "lmserve_num_requests_running 0.0" in metrics
+
+
+def test_two_front_ends_share_one_core_and_stop_together() -> None:
+    process, base_url = start_cli_server("--api-server-count", "2")
+    try:
+        children = children_of(process.pid)
+        spawned = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(spawned) == 2  # the engine core and the second front end
+        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        body |= {"temperature": 0, "max_tokens": 12}
+
+        def ask() -> str:
+            with httpx.Client(timeout=120) as client:  # a new connection each: the kernel spreads them
+                return str(
+                    client.post(f"{base_url}/v1/chat/completions", json=body).json()["choices"][0]["message"][
+                        "content"
+                    ]
+                )
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: ask(), range(16)))
+        assert len(set(answers)) == 1 and "Paris" in answers[0]
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=EXIT_TIMEOUT_S) == 128 + signal.SIGINT
+        assert wait_until(lambda: not any(is_running(pid) for pid in spawned), 10), (
+            "a child outlived the server"
+        )
+    finally:
+        stop_group(process)
