@@ -93,7 +93,7 @@ def serve(folder: Path, mode: str, count: int, port: int, log: Path) -> subproce
     raise RuntimeError("server did not start")
 
 
-def load(port: int, concurrency: int, num: int, path: Path) -> dict[str, float]:
+def load(port: int, concurrency: int, num: int, path: Path, workers: int = 1) -> dict[str, float]:
     args = ["bench", "serving", "--base-url", f"http://127.0.0.1:{port}", "--concurrency", str(concurrency)]
     args += [
         "--num-prompts",
@@ -103,7 +103,7 @@ def load(port: int, concurrency: int, num: int, path: Path) -> dict[str, float]:
         "--output-len",
         str(JOB["output_len"]),
     ]
-    run([*LMSERVE, *args, "--warmup", "2", "--json", str(path)])
+    run([*LMSERVE, *args, "--warmup", "2", "--num-workers", str(workers), "--json", str(path)])
     return json.loads(path.read_text())
 
 
@@ -127,6 +127,7 @@ def main() -> None:
     )
     parser.add_argument("--loads", nargs="+", default=list(LOADS), help="concurrency:requests pairs")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--client-workers", nargs="+", type=int, default=[1], help="load-generator processes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     make_checkpoint(args.tokenizer, args.checkpoint)
@@ -139,7 +140,11 @@ def main() -> None:
         name = f"{mode}x{count}"
         server = serve(args.checkpoint, mode, int(count), 23333, args.out / f"server_{name}.log")
         try:
-            report[name] = {f"c{c}": load(23333, c, n, args.out / f"http_{name}_c{c}.json") for c, n in loads}
+            report[name] = {
+                f"c{c}w{w}": load(23333, c, n, args.out / f"http_{name}_c{c}w{w}.json", w)
+                for c, n in loads
+                for w in args.client_workers
+            }
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=60)

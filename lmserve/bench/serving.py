@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+SPAWN_ALLOWANCE_S = 5.0
+"""Client processes start this long after they are launched, all at once."""
 FILLER = " the"  # one token in GPT-2-style BPE vocabularies; calibrated through /v1/encode when available
 
 
@@ -23,6 +25,8 @@ class RequestResult:
     latency: float = 0.0
     output_tokens: int = 0
     error: str = ""
+    response_start: float = 0.0
+    """Seconds from sending the request to the response's status line (the server's per-request work)."""
 
 
 @dataclass
@@ -41,6 +45,8 @@ class ServingReport:
     ttft_s: dict[str, float] = field(default_factory=dict)
     tpot_s: dict[str, float] = field(default_factory=dict)
     latency_s: dict[str, float] = field(default_factory=dict)
+    response_start_s: dict[str, float] = field(default_factory=dict)
+    num_workers: int = 1
     errors: list[str] = field(default_factory=list)
 
 
@@ -66,6 +72,12 @@ def register_serving(bench_subparsers: Any) -> None:
         "--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos"
     )
     parser.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="client processes sharing the load (so the load generator is not what limits the measurement)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the report to this JSON file")
     parser.set_defaults(func=run_serving)
 
@@ -86,19 +98,61 @@ async def bench_serving(args: argparse.Namespace) -> ServingReport:
     base = args.base_url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
-    async with httpx.AsyncClient(
-        base_url=base, headers=headers, timeout=httpx.Timeout(3600.0), limits=limits
-    ) as http:
+    async with _client(base, headers, args.concurrency) as http:
         model = args.model or (await http.get("/models")).json()["data"][0]["id"]
         prompt, prompt_tokens = await build_prompt(http, args.input_len)
         body = _request_body(model, prompt, args.output_len, args.ignore_eos)
         for _ in range(args.warmup):
             await one_request(http, body)
-        start = time.perf_counter()
-        results = await _run_all(http, body, args.num_prompts, args.concurrency)
-        duration = time.perf_counter() - start
+    workers = max(1, min(getattr(args, "num_workers", 1), args.concurrency))
+    if workers == 1:
+        results, duration = await _timed_run(base, headers, body, args.num_prompts, args.concurrency)
+    else:
+        results, duration = _run_in_processes(
+            base, headers, body, args.num_prompts, args.concurrency, workers
+        )
     return summarize(args, base, model, prompt_tokens, results, duration)
+
+
+def _client(base: str, headers: dict[str, str], concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(3600.0), limits=limits)
+
+
+async def _timed_run(
+    base: str, headers: dict[str, str], body: dict[str, Any], num: int, concurrency: int
+) -> tuple[list[RequestResult], float]:
+    async with _client(base, headers, concurrency) as http:
+        start = time.perf_counter()
+        results = await _run_all(http, body, num, concurrency)
+        return results, time.perf_counter() - start
+
+
+def _worker(
+    job: tuple[str, dict[str, str], dict[str, Any], int, int, float],
+) -> tuple[list[RequestResult], float, float]:
+    """One client process: waits for the common start, runs its share; returns results, start and end."""
+    base, headers, body, num, concurrency, start_at = job
+    time.sleep(max(0.0, start_at - time.perf_counter()))  # perf_counter is CLOCK_MONOTONIC: one clock for all
+    start = time.perf_counter()
+    results, duration = asyncio.run(_timed_run(base, headers, body, num, concurrency))
+    return results, start, start + duration
+
+
+def _run_in_processes(
+    base: str, headers: dict[str, str], body: dict[str, Any], num: int, concurrency: int, workers: int
+) -> tuple[list[RequestResult], float]:
+    """Split the load over client processes, so one Python process's speed does not cap what is measured."""
+    import multiprocessing
+
+    shares = [(num * (i + 1)) // workers - (num * i) // workers for i in range(workers)]
+    slots = [(concurrency * (i + 1)) // workers - (concurrency * i) // workers for i in range(workers)]
+    start_at = time.perf_counter() + SPAWN_ALLOWANCE_S  # every process starts sending at the same moment
+    jobs = [(base, headers, body, n, c, start_at) for n, c in zip(shares, slots, strict=True) if n]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        parts = pool.map(_worker, jobs)
+    results = [result for part in parts for result in part[0]]
+    return results, max(end for _, _, end in parts) - min(start for _, start, _ in parts)
 
 
 def _request_body(model: str, prompt: str, output_len: int, ignore_eos: bool) -> dict[str, Any]:
@@ -164,6 +218,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any]) -> RequestR
     ttft, chunks, usage_tokens = 0.0, 0, None
     try:
         async with http.stream("POST", "/completions", json=body) as response:
+            response_start = time.perf_counter() - start
             if response.status_code != 200:
                 return RequestResult(
                     False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
@@ -181,7 +236,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any]) -> RequestR
                     ttft = ttft or time.perf_counter() - start
     except (httpx.HTTPError, ValueError) as error:
         return RequestResult(False, error=f"{type(error).__name__}: {error}")
-    return RequestResult(True, ttft, time.perf_counter() - start, usage_tokens or chunks)
+    return RequestResult(True, ttft, time.perf_counter() - start, usage_tokens or chunks, "", response_start)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -220,6 +275,8 @@ def summarize(
         ttft_s=_stats([r.ttft for r in ok]),
         tpot_s=_stats(tpots),
         latency_s=_stats([r.latency for r in ok]),
+        response_start_s=_stats([r.response_start for r in ok]),
+        num_workers=getattr(args, "num_workers", 1),
         errors=sorted({r.error for r in results if not r.ok})[:10],
     )
 
@@ -237,6 +294,7 @@ def format_report(report: ServingReport) -> str:
         f"TTFT ms       {ms(report.ttft_s)}",
         f"TPOT ms       {ms(report.tpot_s)}",
         f"latency ms    {ms(report.latency_s)}",
+        f"response ms   {ms(report.response_start_s)}  (request sent -> status line; {report.num_workers} client processes)",
     ]
     lines += [f"error         {e}" for e in report.errors]
     return "\n".join(lines)
