@@ -26,7 +26,6 @@ FUSED_PROJECTIONS = {
     "gate_proj": ("gate_up_proj", 0, 2),
     "up_proj": ("gate_up_proj", 1, 2),
 }
-IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @contextlib.contextmanager
@@ -208,9 +207,7 @@ class WeightLoader:
             raise ValueError(f"checkpoint lacks weights: {missing}")
 
     def load_one(self, name: str, tensor: torch.Tensor) -> None:
-        if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (
-            name.startswith("lm_head.") and self.model.lm_head is None
-        ):
+        if name.startswith("lm_head.") and self.model.lm_head is None:
             return  # tied checkpoints may still store lm_head; HF ignores it too
         module_path, _, param = name.rpartition(".")
         parent, _, projection = module_path.rpartition(".")

@@ -57,7 +57,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         body, defaults, max_new_tokens, sampling.chat_logprobs(body), state.engine.tokenizer.vocab_size
     )
     api_id = random_id("chatcmpl-")
-    submissions = [Submission(i, prompt_ids, sampling.seeded(config, i)) for i in range(body.n)]
+    submissions = [Submission(i, prompt_ids, choice) for i, choice in enumerate(config.fan_out())]
     if body.stream:
         chunks = _chat_stream(state, api_id, body, submissions)
         return _event_stream(state, request, api_id, chunks)
@@ -211,9 +211,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     )
     api_id = random_id("cmpl-")
     submissions = [
-        Submission(p * body.n + i, ids, sampling.seeded(config, i))
+        Submission(p * body.n + i, ids, choice)
         for p, ids in enumerate(prompts)
-        for i in range(body.n)
+        for i, choice in enumerate(config.fan_out())
     ]
     echoes = [_echo_text(state, body, prompts[s.index // body.n]) for s in submissions]
     if body.stream:

@@ -121,7 +121,7 @@ def build_generation_config(
         min_new_tokens=_min_new_tokens(request, defaults),
         logit_bias=logit_bias(request.logit_bias, vocab_size),
         logprobs=logprobs,
-        n=1,
+        n=request.n,  # the choices come from GenerationConfig.fan_out()
     )
     try:
         return defaults.with_updates(**changes)
@@ -202,10 +202,3 @@ def check_context(
             f"{max_new_tokens} for the completion). Please reduce the prompt or max_tokens."
         )
         raise APIError(400, message, "max_tokens", "context_length_exceeded")
-
-
-def seeded(config: GenerationConfig, index: int) -> GenerationConfig:
-    """The i-th of n choices: seed + i, so seeded n>1 requests give different yet reproducible choices."""
-    if config.random_seed is None or index == 0:
-        return config
-    return config.with_updates(random_seed=config.random_seed + index)

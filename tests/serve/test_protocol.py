@@ -12,7 +12,7 @@ from lmserve.serve.app import create_app
 from lmserve.serve.errors import APIError, validation_message
 from lmserve.serve.guard import key_matches, needs_key
 from lmserve.serve.protocol import ChatCompletionRequest
-from lmserve.serve.sampling import build_generation_config, chat_messages, check_context, seeded
+from lmserve.serve.sampling import build_generation_config, chat_messages, check_context
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -45,9 +45,16 @@ def test_temperature_zero_is_greedy_and_unset_fields_use_model_defaults() -> Non
 
 
 def test_seeded_choices_get_seed_plus_index() -> None:
-    config = GenerationConfig(random_seed=10)
-    assert [seeded(config, i).random_seed for i in range(3)] == [10, 11, 12]
-    assert seeded(GenerationConfig(), 2).random_seed is None
+    request = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "hi"}], n=3, seed=10, temperature=1.0
+    )
+    config = build_generation_config(request, GenerationConfig(), None, None, 257)
+    assert [c.random_seed for c in config.fan_out()] == [10, 11, 12]
+    unseeded = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=3)
+    assert {
+        c.random_seed
+        for c in build_generation_config(unseeded, GenerationConfig(), None, None, 257).fan_out()
+    } == {None}
 
 
 def test_chat_messages_text_parts_and_rejections() -> None:

@@ -53,6 +53,19 @@ def test_logit_bias_and_min_tokens_are_accepted(client: httpx.Client) -> None:
     assert response.status_code == 200, response.text
 
 
+def test_logit_bias_steers_and_bans_tokens(client: httpx.Client, engine: Any) -> None:
+    banana = engine.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    forced = chat(client, temperature=0, max_tokens=3, logit_bias={str(banana): 100}).json()
+    assert forced["choices"][0]["message"]["content"] == engine.tokenizer.decode([banana] * 3)
+    plain = chat(client, temperature=0, max_tokens=8).json()["choices"][0]["message"]["content"]
+    first = engine.tokenizer.encode(plain, add_special_tokens=False)[0]
+    banned = chat(client, temperature=0, max_tokens=8, logit_bias={str(first): -100}).json()
+    assert (
+        not engine.tokenizer.encode(banned["choices"][0]["message"]["content"], add_special_tokens=False)[0]
+        == first
+    )
+
+
 def test_openai_client_chat_answers_paris(server: RunningServer) -> None:
     oa = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
     result = oa.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=12, temperature=0)  # type: ignore[arg-type]
