@@ -185,3 +185,25 @@ def test_two_front_ends_share_one_core_and_stop_together() -> None:
         )
     finally:
         stop_group(process)
+
+
+def test_dead_core_turns_health_503_at_once() -> None:
+    from conftest import load_engine, start_server
+
+    from lmserve.config import ServeConfig
+
+    engine = load_engine(max_batch_size=2)
+    running = start_server(engine, ServeConfig(model_name=MODEL_NAME))
+    try:
+        assert httpx.get(f"{running.base_url}/health").status_code == 200
+        os.kill(engine._owner.pid, signal.SIGKILL)
+        assert wait_until(lambda: httpx.get(f"{running.base_url}/health").status_code == 503, 5)
+        response = httpx.post(
+            f"{running.base_url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=30,
+        )
+        assert response.status_code >= 500 and "error" in response.json()
+    finally:
+        running.stop()
+        engine.shutdown()
