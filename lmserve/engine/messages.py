@@ -77,10 +77,6 @@ class CoreReady(msgspec.Struct, array_like=True):
     stats: EngineStats | None = None
 
 
-def request_encoder() -> msgspec.msgpack.Encoder:
-    return msgspec.msgpack.Encoder()
-
-
 def request_decoder() -> msgspec.msgpack.Decoder[CoreRequest]:
     return msgspec.msgpack.Decoder(CoreRequest)  # type: ignore[arg-type]
 
