@@ -80,15 +80,14 @@ def serve_many(
     count: int,
 ) -> int:
     """One engine core, `count` front ends on one port: this process runs front end 0 and watches the rest."""
-    from lmserve.engine.core_client import CoreClient, CoreProcess
-    from lmserve.models.loader import resolve_model
-    from lmserve.models.tokenizer import load_tokenizer
+    from lmserve.engine.core_client import CoreClient
 
-    source = resolve_model(model)
-    core = CoreProcess.start(model, engine_config, chat_template, serve_config.log_level, count)
+    sock = listening_socket(serve_config.server_name, serve_config.server_port)  # a port in use fails first
+    engine = CoreClient.start(model, engine_config, chat_template, serve_config.log_level, count)
+    core = engine.core
+    assert core is not None
     others: list[Any] = []
     try:
-        sock = listening_socket(serve_config.server_name, serve_config.server_port)
         context = multiprocessing.get_context("spawn")
         for index in range(1, count):
             spec = FrontEndSpec(model, chat_template, serve_config, core.addresses, index, core.pid)
@@ -96,12 +95,9 @@ def serve_many(
                 context.Process(target=run_front_end, args=(spec,), name=f"lmserve-api-server-{index}")
             )
             others[-1].start()
-        engine = CoreClient(
-            core.addresses, 0, load_tokenizer(source, chat_template), core.is_alive, owner=core
-        )
     except BaseException:
         _stop_all(others)
-        core.stop()
+        engine.shutdown()
         raise
     return serve(engine, serve_config, sock, watched=others)
 

@@ -133,8 +133,10 @@ class CoreClient(FrontEnd):
         config: EngineConfig | None = None,
         chat_template: str | None = None,
         log_level: str = "WARNING",
+        num_front_ends: int = 1,
     ) -> CoreClient:
-        """Start a core for this one front end and wait until it is ready.
+        """Start a core, be its front end 0 (its owner) and wait until it is ready; the core serves
+        `num_front_ends` in all, the others attach to `self.core.addresses` as front ends 1, 2, ...
 
         ValueError / FileNotFoundError for a model the core cannot load (with the core's message).
         """
@@ -142,7 +144,7 @@ class CoreClient(FrontEnd):
         from lmserve.models.tokenizer import load_tokenizer
 
         source = resolve_model(model)  # a bad path fails here, before a process starts
-        core = CoreProcess.start(model, config or EngineConfig(), chat_template, log_level)
+        core = CoreProcess.start(model, config or EngineConfig(), chat_template, log_level, num_front_ends)
         try:
             tokenizer = load_tokenizer(source, chat_template)  # while the core loads the weights
             return cls(core.addresses, 0, tokenizer, core.is_alive, owner=core)
@@ -158,6 +160,11 @@ class CoreClient(FrontEnd):
     def _abort_in_core(self, request_id: str) -> None:
         if not self._dead:
             self._send(AbortRequests([request_id]))
+
+    @property
+    def core(self) -> CoreProcess | None:
+        """The core process this front end owns (None for front ends that only attach to one)."""
+        return self._owner
 
     def is_alive(self) -> bool:
         return not self._dead and self._core_alive()
