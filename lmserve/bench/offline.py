@@ -66,8 +66,27 @@ def throughput(
     output_len: int,
     concurrency: int | None = None,
     seed: int = 0,
+    warmup: int = 0,
 ) -> ThroughputResult:
-    """Submit num_requests (at most `concurrency` in flight) and step until all finish."""
+    """Submit num_requests (at most `concurrency` in flight) and step until all finish.
+
+    warmup: untimed runs of the same job first (other prompts, so a prefix cache cannot serve the timed run
+    from them): Triton compiles and cuBLAS picks its kernels there, not inside the timed region.
+    """
+    for i in range(warmup):
+        _run_job(engine, num_requests, input_len, output_len, concurrency, seed + 1 + i, "warm-up")
+    return _run_job(engine, num_requests, input_len, output_len, concurrency, seed, "throughput")
+
+
+def _run_job(
+    engine: LLMEngine,
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    concurrency: int | None,
+    seed: int,
+    label: str,
+) -> ThroughputResult:
     prompts = random_prompts(num_requests, input_len, engine.model_config.vocab_size, seed)
     config = fixed_length_config(output_len)
     limit = concurrency or num_requests
@@ -77,7 +96,7 @@ def throughput(
     end_times: dict[str, float] = {}
     preemptions_before = engine.num_preemptions
     start = time.perf_counter()
-    with tqdm(total=num_requests, desc="throughput", unit=" req", disable=None) as bar:
+    with tqdm(total=num_requests, desc=label, unit=" req", disable=None) as bar:
         while pending or engine.has_unfinished():
             while pending and len(start_times) - len(end_times) < limit:
                 request_id = engine.add_request(pending.pop(), config)

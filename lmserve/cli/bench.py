@@ -18,6 +18,9 @@ def register(subparsers: Any) -> None:
     throughput.add_argument(
         "--concurrency", type=int, default=None, help="max requests in flight (default: all)"
     )
+    throughput.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs of the same job first (Triton compiles there)"
+    )
     throughput.set_defaults(func=run_throughput)
     latency = bench.add_parser("latency", help="offline: one request at a time, TTFT and decode speed")
     _add_common(latency)
@@ -71,7 +74,10 @@ def run_throughput(args: argparse.Namespace) -> int:
 
     engine = _engine(args)
     return _report(
-        throughput(engine, args.num_prompts, args.input_len, args.output_len, args.concurrency), args
+        throughput(
+            engine, args.num_prompts, args.input_len, args.output_len, args.concurrency, warmup=args.warmup
+        ),
+        args,
     )
 
 
