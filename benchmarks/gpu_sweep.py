@@ -139,11 +139,16 @@ def collect() -> None:
 
 
 def quant_sweep(
-    results: dict[str, Any], bf16_weight_bytes: int, max_batch_size: int, decode_only: bool = False
+    results: dict[str, Any],
+    bf16_weight_bytes: int,
+    max_batch_size: int,
+    decode_only: bool = False,
+    formats: tuple[str, ...] = ("awq", "w8a8", "fp8"),
 ) -> None:
-    """W4A16 (AWQ) and W8A8 random models: batch-1 decode, batch-16 step, memory; KV int8: capacity, the job."""
-    for fmt in ("awq", "w8a8"):
-        config = EngineConfig(device="cuda", model_format=fmt, max_batch_size=64)
+    """W4A16 (AWQ), W8A8 and FP8 random models: batch-1 decode, batch-16/64 steps, memory (FP8 also the job);
+    KV int8: capacity, the job."""
+    for fmt in formats:
+        config = EngineConfig(device="cuda", model_format=fmt, max_batch_size=max_batch_size)
         engine = LLMEngine.from_random_weights(CONFIG, config)
         lat = latency(engine, input_len=128, output_len=128, iterations=3)
         results[f"{fmt}_bs1_decode_tok_per_s"] = lat.decode_tok_per_s_median
@@ -151,6 +156,9 @@ def quant_sweep(
         for batch_size in (16, 64):
             step = profile_decode(engine, batch_size, None)
             results[f"{fmt}_decode_step_ms_bs{batch_size}"] = step[f"decode_step_ms_bs{batch_size}"]
+        if fmt == "fp8" and not decode_only:
+            job = throughput(engine, num_requests=256, input_len=512, output_len=256, warmup=1)
+            results["fp8_job"] = job.as_dict()
         print(results, flush=True)
         release(engine)
         del engine
@@ -162,7 +170,8 @@ def quant_sweep(
     )
     results["kv_int8_tokens"] = engine.block_manager.num_blocks * engine.block_manager.block_size
     results["kv_int8_capacity_ratio"] = results["kv_int8_tokens"] / results["kv_tokens"]
-    results["kv_int8_job"] = throughput(engine, num_requests=256, input_len=512, output_len=256).as_dict()
+    job = throughput(engine, num_requests=256, input_len=512, output_len=256, warmup=1)
+    results["kv_int8_job"] = job.as_dict()
     print(results, flush=True)
     release(engine)
 
@@ -173,7 +182,10 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small job sizes (smoke test)")
     parser.add_argument("--max-batch-size", type=int, default=256)
-    parser.add_argument("--quant", action="store_true", help="also W4A16, W8A8 and KV-int8 engines")
+    parser.add_argument("--quant", action="store_true", help="also W4A16, W8A8, FP8 and KV-int8 engines")
+    parser.add_argument(
+        "--formats", nargs="+", default=["awq", "w8a8", "fp8"], help="weight formats of --quant"
+    )
     parser.add_argument(
         "--decode-only",
         action="store_true",
@@ -219,7 +231,7 @@ def main() -> None:
         release(engine)
         del engine
         collect()
-        quant_sweep(results, bf16_bytes, args.max_batch_size, decode_only=True)
+        quant_sweep(results, bf16_bytes, args.max_batch_size, decode_only=True, formats=tuple(args.formats))
         print(json.dumps(results, indent=2), flush=True)
         if args.json:
             with open(args.json, "w") as f:
@@ -236,7 +248,7 @@ def main() -> None:
     print(results, flush=True)
 
     num = 32 if args.quick else 256
-    job = throughput(engine, num_requests=num, input_len=512, output_len=out_len)
+    job = throughput(engine, num_requests=num, input_len=512, output_len=out_len, warmup=1)
     results["job"] = job.as_dict()
     results["job_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if args.quant:
@@ -244,7 +256,7 @@ def main() -> None:
         release(engine)
         del engine
         collect()
-        quant_sweep(results, bf16_bytes, args.max_batch_size)
+        quant_sweep(results, bf16_bytes, args.max_batch_size, formats=tuple(args.formats))
     print(json.dumps(results, indent=2), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -9,7 +9,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANT_POLICIES = (0, 4, 8)
-MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8")
+MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class EngineConfig:
     quant_policy: int = 0
     """KV cache quantization: 0 off, 8 int8, 4 int4."""
     model_format: str = "auto"
-    """Checkpoint format: auto (detect), hf, gguf, awq, w8a8."""
+    """Checkpoint format: auto (detect), hf, gguf, awq, w8a8, fp8 (an FP8 checkpoint, or a float one quantized to
+    FP8 W8A8 at load time)."""
     eager_mode: bool = False
     """Disable CUDA graphs."""
     num_cpu_threads: int | None = None

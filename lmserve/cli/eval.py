@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lmserve.config import MODEL_FORMATS
 from lmserve.quant.corpus import DEFAULT_DATASET
 
 
@@ -31,6 +32,13 @@ def register(subparsers: Any) -> None:
         help="run through lmserve's engine (float32) with this KV cache: 0 plain, 8 int8, 4 int4; "
         "without it, transformers' model runs (the reference)",
     )
+    parser.add_argument(
+        "--model-format",
+        choices=MODEL_FORMATS,
+        default="auto",
+        help="run through lmserve's engine (float32) with this format: fp8 quantizes a float checkpoint to FP8 "
+        "W8A8 at load time (on a CPU its GEMM is emulated in float32 with the same e4m3 rounding)",
+    )
     parser.set_defaults(func=run_ppl)
     evaluate.set_defaults(func=lambda _args: evaluate.print_help() or 2)
 
@@ -39,7 +47,13 @@ def run_ppl(args: argparse.Namespace) -> int:
     from lmserve.quant.evaluate import evaluate_perplexity
 
     result = evaluate_perplexity(
-        args.model, args.dataset, args.num_tokens, args.window, args.stride, args.quant_policy
+        args.model,
+        args.dataset,
+        args.num_tokens,
+        args.window,
+        args.stride,
+        args.quant_policy,
+        args.model_format,
     )
     print(result.summary())
     return 0

@@ -114,7 +114,7 @@ def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int 
 
 
 def random_quantization_config(model_format: str) -> dict[str, Any] | None:
-    """quantization_config for a random model of `--model-format awq|w8a8` (None otherwise)."""
+    """quantization_config for a random model of `--model-format awq|w8a8|fp8` (None otherwise)."""
     if model_format == "awq":
         from lmserve.layers.quant_formats import awq_quantization_config
 
@@ -123,6 +123,10 @@ def random_quantization_config(model_format: str) -> dict[str, Any] | None:
         from lmserve.layers.quant_formats import w8a8_quantization_config
 
         return w8a8_quantization_config(["lm_head"])
+    if model_format == "fp8":
+        from lmserve.layers.fp8 import QUANTIZE_AT_LOAD
+
+        return dict(QUANTIZE_AT_LOAD)
     return None
 
 

@@ -84,6 +84,7 @@ class LLMEngine:
             load_generation_defaults,
             load_model_config,
             resolve_model,
+            with_load_time_quantization,
         )
         from lmserve.models.tokenizer import load_tokenizer
 
@@ -91,6 +92,7 @@ class LLMEngine:
         source = resolve_model(model)
         model_config = load_model_config(source)
         check_model_format(config.model_format, source, model_config)
+        model_config = with_load_time_quantization(config.model_format, model_config)
         resolved = builder.resolve_config(config, model_config)
         _apply_torch_settings(config)
         tokenizer = load_tokenizer(source, chat_template)

@@ -1,4 +1,4 @@
-"""Quantized linear layers at run time (torch reference path): AWQ W4A16 and W8A8 int8."""
+"""Quantized linear layers at run time: AWQ W4A16 and W8A8 int8 (FP8 W8A8 lives in layers/fp8.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lmserve.kernels.awq_dequant import PACK_NUM
 from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_rows_int8
 from lmserve.kernels.w4a16 import dequantize_w4, repack_awq, supports_group_size, w4a16_matmul
+from lmserve.layers.fp8 import Fp8Linear, fp8_layout
 from lmserve.layers.quant_formats import awq_dequantize, check_group_size, quant_method
 
 
@@ -122,7 +123,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def prepare_for_inference(model: nn.Module) -> None:
     """Once the weights are in: let each quantized layer convert them for its device's kernels."""
     for module in model.modules():
-        if isinstance(module, AWQLinear):
+        if isinstance(module, AWQLinear | Fp8Linear):
             module.prepare_for_inference()
 
 
@@ -133,4 +134,6 @@ def make_quantized_linear(
     method = quant_method(quant_config)
     if method == "awq":
         return AWQLinear(in_features, out_features, bias, int(quant_config["group_size"]))
+    if method == "fp8":
+        return Fp8Linear(in_features, out_features, bias, *fp8_layout(quant_config))
     return W8A8Linear(in_features, out_features, bias)

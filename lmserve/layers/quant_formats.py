@@ -91,9 +91,13 @@ def w8a8_quantization_config(ignore: list[str]) -> dict:
 
 
 def quant_method(quantization_config: dict | None) -> str | None:
-    """'awq', 'w8a8' or None; ValueError for layouts we do not run."""
+    """'awq', 'w8a8', 'fp8' or None; ValueError for layouts we do not run."""
+    from lmserve.layers.fp8 import is_fp8_config
+
     if not quantization_config:
         return None
+    if is_fp8_config(quantization_config):
+        return "fp8"
     method = quantization_config.get("quant_method")
     if method == "awq":
         if (
@@ -105,7 +109,7 @@ def quant_method(quantization_config: dict | None) -> str | None:
     if method == "compressed-tensors" and _is_int8_w8a8(quantization_config):
         return "w8a8"
     raise ValueError(
-        f"unsupported quantization_config quant_method={method!r}; supported: awq (gemm), compressed-tensors int8 W8A8"
+        f"unsupported quantization_config quant_method={method!r}; supported: awq (gemm), compressed-tensors int8 W8A8, fp8 (block scales), compressed-tensors FP8 (channel)"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -158,11 +159,22 @@ def check_model_format(model_format: str, source: ModelSource, config: ModelConf
     if model_format == "auto":
         return
     actual = source.kind if source.kind == "gguf" else _hf_format(config)
+    if model_format == "fp8" and actual in ("hf", "gguf"):
+        return  # a float checkpoint: quantized to FP8 at load time (with_load_time_quantization)
     if actual != model_format:
         raise ValueError(
             f"model_format={model_format!r} but {source.path} holds a {actual!r} checkpoint; "
             f"pass --model-format {actual} or auto"
         )
+
+
+def with_load_time_quantization(model_format: str, config: ModelConfig) -> ModelConfig:
+    """The model config to build: `--model-format fp8` on a float checkpoint quantizes every linear at load."""
+    from lmserve.layers.fp8 import QUANTIZE_AT_LOAD
+
+    if model_format != "fp8" or config.quantization_config is not None:
+        return config
+    return dataclasses.replace(config, quantization_config=dict(QUANTIZE_AT_LOAD))
 
 
 def _hf_format(config: ModelConfig) -> str:

@@ -40,15 +40,17 @@ def evaluate_perplexity(
     window: int = 512,
     stride: int = 512,
     quant_policy: int | None = None,
+    model_format: str = "auto",
 ) -> PerplexityResult:
-    """Perplexity with transformers' module (quant_policy None) or lmserve's engine with that KV cache."""
+    """Perplexity with transformers' module, or lmserve's engine when a KV cache policy or a model format other
+    than auto is asked for (`fp8` quantizes a float checkpoint at load time)."""
     if num_tokens < 2:
         raise ValueError(f"{num_tokens=} must be >= 2")
-    if quant_policy is None:
+    if quant_policy is None and model_format == "auto":
         hf_model, tokenizer = load_eval_model(model)
         logits_fn: LogitsFn = lambda ids: _hf_logits(hf_model, ids)  # noqa: E731
     else:
-        logits_fn, tokenizer = engine_logits_fn(model, quant_policy, window)
+        logits_fn, tokenizer = engine_logits_fn(model, quant_policy or 0, window, model_format)
     tokens = evaluation_tokens(tokenizer, dataset, num_tokens)  # type: ignore[arg-type]
     return perplexity(logits_fn, tokens, window, stride)
 
@@ -58,7 +60,9 @@ def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, use_cache=False).logits
 
 
-def engine_logits_fn(model: str | None, quant_policy: int, window: int) -> tuple[LogitsFn, Any]:
+def engine_logits_fn(
+    model: str | None, quant_policy: int, window: int, model_format: str = "auto"
+) -> tuple[LogitsFn, Any]:
     """(window scorer, tokenizer) over lmserve's float32 engine model with a KV cache of `quant_policy`."""
     from lmserve.config import EngineConfig
     from lmserve.engine.engine import LLMEngine
@@ -66,7 +70,12 @@ def engine_logits_fn(model: str | None, quant_policy: int, window: int) -> tuple
     if quant_policy not in QUANT_POLICIES:
         raise ValueError(f"{quant_policy=} must be one of {QUANT_POLICIES}")
     config = EngineConfig(
-        dtype="float32", quant_policy=quant_policy, session_len=window, max_batch_size=1, eager_mode=True
+        dtype="float32",
+        quant_policy=quant_policy,
+        session_len=window,
+        max_batch_size=1,
+        eager_mode=True,
+        model_format=model_format,
     )
     engine = LLMEngine.from_pretrained(model, config)
     return EnginePrefill(engine.runner), engine.tokenizer

@@ -1,0 +1,110 @@
+"""FP8 W8A8 linear (`--model-format fp8`): e4m3 weights per output channel, activations per token at run time.
+
+Three ways in, one layout at run time (e4m3 weight [N, K] + float32 weight_scale [N, 1]):
+- `dynamic`: a float checkpoint (HF folder or GGUF) quantized at load time (prepare_for_inference);
+- `channel`: compressed-tensors `float-quantized` checkpoints (llm-compressor's FP8_DYNAMIC: `weight_scale` [N, 1]);
+- `block`: HF `quant_method: fp8` checkpoints with `weight_block_size` (`weight_scale_inv` per 128 x 128 block),
+  re-rounded per channel at load, since torch._scaled_mm takes no block scales.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmserve.kernels.fp8 import FP8, fp8_linear, quantize_rows_fp8, requantize_blocks_per_channel
+
+FP8_LAYOUTS = ("dynamic", "channel", "block")
+QUANTIZE_AT_LOAD = {"quant_method": "fp8", "activation_scheme": "dynamic", "lmserve_layout": "dynamic"}
+"""The quantization_config `--model-format fp8` gives a float checkpoint: quantize every linear at load time."""
+
+
+def fp8_layout(quantization_config: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
+    """(layout, block shape) of an FP8 quantization_config; ValueError for FP8 variants we do not run."""
+    if quantization_config.get("lmserve_layout") == "dynamic":
+        return "dynamic", None
+    if quantization_config.get("quant_method") == "compressed-tensors":
+        return "channel", None
+    if quantization_config.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError("FP8 checkpoints with static activation scales are not supported; use a dynamic one")
+    block = quantization_config.get("weight_block_size")
+    if not block:
+        raise ValueError(
+            "FP8 checkpoints with one scale per tensor are not supported; supported: block scales "
+            "(weight_block_size) and compressed-tensors channel-wise FP8, or --model-format fp8 on a float checkpoint"
+        )
+    return "block", (int(block[0]), int(block[1]))
+
+
+def is_fp8_config(quantization_config: dict[str, Any]) -> bool:
+    """quant_method fp8 (HF), or compressed-tensors float-quantized 8-bit weights with dynamic token activations."""
+    if quantization_config.get("quant_method") == "fp8":
+        return True
+    if quantization_config.get("quant_method") != "compressed-tensors":
+        return False
+    groups = list(quantization_config.get("config_groups", {}).values())
+    if len(groups) != 1:
+        return False
+    weights, activations = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
+    return (
+        weights.get("num_bits") == 8
+        and weights.get("type") == "float"
+        and weights.get("strategy") == "channel"
+        and activations.get("type") == "float"
+        and activations.get("dynamic") is True
+    )
+
+
+class Fp8Linear(nn.Module):
+    """y = fp8(x per token) @ fp8(W per channel)^T with both scales (and the bias) applied in the GEMM."""
+
+    output_dims = {"weight": 0, "weight_scale": 0, "weight_scale_inv": 0, "bias": 0}
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, layout: str, block: tuple[int, int] | None
+    ) -> None:
+        super().__init__()
+        if layout not in FP8_LAYOUTS:
+            raise ValueError(f"FP8 layout {layout!r} must be one of {FP8_LAYOUTS}")
+        self.in_features, self.out_features, self.layout, self.block = (
+            in_features,
+            out_features,
+            layout,
+            block,
+        )
+        weight_dtype = torch.get_default_dtype() if layout == "dynamic" else FP8
+        self.weight = _frozen(torch.empty(out_features, in_features, dtype=weight_dtype))
+        if layout == "block":
+            assert block is not None
+            grid = (-(-out_features // block[0]), -(-in_features // block[1]))
+            self.weight_scale_inv = _frozen(torch.empty(grid, dtype=torch.float32))
+        elif layout == "channel":
+            self.weight_scale = _frozen(torch.empty(out_features, 1, dtype=torch.float32))
+        self.bias = _frozen(torch.empty(out_features)) if bias else None
+
+    def prepare_for_inference(self) -> None:
+        """Bring every layout to e4m3 per channel (quantize a float weight; re-round block scales)."""
+        if self.layout == "dynamic":
+            weight, scale = quantize_rows_fp8(self.weight.data)
+        elif self.layout == "block":
+            assert self.block is not None
+            weight, scale = requantize_blocks_per_channel(
+                self.weight.data, self.weight_scale_inv.data, self.block
+            )
+            del self.weight_scale_inv
+        else:
+            return
+        self.weight = _frozen(weight)
+        self.weight_scale = _frozen(scale)
+        self.layout = "channel"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = fp8_linear(flat, self.weight, self.weight_scale, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
