@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 """token ids [batch, length] -> logits [batch, length, vocab]."""
@@ -52,7 +53,8 @@ def perplexity(
 ) -> PerplexityResult:
     """exp(mean negative log-likelihood) of tokens[1:] predicted left to right."""
     total_nll, count = 0.0, 0
-    for begin, end, first_scored in window_spans(len(tokens), window, stride):
+    spans = window_spans(len(tokens), window, stride)
+    for begin, end, first_scored in tqdm(spans, desc="perplexity", unit=" window", leave=False, disable=None):
         ids = tokens[begin:end].unsqueeze(0)
         logits = logits_fn(ids)[0].float()
         predictions = logits[first_scored - begin - 1 : end - begin - 1]
