@@ -53,8 +53,8 @@ def _add_auto_awq(commands: Any) -> None:
     parser.add_argument(
         "--search-scale",
         action="store_true",
-        help="search AWQ scales per group of linears and each group's clip range on a grid (AutoAWQ), then round "
-        "with GPTQ's error feedback on that grid; off: LMDeploy's fixed ratio 0.5",
+        help="search AWQ scales per group of linears on a grid (AutoAWQ); off: LMDeploy's fixed ratio 0.5. Either "
+        "way each group's clip range is searched and weights round with GPTQ's error feedback",
     )
     parser.add_argument(
         "--rtn", action="store_true", help="plain round-to-nearest: no activation-aware scaling, no clipping"
@@ -64,6 +64,13 @@ def _add_auto_awq(commands: Any) -> None:
         choices=("auto", "float16", "bfloat16"),
         default="auto",
         help="unquantized tensors (auto: float16)",
+    )
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=4096,
+        help="when done, perplexity of the model before and after on this many tokens of the shipped held-out "
+        "text (default 4096; 0 skips it)",
     )
     parser.set_defaults(func=run_auto_awq)
 
@@ -109,9 +116,26 @@ def run_auto_awq(args: argparse.Namespace) -> int:
     if args.rtn and args.search_scale:
         raise ValueError("--rtn and --search-scale exclude each other")
     options = AWQOptions(args.w_bits, args.w_sym, args.w_group_size, args.search_scale, args.rtn)
+    if args.eval_tokens < 0 or args.eval_tokens == 1:
+        raise ValueError(f"--eval-tokens {args.eval_tokens}: give 0 (skip) or at least 2 tokens")
     out = auto_awq(args.model, args.work_dir, _calibration(args), options, args.dtype, _device(args.device))
     print(f"AWQ W{args.w_bits}A16 checkpoint written to {out}")
+    if args.eval_tokens:
+        _report_quality(args.model, str(out), args.eval_tokens)
     return 0
+
+
+def _report_quality(model: str | None, quantized: str, num_tokens: int) -> None:
+    """Perplexity before and after on the shipped held-out text (the same windows for both)."""
+    from lmserve.quant.evaluate import evaluate_perplexity
+
+    before = evaluate_perplexity(model, DEFAULT_DATASET, num_tokens)
+    after = evaluate_perplexity(quantized, DEFAULT_DATASET, num_tokens)
+    change = 100 * (after.perplexity / before.perplexity - 1)
+    print(
+        f"held-out perplexity ({DEFAULT_DATASET}, {before.num_scored_tokens} tokens): "
+        f"{before.perplexity:.4f} before, {after.perplexity:.4f} after ({change:+.1f} %)"
+    )
 
 
 def run_smooth_quant(args: argparse.Namespace) -> int:

@@ -176,10 +176,11 @@ class LayerSearch:
 
 def awq_layer(
     layer: Any, batches: list[LayerBatch], spec: awq.QuantSpec, search: bool
-) -> tuple[list[LayerBatch], LayerSearch | None]:
-    """Scale one layer's float weights in place; with search, also find its clip ranges and Hessians.
+) -> tuple[list[LayerBatch], LayerSearch]:
+    """Scale one layer's float weights in place (searched scales, or LMDeploy's fixed ratio 0.5 without
+    search), then find its clip ranges and Hessians for the error-feedback rounding.
 
-    Returns the next layer's inputs (of the float layer) and the search's findings (None without search).
+    Returns the next layer's inputs (of the float layer) and the search's findings.
     """
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in set(INPUT_OF.values())}
 
@@ -200,8 +201,6 @@ def awq_layer(
         linears = [layer.get_submodule(name) for name in group.linears]
         awq.apply_scales(group.prev_op, linears, scales, group.prev_op_scales(scales))
         inputs[group.input_name] = [x / scales.to(x.dtype) for x in xs]
-    if not search:
-        return next_batches, None
     hessians = {name: awq.input_hessian(xs) for name, xs in inputs.items()}
     return next_batches, LayerSearch(hessians, _clip_ranges(layer, inputs, spec))
 

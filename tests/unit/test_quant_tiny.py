@@ -236,7 +236,12 @@ def test_cli_reports_bad_group_size(tiny: Path, tmp_path: Path, capsys: pytest.C
 def test_cli_round_trip_and_eval(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "w"
     args = ["--work-dir", str(work), "--w-group-size", "32", "--calib-samples", "2", "--calib-seqlen", "32"]
-    assert main(["lite", "auto_awq", str(tiny), *args]) == 0
+    assert main(["lite", "auto_awq", str(tiny), *args, "--eval-tokens", "300"]) == 0
+    quality = capsys.readouterr().out.splitlines()[-1]  # held-out perplexity (...): X before, Y after (+Z %)
+    before, after = (float(quality.split()[i]) for i in (-6, -4))
+    for folder, expected in ((tiny, before), (work, after)):  # `eval ppl` on the same 300 tokens agrees
+        assert main(["eval", "ppl", str(folder), "--num-tokens", "300"]) == 0
+        assert float(capsys.readouterr().out.split()[1]) == pytest.approx(expected, abs=1e-4)
     assert main(["eval", "ppl", str(work), "--num-tokens", "300", "--window", "64", "--stride", "64"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "window 64, stride 64" in out
