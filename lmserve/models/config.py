@@ -10,8 +10,36 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "InternLM2ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): router top-k over SwiGLU experts."""
+
+    num_experts: int
+    top_k: int
+    """Experts per token (HF num_experts_per_tok)."""
+    intermediate_size: int
+    """Each expert's (Mixtral: intermediate_size; Qwen3-MoE: moe_intermediate_size)."""
+    renormalize: bool
+    """Top-k weights rescaled to sum to 1 (Mixtral: always; Qwen3-MoE: norm_topk_prob)."""
+    sparse_step: int = 1
+    """Every sparse_step-th layer is sparse (Qwen3-MoE decoder_sparse_step)."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers with a dense MLP of the model's intermediate_size (Qwen3-MoE mlp_only_layers)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.top_k} must be in 1..num_experts={self.num_experts}")
+        if self.sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step={self.sparse_step} must be >= 1")
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +74,8 @@ class ModelConfig:
     quantization_config: dict[str, Any] | None = None
     """HF quantization_config (quant_method awq / compressed-tensors ...), or None."""
     sliding_window: int | None = None
+    moe: MoEConfig | None = None
+    """The sparse MLP of MoE models (their MoE layers); None for dense models."""
 
     @property
     def rope_type(self) -> str:
@@ -81,6 +111,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
             quantization_config=d.get("quantization_config"),
             sliding_window=_sliding_window(architecture, d),
+            moe=_moe_config(architecture, d),
             **_biases(architecture, d),
         )
 
@@ -126,10 +157,33 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def _sliding_window(architecture: str, d: dict[str, Any]) -> int | None:
-    if architecture == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3MoeForCausalLM") and not d.get("use_sliding_window", False):
         return None
     window = d.get("sliding_window")
     return int(window) if window else None
+
+
+def _moe_config(architecture: str, d: dict[str, Any]) -> MoEConfig | None:
+    if architecture == "MixtralForCausalLM":
+        return MoEConfig(
+            num_experts=int(_require(d, "num_local_experts")),
+            top_k=int(_require(d, "num_experts_per_tok")),
+            intermediate_size=int(_require(d, "intermediate_size")),
+            renormalize=True,
+        )
+    if architecture == "Qwen3MoeForCausalLM":
+        num_experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+        if num_experts == 0:  # HF's Qwen3-MoE turns every layer dense then
+            raise ValueError("num_experts=0: a Qwen3MoeForCausalLM without experts is not supported")
+        return MoEConfig(
+            num_experts=num_experts,
+            top_k=int(_require(d, "num_experts_per_tok")),
+            intermediate_size=int(_require(d, "moe_intermediate_size")),
+            renormalize=bool(d.get("norm_topk_prob", False)),  # Qwen3MoeConfig's default
+            sparse_step=int(d.get("decoder_sparse_step") or 1),
+            dense_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
+        )
+    return None
 
 
 def _biases(architecture: str, d: dict[str, Any]) -> dict[str, Any]:

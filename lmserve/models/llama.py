@@ -84,13 +84,25 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
+    """The MLP of one layer: dense, or a sparse mixture of experts on an MoE model's sparse layers."""
+    moe = config.moe
+    if moe is None or not moe.is_sparse_layer(layer_index):
+        return LlamaMLP(config)
+    from lmserve.layers.moe import SparseMoeBlock
+
+    return SparseMoeBlock(
+        config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, moe.renormalize
+    )
+
+
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream is carried separately between layers."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, layer_index: int = 0) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, backend)
-        self.mlp = LlamaMLP(config)
+        self.mlp = make_mlp(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,7 +130,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, backend, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(
@@ -176,9 +188,13 @@ class LlamaForCausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def weight_loader(self) -> WeightLoader:
+        """What routes checkpoint tensors onto the parameters (MoE models also route expert tensors)."""
+        return WeightLoader(self)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; q/k/v and gate/up are concatenated into the fused projections."""
-        WeightLoader(self).load(weights)
+        self.weight_loader().load(weights)
         weight = self.lm_head_weight()
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             # the biggest matrix of a small model, read whole for every decoded token: torch's bf16 GEMV

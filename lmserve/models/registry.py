@@ -21,6 +21,8 @@ _MODEL_CLASSES = {
     "MistralForCausalLM": ("lmserve.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("lmserve.models.llama", "LlamaForCausalLM"),
     "InternLM2ForCausalLM": ("lmserve.models.internlm2", "InternLM2ForCausalLM"),
+    "MixtralForCausalLM": ("lmserve.models.mixtral", "MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("lmserve.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 assert set(_MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 

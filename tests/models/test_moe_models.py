@@ -1,0 +1,259 @@
+"""Mixtral and Qwen3-MoE against HF transformers on tiny random float32 models: logits over prefill, chunked
+prefill and mixed batches, greedy decoding through the engine, and expert weights from every layout we read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from lmserve.attention.torch_backend import TorchAttentionBackend
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.generation import GenerationConfig
+from lmserve.layers.moe import SparseMoeBlock
+from lmserve.layers.quant_formats import awq_dequantize, awq_quantization_config
+from lmserve.models.config import ModelConfig
+from lmserve.models.registry import build_model
+from lmserve.quant.rtn import awq_tensors, quantize_groups
+from tests.models.model_helpers import TINY, PagedSequences, hf_config_dict, hf_logits
+
+ATOL = 1e-4  # float32 end to end; differences are summation order only
+BLOCK_SIZE = 4
+CPU = torch.device("cpu")
+KINDS = ["mixtral", "qwen3_moe", "qwen3_moe_dense_layers"]
+
+
+def tiny_moe_model(kind: str, seed: int = 0) -> PreTrainedModel:
+    """A tiny random float32 HF MoE model whose routers are decisive (no near-ties to flip on rounding)."""
+    torch.manual_seed(seed)
+    model: PreTrainedModel
+    base = {**TINY, "tie_word_embeddings": False}
+    if kind == "mixtral":
+        config = MixtralConfig(
+            **{**base, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48}
+        )
+        model = MixtralForCausalLM(config)
+    elif kind == "qwen3_moe":  # many experts, top-3, no renormalization
+        config = Qwen3MoeConfig(
+            **{
+                **base,
+                "num_experts": 8,
+                "num_experts_per_tok": 3,
+                "moe_intermediate_size": 32,
+                "head_dim": 16,
+            }
+        )
+        model = Qwen3MoeForCausalLM(config)
+    elif kind == "qwen3_moe_dense_layers":  # layer 0 dense (mlp_only_layers), then every 2nd layer sparse
+        config = Qwen3MoeConfig(
+            **{**base, "num_hidden_layers": 4, "num_experts": 6, "num_experts_per_tok": 2},
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            mlp_only_layers=[0],
+        )
+        model = Qwen3MoeForCausalLM(config)
+    else:
+        raise ValueError(f"unknown tiny MoE kind {kind!r}")
+    model.config.architectures = [type(model).__name__]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 1.0)
+            elif "norm" in name:  # HF starts norms at one, which would hide a norm-loading bug
+                param.normal_(1.0, 0.1)
+    return model.float().eval()
+
+
+def build_ours(hf: PreTrainedModel, weights: dict[str, torch.Tensor] | None = None) -> Any:
+    config = ModelConfig.from_hf_config(hf_config_dict(hf))
+    model = build_model(config, TorchAttentionBackend(), torch.float32, CPU)
+    model.load_weights((weights if weights is not None else hf.state_dict()).items())
+    return model
+
+
+@torch.no_grad()
+def run_step(
+    model: Any, caches: list[torch.Tensor], paged: PagedSequences, chunks: list[tuple[str, list[int]]]
+):
+    batch = paged.step(chunks)
+    plan = model.attention_backend.prepare(batch.metadata)
+    return model.compute_logits(model(batch.input_ids, batch.positions, caches, plan))
+
+
+def new_cache(model: Any, num_blocks: int = 64) -> tuple[list[torch.Tensor], PagedSequences]:
+    c = model.config
+    caches = TorchAttentionBackend().allocate_kv_cache(
+        c.num_hidden_layers, num_blocks, BLOCK_SIZE, c.num_key_value_heads, c.head_dim, torch.float32, CPU
+    )
+    return caches, PagedSequences(num_blocks, BLOCK_SIZE)
+
+
+def prompt(seed: int, length: int, vocab: int = 97) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def per_expert_state_dict(hf: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """transformers 5's stacked experts split back into the per-expert tensors of the HF checkpoints on disk."""
+    mixtral = hf.config.model_type == "mixtral"
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in hf.state_dict().items():
+        prefix = name.replace(".mlp.", ".block_sparse_moe.") if mixtral else name
+        if name.endswith("experts.gate_up_proj"):
+            experts = prefix.removesuffix(".gate_up_proj")
+            for e, (g, u) in enumerate(zip(*tensor.chunk(2, dim=1), strict=True)):
+                out[f"{experts}.{e}.{gate}.weight"], out[f"{experts}.{e}.{up}.weight"] = g, u
+        elif name.endswith("experts.down_proj"):
+            experts = prefix.removesuffix(".down_proj")
+            for e, d in enumerate(tensor):
+                out[f"{experts}.{e}.{down}.weight"] = d
+        else:
+            out[prefix] = tensor
+    return out
+
+
+def per_projection_state_dict(hf: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Experts stacked per projection [E, out, in], the layout GGUF's ffn_{gate,up,down}_exps map to."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in hf.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            experts = name.removesuffix(".gate_up_proj")
+            out[f"{experts}.gate_proj.weight"], out[f"{experts}.up_proj.weight"] = tensor.chunk(2, dim=1)
+        elif name.endswith("experts.down_proj"):
+            out[f"{name.removesuffix('.down_proj')}.down_proj.weight"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def hf_model(request: pytest.FixtureRequest) -> PreTrainedModel:
+    return tiny_moe_model(request.param)
+
+
+def test_layers_are_sparse_where_the_config_says(hf_model: PreTrainedModel) -> None:
+    ours = build_ours(hf_model)
+    ours_sparse = [isinstance(layer.mlp, SparseMoeBlock) for layer in ours.model.layers]
+    hf_sparse = [hasattr(layer.mlp, "experts") for layer in hf_model.model.layers]
+    assert ours_sparse == hf_sparse and any(hf_sparse)
+
+
+def test_prefill_chunked_prefill_and_mixed_batch_match_hf(hf_model: PreTrainedModel) -> None:
+    model = build_ours(hf_model)
+    caches, paged = new_cache(model)
+    full = prompt(1, 23)
+    torch.testing.assert_close(
+        run_step(model, caches, paged, [("full", full)]), hf_logits(hf_model, full), atol=ATOL, rtol=0
+    )
+    seq_a, seq_b, seq_c = prompt(3, 13), prompt(4, 6), prompt(5, 19)
+    run_step(model, caches, paged, [("a", seq_a[:7]), ("b", seq_b[:5])])
+    run_step(model, caches, paged, [("a", seq_a[7:12])])  # a chunked prefill that crosses block edges
+    # one step: two decodes of different lengths, then all of c's prompt
+    logits = run_step(model, caches, paged, [("a", seq_a[12:]), ("b", seq_b[5:]), ("c", seq_c)])
+    torch.testing.assert_close(logits[0], hf_logits(hf_model, seq_a)[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1], hf_logits(hf_model, seq_b)[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[2:], hf_logits(hf_model, seq_c), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layout", [per_expert_state_dict, per_projection_state_dict])
+def test_expert_layouts_load_the_same_weights(hf_model: PreTrainedModel, layout: Any) -> None:
+    stacked = build_ours(hf_model).state_dict()
+    loaded = build_ours(hf_model, layout(hf_model)).state_dict()
+    assert stacked.keys() == loaded.keys()
+    for name, tensor in stacked.items():
+        assert torch.equal(tensor, loaded[name]), name
+
+
+def test_missing_or_extra_expert_is_named() -> None:
+    hf = tiny_moe_model("mixtral")
+    weights = per_expert_state_dict(hf)
+    missing = {k: v for k, v in weights.items() if k != "model.layers.1.block_sparse_moe.experts.2.w3.weight"}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj"):
+        build_ours(hf, missing)
+    extra = {**weights, "model.layers.0.block_sparse_moe.experts.4.w1.weight": torch.zeros(48, 64)}
+    with pytest.raises(ValueError, match="expert 4 >= num_experts=4"):
+        build_ours(hf, extra)
+
+
+def awq_checkpoint(hf: PreTrainedModel, group_size: int) -> dict[str, torch.Tensor]:
+    """Every projection of the decoder layers (experts too) as AutoAWQ tensors, per expert; hf's own weights
+    are set to what those tensors decode to, so it stays the truth to compare with."""
+    checkpoint, decoded = {}, {}
+    for name, tensor in per_expert_state_dict(hf).items():
+        if ".layers." not in name or "norm" in name or name.endswith(".gate.weight"):
+            checkpoint[name] = tensor  # norms and the router stay dense, as in AutoAWQ's Mixtral checkpoints
+            continue
+        packed = awq_tensors(quantize_groups(tensor, 4, group_size, symmetric=False))
+        checkpoint |= {name.replace(".weight", f".{param}"): t for param, t in packed.items()}
+        decoded[name] = awq_dequantize(packed["qweight"], packed["qzeros"], packed["scales"], group_size).t()
+    for name, tensor in hf.state_dict().items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            experts, _, stacked = name.replace(".mlp.", ".block_sparse_moe.").rpartition(".")
+            parts = [("w1", "w3") if stacked == "gate_up_proj" else ("w2",)] * tensor.shape[0]
+            tensor.copy_(
+                torch.stack(
+                    [
+                        torch.cat([decoded[f"{experts}.{e}.{p}.weight"] for p in ps])
+                        for e, ps in enumerate(parts)
+                    ]
+                )
+            )
+        elif name.replace(".mlp.", ".block_sparse_moe.") in decoded:
+            tensor.copy_(decoded[name])
+    return checkpoint
+
+
+def test_awq_checkpoint_loads_with_experts_dequantized() -> None:
+    hf = tiny_moe_model("mixtral")
+    group_size = 16
+    checkpoint = awq_checkpoint(hf, group_size)
+    config = ModelConfig.from_hf_config(
+        {**hf_config_dict(hf), "quantization_config": awq_quantization_config(4, group_size)}
+    )
+    model = build_model(config, TorchAttentionBackend(), torch.float32, CPU)
+    model.load_weights(checkpoint.items())
+    assert type(model.model.layers[0].self_attn.qkv_proj).__name__ == "AWQLinear"
+    caches, paged = new_cache(model)
+    tokens = prompt(9, 17)
+    torch.testing.assert_close(
+        run_step(model, caches, paged, [("a", tokens)]), hf_logits(hf, tokens), atol=1e-3, rtol=0
+    )
+
+
+GREEDY = GenerationConfig(max_new_tokens=8, ignore_eos=True, do_sample=False)
+
+
+@torch.no_grad()
+def hf_greedy(hf: PreTrainedModel, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    out = hf.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_engine_greedy_matches_hf_with_chunked_prefill_and_mixed_batches(kind: str) -> None:
+    hf = tiny_moe_model(kind, seed=1)
+    config = ModelConfig.from_hf_config(hf_config_dict(hf))
+    model = build_ours(hf)
+    engine_config = EngineConfig(
+        dtype="float32", device="cpu", cache_block_seq_len=4, max_prefill_token_num=16, session_len=96
+    )
+    engine = LLMEngine.build(engine_config, config, model)
+    prompts = [prompt(10 + i, length) for i, length in enumerate((5, 30, 12, 21))]
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.token_ids)
+    assert [tokens[i] for i in ids] == [hf_greedy(hf, p, 8) for p in prompts]
