@@ -103,6 +103,7 @@ def _fused_moe_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """C[row, n] = A[row // ROWS_PER_A_ROW] . B[expert(row)][n] over the sorted, padded rows.
 
@@ -131,10 +132,10 @@ def _fused_moe_kernel(
         k_mask = offs_k < num_in - k_start
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if FUSE_SILU_MUL:
             b_up = tl.load(b_ptrs + num_out * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if FUSE_SILU_MUL:
@@ -183,6 +184,7 @@ def _grouped_gemm(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 models get float32 products
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
