@@ -28,7 +28,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights float32 [T, k], expert ids int64 [T, k])."""
-        probs = F.linear(x.float(), self.weight).softmax(dim=-1)
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
