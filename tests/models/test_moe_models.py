@@ -3,8 +3,10 @@ prefill and mixed batches, greedy decoding through the engine, and expert weight
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -22,6 +24,7 @@ from lmserve.generation import GenerationConfig
 from lmserve.layers.moe import SparseMoeBlock
 from lmserve.layers.quant_formats import awq_dequantize, awq_quantization_config
 from lmserve.models.config import ModelConfig
+from lmserve.models.loader import iter_weights, load_model_config, resolve_model
 from lmserve.models.registry import build_model
 from lmserve.quant.rtn import awq_tensors, quantize_groups
 from tests.models.model_helpers import TINY, PagedSequences, hf_config_dict, hf_logits
@@ -257,3 +260,77 @@ def test_engine_greedy_matches_hf_with_chunked_prefill_and_mixed_batches(kind: s
         for out in engine.step():
             tokens[out.request_id].extend(out.token_ids)
     assert [tokens[i] for i in ids] == [hf_greedy(hf, p, 8) for p in prompts]
+
+
+def write_moe_gguf(hf: PreTrainedModel, path: Path) -> None:
+    """Convert like llama.cpp: Mixtral as arch "llama" (q/k rows permuted), Qwen3-MoE as "qwen3moe"; each
+    projection of all experts stacked into one [E, out, in] tensor (ffn_{gate,up,down}_exps)."""
+    import gguf
+
+    c = hf.config
+    mixtral = c.model_type == "mixtral"
+    arch = "llama" if mixtral else "qwen3moe"
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if mixtral else gguf.MODEL_ARCH.QWEN3MOE, c.num_hidden_layers
+    )
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim or c.hidden_size // c.num_attention_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_expert_count(c.num_local_experts if mixtral else c.num_experts)
+    writer.add_expert_used_count(c.num_experts_per_tok)
+    if not mixtral:
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
+    writer.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    for hf_name, tensor in per_projection_state_dict(hf).items():
+        base, suffix = hf_name.rsplit(".", 1)
+        weights = tensor.numpy()
+        if mixtral and base.endswith(("q_proj", "k_proj")):
+            heads = c.num_attention_heads if base.endswith("q_proj") else c.num_key_value_heads
+            weights = _llama_cpp_permute(weights, heads)
+        if ".experts." in base:
+            layer, projection = base.split(".")[2], base.rsplit(".", 1)[1].removesuffix("_proj")
+            writer.add_tensor(f"blk.{layer}.ffn_{projection}_exps.{suffix}", weights)
+        else:
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_gguf_experts_load_and_match_hf(kind: str, tmp_path: Path) -> None:
+    hf = tiny_moe_model(kind)
+    if kind == "qwen3_moe":
+        hf.config.norm_topk_prob = True  # llama.cpp's qwen3moe renormalizes; make HF do the same
+        for layer in hf.model.layers:
+            layer.mlp.gate.norm_topk_prob = True
+    write_moe_gguf(hf, tmp_path / "tiny.gguf")
+    source = resolve_model(str(tmp_path / "tiny.gguf"))
+    config = load_model_config(source)
+    assert config.architecture == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[kind]
+    assert config.moe is not None and config.moe.top_k == hf.config.num_experts_per_tok
+    model = build_model(config, TorchAttentionBackend(), torch.float32, CPU)
+    model.load_weights(iter_weights(source, config))
+    caches, paged = new_cache(model)
+    tokens = prompt(11, 19)
+    torch.testing.assert_close(
+        run_step(model, caches, paged, [("a", tokens)]), hf_logits(hf, tokens), atol=ATOL, rtol=0
+    )
