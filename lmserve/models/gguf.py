@@ -104,6 +104,7 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(reader),
         moe=_moe_config(meta),
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
     )
 
 
