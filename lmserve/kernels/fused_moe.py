@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmserve.kernels._triton import jit, tl
+from lmserve.kernels._triton import jit, next_power_of_2, tl
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,87 @@ def max_num_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
     return num_rows // block_m + min(num_rows, num_experts)
 
 
+@jit
+def _moe_align_kernel(
+    ids_ptr,
+    sorted_row_ids_ptr,
+    expert_ids_ptr,
+    num_rows_padded_ptr,
+    num_rows,
+    num_experts,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    EXPERTS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program: count rows per expert, pad, place each row (stable within its expert), label the blocks.
+
+    Replaces some thirty small torch launches per MoE layer, which at batch-1 decode cost more than the
+    experts' weights take to stream on a small-expert model (Qwen3-30B-A3B).
+    """
+    experts = tl.arange(0, EXPERTS)
+    counts = tl.zeros([EXPERTS], dtype=tl.int32)
+    for start in range(0, num_rows, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(num_rows_padded_ptr, tl.sum(padded, axis=0))
+    for start in range(0, num_blocks * BLOCK_M, CHUNK):
+        slots = start + tl.arange(0, CHUNK)
+        tl.store(sorted_row_ids_ptr + slots, num_rows, mask=slots < num_blocks * BLOCK_M)
+    tl.debug_barrier()  # the padding is written before rows land among it
+    next_slot = ends - padded
+    for start in range(0, num_rows, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=-1)
+        one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        slot = tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) - one_hot + next_slot[None, :]), axis=1)
+        tl.store(sorted_row_ids_ptr + slot, rows, mask=rows < num_rows)
+        next_slot += tl.sum(one_hot, axis=0)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + tl.arange(0, CHUNK)
+        # the expert whose padded range holds the block's first row: how many ranges end at or before it
+        expert = tl.sum((ends[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEBlocks:
-    """Sort the rows of topk_ids [T, k] by expert and pad each expert's rows to a multiple of block_m."""
+    """Sort the rows of topk_ids [T, k] by expert and pad each expert's rows to a multiple of block_m.
+
+    On CUDA one Triton program; elsewhere (and as its reference) torch ops.
+    """
+    if topk_ids.is_cuda:
+        return moe_align_block_size_triton(topk_ids, num_experts, block_m)
+    return moe_align_block_size_ref(topk_ids, num_experts, block_m)
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEBlocks:
+    ids = topk_ids.flatten().to(torch.int32)
+    num_blocks = max_num_blocks(ids.numel(), num_experts, block_m)
+    sorted_row_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
+    num_rows_padded = torch.empty(1, dtype=torch.int32, device=ids.device)
+    experts = next_power_of_2(num_experts)
+    _moe_align_kernel[(1,)](
+        ids,
+        sorted_row_ids,
+        expert_ids,
+        num_rows_padded,
+        ids.numel(),
+        num_experts,
+        num_blocks,
+        BLOCK_M=block_m,
+        EXPERTS=experts,
+        CHUNK=max(16, min(128, 8192 // experts)),
+        num_warps=4,
+    )
+    return MoEBlocks(sorted_row_ids, expert_ids, num_rows_padded, block_m)
+
+
+def moe_align_block_size_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEBlocks:
+    """moe_align_block_size in torch ops (no host sync either)."""
     expert_of_row = topk_ids.flatten().to(torch.int64)
     num_rows = expert_of_row.numel()
     device = topk_ids.device

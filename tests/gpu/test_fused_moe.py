@@ -12,7 +12,12 @@ from lmserve.attention.backend import get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.generation import GenerationConfig
-from lmserve.kernels.fused_moe import fused_moe, fused_moe_ref
+from lmserve.kernels.fused_moe import (
+    fused_moe,
+    fused_moe_ref,
+    moe_align_block_size_ref,
+    moe_align_block_size_triton,
+)
 from lmserve.kernels.testing import TOLERANCE, relative_error
 from lmserve.layers.moe import TopKRouter, expert_loop
 from lmserve.models.config import ModelConfig
@@ -52,6 +57,19 @@ def test_fused_moe_matches_dense_reference(
     ref = fused_moe_ref(x, gate_up, down, weights, ids)
     assert out.dtype == dtype and out.shape == ref.shape
     assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k", [(1, 8, 2), (300, 8, 2), (1, 128, 8), (4096, 128, 8)]
+)
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_align_kernel_equals_torch(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> None:
+    ids = torch.rand(num_tokens, num_experts, device=CUDA).topk(top_k, dim=-1).indices
+    ours = moe_align_block_size_triton(ids, num_experts, block_m)
+    ref = moe_align_block_size_ref(ids, num_experts, block_m)
+    assert torch.equal(ours.num_rows_padded, ref.num_rows_padded)
+    assert torch.equal(ours.sorted_row_ids, ref.sorted_row_ids)
+    assert torch.equal(ours.expert_ids, ref.expert_ids)
 
 
 def test_expert_loop_on_cuda_matches_fused() -> None:

@@ -11,6 +11,7 @@ from lmserve.kernels.fused_moe import (
     fused_moe_ref,
     max_num_blocks,
     moe_align_block_size,
+    moe_align_block_size_ref,
 )
 from lmserve.kernels.testing import in_interpreter_child, relative_error, run_under_interpreter
 from lmserve.layers.moe import TopKRouter, expert_loop
@@ -102,3 +103,20 @@ def test_fused_moe_kernel(num_tokens: int, num_experts: int, top_k: int, config:
     ref = fused_moe_ref(x, gate_up, down, weights, ids)
     assert out.shape == ref.shape and out.dtype == torch.float16
     assert relative_error(out, ref) < 5e-3
+
+
+@child_only
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,block_m", [(1, 8, 2, 16), (45, 8, 2, 16), (70, 128, 8, 16), (9, 6, 2, 4)]
+)
+def test_align_kernel_equals_torch(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> None:
+    from lmserve.kernels.fused_moe import moe_align_block_size_triton
+
+    _, _, _, _, ids = random_moe(num_tokens, num_experts, top_k, 16, 16, torch.float32, num_tokens)
+    ours, ref = (
+        moe_align_block_size_triton(ids, num_experts, block_m),
+        moe_align_block_size_ref(ids, num_experts, block_m),
+    )
+    assert torch.equal(ours.num_rows_padded, ref.num_rows_padded)
+    assert torch.equal(ours.sorted_row_ids, ref.sorted_row_ids)
+    assert torch.equal(ours.expert_ids, ref.expert_ids)
