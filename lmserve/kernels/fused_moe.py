@@ -115,7 +115,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEBlocks:
-    ids = topk_ids.flatten().to(torch.int32)
+    ids = topk_ids.flatten()  # int32 or int64: the kernel reads either (no cast launch)
     num_blocks = max_num_blocks(ids.numel(), num_experts, block_m)
     sorted_row_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)

@@ -28,10 +28,11 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights float32 [T, k], expert ids int64 [T, k])."""
-        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = F.linear(x.float(), self.weight.float())
+        if self.renormalize:  # softmax over all, top-k, rescale to sum 1 == softmax over the top-k logits
+            top_logits, ids = logits.topk(self.top_k, dim=-1)
+            return top_logits.softmax(dim=-1), ids
+        weights, ids = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
         return weights, ids
 
 
