@@ -16,7 +16,9 @@ from collections.abc import Iterable
 
 import torch
 
+from lmserve.attention.backend import AttentionBackend
 from lmserve.layers.quant_formats import awq_dequantize, quant_method
+from lmserve.models.config import ModelConfig
 from lmserve.models.llama import LlamaForCausalLM, WeightLoader
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,16 @@ class MoEWeightLoader(WeightLoader):
 
 class MixtralForCausalLM(LlamaForCausalLM):
     """Mixtral (8 experts, top-2, renormalized): config.moe makes every layer's MLP sparse."""
+
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # experts are neither sharded nor reduced across ranks
+                raise ValueError(
+                    f"{config.architecture}: --tp > 1 is not supported for mixture-of-experts models"
+                )
+        super().__init__(config, backend, dtype, device)
 
     def weight_loader(self) -> WeightLoader:
         return MoEWeightLoader(self)

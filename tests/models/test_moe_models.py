@@ -334,3 +334,11 @@ def test_gguf_experts_load_and_match_hf(kind: str, tmp_path: Path) -> None:
     torch.testing.assert_close(
         run_step(model, caches, paged, [("a", tokens)]), hf_logits(hf, tokens), atol=ATOL, rtol=0
     )
+
+
+def test_tensor_parallel_ranks_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ModelConfig.from_hf_config(hf_config_dict(tiny_moe_model("mixtral")))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="--tp > 1 is not supported for mixture-of-experts"):
+        build_model(config, TorchAttentionBackend(), torch.float32, CPU)
