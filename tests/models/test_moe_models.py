@@ -245,21 +245,33 @@ def hf_greedy(hf: PreTrainedModel, prompt_ids: list[int], num_tokens: int) -> li
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_engine_greedy_matches_hf_with_chunked_prefill_and_mixed_batches(kind: str) -> None:
+def test_engine_greedy_matches_hf_with_chunked_prefill_mixed_batches_and_prefix_cache(kind: str) -> None:
     hf = tiny_moe_model(kind, seed=1)
     config = ModelConfig.from_hf_config(hf_config_dict(hf))
-    model = build_ours(hf)
     engine_config = EngineConfig(
-        dtype="float32", device="cpu", cache_block_seq_len=4, max_prefill_token_num=16, session_len=96
+        dtype="float32",
+        device="cpu",
+        cache_block_seq_len=4,
+        max_prefill_token_num=16,
+        session_len=96,
+        enable_prefix_caching=True,
     )
-    engine = LLMEngine.build(engine_config, config, model)
-    prompts = [prompt(10 + i, length) for i, length in enumerate((5, 30, 12, 21))]
+    engine = LLMEngine.build(engine_config, config, build_ours(hf))
+    shared = prompt(20, 13)
+    first = [prompt(10 + i, length) for i, length in enumerate((5, 30, 12))] + [shared + [1, 2]]
+    second = [shared + [3, 4, 5], shared[:9]]  # the second round reuses the cached blocks of `shared`
+    for prompts in (first, second):
+        assert run_engine(engine, prompts) == [hf_greedy(hf, p, 8) for p in prompts]
+    assert engine.stats().prefix_cache_hits >= 12
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_unfinished():
         for out in engine.step():
             tokens[out.request_id].extend(out.token_ids)
-    assert [tokens[i] for i in ids] == [hf_greedy(hf, p, 8) for p in prompts]
+    return [tokens[i] for i in ids]
 
 
 def write_moe_gguf(hf: PreTrainedModel, path: Path) -> None:
