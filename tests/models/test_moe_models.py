@@ -354,3 +354,17 @@ def test_tensor_parallel_ranks_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     with pytest.raises(ValueError, match="--tp > 1 is not supported for mixture-of-experts"):
         build_model(config, TorchAttentionBackend(), torch.float32, CPU)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe_dense_layers"])
+def test_hf_folder_loads_through_the_loader(kind: str, tmp_path: Path) -> None:
+    hf = tiny_moe_model(kind)
+    hf.save_pretrained(tmp_path)  # transformers writes the per-expert layout of the hub checkpoints
+    source = resolve_model(str(tmp_path))
+    config = load_model_config(source)
+    model = build_model(config, TorchAttentionBackend(), torch.float32, CPU)
+    model.load_weights(iter_weights(source, config))
+    caches, paged = new_cache(model)
+    tokens = prompt(12, 15)
+    logits = run_step(model, caches, paged, [("a", tokens)])
+    torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=ATOL, rtol=0)
