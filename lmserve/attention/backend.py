@@ -19,6 +19,8 @@ class AttentionBackend(ABC):
 
     supports_cuda_graphs: bool = False
     """True when forward reads no host value that changes between steps of a fixed decode batch size."""
+    supports_sliding_window: bool = False
+    """True when forward honours `sliding_window` (models with windowed layers refuse backends without it)."""
 
     @abstractmethod
     def allocate_kv_cache(
@@ -46,11 +48,13 @@ class AttentionBackend(ABC):
         layer_cache: Any,
         plan: Any,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D].
 
         Writes the new k/v at the plan's slot_mapping (slots of -1 are skipped), then each sequence's
-        new queries attend causally to all its tokens (cached and new) through its block_tables.
+        new queries attend causally to all its tokens (cached and new) through its block_tables; with a
+        sliding_window W, the query at position i sees only keys i - W + 1 .. i (HF's `kv_idx > q_idx - W`).
         """
 
     def graph_inputs(

@@ -138,6 +138,8 @@ class TorchQuantKVBackend(_QuantizedKVAllocation):
     """The reference (CPU): quantize-and-store in torch, dequantize the batch's blocks into a compact plain
     cache, then run the unquantized TorchAttentionBackend on that copy."""
 
+    supports_sliding_window = True
+
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self.rotate_keys, self.rotate_values = rotations_for(bits)
@@ -166,6 +168,7 @@ class TorchQuantKVBackend(_QuantizedKVAllocation):
         layer_cache: QuantizedKVCache,
         plan: CompactPlan,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         bits, num_tokens = self.bits, plan.num_tokens
         if self.rotate_keys:
@@ -176,7 +179,7 @@ class TorchQuantKVBackend(_QuantizedKVAllocation):
         compact = dequantize_blocks(layer_cache.codes, layer_cache.params, plan.block_ids, bits, q.dtype)
         # the new K/V as stored: a prompt with nothing cached attends to them directly
         k, v = (dequantize_kv_ref(*quantize_kv_ref(x[:num_tokens], bits), bits, q.dtype) for x in (k, v))
-        out = self.inner.forward(q[:num_tokens], k, v, compact, plan.compact, scale)
+        out = self.inner.forward(q[:num_tokens], k, v, compact, plan.compact, scale, sliding_window)
         if self.rotate_values:
             out = rotate(out)
         if num_tokens == q.shape[0]:
@@ -206,10 +209,15 @@ class TritonQuantKVBackend(_QuantizedKVAllocation):
         layer_cache: QuantizedKVCache,
         plan: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         from lmserve.kernels.kv_quant import paged_decode_attention_quant, store_quantized_kv
         from lmserve.kernels.kv_quant_prefill import paged_prefill_attention_quant
 
+        if sliding_window is not None:  # build_model refuses this pairing first; this guards direct callers
+            raise ValueError(
+                "the Triton quantized KV cache (--quant-policy 4/8) has no sliding-window attention"
+            )
         if self.rotate_keys:
             q, k = rotate(q), rotate(k)
         if self.rotate_values:

@@ -25,8 +25,11 @@ class TorchAttentionBackend(AttentionBackend):
     """KV cache per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V).
 
     Decodes of a batch run as one padded SDPA call; prefill chunks run one SDPA call per sequence.
-    It slices by the host lengths, so it cannot run under CUDA graphs.
+    It slices by the host lengths, so it cannot run under CUDA graphs. With a sliding window, blocks wholly
+    before every query's window are not gathered.
     """
+
+    supports_sliding_window = True
 
     def allocate_kv_cache(
         self,
@@ -57,20 +60,21 @@ class TorchAttentionBackend(AttentionBackend):
         layer_cache: torch.Tensor,
         plan: TorchPlan,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         meta = plan.meta
         write_kv_cache(layer_cache, k, v, meta.slot_mapping, plan.kept_rows)
         num_decodes = meta.num_decodes
         if num_decodes == meta.num_seqs:
-            return decode_attention(q, layer_cache, plan, scale)
+            return decode_attention(q, layer_cache, plan, scale, sliding_window)
         out = torch.empty_like(q)
         if num_decodes:
-            out[:num_decodes] = decode_attention(q[:num_decodes], layer_cache, plan, scale)
+            out[:num_decodes] = decode_attention(q[:num_decodes], layer_cache, plan, scale, sliding_window)
         start = num_decodes
         for i in range(num_decodes, meta.num_seqs):
             end = start + plan.query_lens[i]
             out[start:end] = prefill_attention(
-                q[start:end], k[start:end], v[start:end], layer_cache, plan, i, scale
+                q[start:end], k[start:end], v[start:end], layer_cache, plan, i, scale, sliding_window
             )
             start = end
         return out
@@ -102,22 +106,34 @@ def gather_kv(layer_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tenso
 
 
 def decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, plan: TorchPlan, scale: float
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    plan: TorchPlan,
+    scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """The first len(q) sequences each have one new query: q [B, Hq, D] -> [B, Hq, D], in one SDPA call."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = layer_cache.shape[2], layer_cache.shape[3]
     meta, seq_lens_cpu = plan.meta, plan.seq_lens[:num_seqs]
     max_len = max(seq_lens_cpu)
-    num_blocks = -(-max_len // block_size)
-    kv = gather_kv(layer_cache, meta.block_tables[:num_seqs, :num_blocks])[:, :, :max_len]
+    # keys before the shortest sequence's window are seen by no query of the batch
+    first_block = first_visible_key(min(seq_lens_cpu) - 1, sliding_window) // block_size
+    key_start, num_blocks = first_block * block_size, -(-max_len // block_size)
+    block_ids = meta.block_tables[:num_seqs, first_block:num_blocks]
+    kv = gather_kv(layer_cache, block_ids)[:, :, : max_len - key_start]
     keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, Hkv, L, D]
     # GQA without repeating K/V: the query heads of one KV head form that head's "query length"
     queries = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     mask = None
-    if min(seq_lens_cpu) != max_len:
-        positions = torch.arange(max_len, device=q.device)
-        mask = (positions[None, :] < meta.seq_lens[:num_seqs, None].to(q.device))[:, None, None, :]
+    cut_by_window = first_visible_key(max_len - 1, sliding_window) > key_start
+    if min(seq_lens_cpu) != max_len or cut_by_window:
+        seq_lens = meta.seq_lens[:num_seqs, None].to(q.device)
+        positions = torch.arange(key_start, max_len, device=q.device)[None, :]
+        mask = positions < seq_lens
+        if sliding_window is not None:
+            mask &= positions >= seq_lens - sliding_window
+        mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
 
@@ -130,17 +146,24 @@ def prefill_attention(
     plan: TorchPlan,
     seq_index: int,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One sequence's chunk of new queries q [n, Hq, D] attends causally to its cached and new tokens."""
     query_len, seq_len = q.shape[0], plan.seq_lens[seq_index]
+    window_fits = sliding_window is None or query_len <= sliding_window
     if query_len == seq_len:  # nothing cached: the new K/V are the whole context
-        keys, values, mask, causal = k, v, None, True
+        keys, values, key_start = k, v, 0
     else:
         block_size = layer_cache.shape[2]
-        block_ids = plan.meta.block_tables[seq_index, : -(-seq_len // block_size)]
-        kv = gather_kv(layer_cache, block_ids)[:, :seq_len]
-        keys, values, causal = kv[0], kv[1], False
-        mask = causal_mask_with_offset(query_len, seq_len, q.device)
+        first_block = first_visible_key(seq_len - query_len, sliding_window) // block_size
+        key_start = first_block * block_size
+        block_ids = plan.meta.block_tables[seq_index, first_block : -(-seq_len // block_size)]
+        kv = gather_kv(layer_cache, block_ids)[:, : seq_len - key_start]
+        keys, values = kv[0], kv[1]
+    mask, causal = None, True
+    if query_len != seq_len or not window_fits:
+        mask = causal_mask_with_offset(query_len, seq_len, q.device, sliding_window, key_start)
+        causal = False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         keys.transpose(0, 1),
@@ -153,7 +176,23 @@ def prefill_attention(
     return out.transpose(0, 1)
 
 
-def causal_mask_with_offset(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """[query_len, seq_len] bool: query j (at position seq_len - query_len + j) sees keys 0..its position."""
-    query_positions = torch.arange(seq_len - query_len, seq_len, device=device)
-    return torch.arange(seq_len, device=device)[None, :] <= query_positions[:, None]
+def first_visible_key(position: int, sliding_window: int | None) -> int:
+    """The earliest key position a query at `position` attends to."""
+    return 0 if sliding_window is None else max(0, position - sliding_window + 1)
+
+
+def causal_mask_with_offset(
+    query_len: int,
+    seq_len: int,
+    device: torch.device,
+    sliding_window: int | None = None,
+    key_start: int = 0,
+) -> torch.Tensor:
+    """[query_len, seq_len - key_start] bool: query j (at position seq_len - query_len + j) sees the keys at
+    positions key_start.. up to its own position, and within sliding_window of it when given."""
+    query_positions = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    key_positions = torch.arange(key_start, seq_len, device=device)[None, :]
+    mask = key_positions <= query_positions
+    if sliding_window is not None:
+        mask &= key_positions > query_positions - sliding_window
+    return mask

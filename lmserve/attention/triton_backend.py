@@ -24,6 +24,7 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     supports_cuda_graphs = True
+    supports_sliding_window = True
 
     def allocate_kv_cache(
         self,
@@ -50,6 +51,7 @@ class TritonAttentionBackend(AttentionBackend):
         layer_cache: torch.Tensor,
         plan: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = layer_cache[0], layer_cache[1]
         store_kv(k, v, k_cache, v_cache, plan.slot_mapping)
@@ -64,11 +66,13 @@ class TritonAttentionBackend(AttentionBackend):
                 plan.seq_lens,
                 scale,
                 out=out[:num_decodes],
+                sliding_window=sliding_window,
             )
         num_prefills = plan.num_seqs - num_decodes
         if num_prefills:
             paged_prefill_attention(
                 q, k_cache, v_cache, plan.block_tables, plan.seq_lens, plan.query_start_loc, scale,
                 first_seq=num_decodes, num_seqs=num_prefills, max_query_len=plan.max_query_len, out=out,
+                sliding_window=sliding_window,
             )  # fmt: skip
         return out

@@ -9,6 +9,8 @@ import torch
 from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
 
 _MIN_TOKENS_PER_SPLIT = 128
+NO_WINDOW = 2**30
+"""The window the kernels are given when a layer has none: longer than any context."""
 
 
 @jit
@@ -23,6 +25,7 @@ def _decode_split_kernel(
     partial_lse_ptr,
     scale_log2,
     num_splits,
+    sliding_window,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -44,9 +47,10 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Splits divide each sequence's own length, so the grid stays fixed (CUDA graphs) while work balances.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
+    window_start = tl.maximum(seq_len - sliding_window, 0)  # the first key the query sees
+    # Splits divide each sequence's own window, so the grid stays fixed (CUDA graphs) while work balances.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len - window_start, num_splits), BLOCK_N) * BLOCK_N
+    start = window_start + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
 
     group = tl.arange(0, GROUP_PAD)
@@ -144,6 +148,7 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    sliding_window: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -152,6 +157,7 @@ def paged_decode_attention(
 
     q: [B, Hq, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [>=B, max_blocks] int32;
     seq_lens: [>=B] int32 (context length including the query token, already in the cache).
+    sliding_window W: the query (at position seq_len - 1) reads only the last W keys.
     The grid depends only on B and block_tables.shape[1], never on GPU values: safe to capture in a CUDA graph.
     """
     num_seqs, num_q_heads, head_dim = q.shape
@@ -160,7 +166,7 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     if num_splits is None:
-        max_context_len = block_tables.shape[1] * block_size
+        max_context_len = min(block_tables.shape[1] * block_size, sliding_window or NO_WINDOW)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, q.device)
     group = num_q_heads // num_kv_heads
     partial_out = partial_lse = out  # unused placeholders when one split writes the output directly
@@ -171,7 +177,7 @@ def paged_decode_attention(
         partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
-        scale * math.log2(math.e), num_splits,
+        scale * math.log2(math.e), num_splits, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -194,12 +200,13 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Torch reference of paged_decode_attention (float32 math, output in q's dtype)."""
     out = torch.empty_like(q)
     for seq, seq_len in enumerate(seq_lens[: q.shape[0]].tolist()):
         keys, values = gather_context(k_cache, v_cache, block_tables[seq], seq_len)
-        out[seq] = attend(q[seq : seq + 1], keys, values, scale, context_offset=seq_len - 1)[0]
+        out[seq] = attend(q[seq : seq + 1], keys, values, scale, seq_len - 1, sliding_window)[0]
     return out
 
 
@@ -214,14 +221,23 @@ def gather_context(
 
 
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, context_offset: int
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    context_offset: int,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention of q [Tq, Hq, D] at positions context_offset.. over keys/values [Tk, Hkv, D]."""
+    """Causal GQA attention of q [Tq, Hq, D] at positions context_offset.. over keys/values [Tk, Hkv, D],
+    each query seeing only the last sliding_window keys up to its own position when that is given."""
     group = q.shape[1] // keys.shape[1]
     keys = keys.float().repeat_interleave(group, dim=1)
     values = values.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * scale
     query_positions = context_offset + torch.arange(q.shape[0], device=q.device)
-    future = torch.arange(keys.shape[0], device=q.device)[None, :] > query_positions[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
+    key_positions = torch.arange(keys.shape[0], device=q.device)[None, :]
+    hidden = key_positions > query_positions[:, None]
+    if sliding_window is not None:
+        hidden |= key_positions <= query_positions[:, None] - sliding_window
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)

@@ -7,13 +7,13 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, tl
-from lmserve.kernels.decode_attention import attend, gather_context
+from lmserve.kernels.decode_attention import NO_WINDOW, attend, gather_context
 
 
 @jit
 def _attend_tile(
     q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, start_n, end, query_positions, kv_head,
-    dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head,
+    dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head, sliding_window,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of (m_i, l_i, acc) with keys start_n..start_n+BLOCK_N read through the block table."""
@@ -28,6 +28,7 @@ def _attend_tile(
     scores = tl.dot(q, tl.trans(k)) * scale_log2
     if MASKED:
         visible = token_mask[None, :] & (tokens[None, :] <= query_positions[:, None])
+        visible &= tokens[None, :] > query_positions[:, None] - sliding_window
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
@@ -49,6 +50,7 @@ def _prefill_kernel(
     out_ptr,
     scale_log2,
     first_seq,
+    sliding_window,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -63,6 +65,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     """One program = BLOCK_M query tokens of one sequence x one query head; K/V come from the cache."""
     seq = first_seq + tl.program_id(0)
@@ -89,20 +92,26 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_block_table
-    # Keys before the block's first query position are visible to every row: no causal mask there.
-    unmasked_end = (context_offset + query_block * BLOCK_M) // BLOCK_N * BLOCK_N
+    # Keys before the block's first query position are visible to every row: no causal mask there;
+    # with a window every tile is masked, and tiles before the first row's window are skipped.
+    first_position = context_offset + query_block * BLOCK_M
+    unmasked_end = first_position // BLOCK_N * BLOCK_N
+    masked_start = unmasked_end
+    if WINDOWED:
+        unmasked_end = 0
+        masked_start = tl.maximum(first_position - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
     end = tl.minimum(seq_len, context_offset + (query_block + 1) * BLOCK_M)
     for start_n in range(0, unmasked_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, start_n, end, query_positions, kv_head,
             dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head,
-            BLOCK_SIZE, BLOCK_N, False,
+            sliding_window, BLOCK_SIZE, BLOCK_N, False,
         )  # fmt: skip
-    for start_n in range(unmasked_end, end, BLOCK_N):
+    for start_n in range(masked_start, end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table, start_n, end, query_positions, kv_head,
             dims, dim_mask, scale_log2, stride_cache_block, stride_cache_token, stride_cache_head,
-            BLOCK_SIZE, BLOCK_N, True,
+            sliding_window, BLOCK_SIZE, BLOCK_N, True,
         )  # fmt: skip
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -122,6 +131,7 @@ def paged_prefill_attention(
     num_seqs: int,
     max_query_len: int,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     block_m: int = 64,
     block_n: int = 64,
     num_warps: int = 4,
@@ -131,6 +141,7 @@ def paged_prefill_attention(
 
     q/out: [T, Hq, D] flat over the whole batch (rows query_start_loc[i]:query_start_loc[i+1] belong to
     sequence i); the chunk's own K/V must already be in the cache. max_query_len (a host int) sizes the grid.
+    sliding_window W: the query at position i sees keys i - W + 1 .. i only.
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -140,11 +151,12 @@ def paged_prefill_attention(
     grid = (num_seqs, math.ceil(max_query_len / block_m), num_q_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * math.log2(math.e), first_seq,
+        scale * math.log2(math.e), first_seq, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, WINDOWED=sliding_window is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -159,6 +171,7 @@ def paged_prefill_attention_ref(
     scale: float,
     first_seq: int,
     num_seqs: int,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Torch reference of paged_prefill_attention; rows outside the chosen sequences are zero."""
     out = torch.zeros_like(q)
@@ -166,5 +179,6 @@ def paged_prefill_attention_ref(
     for seq in range(first_seq, first_seq + num_seqs):
         begin, end = starts[seq], starts[seq + 1]
         keys, values = gather_context(k_cache, v_cache, block_tables[seq], lens[seq])
-        out[begin:end] = attend(q[begin:end], keys, values, scale, context_offset=lens[seq] - (end - begin))
+        offset = lens[seq] - (end - begin)
+        out[begin:end] = attend(q[begin:end], keys, values, scale, offset, sliding_window)
     return out

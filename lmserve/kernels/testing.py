@@ -80,9 +80,10 @@ def backend_step(
     layer_cache: Any,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One layer of one step through a backend, as the model runs it: plan the step, then forward."""
-    return backend.forward(q, k, v, layer_cache, backend.prepare(meta), scale)
+    return backend.forward(q, k, v, layer_cache, backend.prepare(meta), scale, sliding_window)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -93,7 +94,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def reference_forward(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_forward(
+    batch: PagedBatch, scale: float, sliding_window: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel references composed as a backend would: store K/V, then decode and prefill attention.
 
     Returns (out [T, Hq, D] with padding rows zero, the cache after the write); batch is left unchanged.
@@ -106,12 +109,13 @@ def reference_forward(batch: PagedBatch, scale: float) -> tuple[torch.Tensor, to
     store_kv_ref(batch.k, batch.v, cache[0], cache[1], meta.slot_mapping)
     out = paged_prefill_attention_ref(
         batch.q, cache[0], cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-        first_seq=meta.num_decodes, num_seqs=meta.num_seqs - meta.num_decodes,
+        first_seq=meta.num_decodes, num_seqs=meta.num_seqs - meta.num_decodes, sliding_window=sliding_window,
     )  # fmt: skip
     if meta.num_decodes:
         out[: meta.num_decodes] = paged_decode_attention_ref(
-            batch.q[: meta.num_decodes], cache[0], cache[1], meta.block_tables, meta.seq_lens, scale
-        )
+            batch.q[: meta.num_decodes], cache[0], cache[1], meta.block_tables, meta.seq_lens, scale,
+            sliding_window,
+        )  # fmt: skip
     return out, cache
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -16,3 +18,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return triton_silu_and_mul(gate_up)
     half = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up (GeGLU, HF's `gelu_pytorch_tanh`) for gate_up = [gate | up] along the last dim."""
+    half = gate_up.shape[-1] // 2
+    return F.gelu(gate_up[..., :half], approximate="tanh") * gate_up[..., half:]
+
+
+_GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": silu_and_mul,
+    "gelu_pytorch_tanh": gelu_tanh_and_mul,
+}
+
+
+def gated_activation(hidden_act: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """act(gate) * up over a fused [gate | up] projection, for an HF hidden_act name."""
+    if hidden_act not in _GATED_ACTIVATIONS:
+        raise ValueError(
+            f"hidden_act={hidden_act!r} is not supported; supported: {tuple(_GATED_ACTIVATIONS)}"
+        )
+    return _GATED_ACTIVATIONS[hidden_act]

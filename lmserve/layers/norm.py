@@ -1,4 +1,4 @@
-"""RMSNorm."""
+"""RMSNorm (Llama's x * w) and Gemma's (1 + w) variant."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ class RMSNorm(nn.Module):
             return fused_add_rms_norm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self.forward(residual), residual
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's norm: x / rms(x) * (1 + weight), all in float32 and rounded once at the end, as HF computes it."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)

@@ -12,9 +12,13 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from lmserve.models.config import ModelConfig
+from lmserve.models.config import ModelConfig, MoEConfig
 
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+}
 """llama.cpp `general.architecture` -> HF architecture name, for the GGUF files we read."""
 
 # llama.cpp's convert_hf_to_gguf.py permutes the q/k rows of these architectures only
@@ -32,6 +36,13 @@ _LAYER_TENSOR_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts: the router, and each projection of all experts stacked [E, out, in]
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 # Tensors llama.cpp derives from the config; the model recomputes them.
 _SKIPPED_TENSORS = ("rope_freqs.weight",)
@@ -92,6 +103,8 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
         torch_dtype="float32",
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(reader),
+        moe=_moe_config(meta),
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
     )
 
 
@@ -163,9 +176,24 @@ class _ArchFields:
 def _hf_architecture(reader: GGUFReader, arch: str) -> str:
     # llama.cpp stores Mistral as "llama"; transformers tells them apart by general.name too.
     name = str(read_field(reader, "general.name", "")).lower()
+    if arch == "llama" and read_field(reader, "llama.expert_count", 0):
+        return "MixtralForCausalLM"  # llama.cpp stores Mixtral as "llama" with experts
     if arch == "llama" and "mistral" in name:
         return "MistralForCausalLM"
     return GGUF_ARCHITECTURES[arch]
+
+
+def _moe_config(meta: _ArchFields) -> MoEConfig | None:
+    """Experts from `{arch}.expert_*` metadata (llama.cpp renormalizes the top-k of both Mixtral and Qwen3-MoE)."""
+    num_experts = meta.get("expert_count", 0)
+    if not num_experts:
+        return None
+    return MoEConfig(
+        num_experts=int(num_experts),
+        top_k=meta.required("expert_used_count"),
+        intermediate_size=int(meta.get("expert_feed_forward_length") or meta.required("feed_forward_length")),
+        renormalize=bool(meta.get("expert_weights_norm", True)),
+    )
 
 
 def _vocab_size(reader: GGUFReader, meta: _ArchFields) -> int:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.attention.backend import AttentionBackend
-from lmserve.layers.activation import silu_and_mul
+from lmserve.layers.activation import gated_activation
 from lmserve.layers.embedding import VocabEmbedding
 from lmserve.layers.linear import INT4_MAX_ROWS, Linear, int8_linear, make_linear, output_dims_of, pack_int8
 from lmserve.layers.norm import RMSNorm
@@ -41,9 +41,12 @@ def default_dtype_and_device(dtype: torch.dtype, device: torch.device) -> Iterat
 
 
 class LlamaAttention(nn.Module):
-    """Fused QKV projection, RoPE, paged attention through the backend, output projection."""
+    """Fused QKV projection, optional per-head q/k norms (Qwen3), RoPE, paged attention, output projection."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    head_norm_class: type[nn.Module] = RMSNorm
+    """The q/k norm when config.qk_norm (Gemma 3 overrides it with its (1 + w) norm)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, layer_index: int = 0) -> None:
         super().__init__()
         self.backend = backend
         self.num_heads = config.num_attention_heads
@@ -51,7 +54,12 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attention_scale
+        self.sliding_window = config.layer_sliding_window(layer_index)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = self.head_norm_class(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.head_norm_class(self.head_dim, config.rms_norm_eps)
         quant = config.quantization_config
         self.qkv_proj = make_linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, quant
@@ -62,15 +70,25 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         # q and k rotate together: one rope pass over Hq + Hkv heads
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
-        q, k = rotate_qk(qk, self.num_heads, rope)
+        q, k = rotate_qk(self.qk_heads(qkv), self.num_heads, rope)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache, attn_plan, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, attn_plan, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """q and k heads [T, Hq + Hkv, D] of the fused projection, each head normed when the model has q/k norms."""
+        num_tokens = qkv.shape[0]
+        if self.q_norm is None or self.k_norm is None:
+            return qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
+        q = self.q_norm(qkv[:, : self.q_size].reshape(num_tokens, self.num_heads, self.head_dim))
+        k = self.k_norm(
+            qkv[:, self.q_size : self.q_size + self.kv_size].reshape(num_tokens, -1, self.head_dim)
+        )
+        return torch.cat([q, k], dim=1)
 
 
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one projection (act: config.hidden_act)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -79,18 +97,31 @@ class LlamaMLP(nn.Module):
             config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, quant
         )
         self.down_proj = make_linear(config.intermediate_size, config.hidden_size, config.mlp_bias, quant)
+        self.act_and_mul = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
+    """The MLP of one layer: dense, or a sparse mixture of experts on an MoE model's sparse layers."""
+    moe = config.moe
+    if moe is None or not moe.is_sparse_layer(layer_index):
+        return LlamaMLP(config)
+    from lmserve.layers.moe import SparseMoeBlock
+
+    return SparseMoeBlock(
+        config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, moe.renormalize
+    )
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream is carried separately between layers."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, layer_index: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, backend)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, backend, layer_index)
+        self.mlp = make_mlp(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -118,7 +149,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, backend, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(
@@ -140,6 +171,9 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The CausalLM contract: forward -> hidden [T, H], compute_logits -> float32 [N, V], load_weights."""
 
+    model_class: type[nn.Module] = LlamaModel
+    """The decoder stack under `model.` (Gemma 3 swaps in its own)."""
+
     def __init__(
         self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device
     ) -> None:
@@ -147,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.attention_backend = backend
         with default_dtype_and_device(dtype, device):
-            self.model = LlamaModel(config, backend)
+            self.model: Any = self.model_class(config, backend)  # LlamaModel or a subclass's own stack
             self.lm_head = (
                 None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
             )
@@ -176,9 +210,13 @@ class LlamaForCausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def weight_loader(self) -> WeightLoader:
+        """What routes checkpoint tensors onto the parameters (MoE models also route expert tensors)."""
+        return WeightLoader(self)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; q/k/v and gate/up are concatenated into the fused projections."""
-        WeightLoader(self).load(weights)
+        self.weight_loader().load(weights)
         weight = self.lm_head_weight()
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             # the biggest matrix of a small model, read whole for every decoded token: torch's bf16 GEMV

@@ -21,6 +21,11 @@ _MODEL_CLASSES = {
     "MistralForCausalLM": ("lmserve.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("lmserve.models.llama", "LlamaForCausalLM"),
     "InternLM2ForCausalLM": ("lmserve.models.internlm2", "InternLM2ForCausalLM"),
+    "InternLM3ForCausalLM": ("lmserve.models.llama", "LlamaForCausalLM"),  # Llama names and layout
+    "Qwen3ForCausalLM": ("lmserve.models.llama", "LlamaForCausalLM"),  # + q/k norms (config.qk_norm)
+    "Gemma3ForCausalLM": ("lmserve.models.gemma3", "Gemma3ForCausalLM"),
+    "MixtralForCausalLM": ("lmserve.models.mixtral", "MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("lmserve.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 assert set(_MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 
@@ -39,4 +44,9 @@ def build_model(
     config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     """An uninitialized CausalLM for config, built in dtype on device; fill it with load_weights."""
+    if config.has_sliding_window and not backend.supports_sliding_window:
+        raise ValueError(
+            f"{config.architecture} has sliding-window layers (window {config.sliding_window}), which "
+            f"{type(backend).__name__} does not support; use --quant-policy 0 (or the CPU/torch backend)"
+        )
     return model_class(config.architecture)(config, backend, dtype, device)
