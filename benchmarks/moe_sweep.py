@@ -113,7 +113,8 @@ def measure(name: str, config_json: str, args: argparse.Namespace, copy_bytes_pe
     }
     print(name, out, flush=True)
     num_requests = 16 if args.quick else 256
-    out["job"] = throughput(engine, num_requests=num_requests, input_len=512, output_len=output_len).as_dict()
+    job = throughput(engine, num_requests=num_requests, input_len=512, output_len=output_len, warmup=1)
+    out["job"] = job.as_dict()
     if args.device == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         torch.cuda.reset_peak_memory_stats()
