@@ -62,3 +62,25 @@ def test_quantized_triton_backend_refuses_windowed_models() -> None:
     config = ModelConfig.from_hf_config(hf_config_dict(tiny_model("mistral_window")))
     with pytest.raises(ValueError, match="sliding-window.*--quant-policy 0"):
         build_model(config, TritonQuantKVBackend(8), torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_engine_greedy_matches_hf_with_window(models, prefix_caching: bool) -> None:
+    """The whole engine: a 16-token budget chunks prompts and mixes decodes with prefill chunks; with prefix
+    caching the second round of prompts shares the first round's blocks."""
+    from tests.engine.test_engine_tiny import GREEDY, hf_greedy, make_engine, random_prompts, run_all
+
+    hf = models[0]
+    engine = make_engine(
+        hf,
+        cache_block_seq_len=4,
+        max_prefill_token_num=16,
+        session_len=128,
+        enable_prefix_caching=prefix_caching,
+    )
+    shared = random_prompts(1, hf.config.vocab_size, seed=5, low=21, high=21)[0]
+    prompts = [shared + p for p in random_prompts(3, hf.config.vocab_size, seed=6, low=2, high=9)]
+    expected = [hf_greedy(hf, p, GREEDY.max_new_tokens or 0) for p in prompts]
+    assert run_all(engine, prompts[:1]) == expected[:1]
+    assert run_all(engine, prompts[1:]) == expected[1:]
+    assert (engine.stats().prefix_cache_hits > 0) == prefix_caching
