@@ -91,3 +91,24 @@ def test_greedy_tokens_equal_hf_float32(pipe: Pipeline, hf_model: torch.nn.Modul
 def test_chat_without_a_template_says_so(pipe: Pipeline) -> None:
     with pytest.raises(ValueError, match="no chat template.*gemma3"):
         pipe.encode("Hello")
+
+
+def test_builtin_gemma3_template_renders_gemma_turns() -> None:
+    """Gemma's documented turn format: the system prompt joins the first user turn, the assistant is `model`."""
+    import jinja2
+
+    from lmserve.models.tokenizer import load_chat_template
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    text = jinja2.Template(load_chat_template("gemma3")).render(
+        messages=messages, bos_token="<bos>", add_generation_prompt=True
+    )
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+    )
