@@ -14,7 +14,12 @@ from gguf.quants import dequantize
 
 from lmserve.models.config import ModelConfig
 
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 """llama.cpp `general.architecture` -> HF architecture name, for the GGUF files we read."""
 
 # llama.cpp's convert_hf_to_gguf.py permutes the q/k rows of these architectures only
@@ -35,14 +40,15 @@ _LAYER_TENSOR_NAMES = {
 }
 # Tensors llama.cpp derives from the config; the model recomputes them.
 _SKIPPED_TENSORS = ("rope_freqs.weight",)
+_QK_NORM_TENSOR_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # Per-architecture names that differ from the table above (Gemma 3: four norms per block, q/k norms).
 _ARCH_LAYER_TENSOR_NAMES = {
+    "qwen3": _QK_NORM_TENSOR_NAMES,
     "gemma3": {
         "ffn_norm": "pre_feedforward_layernorm",
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
-        "attn_q_norm": "self_attn.q_norm",
-        "attn_k_norm": "self_attn.k_norm",
+        **_QK_NORM_TENSOR_NAMES,
     },
 }
 # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF's checkpoints (and our model) hold w.
@@ -213,6 +219,8 @@ def _rope_scaling(meta: _ArchFields) -> dict[str, Any] | None:
 
 def _arch_config_fields(arch: str, meta: _ArchFields) -> dict[str, Any]:
     """ModelConfig fields only some architectures have; Gemma 3's GGUF omits what llama.cpp hard-codes for it."""
+    if arch == "qwen3":
+        return {"qk_norm": True}
     if arch != "gemma3":
         return {}
     num_layers, window = meta.required("block_count"), meta.get("attention.sliding_window")
