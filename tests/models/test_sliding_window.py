@@ -84,3 +84,18 @@ def test_engine_greedy_matches_hf_with_window(models, prefix_caching: bool) -> N
     assert run_all(engine, prompts[:1]) == expected[:1]
     assert run_all(engine, prompts[1:]) == expected[1:]
     assert (engine.stats().prefix_cache_hits > 0) == prefix_caching
+
+
+def test_torch_quantized_backend_applies_the_window() -> None:
+    """int8 KV on the CPU: close to the plain backend with the same window, far from it without one."""
+    from lmserve.attention.kv_quant import TorchQuantKVBackend
+    from lmserve.kernels.testing import relative_error
+    from tests.unit.test_kv_quant import quantized
+
+    batch = make_paged_batch([1, 1, 30, 7], [5, 70, 30, 50], 6, 2, 32, 8, torch.float32, "cpu")
+    backend = TorchQuantKVBackend(8)
+    out = backend_step(backend, batch.q, batch.k, batch.v, quantized(batch, 8), batch.meta, 0.2, WINDOW)
+    meta, args = batch.meta, (batch.q, batch.k, batch.v)
+    plain = backend_step(TorchAttentionBackend(), *args, batch.layer_cache.clone(), meta, 0.2, WINDOW)
+    unwindowed = backend_step(TorchAttentionBackend(), *args, batch.layer_cache.clone(), meta, 0.2)
+    assert relative_error(out, plain) < 0.01 < relative_error(out, unwindowed)
