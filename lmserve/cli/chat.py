@@ -63,8 +63,15 @@ async def stream_reply(engine: Any, prompt_ids: list[int], gen_config: Any) -> s
 
 def run(args: argparse.Namespace) -> int:
     from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.models.tokenizer import builtin_chat_templates
 
     engine = AsyncEngine.from_pretrained(args.model, engine_config_from_args(args), args.chat_template)
+    if engine.tokenizer.chat_template is None:  # say so now, not after the first message is typed
+        engine.shutdown()
+        raise ValueError(
+            f"{args.model} has no chat template (a base model, or a GGUF without one); pass --chat-template "
+            f"NAME (built-in: {', '.join(builtin_chat_templates())}) or a Jinja file"
+        )
     gen_config = engine.default_generation_config.with_updates(**generation_overrides(args))
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []

@@ -49,10 +49,14 @@ class Gemma3Model(nn.Module):
     """Embedding scaled by sqrt(hidden) in the compute dtype, the layers, the final norm; the sliding (local)
     layers rotate with rope_local_theta, the global ones with rope_theta and its scaling."""
 
+    embed_scale: torch.Tensor
+
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.embed_scale = config.hidden_size**0.5
+        # built under the model's default dtype and device: rounded to the weights' dtype as HF does, and no
+        # host-to-device copy per step (which a CUDA graph capture would refuse)
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, backend, i) for i in range(config.num_hidden_layers)
         )
@@ -65,9 +69,7 @@ class Gemma3Model(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], attn_plan: Any
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        # HF multiplies by the scale rounded to the weights' dtype
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype, device=hidden.device)
+        hidden = self.embed_tokens(input_ids) * self.embed_scale
         rope_global, rope_local = self.rotary.prepare(positions), self.rotary_local.prepare(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, rope_local if layer.is_sliding else rope_global, kv_cache, attn_plan)

@@ -17,7 +17,9 @@ from lmserve.models.config import ModelConfig, MoEConfig
 GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 """llama.cpp `general.architecture` -> HF architecture name, for the GGUF files we read."""
 
@@ -46,6 +48,19 @@ _LAYER_TENSOR_NAMES = {
 }
 # Tensors llama.cpp derives from the config; the model recomputes them.
 _SKIPPED_TENSORS = ("rope_freqs.weight",)
+_QK_NORM_TENSOR_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Per-architecture names that differ from the table above (Gemma 3: four norms per block, q/k norms).
+_ARCH_LAYER_TENSOR_NAMES = {
+    "qwen3": _QK_NORM_TENSOR_NAMES,
+    "gemma3": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        **_QK_NORM_TENSOR_NAMES,
+    },
+}
+# llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF's checkpoints (and our model) hold w.
+_NORM_PLUS_ONE_ARCHITECTURES = ("gemma3",)
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -104,34 +119,38 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(reader),
         moe=_moe_config(meta),
-        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        **({"qk_norm": "blk.0.attn_q_norm.weight" in tensor_names} | _arch_config_fields(arch, meta)),
     )
 
 
 def iter_gguf_weights(path: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every GGUF tensor, dequantized once and q/k rows un-permuted."""
     reader = open_gguf(path)
-    permuted = gguf_architecture(reader, path) in _ROPE_PERMUTED_ARCHITECTURES
+    arch = gguf_architecture(reader, path)
+    permuted = arch in _ROPE_PERMUTED_ARCHITECTURES
     for tensor in reader.tensors:
         if tensor.name in _SKIPPED_TENSORS:
             continue
-        hf_name = hf_tensor_name(tensor.name, path)
+        hf_name = hf_tensor_name(tensor.name, path, arch)
         weights = dequantize(tensor.data, tensor.tensor_type)
         if permuted:
             weights = _unpermute_qk(weights, hf_name, config)
+        if arch in _NORM_PLUS_ONE_ARCHITECTURES and "norm." in hf_name:
+            weights = weights - 1.0
         yield hf_name, _to_float32_tensor(weights)
 
 
-def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>") -> str:
+def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>", arch: str = "llama") -> str:
     """llama.cpp tensor name -> HF name (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
     base, _, suffix = gguf_name.rpartition(".")
     if base in _GLOBAL_TENSOR_NAMES:
         return f"{_GLOBAL_TENSOR_NAMES[base]}.{suffix}"
+    names = {**_LAYER_TENSOR_NAMES, **_ARCH_LAYER_TENSOR_NAMES.get(arch, {})}
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _LAYER_TENSOR_NAMES:
+    if match is None or match.group(2) not in names:
         raise ValueError(f"{path}: GGUF tensor {gguf_name!r} has no HF counterpart we know")
     layer, kind, suffix = match.groups()
-    return f"model.layers.{layer}.{_LAYER_TENSOR_NAMES[kind]}.{suffix}"
+    return f"model.layers.{layer}.{names[kind]}.{suffix}"
 
 
 def unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -220,6 +239,27 @@ def _rope_scaling(meta: _ArchFields) -> dict[str, Any] | None:
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
+
+
+def _arch_config_fields(arch: str, meta: _ArchFields) -> dict[str, Any]:
+    """ModelConfig fields only some architectures have; Gemma 3's GGUF omits what llama.cpp hard-codes for it."""
+    if arch == "qwen3":
+        return {"qk_norm": True}
+    if arch != "gemma3":
+        return {}
+    num_layers, window = meta.required("block_count"), meta.get("attention.sliding_window")
+    return {
+        "hidden_act": "gelu_pytorch_tanh",
+        "qk_norm": True,
+        "sliding_window": None if window is None else int(window),
+        # llama.cpp's and transformers' fixed pattern: every sixth layer global, the others local
+        "layer_types": tuple(
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)
+        ),
+        "rope_local_theta": 10_000.0,  # Gemma 3's rope_local_base_freq, not stored in the GGUF
+        # llama.cpp scales by 1/sqrt(head_dim) (the config's query_pre_attn_scalar for all sizes but 27B)
+        "query_pre_attn_scalar": float(meta.get("attention.key_length", 256)),
+    }
 
 
 def _eos_token_ids(reader: GGUFReader) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM
 
 TIMEOUT_S = 240
 TINY_LLAMA = {
@@ -61,6 +62,8 @@ def build_cases(root: Path) -> dict[str, list[str]]:
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     no_weights = llama_folder(root, "no_weights")
     missing_shard = llama_folder(root, "missing_shard")
+    no_template = llama_folder(root, "no_chat_template")
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(no_template)
     index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
     (missing_shard / "model.safetensors.index.json").write_text(json.dumps(index))
     return {
@@ -72,6 +75,7 @@ def build_cases(root: Path) -> dict[str, list[str]]:
         "truncated_safetensors": ["chat", str(truncated), "--dtype", "float32"],
         "no_weights": ["chat", str(no_weights), "--dtype", "float32"],
         "missing_shard": ["chat", str(missing_shard), "--dtype", "float32"],
+        "chat_without_template": ["chat", str(no_template), "--dtype", "float32"],
         "cache_block_seq_len": ["chat", "--cache-block-seq-len", "3"],
         "session_len": ["serve", "api_server", "--session-len", "1"],
         "max_batch_size": ["chat", "--max-batch-size", "0"],
@@ -167,3 +171,9 @@ def test_missing_weights_name_the_folder_and_file(results, root: Path) -> None:
 )
 def test_bad_flag_value_names_the_field(results, case: str, field: str) -> None:
     assert field in error_line(results[case])
+
+
+def test_chat_on_a_model_without_template_says_so_before_any_input(results, root: Path) -> None:
+    line = error_line(results["chat_without_template"])
+    assert str(root / "no_chat_template") in line and "no chat template" in line
+    assert "--chat-template" in line and "gemma3" in line  # the built-in names

@@ -74,3 +74,49 @@ def test_windowed_decode_in_cuda_graph_replays_with_new_lengths() -> None:
     torch.cuda.synchronize()
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
     assert torch.equal(cache, expected_cache)
+
+
+# The whole engine on CUDA: Mistral and Gemma 3 with windows of 21 over prompts of 5..180 tokens in blocks of 16,
+# and Qwen3 (its q/k norms through the Triton RMSNorm).
+ENGINE_SHAPE = dict(
+    vocab_size=512, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64
+)
+
+
+@pytest.fixture(scope="module", params=["mistral_window", "gemma3", "qwen3"])
+def new_arch_hf_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    from tests.models.sliding_helpers import tiny_model
+
+    window = {} if request.param == "qwen3" else {"sliding_window": 21}
+    return tiny_model(request.param, **ENGINE_SHAPE, **window)
+
+
+def test_windowed_engine_logits_match_hf_on_gpu(new_arch_hf_model: torch.nn.Module) -> None:
+    from lmserve.generation import GenerationConfig
+    from tests.gpu.test_engine_cuda import CUDA, make_engine, prompts
+
+    engine = make_engine(new_arch_hf_model, eager_mode=True)
+    prompt = prompts(new_arch_hf_model.config.vocab_size, 1)[0] * 2  # longer than the window
+    engine.add_request(prompt, GenerationConfig(max_new_tokens=1))
+    batch = engine.runner.step_batch(engine.scheduler.schedule().scheduled)
+    with torch.inference_mode():
+        ours = engine.runner.model.compute_logits(engine.runner.forward(batch))
+        reference = new_arch_hf_model.to(CUDA)(torch.tensor([prompt], device=CUDA)).logits[0].float()
+    new_arch_hf_model.cpu()
+    # bf16 weights and activations vs float32: 3% of the largest logit (the tolerance of test_engine_cuda)
+    assert (ours - reference).abs().max() <= 0.03 * reference.abs().max()
+
+
+def test_windowed_engine_graphs_eager_and_prefix_caching_agree(new_arch_hf_model: torch.nn.Module) -> None:
+    from tests.gpu.test_engine_cuda import make_engine, prompts, run_all
+
+    vocab = new_arch_hf_model.config.vocab_size
+    shared = (prompts(vocab, 1, seed=5)[0] * 3)[:120]
+    batch = [shared + [1, 2], shared + [3], shared + [4, 5, 6], *prompts(vocab, 3)]
+    eager = run_all(make_engine(new_arch_hf_model, dtype=torch.float16, eager_mode=True), batch)
+    graphed = make_engine(
+        new_arch_hf_model, dtype=torch.float16, cache_block_seq_len=16, enable_prefix_caching=True
+    )
+    assert graphed.runner.graph_runner is not None
+    assert run_all(graphed, batch[:1]) + run_all(graphed, batch[1:]) == eager
+    assert graphed.stats().prefix_cache_hits > 0

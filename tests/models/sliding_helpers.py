@@ -23,20 +23,20 @@ WINDOW = 5
 """Shorter than every test prompt and not a multiple of the block size (4)."""
 
 
-def tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(kind: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A tiny random float32 HF model: mistral_window, qwen3, gemma3 (local and global layers), internlm3_llama."""
     torch.manual_seed(seed)
     model: PreTrainedModel
     if kind == "mistral_window":
-        model = MistralForCausalLM(MistralConfig(**{**TINY, "head_dim": 16, "sliding_window": WINDOW}))
-    elif kind == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "head_dim": 32}))  # head_dim not hidden / heads
+        config = {**TINY, "head_dim": 16, "sliding_window": WINDOW, **overrides}
+        model = MistralForCausalLM(MistralConfig(**config))
+    elif kind == "qwen3":  # head_dim is not hidden / heads
+        model = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "head_dim": 32, **overrides}))
     elif kind == "gemma3":
-        model = Gemma3ForCausalLM(gemma3_config())
+        model = Gemma3ForCausalLM(gemma3_config(**overrides))
     elif kind == "internlm3_llama":  # what transformers runs an InternLM3 checkpoint as
-        model = LlamaForCausalLM(
-            LlamaConfig(**{**TINY, "head_dim": 32, "attention_bias": True, "mlp_bias": True})
-        )
+        config = {**TINY, "head_dim": 32, "attention_bias": True, "mlp_bias": True, **overrides}
+        model = LlamaForCausalLM(LlamaConfig(**config))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     model.config.architectures = [type(model).__name__]

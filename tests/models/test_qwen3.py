@@ -3,6 +3,7 @@ against HF transformers on tiny random float32 models."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.models.config import ModelConfig
+from lmserve.models.loader import iter_weights, load_model_config, resolve_model
 from lmserve.models.registry import build_model
 from tests.models.model_helpers import hf_config_dict
 from tests.models.sliding_helpers import SCENARIOS, check_scenario, tiny_model
@@ -71,3 +73,43 @@ def test_internlm3_matches_hf_llama_with_same_weights(scenario: str) -> None:
     ours = build_model(config, TorchAttentionBackend(), torch.float32, torch.device("cpu"))
     ours.load_weights(hf.state_dict().items())
     check_scenario(hf, ours, scenario, ATOL)
+
+
+def test_qwen3_gguf_matches_hf(tmp_path: Path) -> None:
+    """A GGUF written the way llama.cpp converts Qwen3 (gguf-py's name map, rows unpermuted, q/k norms)."""
+    hf = tiny_model("qwen3")
+    path = tmp_path / "qwen3.gguf"
+    write_gguf(hf, path)
+    source = resolve_model(str(path))
+    config = load_model_config(source)
+    assert config.architecture == "Qwen3ForCausalLM" and config.qk_norm and config.head_dim == 32
+    ours = build_model(config, TorchAttentionBackend(), torch.float32, torch.device("cpu"))
+    ours.load_weights(iter_weights(source, config))
+    check_scenario(hf, ours, "chunked_prefill", ATOL)
+
+
+def write_gguf(model: Any, path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    c = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, c.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), arch="qwen3")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    for hf_name, tensor in model.state_dict().items():
+        base, suffix = hf_name.rsplit(".", 1)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(tensor.numpy()))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -62,3 +62,40 @@ def test_quantized_triton_backend_refuses_windowed_models() -> None:
     config = ModelConfig.from_hf_config(hf_config_dict(tiny_model("mistral_window")))
     with pytest.raises(ValueError, match="sliding-window.*--quant-policy 0"):
         build_model(config, TritonQuantKVBackend(8), torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_engine_greedy_matches_hf_with_window(models, prefix_caching: bool) -> None:
+    """The whole engine: a 16-token budget chunks prompts and mixes decodes with prefill chunks; with prefix
+    caching the second round of prompts shares the first round's blocks."""
+    from tests.engine.test_engine_tiny import GREEDY, hf_greedy, make_engine, random_prompts, run_all
+
+    hf = models[0]
+    engine = make_engine(
+        hf,
+        cache_block_seq_len=4,
+        max_prefill_token_num=16,
+        session_len=128,
+        enable_prefix_caching=prefix_caching,
+    )
+    shared = random_prompts(1, hf.config.vocab_size, seed=5, low=21, high=21)[0]
+    prompts = [shared + p for p in random_prompts(3, hf.config.vocab_size, seed=6, low=2, high=9)]
+    expected = [hf_greedy(hf, p, GREEDY.max_new_tokens or 0) for p in prompts]
+    assert run_all(engine, prompts[:1]) == expected[:1]
+    assert run_all(engine, prompts[1:]) == expected[1:]
+    assert (engine.stats().prefix_cache_hits > 0) == prefix_caching
+
+
+def test_torch_quantized_backend_applies_the_window() -> None:
+    """int8 KV on the CPU: close to the plain backend with the same window, far from it without one."""
+    from lmserve.attention.kv_quant import TorchQuantKVBackend
+    from lmserve.kernels.testing import relative_error
+    from tests.unit.test_kv_quant import quantized
+
+    batch = make_paged_batch([1, 1, 30, 7], [5, 70, 30, 50], 6, 2, 32, 8, torch.float32, "cpu")
+    backend = TorchQuantKVBackend(8)
+    out = backend_step(backend, batch.q, batch.k, batch.v, quantized(batch, 8), batch.meta, 0.2, WINDOW)
+    meta, args = batch.meta, (batch.q, batch.k, batch.v)
+    plain = backend_step(TorchAttentionBackend(), *args, batch.layer_cache.clone(), meta, 0.2, WINDOW)
+    unwindowed = backend_step(TorchAttentionBackend(), *args, batch.layer_cache.clone(), meta, 0.2)
+    assert relative_error(out, plain) < 0.01 < relative_error(out, unwindowed)
