@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 import httpx
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lmserve.serve.errors import APIError, error_body
 from lmserve.serve.proxy.nodes import Node, NodePool
@@ -82,14 +83,16 @@ async def forward(
             _mark_dead(node, error)
             live.remove(node)
             continue
+        except httpx.TransportError as error:  # it got the request, then failed: not safe to send again
+            node.finish_request(started, completed=False)
+            _mark_dead(node, error)
+            raise APIError(
+                502, f"the node {node.url} failed before answering: {error}", None, "node_failed"
+            ) from error
         except BaseException:
             node.finish_request(started, completed=False)
             raise
-        return StreamingResponse(
-            _relay(upstream, node, started),
-            status_code=upstream.status_code,
-            headers=_response_headers(upstream),
-        )
+        return RelayResponse(upstream, node, started)
     raise APIError(
         503, "every node serving this request refused the connection; retry later", None, "no_live_node"
     )
@@ -101,22 +104,37 @@ def _mark_dead(node: Node, error: Exception) -> None:
     node.healthy = False
 
 
-async def _relay(upstream: httpx.Response, node: Node, started: float) -> AsyncIterator[bytes]:
-    """The node's bytes untouched, each chunk as it arrives. A node lost mid-stream ends an SSE stream with
-    the api_server's own mid-stream error event; other bodies are cut short (the client sees an error)."""
-    completed = False
-    try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-        completed = True
-    except httpx.TransportError as error:
-        logger.warning("node %s failed mid-response: %s", node.url, error)
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            yield _stream_error(node)
-    finally:
-        node.finish_request(started, completed)
-        with anyio.CancelScope(shield=True):  # a client that left cancels us; still close the node connection
-            await upstream.aclose()
+class RelayResponse(StreamingResponse):
+    """The node's status, headers and bytes untouched, each chunk sent on as it arrives. A node lost
+    mid-stream ends an SSE stream with the api_server's own mid-stream error event; other bodies are cut short."""
+
+    def __init__(self, upstream: httpx.Response, node: Node, started: float) -> None:
+        self.upstream, self.node, self.started = upstream, node, started
+        self.completed = False
+        self.chunks = self._chunks()
+        super().__init__(self.chunks, status_code=upstream.status_code, headers=_response_headers(upstream))
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                yield chunk
+            self.completed = True
+        except httpx.TransportError as error:
+            logger.warning("node %s failed mid-response: %s", self.node.url, error)
+            if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                yield _stream_error(self.node)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # here rather than in the generator: a client gone before the first chunk never starts it
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # an error answer is no sample of how fast the node generates
+            self.node.finish_request(self.started, self.completed and self.upstream.status_code < 400)
+            # a client that left cancels us: shield the close, or the node's connection leaks
+            with anyio.CancelScope(shield=True):
+                await self.chunks.aclose()
+                await self.upstream.aclose()
 
 
 def _stream_error(node: Node) -> bytes:
