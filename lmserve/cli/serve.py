@@ -163,7 +163,12 @@ def run_api_server(args: argparse.Namespace) -> int:
     if args.dp > 1:
         from lmserve.serve.proxy.replicas import serve_replicas
 
-        _print_urls(serve_config)
+        # the proxy serves the API only: each replica's docs and chat page stay on its own port
+        print(
+            f"lmserve: serving {serve_config.model_name!r} at {_base_url(serve_config)}/v1 (OpenAI API) "
+            f"over {args.dp} replicas",
+            flush=True,
+        )
         return serve_replicas(args, serve_config, engine_config)
     if count > 1:
         _print_urls(serve_config)
@@ -198,9 +203,13 @@ def start_engine(
     return AsyncEngine.from_pretrained(model, config, chat_template)
 
 
-def _print_urls(config: ServeConfig) -> None:
+def _base_url(config: ServeConfig) -> str:
     host = "localhost" if config.server_name in ("0.0.0.0", "::") else config.server_name
-    base = f"http://{host}:{config.server_port}"
+    return f"http://{host}:{config.server_port}"
+
+
+def _print_urls(config: ServeConfig) -> None:
+    base = _base_url(config)
     print(f"lmserve: serving {config.model_name!r} at {base}/v1 (OpenAI API)", flush=True)
     if not config.disable_fastapi_docs:
         print(f"lmserve: API docs at {base}/", flush=True)

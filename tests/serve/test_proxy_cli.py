@@ -106,3 +106,35 @@ def _replica_pids(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as children:
         pids = [int(child) for child in children.read().split()]
     return [child for child in pids if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def test_serve_proxy_command_starts_probes_its_nodes_and_stops_on_sigterm() -> None:
+    port, node_port = free_port(), free_port()
+    command = [sys.executable, "-m", "lmserve.cli.main", "serve", "proxy", "--server-name", "127.0.0.1"]
+    command += ["--server-port", str(port), "--nodes", f"http://127.0.0.1:{node_port}/"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _status_code(f"{base_url}/health") == 503, 60)  # its one node is down
+        status = httpx.get(f"{base_url}/nodes/status", timeout=5).json()
+        assert status == {
+            f"http://127.0.0.1:{node_port}": {
+                "models": [],
+                "unfinished": 0,
+                "latency": [],
+                "speed": None,
+                "healthy": False,
+                "num_requests": 0,
+            }
+        }
+    finally:
+        process.terminate()
+        stdout, _ = process.communicate(timeout=60)
+    assert f"proxy at http://127.0.0.1:{port}/v1".encode() in stdout
+
+
+def _status_code(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None

@@ -129,12 +129,14 @@ async def _nodes_add(node: NodeIn, request: Request) -> dict[str, Any]:
     url = _url_param(node.url)
     status = node.status or NodeStatusIn()
     added = Node(url, [model_card(name) for name in status.models], status.speed, bool(status.models))
-    if not added.declared_models:
+    if added.declared_models:
+        await probe(added, state.client, state.node_headers)  # taken even if down: it may be starting
+    else:
         try:
             added.model_cards = await fetch_model_cards(state.client, url, state.node_headers)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, ValueError) as error:
             raise APIError(400, f"url: cannot list the models of {url}: {error}", "url") from error
-    added.healthy = True
+        added.healthy = True
     state.pool.add(added)
     logger.warning("node %s added, serving %s", url, added.models)
     return {url: added.status()}

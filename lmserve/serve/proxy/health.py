@@ -21,7 +21,8 @@ async def fetch_model_cards(
     """The node's /v1/models cards; httpx.HTTPError when it cannot be reached or does not answer a model list."""
     response = await client.get(f"{url}/v1/models", headers=headers, timeout=PROBE_TIMEOUT_S)
     response.raise_for_status()
-    data = response.json().get("data")
+    answer = response.json()
+    data = answer.get("data") if isinstance(answer, dict) else None
     if not isinstance(data, list) or not all(isinstance(card, dict) and "id" in card for card in data):
         raise httpx.DecodingError(f"{url}/v1/models did not answer an OpenAI model list")
     return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -74,10 +75,10 @@ def register_when_listening(
     """Run `join` on a thread once `is_started()` (uvicorn listens), unless `should_stop()` comes first."""
 
     def wait_then_join() -> None:
-        stopped = threading.Event()
         while not is_started():
-            if should_stop() or stopped.wait(0.05):
+            if should_stop():
                 return
+            time.sleep(0.05)
         join()
 
     thread = threading.Thread(target=wait_then_join, name="lmserve-proxy-registration", daemon=True)

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from lmserve.config import EngineConfig, ProxyConfig, ServeConfig
@@ -121,7 +122,7 @@ def _watch_replicas(replicas: list[Any], ports: list[int], stop: Any) -> threadi
                         len(replicas) - len(reported),
                         len(replicas),
                     )
-            threading.Event().wait(WATCH_S)
+            time.sleep(WATCH_S)
         all_died.set()
         stop()
 
@@ -149,7 +150,7 @@ def _stop_with_parent() -> None:
 
     def loop() -> None:
         while os.getppid() == parent:
-            threading.Event().wait(1.0)
+            time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=loop, name="lmserve-parent-watcher", daemon=True).start()
