@@ -65,6 +65,7 @@ def test_dp_2_on_cpu_serves_two_replicas_behind_one_port() -> None:
         "2",
     ]
     command += ["--dtype", "float32", "--server-name", "127.0.0.1", "--server-port", str(port)]
+    command += ["--max-batch-size", "4", "--session-len", "1024"]  # a small KV cache each: two fit in RAM
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
