@@ -10,6 +10,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANT_POLICIES = (0, 4, 8)
 MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8", "fp8")
+ROUTING_STRATEGIES = ("min_expected_latency", "random", "min_observed_latency")
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,48 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     webui: bool = True
     disable_metrics: bool = False
+    proxy_url: str | None = None
+    """A `serve proxy` to register with once listening (POST /nodes/add), and to leave on stop."""
 
     def __post_init__(self) -> None:
         _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")
+        _check(
+            self.proxy_url is None or self.proxy_url.startswith(("http://", "https://")),
+            f"proxy_url={self.proxy_url!r} must start with http:// or https://",
+        )
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """`lmserve serve proxy` options: a router over api_server nodes (LMDeploy's defaults)."""
+
+    server_name: str = "0.0.0.0"
+    server_port: int = 8000
+    routing_strategy: str = "min_expected_latency"
+    """How a request picks among the live nodes serving its model (see serve/proxy/routing.py)."""
+    api_keys: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    """Node URLs to start with; api_servers started with `--proxy-url` add themselves."""
+    health_check_interval: float = 5.0
+    """Seconds between GET /health probes of every node: a failing node stops getting requests, and gets
+    them again once it answers 200."""
+    log_level: str = "WARNING"
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")
+        _check(
+            self.routing_strategy in ROUTING_STRATEGIES,
+            f"routing_strategy={self.routing_strategy!r} must be one of {ROUTING_STRATEGIES}",
+        )
+        _check(
+            self.health_check_interval > 0,
+            f"health_check_interval={self.health_check_interval} must be > 0",
+        )
+        for url in self.nodes:
+            _check(
+                url.startswith(("http://", "https://")), f"nodes: {url!r} must start with http:// or https://"
+            )
 
 
 def _check(ok: bool, message: str) -> None:

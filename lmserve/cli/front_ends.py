@@ -3,13 +3,16 @@ in processes of their own, all on one port (SO_REUSEPORT) and one engine-core pr
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import multiprocessing
+import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +43,7 @@ def serve(
     watched: list[Any] | None = None,
 ) -> int:
     """Run uvicorn over the engine until SIGINT/SIGTERM (exit code 0), or until the engine core or one of the
-    `watched` front-end processes dies (1)."""
+    `watched` front-end processes dies (1). With `proxy_url` set, join that proxy once listening, leave on stop."""
     import uvicorn
 
     from lmserve.serve.app import create_app
@@ -63,13 +66,57 @@ def serve(
     if hasattr(engine, "on_death"):
         engine.on_death.append(lambda: stop(True))
     watcher = _watch(watched or [], lambda: stop(True))
+    leave_proxy = _join_proxy(server, config)
     try:
-        server.run(sockets=[sock] if sock is not None else None)
+        with sigterm_exits_cleanly():
+            server.run(sockets=[sock] if sock is not None else None)
     finally:
         watcher.set()
-        _stop_all(watched or [])  # the other front ends first: they must not see the core go away
+        leave_proxy()
+        stop_all(watched or [])  # the other front ends first: they must not see the core go away
         engine.shutdown()
     return 1 if any(died) else 0
+
+
+@contextlib.contextmanager
+def sigterm_exits_cleanly() -> Iterator[None]:
+    """uvicorn re-raises SIGTERM once it has shut down, which would end the process before the cleanup after
+    it (leaving the proxy, stopping the core and the other front ends): make that SIGTERM a SystemExit(0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    sys.exit(0)
+
+
+def _join_proxy(server: Any, config: ServeConfig) -> Callable[[], None]:
+    """Register with `config.proxy_url` once uvicorn listens; returns what deregisters (if registered)."""
+    from lmserve.serve.proxy import registration
+
+    proxy_url = config.proxy_url
+    if proxy_url is None:
+        return lambda: None
+    node_url = registration.advertised_url(config.server_name, config.server_port, proxy_url)
+    joined: list[bool] = []
+
+    def join() -> None:
+        joined.append(registration.register(proxy_url, node_url, [config.model_name], config.api_keys))
+
+    thread = registration.register_when_listening(lambda: server.started, lambda: server.should_exit, join)
+
+    def leave() -> None:
+        thread.join(timeout=registration.REGISTER_TIMEOUT_S)
+        if any(joined):
+            registration.deregister(proxy_url, node_url, config.api_keys)
+
+    return leave
 
 
 def serve_many(
@@ -90,13 +137,15 @@ def serve_many(
     try:
         context = multiprocessing.get_context("spawn")
         for index in range(1, count):
-            spec = FrontEndSpec(model, chat_template, serve_config, core.addresses, index, core.pid)
+            # only this process registers with a --proxy-url: all front ends share one port, one node
+            config = dataclasses.replace(serve_config, proxy_url=None)
+            spec = FrontEndSpec(model, chat_template, config, core.addresses, index, core.pid)
             others.append(
                 context.Process(target=run_front_end, args=(spec,), name=f"lmserve-api-server-{index}")
             )
             others[-1].start()
     except BaseException:
-        _stop_all(others)
+        stop_all(others)
         engine.shutdown()
         raise
     return serve(engine, serve_config, sock, watched=others)
@@ -141,7 +190,7 @@ def _watch(processes: list[Any], on_exit: Callable[[], None]) -> threading.Event
     return done
 
 
-def _stop_all(processes: list[Any]) -> None:
+def stop_all(processes: list[Any]) -> None:
     """SIGTERM (uvicorn's graceful stop) to every front end still running, then wait; SIGKILL stragglers."""
     for process in processes:
         if process.is_alive():

@@ -1,4 +1,5 @@
-"""`lmserve serve api_server [MODEL]` (OpenAI-compatible server) and `lmserve serve api_client URL` (terminal chat)."""
+"""`lmserve serve api_server [MODEL]` (OpenAI-compatible server), `serve proxy` (router over servers) and
+`lmserve serve api_client URL` (terminal chat)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from typing import Any
 
 from lmserve.cli.engine_args import add_engine_args, engine_config_from_args
+from lmserve.cli.proxy import add_proxy_parser
 from lmserve.config import ServeConfig
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -20,6 +22,7 @@ def register(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="serve a model over HTTP, or chat with a server")
     commands = serve.add_subparsers(dest="serve_command", metavar="COMMAND", parser_class=type(serve))
     _add_api_server(commands)
+    add_proxy_parser(commands)
     _add_api_client(commands)
     serve.set_defaults(func=lambda args: serve.print_help() or 2)
 
@@ -78,6 +81,16 @@ def _add_api_server(commands: Any) -> None:
         help="front-end processes sharing the port and one engine core (for more streams than one "
         "Python process can encode)",
     )
+    group.add_argument(
+        "--proxy-url", default=None, help="a `serve proxy` to join once listening (and leave on stop)"
+    )
+    group.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="replicas of the model on this host, replica i on GPU i (two CPU replicas on --device cpu), "
+        "behind a proxy on --server-port; they listen on 127.0.0.1 at --server-port + 1 ..",
+    )
     add_engine_args(parser)
     parser.set_defaults(func=run_api_server)
 
@@ -116,6 +129,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_concurrent_requests=args.max_concurrent_requests,
         webui=args.webui,
         disable_metrics=args.disable_metrics,
+        proxy_url=args.proxy_url,
     )
 
 
@@ -142,9 +156,20 @@ def run_api_server(args: argparse.Namespace) -> int:
         raise ValueError(
             "--api-server-count above 1 needs --engine-core process: the front ends share one core"
         )
+    _check_dp(args)
     logging.basicConfig(
         level=serve_config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.dp > 1:
+        from lmserve.serve.proxy.replicas import serve_replicas
+
+        # the proxy serves the API only: each replica's docs and chat page stay on its own port
+        print(
+            f"lmserve: serving {serve_config.model_name!r} at {_base_url(serve_config)}/v1 (OpenAI API) "
+            f"over {args.dp} replicas",
+            flush=True,
+        )
+        return serve_replicas(args, serve_config, engine_config)
     if count > 1:
         _print_urls(serve_config)
         return serve_many(args.model, engine_config, args.chat_template, serve_config, count)
@@ -153,6 +178,16 @@ def run_api_server(args: argparse.Namespace) -> int:
     )
     _print_urls(serve_config)
     return serve(engine, serve_config)
+
+
+def _check_dp(args: argparse.Namespace) -> None:
+    if args.dp < 1:
+        raise ValueError(f"dp={args.dp} must be >= 1")
+    if args.dp > 1 and args.proxy_url is not None:
+        raise ValueError(
+            "--dp above 1 serves its own proxy on --server-port; to put the replicas behind another "
+            "proxy, start each with `serve api_server --proxy-url URL` instead"
+        )
 
 
 def start_engine(
@@ -168,9 +203,13 @@ def start_engine(
     return AsyncEngine.from_pretrained(model, config, chat_template)
 
 
-def _print_urls(config: ServeConfig) -> None:
+def _base_url(config: ServeConfig) -> str:
     host = "localhost" if config.server_name in ("0.0.0.0", "::") else config.server_name
-    base = f"http://{host}:{config.server_port}"
+    return f"http://{host}:{config.server_port}"
+
+
+def _print_urls(config: ServeConfig) -> None:
+    base = _base_url(config)
     print(f"lmserve: serving {config.model_name!r} at {base}/v1 (OpenAI API)", flush=True)
     if not config.disable_fastapi_docs:
         print(f"lmserve: API docs at {base}/", flush=True)
