@@ -9,11 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from lmserve.models.config import ModelConfig
-from lmserve.models.gguf_file import GGUFFile, GGUFTensor, read_gguf_file
+from lmserve.models.gguf_file import Q4_1, Q8_0, GGUFFile, GGUFTensor, ggml_type_info, read_gguf_file
 
 Weights = np.ndarray | torch.Tensor
 """Tensor values in numpy (gguf-py dequantized) or torch (our Q4_1 / Q8_0 dequantization)."""
@@ -116,8 +114,11 @@ def dequantize_tensor(tensor: GGUFTensor) -> Weights:
     """float32 values of a GGUF tensor: Q4_1 and Q8_0 vectorized in torch (~10x gguf-py's numpy), others by gguf-py."""
     dequantize_blocks = _TORCH_DEQUANTIZERS.get(tensor.tensor_type)
     if dequantize_blocks is None:
-        return dequantize(tensor.data, tensor.tensor_type)
-    block_bytes = GGML_QUANT_SIZES[tensor.tensor_type][1]
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        return dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+    block_bytes = ggml_type_info(tensor.tensor_type, tensor.name)[2]
     blocks = torch.from_numpy(tensor.data.copy()).view(-1, block_bytes)  # a copy: the map is read-only
     return dequantize_blocks(blocks).reshape(tensor.shape)
 
@@ -134,10 +135,7 @@ def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     return blocks[:, 2:].view(torch.int8).float() * blocks[:, 0:2].view(torch.float16).float()
 
 
-_TORCH_DEQUANTIZERS = {
-    GGMLQuantizationType.Q4_1: _dequantize_q4_1,
-    GGMLQuantizationType.Q8_0: _dequantize_q8_0,
-}
+_TORCH_DEQUANTIZERS = {Q4_1: _dequantize_q4_1, Q8_0: _dequantize_q8_0}
 
 
 def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>") -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -18,6 +17,20 @@ DEFAULT_ALIGNMENT = 32
 # GGUF metadata value types -> struct format of one item (8 = string, 9 = array are walked separately)
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+
+# GGML tensor types (ggml.h) -> (name, values per block, bytes per block), for the common ones: gguf-py's full
+# table costs ~0.7 s of imports (its package imports its writer), a third of a start; others are looked up there.
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
+_COMMON_TYPES = {
+    F32: ("F32", 1, 4),
+    F16: ("F16", 1, 2),
+    Q4_0: ("Q4_0", 32, 18),
+    Q4_1: ("Q4_1", 32, 20),
+    Q8_0: ("Q8_0", 32, 34),
+    Q4_K: ("Q4_K", 256, 144),
+    Q6_K: ("Q6_K", 256, 210),
+    BF16: ("BF16", 1, 2),
+}
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,14 @@ class GGUFTensor:
     `shape` the logical shape in numpy order (outermost first)."""
 
     name: str
-    tensor_type: GGMLQuantizationType
+    tensor_type: int
+    """The GGML type id (equal to gguf-py's GGMLQuantizationType member)."""
     shape: tuple[int, ...]
     data: np.ndarray
+
+    @property
+    def type_name(self) -> str:
+        return ggml_type_info(self.tensor_type, self.name)[0]
 
 
 class GGUFFile:
@@ -155,21 +173,28 @@ class GGUFFile:
     def _tensor(
         self, name: str, shape: tuple[int, ...], raw_type: int, data_offset: int, data_start: int
     ) -> GGUFTensor:
-        try:
-            tensor_type = GGMLQuantizationType(raw_type)
-        except ValueError as error:
-            raise ValueError(f"tensor {name!r} has an unknown GGML type {raw_type}") from error
-        block_size, type_size = GGML_QUANT_SIZES[tensor_type]
+        type_name, block_size, type_size = ggml_type_info(raw_type, name)
         if shape[-1] % block_size:
-            raise ValueError(
-                f"tensor {name!r}: row of {shape[-1]} is not a multiple of {tensor_type.name} blocks"
-            )
+            raise ValueError(f"tensor {name!r}: row of {shape[-1]} is not a multiple of {type_name} blocks")
         byte_shape = (*shape[:-1], shape[-1] // block_size * type_size)
         start = data_start + data_offset
         end = start + int(np.prod(byte_shape))
         if end > len(self.buffer):
             raise ValueError(f"tensor {name!r} ends past the end of the file")
-        return GGUFTensor(name, tensor_type, shape, self.buffer[start:end].reshape(byte_shape))
+        return GGUFTensor(name, raw_type, shape, self.buffer[start:end].reshape(byte_shape))
+
+
+def ggml_type_info(raw_type: int, tensor_name: str) -> tuple[str, int, int]:
+    """(name, values per block, bytes per block) of a GGML tensor type; ValueError naming the tensor if unknown."""
+    if raw_type in _COMMON_TYPES:
+        return _COMMON_TYPES[raw_type]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        tensor_type = GGMLQuantizationType(raw_type)
+    except ValueError as error:
+        raise ValueError(f"tensor {tensor_name!r} has an unknown GGML type {raw_type}") from error
+    return (tensor_type.name, *GGML_QUANT_SIZES[tensor_type])
 
 
 def _scalar_format(item_type: int) -> str:
