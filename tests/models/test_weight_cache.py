@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,26 @@ from tests.models.model_helpers import PagedSequences
 PROMPT = [1, 504, 3458, 282, 4649, 314, 3726, 30, 378, 3458, 282, 4649, 314]
 
 
-@pytest.fixture
-def gguf_copy(smollm2_gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelSource:
-    """A private copy of the embedded GGUF (its mtime is changed below) and a private cache folder."""
-    monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LMSERVE_NO_WEIGHT_CACHE", raising=False)
-    shutil.copyfile(smollm2_gguf_path, tmp_path / smollm2_gguf_path.name)
-    return ModelSource(tmp_path, "gguf", smollm2_gguf_path.name)
+@dataclass
+class FirstBuild:
+    source: ModelSource
+    logits: torch.Tensor
+    state: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def first_build(smollm2_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstBuild]:
+    """A private copy of the embedded GGUF (tests change its mtime), a private cache, and the build that filled it."""
+    folder = tmp_path_factory.mktemp("weight-cache")
+    shutil.copyfile(smollm2_gguf_path, folder / smollm2_gguf_path.name)
+    source = ModelSource(folder, "gguf", smollm2_gguf_path.name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMSERVE_CACHE_DIR", str(folder / "cache"))
+        patch.delenv("LMSERVE_NO_WEIGHT_CACHE", raising=False)
+        model = build(source)
+        assert len(cache_files()) == 1
+        assert any(module.int4 is not None for module in model.modules() if hasattr(module, "int4"))
+        yield FirstBuild(source, prompt_logits(model), model.state_dict())
 
 
 def build(source: ModelSource) -> Any:
@@ -52,7 +67,7 @@ def prompt_logits(model: Any) -> torch.Tensor:
     return torch.cat(logits)
 
 
-def cache_files(source: ModelSource) -> list[Path]:
+def cache_files() -> list[Path]:
     return sorted((Path(os.environ["LMSERVE_CACHE_DIR"]) / "weights").glob("*.safetensors"))
 
 
@@ -64,44 +79,48 @@ def forbid_reading_the_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_second_build_reads_the_cache_and_gives_identical_logits(
-    gguf_copy: ModelSource, monkeypatch: pytest.MonkeyPatch
+    first_build: FirstBuild, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fresh = build(gguf_copy)
-    assert len(cache_files(gguf_copy)) == 1
-    assert any(module.int4 is not None for module in fresh.modules() if hasattr(module, "int4"))
-    expected = prompt_logits(fresh)
     forbid_reading_the_gguf(monkeypatch)
-    cached = build(gguf_copy)
-    torch.testing.assert_close(prompt_logits(cached), expected, rtol=0, atol=0)
-    for name, tensor in fresh.state_dict().items():
-        assert torch.equal(cached.state_dict()[name], tensor), name
+    cached = build(first_build.source)
+    torch.testing.assert_close(prompt_logits(cached), first_build.logits, rtol=0, atol=0)
+    for name, tensor in cached.state_dict().items():
+        assert torch.equal(tensor, first_build.state[name]), name
+    assert cached.lm_head_int8 is not None  # the derived copies came back too, not only the state dict
+    assert all(module.int4 is not None for module in cached.modules() if hasattr(module, "int4"))
 
 
-def test_changed_file_is_rebuilt_not_read(gguf_copy: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
-    build(gguf_copy)
-    [first] = cache_files(gguf_copy)
-    stat = gguf_copy.gguf_path.stat()
-    os.utime(gguf_copy.gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    stale = weight_cache_for(gguf_copy, load_model_config(gguf_copy), torch.bfloat16, torch.device("cpu"))
-    assert stale is not None and not stale.path.exists()
-    read_weights = []
-    original = loader.iter_weights
-    monkeypatch.setattr(loader, "iter_weights", lambda *a: read_weights.append(1) or original(*a))
-    build(gguf_copy)
-    assert read_weights == [1]  # rebuilt from the file, not read from the stale entry
-    assert cache_files(gguf_copy) == [stale.path] and first not in cache_files(gguf_copy)
-
-
-def test_corrupt_entry_is_rebuilt(gguf_copy: ModelSource) -> None:
-    build(gguf_copy)
-    [entry] = cache_files(gguf_copy)
+def test_corrupt_entry_is_rebuilt(first_build: FirstBuild) -> None:
+    [entry] = cache_files()
     entry.write_bytes(entry.read_bytes()[:1000])
-    expected = prompt_logits(build(gguf_copy))
-    assert entry.stat().st_size > 1000
-    torch.testing.assert_close(prompt_logits(build(gguf_copy)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(prompt_logits(build(first_build.source)), first_build.logits, rtol=0, atol=0)
+    assert cache_files() == [entry] and entry.stat().st_size > 1000
 
 
-def test_disabled_by_environment(gguf_copy: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disabled_by_environment(first_build: FirstBuild, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMSERVE_NO_WEIGHT_CACHE", "1")
-    build(gguf_copy)
-    assert cache_files(gguf_copy) == []
+    read_weights = spy_on_reading_the_gguf(monkeypatch)
+    [entry] = cache_files()
+    written = entry.stat().st_mtime_ns
+    build(first_build.source)
+    assert read_weights == [1] and cache_files() == [entry] and entry.stat().st_mtime_ns == written
+
+
+def test_changed_file_is_rebuilt_not_read(first_build: FirstBuild, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = first_build.source
+    [first] = cache_files()
+    stat = source.gguf_path.stat()
+    os.utime(source.gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    stale = weight_cache_for(source, load_model_config(source), torch.bfloat16, torch.device("cpu"))
+    assert stale is not None and stale.path != first and not stale.path.exists()
+    read_weights = spy_on_reading_the_gguf(monkeypatch)
+    build(source)
+    assert read_weights == [1]  # rebuilt from the file, not read from the stale entry
+    assert cache_files() == [stale.path]  # the stale entry is gone
+
+
+def spy_on_reading_the_gguf(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = loader.iter_weights
+    monkeypatch.setattr(loader, "iter_weights", lambda *args: calls.append(1) or original(*args))
+    return calls
