@@ -41,10 +41,12 @@ def available_memory_bytes() -> int | None:
 def default_cpu_num_blocks(
     max_batch_size: int, session_len: int, block_size: int, bytes_per_block: float
 ) -> int:
-    """Blocks for max_batch_size full sessions, capped at CPU_CACHE_MEMORY_FRACTION of the available memory."""
-    full = max_batch_size * -(-session_len // block_size)
+    """Blocks for max_batch_size full sessions, capped at CPU_CACHE_MEMORY_FRACTION of the available memory
+    but never below one full session (so every request the session length admits fits)."""
+    one_session = -(-session_len // block_size)
+    full = max_batch_size * one_session
     available = available_memory_bytes()
     if available is None:
         return full
     affordable = int(available * CPU_CACHE_MEMORY_FRACTION // bytes_per_block)
-    return max(1, min(full, affordable))
+    return max(one_session, min(full, affordable))
