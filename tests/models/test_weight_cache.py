@@ -124,3 +124,10 @@ def spy_on_reading_the_gguf(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     original = loader.iter_weights
     monkeypatch.setattr(loader, "iter_weights", lambda *args: calls.append(1) or original(*args))
     return calls
+
+
+def test_only_bfloat16_gguf_on_the_cpu_is_cached(first_build: FirstBuild) -> None:
+    source, config = first_build.source, load_model_config(first_build.source)
+    assert weight_cache_for(source, config, torch.bfloat16, torch.device("cpu")) is not None
+    assert weight_cache_for(source, config, torch.float32, torch.device("cpu")) is None
+    assert weight_cache_for(source, config, torch.bfloat16, torch.device("cuda")) is None
