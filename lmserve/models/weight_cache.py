@@ -101,6 +101,8 @@ def weight_cache_for(
     """
     if source.kind != "gguf" or device.type != "cpu" or dtype != torch.bfloat16 or not weight_cache_enabled():
         return None
+    if _is_sharded():
+        return None  # each rank holds another shard under the same names and shapes: one entry would not do
     checkpoint = source.gguf_path.resolve()
     stat = checkpoint.stat()
     key = WeightCacheKey(
@@ -125,6 +127,14 @@ def _write_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         os.replace(temp_path, path)
     finally:
         temp_path.unlink(missing_ok=True)
+
+
+def _is_sharded() -> bool:
+    """Whether this process is one of several tensor-parallel ranks (torch.distributed with world size > 1)."""
+    distributed = torch.distributed
+    return bool(
+        distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
+    )
 
 
 def _stored_key(path: Path) -> dict[str, Any]:
