@@ -91,7 +91,10 @@ class GGUFFile:
         if bytes(self.view[:4]) != GGUF_MAGIC:
             raise ValueError("GGUF magic invalid")
         (version,) = self._unpack("<I", 4)
-        if version & 0xFFFF == 0:
+        if (
+            version & 0xFFFF == 0
+            and int.from_bytes(version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS
+        ):
             raise ValueError("big-endian GGUF files are not supported")
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(
