@@ -6,6 +6,9 @@ Measures, back to back in one process:
 - llama.cpp single-stream decode (llama-cpp-python, same GGUF, greedy, fixed token count),
 - HF transformers `generate` at batch 1 (float32 and bfloat16, loaded from the same GGUF).
 Every single-stream number is the median over --repeats runs; decode tok/s excludes the prefill.
+The 1-minute load average is recorded before and after each figure; a ratio between two figures is refused
+(printed as such, stored as null) when the load moved by more than MAX_LOAD_CHANGE across them: on a shared
+machine the peers would not have had the same CPU.
 
     python benchmarks/cpu_peers.py --json benchmarks/cpu_peers.json
 """
@@ -28,6 +31,28 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+MAX_LOAD_CHANGE = 0.5
+"""A ratio is reported only when the load average stayed within this band over both of its figures."""
+
+
+def with_load(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The figure with the 1-minute load average before and after it."""
+    before = os.getloadavg()[0]
+    figure = measure()
+    return {**figure, "load_before": before, "load_after": os.getloadavg()[0]}
+
+
+def ratio(
+    results: dict[str, Any], numerator: str, denominator: str, key: str = "decode_tok_s"
+) -> float | None:
+    """numerator / denominator, or None when the load average moved by more than MAX_LOAD_CHANGE across them."""
+    loads = [
+        results[name][when] for name in (numerator, denominator) for when in ("load_before", "load_after")
+    ]
+    if max(loads) - min(loads) > MAX_LOAD_CHANGE:
+        return None
+    return float(results[numerator][key] / results[denominator]["decode_tok_s"])
 
 
 def smollm2_gguf() -> str:
@@ -164,32 +189,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = smollm2_gguf()
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "model": os.path.basename(path)}
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, dict[str, float], str]] = []  # (label, figure, its field)
     if "ours" not in args.skip:
         engine = ours_engine("auto", args.threads)
-        results["ours_bf16"] = ours_single(engine, args)
-        results["ours_bf16_concurrent"] = ours_concurrent(engine, args)
+        results["ours_bf16"] = with_load(lambda: ours_single(engine, args))
+        results["ours_bf16_concurrent"] = with_load(lambda: ours_concurrent(engine, args))
         rows += [
-            ("lmserve bf16, 1 stream, decode tok/s", results["ours_bf16"]["decode_tok_s"]),
+            ("lmserve bf16, 1 stream, decode tok/s", results["ours_bf16"], "decode_tok_s"),
             (
                 f"lmserve bf16, {args.concurrency} concurrent, output tok/s",
-                results["ours_bf16_concurrent"]["output_tok_s"],
+                results["ours_bf16_concurrent"],
+                "output_tok_s",
             ),
         ]
         del engine
     if "fp32" not in args.skip:
-        results["ours_fp32"] = ours_single(ours_engine("float32", args.threads), args)
-        rows.append(("lmserve float32, 1 stream, decode tok/s", results["ours_fp32"]["decode_tok_s"]))
+        fp32_engine = ours_engine("float32", args.threads)
+        results["ours_fp32"] = with_load(lambda: ours_single(fp32_engine, args))
+        rows.append(("lmserve float32, 1 stream, decode tok/s", results["ours_fp32"], "decode_tok_s"))
     if "llama_cpp" not in args.skip:
-        results["llama_cpp"] = llama_cpp_single(path, args)
-        rows.append(("llama.cpp Q4_1, 1 stream, decode tok/s", results["llama_cpp"]["decode_tok_s"]))
+        results["llama_cpp"] = with_load(lambda: llama_cpp_single(path, args))
+        rows.append(("llama.cpp Q4_1, 1 stream, decode tok/s", results["llama_cpp"], "decode_tok_s"))
     if "hf" not in args.skip:
         for name, dtype in (("hf_fp32", torch.float32), ("hf_bf16", torch.bfloat16)):
-            results[name] = hf_single(path, dtype, args)
+            results[name] = with_load(lambda: hf_single(path, dtype, args))  # noqa: B023 (called at once)
             rows.append(
-                (f"HF transformers {name[3:]}, bs1 generate, decode tok/s", results[name]["decode_tok_s"])
+                (f"HF transformers {name[3:]}, bs1 generate, decode tok/s", results[name], "decode_tok_s")
             )
-    print_report(results, rows)
+    print_report(results, rows)  # adds results["ratios"]
     save(results, args)
 
 
@@ -199,19 +226,32 @@ def save(results: dict[str, Any], args: argparse.Namespace) -> None:
             json.dump(results, f, indent=2)
 
 
-def print_report(results: dict[str, Any], rows: list[tuple[str, float]]) -> None:
+def print_report(results: dict[str, Any], rows: list[tuple[str, dict[str, float], str]]) -> None:
     print(f"\n{results['model']}  ({results['machine']})")
-    for name, value in rows:
-        print(f"  {name:<48} {value:8.1f}")
-    ours = results.get("ours_bf16", {}).get("decode_tok_s")
-    if not ours:
+    for name, figure, field in rows:
+        loads = f"load average {figure['load_before']:.2f} -> {figure['load_after']:.2f}"
+        print(f"  {name:<48} {figure[field]:8.1f}   ({loads})")
+    if "ours_bf16" not in results:
         return
-    for peer in ("llama_cpp", "hf_fp32", "hf_bf16"):
-        if peer in results:
-            print(f"  lmserve bf16 / {peer:<32} {ours / results[peer]['decode_tok_s']:8.2f}x")
-    if "ours_bf16_concurrent" in results:
-        ratio = results["ours_bf16_concurrent"]["output_tok_s"] / ours
-        print(f"  {'concurrent / single-stream':<48} {ratio:8.2f}x")
+    pairs = [(peer, f"lmserve bf16 / {peer}", "decode_tok_s") for peer in ("llama_cpp", "hf_fp32", "hf_bf16")]
+    pairs.append(("ours_bf16", "concurrent / single-stream", "output_tok_s"))
+    results["ratios"] = {}
+    for peer, label, key in pairs:
+        if peer not in results:
+            continue
+        numerator = "ours_bf16_concurrent" if key == "output_tok_s" else "ours_bf16"
+        if numerator not in results:
+            continue
+        value = ratio(results, numerator, peer, key)
+        results["ratios"][label] = value
+        print(f"  {label:<48} {_ratio_text(value, results[numerator], results[peer])}")
+
+
+def _ratio_text(value: float | None, first: dict[str, float], second: dict[str, float]) -> str:
+    if value is not None:
+        return f"{value:8.2f}x"
+    loads = ", ".join(f"{f['load_before']:.2f} -> {f['load_after']:.2f}" for f in (first, second))
+    return f"  refused: load average moved by more than {MAX_LOAD_CHANGE} ({loads})"
 
 
 if __name__ == "__main__":

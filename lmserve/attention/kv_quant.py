@@ -17,6 +17,7 @@ import torch
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.attention.torch_backend import TorchAttentionBackend, TorchPlan
+from lmserve.engine.cpu_memory import lazily_zeroed
 from lmserve.kernels.hadamard import rotate
 from lmserve.kernels.kv_quant import (
     PARAMS_DTYPE,
@@ -73,8 +74,8 @@ def allocate_quantized_kv_cache(
     params_shape = (2, num_blocks, block_size, num_kv_heads, 2)
     return [
         QuantizedKVCache(
-            torch.zeros(codes_shape, dtype=torch.uint8, device=device),
-            torch.zeros(params_shape, dtype=PARAMS_DTYPE, device=device),
+            lazily_zeroed(codes_shape, torch.uint8, device),
+            lazily_zeroed(params_shape, PARAMS_DTYPE, device),
             bits,
         )
         for _ in range(num_layers)

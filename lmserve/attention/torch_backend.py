@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
+from lmserve.engine.cpu_memory import lazily_zeroed
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class TorchAttentionBackend(AttentionBackend):
         device: torch.device,
     ) -> list[torch.Tensor]:
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return [lazily_zeroed(shape, dtype, device) for _ in range(num_layers)]
 
     def prepare(self, meta: AttentionMetadata) -> TorchPlan:
         """Looks for padding rows once per step, not per layer (a host read of the slots)."""

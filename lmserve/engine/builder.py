@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from lmserve.attention.backend import AttentionBackend, get_attention_backend
 from lmserve.config import EngineConfig
+from lmserve.engine.cpu_memory import default_cpu_num_blocks
 from lmserve.layers.quant import prepare_for_inference
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
@@ -81,8 +82,12 @@ def attention_backend(resolved: ResolvedConfig) -> AttentionBackend:
 def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig) -> Any:
     """Construct the model on its device and stream the checkpoint's weights into it."""
     from lmserve.models.loader import iter_weights
+    from lmserve.models.weight_cache import weight_cache_for
 
     model: Any = build_model(model_config, attention_backend(resolved), resolved.dtype, resolved.device)
+    cache = weight_cache_for(source, model_config, resolved.dtype, resolved.device)
+    if cache is not None and cache.load_into(model):
+        return model.eval()
     weights = tqdm(
         iter_weights(source, model_config),
         desc="Loading weights",
@@ -92,6 +97,8 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
     )
     model.load_weights(weights)
     prepare_for_inference(model)
+    if cache is not None:
+        cache.save(model)
     model.eval()
     return model
 
@@ -162,7 +169,10 @@ def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: 
         return int(cache_bytes // bytes_per_block)
     full = resolved.max_batch_size * -(-resolved.session_len // block_size)
     if fraction is None:
-        return full
+        bytes_per_block = kv_bytes_per_token(model_config, resolved.dtype, resolved.quant_policy) * block_size
+        return default_cpu_num_blocks(
+            resolved.max_batch_size, resolved.session_len, block_size, bytes_per_block
+        )
     if fraction > 1:
         return -(-int(fraction) // block_size)
     return max(1, int(full * fraction))

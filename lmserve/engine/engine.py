@@ -16,6 +16,7 @@ from lmserve.engine.detokenizer import TextStream
 from lmserve.engine.kv_cache import BlockManager
 from lmserve.engine.limits import EngineLimits, validate_request
 from lmserve.engine.messages import EngineStats
+from lmserve.engine.progress import loading_phase
 from lmserve.engine.request import Request
 from lmserve.engine.runner import ModelRunner
 from lmserve.engine.sampler import SampleResult, make_generator
@@ -90,13 +91,18 @@ class LLMEngine:
 
         config = config or EngineConfig()
         source = resolve_model(model)
-        model_config = load_model_config(source)
+        with loading_phase(
+            f"read the config of {source.gguf_path if source.kind == 'gguf' else source.path}"
+        ):
+            model_config = load_model_config(source)
         check_model_format(config.model_format, source, model_config)
         model_config = with_load_time_quantization(config.model_format, model_config)
         resolved = builder.resolve_config(config, model_config)
         _apply_torch_settings(config)
-        tokenizer = load_tokenizer(source, chat_template)
-        net = builder.load_model(source, model_config, resolved)
+        with loading_phase("loaded the tokenizer"):
+            tokenizer = load_tokenizer(source, chat_template)
+        with loading_phase(f"loaded the weights ({resolved.dtype} on {resolved.device})"):
+            net = builder.load_model(source, model_config, resolved)
         defaults = load_generation_defaults(source)
         return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize)
 
@@ -119,7 +125,8 @@ class LLMEngine:
         backend = net.attention_backend
         num_blocks = builder.num_kv_blocks(config, resolved, model_config)
         block_size = config.cache_block_seq_len
-        kv_caches = builder.allocate_kv_cache(backend, num_blocks, block_size, model_config, resolved)
+        with loading_phase(f"allocated the KV cache ({num_blocks * block_size} tokens)"):
+            kv_caches = builder.allocate_kv_cache(backend, num_blocks, block_size, model_config, resolved)
         graph_runner = _make_graph_runner(net, backend, kv_caches, config, resolved)
         eos_token_ids = eos_token_ids_of(model_config, tokenizer)
         runner = ModelRunner(

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
 
 from lmserve.models.config import ModelConfig, MoEConfig
+from lmserve.models.gguf_file import Q4_1, Q8_0, GGUFFile, GGUFTensor, ggml_type_info, read_gguf_file
+
+Weights = np.ndarray | torch.Tensor
+"""Tensor values in numpy (gguf-py dequantized) or torch (our Q4_1 / Q8_0 dequantization)."""
 
 GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -64,24 +66,23 @@ _NORM_PLUS_ONE_ARCHITECTURES = ("gemma3",)
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """Open a GGUF file (memory-mapped); a missing or unreadable file raises an error naming it."""
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The GGUF file parsed once per process (memory-mapped); a missing or unreadable file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        return GGUFReader(path)
-    except Exception as error:  # gguf raises ValueError, struct errors, IndexError ... on bad files
+        return read_gguf_file(path)
+    except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
 
 
-def read_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def read_field(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """The value of metadata `key` (scalar, string or list), or `default` when absent."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.get(key, default)
 
 
-def gguf_architecture(reader: GGUFReader, path: str | Path) -> str:
+def gguf_architecture(reader: GGUFFile, path: str | Path) -> str:
     """llama.cpp's architecture name; ValueError when we cannot read it as a model."""
     arch = read_field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -132,12 +133,40 @@ def iter_gguf_weights(path: str | Path, config: ModelConfig) -> Iterator[tuple[s
         if tensor.name in _SKIPPED_TENSORS:
             continue
         hf_name = hf_tensor_name(tensor.name, path, arch)
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        weights = dequantize_tensor(tensor)
         if permuted:
             weights = _unpermute_qk(weights, hf_name, config)
         if arch in _NORM_PLUS_ONE_ARCHITECTURES and "norm." in hf_name:
             weights = weights - 1.0
         yield hf_name, _to_float32_tensor(weights)
+
+
+def dequantize_tensor(tensor: GGUFTensor) -> Weights:
+    """float32 values of a GGUF tensor: Q4_1 and Q8_0 vectorized in torch (~10x gguf-py's numpy), others by gguf-py."""
+    dequantize_blocks = _TORCH_DEQUANTIZERS.get(tensor.tensor_type)
+    if dequantize_blocks is None:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        return dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+    block_bytes = ggml_type_info(tensor.tensor_type, tensor.name)[2]
+    blocks = torch.from_numpy(tensor.data.copy()).view(-1, block_bytes)  # a copy: the map is read-only
+    return dequantize_blocks(blocks).reshape(tensor.shape)
+
+
+def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_1 block: fp16 scale d, fp16 minimum m, 16 bytes of codes (low nibbles = values 0-15, high = 16-31)."""
+    scale, minimum = blocks[:, 0:2].view(torch.float16).float(), blocks[:, 2:4].view(torch.float16).float()
+    codes = blocks[:, 4:]
+    return torch.cat([codes & 0xF, codes >> 4], dim=1).float() * scale + minimum
+
+
+def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q8_0 block: fp16 scale d, 32 int8 codes."""
+    return blocks[:, 2:].view(torch.int8).float() * blocks[:, 0:2].view(torch.float16).float()
+
+
+_TORCH_DEQUANTIZERS = {Q4_1: _dequantize_q4_1, Q8_0: _dequantize_q8_0}
 
 
 def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>", arch: str = "llama") -> str:
@@ -153,14 +182,14 @@ def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>", arch: str = "lla
     return f"model.layers.{layer}.{names[kind]}.{suffix}"
 
 
-def unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k permutation (as transformers' LlamaTensorProcessor does)."""
+def unpermute_rope_rows(weights: Weights, num_heads: int) -> Weights:
+    """Undo llama.cpp's q/k permutation (as transformers' LlamaTensorProcessor does); numpy or torch."""
     half_head_dim = weights.shape[0] // num_heads // 2
     rows = weights.reshape(num_heads, half_head_dim, 2, *weights.shape[1:])
     return rows.swapaxes(2, 1).reshape(weights.shape)
 
 
-def _unpermute_qk(weights: np.ndarray, hf_name: str, config: ModelConfig) -> np.ndarray:
+def _unpermute_qk(weights: Weights, hf_name: str, config: ModelConfig) -> Weights:
     if ".self_attn.q_proj." in hf_name:
         return unpermute_rope_rows(weights, config.num_attention_heads)
     if ".self_attn.k_proj." in hf_name:
@@ -168,7 +197,9 @@ def _unpermute_qk(weights: np.ndarray, hf_name: str, config: ModelConfig) -> np.
     return weights
 
 
-def _to_float32_tensor(weights: np.ndarray) -> torch.Tensor:
+def _to_float32_tensor(weights: Weights) -> torch.Tensor:
+    if isinstance(weights, torch.Tensor):
+        return weights.contiguous()
     # F32 tensors come back as read-only views of the memory map; torch needs its own copy.
     array = np.asarray(weights, dtype=np.float32)
     if not array.flags.writeable or not array.flags.c_contiguous:
@@ -179,7 +210,7 @@ def _to_float32_tensor(weights: np.ndarray) -> torch.Tensor:
 class _ArchFields:
     """`{arch}.*` metadata of one GGUF file, with errors naming the file and key."""
 
-    def __init__(self, reader: GGUFReader, arch: str, path: str | Path) -> None:
+    def __init__(self, reader: GGUFFile, arch: str, path: str | Path) -> None:
         self.reader, self.arch, self.path = reader, arch, path
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -192,7 +223,7 @@ class _ArchFields:
         return int(value)
 
 
-def _hf_architecture(reader: GGUFReader, arch: str) -> str:
+def _hf_architecture(reader: GGUFFile, arch: str) -> str:
     # llama.cpp stores Mistral as "llama"; transformers tells them apart by general.name too.
     name = str(read_field(reader, "general.name", "")).lower()
     if arch == "llama" and read_field(reader, "llama.expert_count", 0):
@@ -215,10 +246,10 @@ def _moe_config(meta: _ArchFields) -> MoEConfig | None:
     )
 
 
-def _vocab_size(reader: GGUFReader, meta: _ArchFields) -> int:
+def _vocab_size(reader: GGUFFile, meta: _ArchFields) -> int:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is not None:
-        return len(tokens.data)
+        return len(tokens)
     return meta.required("vocab_size")
 
 
@@ -262,7 +293,7 @@ def _arch_config_fields(arch: str, meta: _ArchFields) -> dict[str, Any]:
     }
 
 
-def _eos_token_ids(reader: GGUFReader) -> tuple[int, ...]:
+def _eos_token_ids(reader: GGUFFile) -> tuple[int, ...]:
     keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     ids = [read_field(reader, key) for key in keys]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
