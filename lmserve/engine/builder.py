@@ -37,17 +37,19 @@ class ResolvedConfig:
     """KV cache quantization: 0 off, 8 int8, 4 int4 (EngineConfig.quant_policy)."""
 
 
-def resolve_device(name: str, tp: int = 1, rank: int = 0) -> torch.device:
-    """cpu, or cuda:rank (one GPU per tp rank); ValueError when --tp asks for more GPUs than there are."""
+def resolve_device(name: str, gpus_needed: int = 1, index: int = 0) -> torch.device:
+    """cpu, or cuda:index (one GPU per tp rank); ValueError when --tp asks for more GPUs than there are."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA GPU is available; use --device cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if tp > torch.cuda.device_count():
-        raise ValueError(f"--tp {tp} needs {tp} GPUs but {torch.cuda.device_count()} are visible")
-    return torch.device("cuda", rank) if tp > 1 else torch.device(name)
+    if gpus_needed > torch.cuda.device_count():
+        raise ValueError(
+            f"--tp {gpus_needed} needs {gpus_needed} GPUs but {torch.cuda.device_count()} are visible"
+        )
+    return torch.device("cuda", index) if gpus_needed > 1 or index else torch.device(name)
 
 
 def check_tp_shape(tp: int, model_config: ModelConfig) -> None:
@@ -75,9 +77,11 @@ def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) ->
     return torch.bfloat16
 
 
-def resolve_config(config: EngineConfig, model_config: ModelConfig, rank: int = 0) -> ResolvedConfig:
-    """`rank` is the tp rank resolving (its GPU is cuda:rank)."""
-    device = resolve_device(config.device, config.tp, rank)
+def resolve_config(config: EngineConfig, model_config: ModelConfig, device_index: int = 0) -> ResolvedConfig:
+    """`device_index`: the GPU of the resolving tp rank (mp workers: cuda:rank; Ray actors see only theirs)."""
+    # the mp executor puts every rank on this node; under Ray each node checks its own GPUs
+    gpus_needed = config.tp if config.distributed_executor_backend == "mp" else device_index + 1
+    device = resolve_device(config.device, gpus_needed, device_index)
     check_tp_shape(config.tp, model_config)
     session_len = config.session_len or model_config.max_position_embeddings
     default_batch = CUDA_MAX_BATCH_SIZE if device.type == "cuda" else CPU_MAX_BATCH_SIZE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,3 +80,30 @@ def _random_int32(shape: tuple[int, int], generator: torch.Generator) -> torch.T
 
 def awq_config(hf_config: dict[str, Any], group_size: int) -> dict[str, Any]:
     return {**hf_config, "quantization_config": awq_quantization_config(4, group_size)}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of pid (from /proc; zombies count as gone)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def spawned_children_of(pid: int) -> list[int]:
+    """Children of pid started by multiprocessing's spawn (engine core, tp workers)."""
+    return [c for c in children_of(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
