@@ -1,27 +1,38 @@
 """tp=2 over gloo (two processes on loopback) gives the logits of tp=1: Llama (GQA), Qwen2 (qkv bias), Mistral,
-InternLM2 with one KV head (replicated on both ranks), and a tiny AWQ model; every rank loads only its shard."""
+InternLM2 with one KV head (replicated on both ranks), tiny AWQ and W8A8 models; every rank loads only its shard."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from lmserve.distributed.sharding import num_local_kv_heads
 from lmserve.engine import builder
+from lmserve.layers.quant_formats import w8a8_quantization_config
 from lmserve.models.loader import ModelSource, load_model_config
-from tests.distributed.tp_helpers import awq_config, random_awq_tensors, run_ranks, save_folder
-from tests.models.model_helpers import PagedSequences, hf_config_dict, tiny_hf_model
+from tests.distributed.tp_helpers import (
+    awq_config,
+    random_awq_tensors,
+    random_w8a8_tensors,
+    run_ranks,
+    save_folder,
+)
+from tests.models.model_helpers import PagedSequences, hf_config_dict, hf_logits, tiny_hf_model
 from tests.models.test_model_logits import internlm2_config, internlm2_state_dict
 
 ATOL = 1e-4
 """float32 both ways; the ranks' partial sums add in another order than one matmul does."""
 BLOCK_SIZE = 4
 CPU = torch.device("cpu")
+PROMPTS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0)).tolist()
 RESOLVED = builder.ResolvedConfig(CPU, torch.float32, session_len=64, max_batch_size=4)
 
 
@@ -38,6 +49,9 @@ def tiny_folders(root: Path) -> dict[str, Path]:
     hf = tiny_hf_model("llama", intermediate_size=128, tie_word_embeddings=False)
     tensors = random_awq_tensors(hf, group_size=32)
     folders["awq"] = save_folder(root / "awq", awq_config(hf_config_dict(hf), 32), tensors)
+    hf = tiny_hf_model("qwen2", tie_word_embeddings=False)
+    w8a8 = {**hf_config_dict(hf), "quantization_config": w8a8_quantization_config(["lm_head"])}
+    folders["w8a8"] = save_folder(root / "w8a8", w8a8, random_w8a8_tensors(hf))
     return folders
 
 
@@ -92,7 +106,35 @@ def logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folders = tiny_folders(root)
     single = {kind: model_logits(folder) for kind, folder in folders.items()}
     run_ranks(rank_main, 2, folders, root / "tp2.pt")
-    return {"tp1": single, "tp2": torch.load(root / "tp2.pt")}
+    return {
+        "tp1": single,
+        "tp2": torch.load(root / "tp2.pt"),
+        "w8a8_float": float_w8a8_logits(folders["w8a8"]),
+    }
+
+
+def float_w8a8_logits(folder: Path) -> torch.Tensor:
+    """The rows model_logits computes, from HF Qwen2 holding the dequantized int8 weights (float activations)."""
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    hf = Qwen2ForCausalLM(Qwen2Config(**config)).eval()
+    tensors = load_file(str(folder / "model.safetensors"))
+    state = {
+        name: tensors[name].float() * tensors[name.removesuffix("weight") + "weight_scale"]
+        if tensors[name].dtype == torch.int8
+        else tensors[name]
+        for name in tensors
+        if not name.endswith("weight_scale")
+    }
+    hf.load_state_dict(state)
+    a, b = PROMPTS
+    rows = [
+        hf_logits(hf, a)[-1],
+        hf_logits(hf, b[:7])[-1],
+        hf_logits(hf, [*a, 5])[-1],
+        hf_logits(hf, [*b[:7], 9])[-1],
+    ]
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "internlm2_one_kv_head", "awq"])
@@ -100,3 +142,30 @@ def test_tp2_logits_equal_tp1(logits: dict[str, Any], kind: str) -> None:
     tp1, tp2 = logits["tp1"][kind], logits["tp2"][kind]
     assert tp2.shape == tp1.shape == (4, 97)
     torch.testing.assert_close(tp2, tp1, atol=ATOL, rtol=0)
+
+
+def test_tp2_w8a8_is_as_close_to_float_as_tp1(logits: dict[str, Any]) -> None:
+    """W8A8 quantizes activations per token on each rank's slice of the features (as vLLM does), so tp=2
+    rounds differently from tp=1: both must be near the float model of the same int8 weights, tp=2 no worse."""
+    reference = logits["w8a8_float"]
+    tp1_error = (logits["tp1"]["w8a8"] - reference).abs().max().item()
+    tp2_error = (logits["tp2"]["w8a8"] - reference).abs().max().item()
+    assert tp1_error < 0.1 * reference.std().item()
+    assert tp2_error <= 1.25 * tp1_error
+
+
+def test_row_parallel_awq_needs_whole_groups_per_rank(tmp_path: Path) -> None:
+    hf = tiny_hf_model("llama", intermediate_size=128, tie_word_embeddings=False)
+    folder = save_folder(tmp_path / "awq64", awq_config(hf_config_dict(hf), 64), random_awq_tensors(hf, 64))
+    run_ranks(expect_group_error, 2, folder)
+
+
+def expect_group_error(rank: int, world_size: int, init_method: str, folder: Path) -> None:
+    init_tensor_parallel(rank, world_size, init_method, CPU)
+    try:
+        with pytest.raises(
+            ValueError, match="--tp 2: o_proj gets 32 input features per rank, not a whole number"
+        ):
+            model_logits(folder)
+    finally:
+        destroy_tensor_parallel()

@@ -74,6 +74,20 @@ def random_awq_tensors(hf_model: Any, group_size: int, seed: int = 0) -> dict[st
     return out
 
 
+def random_w8a8_tensors(hf_model: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The HF model's state dict with every projection replaced by random compressed-tensors int8 tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_model.state_dict().items():
+        module, _, param = name.rpartition(".")
+        if module.rsplit(".", 1)[-1] not in AWQ_PROJECTIONS or param != "weight":
+            out[name] = tensor
+            continue
+        out[name] = torch.randint(-127, 128, tensor.shape, generator=generator).to(torch.int8)
+        out[f"{module}.weight_scale"] = torch.rand(tensor.shape[0], 1, generator=generator) * 0.002 + 0.0005
+    return out
+
+
 def _random_int32(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int64, generator=generator).to(torch.int32)
 
