@@ -32,6 +32,10 @@ class Workers:
     def __init__(self) -> None:
         self.stopping = False
 
+    def rank0_device(self, device: torch.device) -> torch.device:
+        """The device rank 0 (this process) runs on: cuda:0 here, unless the executor placed a worker there."""
+        return device
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -95,9 +99,28 @@ class RayWorkers(Workers):
             ).remote()
             for i in range(spec.config.tp - 1)
         ]
+        self.worker_gpus = self._gpus_on_this_node() if use_gpus else set()
         device_index = 0 if use_gpus else None  # Ray shows each actor only its own GPU
         self.runs = [a.run.remote(rank + 1, spec, device_index) for rank, a in enumerate(self.actors)]
         threading.Thread(target=self._watch, name="lmserve-tp-watch", daemon=True).start()
+
+    def _gpus_on_this_node(self) -> set[int]:
+        """The GPUs of this node that Ray gave to worker actors (rank 0 must not share one: NCCL refuses)."""
+        ray = import_ray()
+        here = ray.util.get_node_ip_address()
+        placed = ray.get([actor.gpu_ids.remote() for actor in self.actors])
+        return {int(gpu) for node, gpus in placed if node == here for gpu in gpus}
+
+    def rank0_device(self, device: torch.device) -> torch.device:
+        if device.type != "cuda":
+            return device
+        free = [i for i in range(torch.cuda.device_count()) if i not in self.worker_gpus]
+        if not free:
+            raise ValueError(
+                "--distributed-executor-backend ray placed tp workers on every GPU of this node; "
+                "rank 0 (the engine) needs one of its own"
+            )
+        return torch.device("cuda", free[0])
 
     def _watch(self) -> None:
         ray = import_ray()
@@ -127,6 +150,11 @@ class RayRank:
     def run(self, rank: int, spec: WorkerSpec, device_index: int | None) -> None:
         run_worker(rank, spec, device_index)
 
+    def gpu_ids(self) -> tuple[str, list[int]]:
+        import ray
+
+        return ray.util.get_node_ip_address(), [int(gpu) for gpu in ray.get_gpu_ids()]
+
 
 def import_ray() -> Any:
     try:
@@ -138,8 +166,9 @@ def import_ray() -> Any:
     return ray
 
 
-def start_workers(spec: WorkerSpec, device: torch.device) -> Workers:
-    """Start ranks 1..tp-1 and join the group as rank 0 (spec.init_method is filled in here)."""
+def start_workers(spec: WorkerSpec, device: torch.device) -> tuple[Workers, torch.device]:
+    """Start ranks 1..tp-1 and join the group as rank 0 (spec.init_method is filled in here); returns the
+    workers and rank 0's device."""
     config = spec.config
     host = "127.0.0.1"
     if config.distributed_executor_backend == "ray":
@@ -150,8 +179,9 @@ def start_workers(spec: WorkerSpec, device: torch.device) -> Workers:
         workers = RayWorkers(spec, use_gpus=device.type == "cuda")
     else:
         workers = ProcessWorkers(replace(spec, parent_pid=os.getpid()))
+    device = workers.rank0_device(device)
     init_tensor_parallel(0, config.tp, spec.init_method, device)
-    return workers
+    return workers, device
 
 
 def free_port(host: str) -> int:

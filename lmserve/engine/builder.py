@@ -56,6 +56,10 @@ def check_tp_shape(tp: int, model_config: ModelConfig) -> None:
     """ValueError naming --tp when the model's heads or features do not split over tp ranks."""
     if tp == 1:
         return
+    if "Moe" in model_config.architecture or "Mixtral" in model_config.architecture:
+        raise ValueError(
+            f"--tp {tp}: {model_config.architecture} (mixture of experts) runs at --tp 1 only for now"
+        )
     check_tp(tp, model_config.num_attention_heads, model_config.num_key_value_heads)
     if model_config.intermediate_size % tp:
         raise ValueError(f"--tp {tp} must divide intermediate_size={model_config.intermediate_size}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,7 @@ class LLMEngine:
         resolved = builder.resolve_config(config, model_config)
         apply_torch_settings(config)
         tokenizer = load_tokenizer(source, chat_template)
-        workers = _start_workers(WorkerSpec(model, config, ""), resolved)
+        workers, resolved = _start_workers(WorkerSpec(model, config, ""), resolved)
         net = builder.load_model(source, model_config, resolved)
         defaults = load_generation_defaults(source)
         return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
@@ -160,7 +161,9 @@ class LLMEngine:
         model_config = random_model_config(config_json, config)
         resolved = builder.resolve_config(config, model_config)
         apply_torch_settings(config)
-        workers = _start_workers(WorkerSpec(None, config, "", random_config_json=config_json), resolved)
+        workers, resolved = _start_workers(
+            WorkerSpec(None, config, "", random_config_json=config_json), resolved
+        )
         net = builder.random_model(model_config, resolved)
         return cls.build(config, model_config, net, resolved=resolved, workers=workers)
 
@@ -341,13 +344,17 @@ def build_runner(
     return runner, num_blocks
 
 
-def _start_workers(spec: WorkerSpec, resolved: builder.ResolvedConfig) -> Workers | None:
-    """tp > 1: start ranks 1..tp-1 and join the group as rank 0 (before loading, so all ranks load at once)."""
+def _start_workers(
+    spec: WorkerSpec, resolved: builder.ResolvedConfig
+) -> tuple[Workers | None, builder.ResolvedConfig]:
+    """tp > 1: start ranks 1..tp-1 and join the group as rank 0 (before loading, so all ranks load at once);
+    the resolved config comes back with rank 0's device (Ray may have given cuda:0 to a worker)."""
     if spec.config.tp == 1:
-        return None
+        return None, resolved
     from lmserve.distributed.executor import start_workers
 
-    return start_workers(spec, resolved.device)
+    workers, device = start_workers(spec, resolved.device)
+    return workers, dataclasses.replace(resolved, device=device)
 
 
 def apply_torch_settings(config: EngineConfig) -> None:
