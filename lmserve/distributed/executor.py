@@ -7,6 +7,7 @@ server's front end reports a dead core (no hang).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -31,6 +32,11 @@ class Workers:
 
     def __init__(self) -> None:
         self.stopping = False
+        # at interpreter exit multiprocessing terminates daemon workers (and Ray its actors): not a failure
+        atexit.register(self._exiting)
+
+    def _exiting(self) -> None:
+        self.stopping = True
 
     def rank0_device(self, device: torch.device) -> torch.device:
         """The device rank 0 (this process) runs on: cuda:0 here, unless the executor placed a worker there."""
