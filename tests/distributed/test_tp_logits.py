@@ -56,8 +56,9 @@ def tiny_folders(root: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def model_logits(folder: Path) -> torch.Tensor:
-    """Logits of a prefill step of two sequences, then a decode step of both (on this rank's shard)."""
+def model_logits(folder: Path) -> tuple[torch.Tensor, int]:
+    """Logits of a prefill step of two sequences, then a decode step of both, and the number of parameter
+    elements this rank holds (its shard)."""
     source = ModelSource(folder, "hf")
     config = load_model_config(source)
     model = builder.load_model(source, config, RESOLVED)
@@ -71,17 +72,14 @@ def model_logits(folder: Path) -> torch.Tensor:
         CPU,
     )
     paged = PagedSequences(32, BLOCK_SIZE)
-    prompts = torch.randint(
-        0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)
-    ).tolist()
-    steps = [[("a", prompts[0]), ("b", prompts[1][:7])], [("a", [5]), ("b", [9])]]
+    steps = [[("a", PROMPTS[0]), ("b", PROMPTS[1][:7])], [("a", [5]), ("b", [9])]]
     logits = []
     for chunks in steps:
         batch = paged.step(chunks)
         plan = model.attention_backend.prepare(batch.metadata)
         hidden = model(batch.input_ids, batch.positions, caches, plan)
         logits.append(model.compute_logits(hidden[batch.logits_indices]))
-    return torch.cat(logits)
+    return torch.cat(logits), sum(p.numel() for p in model.parameters())
 
 
 def _tp() -> int:
@@ -96,8 +94,7 @@ def rank_main(rank: int, world_size: int, init_method: str, folders: dict[str, P
         results = {kind: model_logits(folder) for kind, folder in folders.items()}
     finally:
         destroy_tensor_parallel()
-    if rank == 0:
-        torch.save(results, out)
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +102,13 @@ def logits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tp-models")
     folders = tiny_folders(root)
     single = {kind: model_logits(folder) for kind, folder in folders.items()}
-    run_ranks(rank_main, 2, folders, root / "tp2.pt")
+    run_ranks(rank_main, 2, folders, root)
+    ranks = [torch.load(root / f"rank{rank}.pt") for rank in range(2)]
     return {
-        "tp1": single,
-        "tp2": torch.load(root / "tp2.pt"),
+        "tp1": {kind: result[0] for kind, result in single.items()},
+        "tp2": {kind: result[0] for kind, result in ranks[0].items()},
+        "tp1_params": {kind: result[1] for kind, result in single.items()},
+        "tp2_params": [{kind: result[1] for kind, result in rank.items()} for rank in ranks],
         "w8a8_float": float_w8a8_logits(folders["w8a8"]),
     }
 
@@ -142,6 +142,13 @@ def test_tp2_logits_equal_tp1(logits: dict[str, Any], kind: str) -> None:
     tp1, tp2 = logits["tp1"][kind], logits["tp2"][kind]
     assert tp2.shape == tp1.shape == (4, 97)
     torch.testing.assert_close(tp2, tp1, atol=ATOL, rtol=0)
+
+
+def test_each_rank_holds_about_half_the_parameters(logits: dict[str, Any]) -> None:
+    """Everything but the norms (and, for the one-KV-head model, the replicated K/V) is split in two."""
+    for kind, whole in logits["tp1_params"].items():
+        for rank_params in logits["tp2_params"]:
+            assert 0.45 * whole <= rank_params[kind] <= 0.6 * whole, (kind, rank_params[kind], whole)
 
 
 def test_tp2_w8a8_is_as_close_to_float_as_tp1(logits: dict[str, Any]) -> None:
