@@ -45,6 +45,10 @@ class Workers:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def kill(self) -> None:
+        """End the workers now (rank 0 failed before they could be shut down in order)."""
+        raise NotImplementedError
+
     def died(self, who: str, why: str) -> None:
         """Called by the watcher when a worker ended on its own: fail the engine loudly, now."""
         if self.stopping:
@@ -80,6 +84,12 @@ class ProcessWorkers(Workers):
             process.join(JOIN_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
+
+    def kill(self) -> None:
+        self.stopping = True
+        for process in self.processes:
+            process.kill()
+            process.join()
 
 
 class RayWorkers(Workers):
@@ -145,6 +155,15 @@ class RayWorkers(Workers):
         from ray.util.placement_group import remove_placement_group
 
         ray.wait(self.runs, num_returns=len(self.runs), timeout=JOIN_TIMEOUT_S)
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.group)
+
+    def kill(self) -> None:
+        self.stopping = True
+        ray = import_ray()
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self.actors:
             ray.kill(actor)
         remove_placement_group(self.group)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,9 +107,10 @@ class LLMEngine:
         apply_torch_settings(config)
         tokenizer = load_tokenizer(source, chat_template)
         workers, resolved = _start_workers(WorkerSpec(model, config, ""), resolved)
-        net = builder.load_model(source, model_config, resolved)
-        defaults = load_generation_defaults(source)
-        return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
+        with _killing_workers_on_error(workers):
+            net = builder.load_model(source, model_config, resolved)
+            defaults = load_generation_defaults(source)
+            return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
 
     @classmethod
     def build(
@@ -126,6 +129,11 @@ class LLMEngine:
         The model's attention backend (`net.attention_backend`) allocates the cache and plans every step.
         With `workers` (tp > 1) the net is rank 0's shard and every step is broadcast to the workers.
         """
+        if config.tp > 1 and workers is None:
+            raise ValueError(
+                f"tp={config.tp}: build() runs the model it is given on one rank; "
+                "from_pretrained or from_random_weights start the tp workers"
+            )
         resolved = resolved or builder.resolve_config(config, model_config)
         channel = StepChannel(tp_group().control_group) if workers is not None else None
         eos_token_ids = eos_token_ids_of(model_config, tokenizer)
@@ -164,8 +172,9 @@ class LLMEngine:
         workers, resolved = _start_workers(
             WorkerSpec(None, config, "", random_config_json=config_json), resolved
         )
-        net = builder.random_model(model_config, resolved)
-        return cls.build(config, model_config, net, resolved=resolved, workers=workers)
+        with _killing_workers_on_error(workers):
+            net = builder.random_model(model_config, resolved)
+            return cls.build(config, model_config, net, resolved=resolved, workers=workers)
 
     def shutdown(self) -> None:
         """Stop the tp workers (idempotent; nothing to do at tp 1)."""
@@ -355,6 +364,18 @@ def _start_workers(
 
     workers, device = start_workers(spec, resolved.device)
     return workers, dataclasses.replace(resolved, device=device)
+
+
+@contextlib.contextmanager
+def _killing_workers_on_error(workers: Workers | None) -> Iterator[None]:
+    """Rank 0 failing while it loads: end the workers (they would wait for it forever), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        if workers is not None:
+            workers.kill()
+            destroy_tensor_parallel()
+        raise
 
 
 def apply_torch_settings(config: EngineConfig) -> None:
