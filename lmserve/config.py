@@ -11,6 +11,7 @@ DEVICES = ("auto", "cpu", "cuda")
 QUANT_POLICIES = (0, 4, 8)
 MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8", "fp8")
 ROUTING_STRATEGIES = ("min_expected_latency", "random", "min_observed_latency")
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class EngineConfig:
     device: str = "auto"
     """`auto` picks cuda when available, else cpu."""
     tp: int = 1
-    """Tensor-parallel degree (GPUs)."""
+    """Tensor-parallel degree: ranks (one GPU each on CUDA); it must divide num_attention_heads."""
+    distributed_executor_backend: str = "mp"
+    """How ranks 1..tp-1 run: `mp` processes on this node, `ray` actors in a placement group (any node)."""
     session_len: int | None = None
     """Longest sequence (prompt + output) a request may reach; default: the model's context."""
     max_batch_size: int | None = None
@@ -57,7 +60,10 @@ class EngineConfig:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
         _check(self.device in DEVICES, f"device={self.device!r} must be one of {DEVICES}")
         _check(self.tp >= 1, f"tp={self.tp} must be >= 1")
-        _check(self.tp == 1, f"tp={self.tp}: tensor parallelism is not supported yet; run with --tp 1")
+        _check(
+            self.distributed_executor_backend in EXECUTOR_BACKENDS,
+            f"distributed_executor_backend={self.distributed_executor_backend!r} must be one of {EXECUTOR_BACKENDS}",
+        )
         _check(
             self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2"
         )

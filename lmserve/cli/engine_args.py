@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from lmserve.config import DEVICES, DTYPES, MODEL_FORMATS, QUANT_POLICIES, EngineConfig
+from lmserve.config import DEVICES, DTYPES, EXECUTOR_BACKENDS, MODEL_FORMATS, QUANT_POLICIES, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", choices=DEVICES, default="auto", help="where to run (auto: cuda if available)"
     )
-    group.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
+    group.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel ranks (GPUs on CUDA; on CPU needs --dtype float32)"
+    )
+    group.add_argument(
+        "--distributed-executor-backend",
+        choices=EXECUTOR_BACKENDS,
+        default="mp",
+        help="how tp ranks 1.. run: mp (processes on this node) or ray (actors, several nodes)",
+    )
     group.add_argument(
         "--session-len", type=int, default=None, help="max tokens per session (default: model context)"
     )

@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from lmserve.attention.backend import AttentionBackend, get_attention_backend
 from lmserve.config import EngineConfig
+from lmserve.distributed.parallel_state import check_collective_dtype, min_over_ranks, tp_size
+from lmserve.distributed.sharding import check_tp, num_local_kv_heads
 from lmserve.engine.cpu_memory import default_cpu_num_blocks
 from lmserve.layers.quant import prepare_for_inference
 from lmserve.models.config import ModelConfig
@@ -36,12 +38,32 @@ class ResolvedConfig:
     """KV cache quantization: 0 off, 8 int8, 4 int4 (EngineConfig.quant_policy)."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, gpus_needed: int = 1, index: int = 0) -> torch.device:
+    """cpu, or cuda:index (one GPU per tp rank); ValueError when --tp asks for more GPUs than there are."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if gpus_needed > torch.cuda.device_count():
+        raise ValueError(
+            f"--tp {gpus_needed} needs {gpus_needed} GPUs but {torch.cuda.device_count()} are visible"
+        )
+    return torch.device("cuda", index) if gpus_needed > 1 or index else torch.device(name)
+
+
+def check_tp_shape(tp: int, model_config: ModelConfig) -> None:
+    """ValueError naming --tp when the model's heads or features do not split over tp ranks."""
+    if tp == 1:
+        return
+    if "Moe" in model_config.architecture or "Mixtral" in model_config.architecture:
+        raise ValueError(
+            f"--tp {tp}: {model_config.architecture} (mixture of experts) runs at --tp 1 only for now"
+        )
+    check_tp(tp, model_config.num_attention_heads, model_config.num_key_value_heads)
+    if model_config.intermediate_size % tp:
+        raise ValueError(f"--tp {tp} must divide intermediate_size={model_config.intermediate_size}")
 
 
 def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) -> torch.dtype:
@@ -60,13 +82,19 @@ def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) ->
     return torch.bfloat16
 
 
-def resolve_config(config: EngineConfig, model_config: ModelConfig) -> ResolvedConfig:
-    device = resolve_device(config.device)
+def resolve_config(config: EngineConfig, model_config: ModelConfig, device_index: int = 0) -> ResolvedConfig:
+    """`device_index`: the GPU of the resolving tp rank (mp workers: cuda:rank; Ray actors see only theirs)."""
+    # the mp executor puts every rank on this node; under Ray each node checks its own GPUs
+    gpus_needed = config.tp if config.distributed_executor_backend == "mp" else device_index + 1
+    device = resolve_device(config.device, gpus_needed, device_index)
+    check_tp_shape(config.tp, model_config)
     session_len = config.session_len or model_config.max_position_embeddings
     default_batch = CUDA_MAX_BATCH_SIZE if device.type == "cuda" else CPU_MAX_BATCH_SIZE
+    dtype = resolve_dtype(config.dtype, device, model_config)
+    check_collective_dtype(device, dtype, config.tp)
     return ResolvedConfig(
         device=device,
-        dtype=resolve_dtype(config.dtype, device, model_config),
+        dtype=dtype,
         session_len=session_len,
         max_batch_size=config.max_batch_size or default_batch,
         quant_policy=config.quant_policy,
@@ -88,8 +116,9 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
     cache = weight_cache_for(source, model_config, resolved.dtype, resolved.device)
     if cache is not None and cache.load_into(model):
         return model.eval()
+    weight_slice = model.weight_slice if tp_size() > 1 else None  # each rank reads only its shard
     weights = tqdm(
-        iter_weights(source, model_config),
+        iter_weights(source, model_config, weight_slice),
         desc="Loading weights",
         unit=" tensors",
         leave=False,
@@ -138,7 +167,8 @@ def random_quantization_config(model_format: str) -> dict[str, Any] | None:
 
 
 def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, quant_policy: int = 0) -> float:
-    """Cache bytes one token takes over all layers (K and V); quantized caches count their scales and zeros."""
+    """Cache bytes one token takes over all layers (K and V) on one tp rank; quantized caches count their
+    scales and zeros."""
     if quant_policy:
         from lmserve.attention.kv_quant import bits_of, quantized_bytes_per_element
 
@@ -148,14 +178,19 @@ def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, quant_poli
     return (
         2
         * model_config.num_hidden_layers
-        * model_config.num_key_value_heads
+        * num_local_kv_heads(model_config.num_key_value_heads, tp_size())
         * model_config.head_dim
         * element_size
     )
 
 
 def num_kv_blocks(config: EngineConfig, resolved: ResolvedConfig, model_config: ModelConfig) -> int:
-    """How many KV blocks to allocate (see EngineConfig.cache_max_entry_count)."""
+    """How many KV blocks to allocate (see EngineConfig.cache_max_entry_count): under tp every rank
+    allocates the same number, the fewest any rank's free memory holds."""
+    return min_over_ranks(_num_kv_blocks_here(config, resolved, model_config))
+
+
+def _num_kv_blocks_here(config: EngineConfig, resolved: ResolvedConfig, model_config: ModelConfig) -> int:
     block_size = config.cache_block_seq_len
     fraction = config.cache_max_entry_count
     if resolved.device.type == "cuda":
@@ -190,7 +225,7 @@ def allocate_kv_cache(
             model_config.num_hidden_layers,
             num_blocks,
             block_size,
-            model_config.num_key_value_heads,
+            num_local_kv_heads(model_config.num_key_value_heads, tp_size()),
             model_config.head_dim,
             resolved.dtype,
             resolved.device,

@@ -79,6 +79,7 @@ def run_engine_core(spec: CoreSpec) -> None:
         CoreLoop(engine, inputs, outputs, spec.parent_pid).run()
     finally:
         context.destroy(linger=0)
+        engine.shutdown()  # tp workers leave with the core
 
 
 def _load_engine(spec: CoreSpec) -> Any:

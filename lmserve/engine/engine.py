@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmserve.attention.backend import AttentionBackend
 from lmserve.config import EngineConfig
+from lmserve.distributed.parallel_state import destroy_tensor_parallel, tp_group
+from lmserve.distributed.step_channel import StepChannel
+from lmserve.distributed.worker import WorkerSpec
 from lmserve.engine import builder
 from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.detokenizer import TextStream
@@ -23,6 +29,9 @@ from lmserve.engine.sampler import SampleResult, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import GenerationConfig, RequestOutput, TokenLogprob
 from lmserve.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lmserve.distributed.executor import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +56,11 @@ class LLMEngine:
         resolved: builder.ResolvedConfig,
         generation_defaults: dict[str, Any] | None = None,
         detokenize: bool = True,
+        workers: Workers | None = None,
     ) -> None:
         self.config = config
+        self.workers = workers
+        """tp ranks 1..tp-1 (None at tp 1); `shutdown` stops them."""
         self.detokenize = detokenize and tokenizer is not None
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -98,13 +110,15 @@ class LLMEngine:
         check_model_format(config.model_format, source, model_config)
         model_config = with_load_time_quantization(config.model_format, model_config)
         resolved = builder.resolve_config(config, model_config)
-        _apply_torch_settings(config)
+        apply_torch_settings(config)
         with loading_phase("loaded the tokenizer"):
             tokenizer = load_tokenizer(source, chat_template)
-        with loading_phase(f"loaded the weights ({resolved.dtype} on {resolved.device})"):
-            net = builder.load_model(source, model_config, resolved)
-        defaults = load_generation_defaults(source)
-        return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize)
+        workers, resolved = _start_workers(WorkerSpec(model, config, ""), resolved)
+        with _killing_workers_on_error(workers):
+            with loading_phase(f"loaded the weights ({resolved.dtype} on {resolved.device})"):
+                net = builder.load_model(source, model_config, resolved)
+            defaults = load_generation_defaults(source)
+            return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
 
     @classmethod
     def build(
@@ -116,31 +130,32 @@ class LLMEngine:
         generation_defaults: dict[str, Any] | None = None,
         resolved: builder.ResolvedConfig | None = None,
         detokenize: bool = True,
+        workers: Workers | None = None,
     ) -> LLMEngine:
         """An engine around a constructed model: sizes and allocates the KV cache, sets up the runner.
 
         The model's attention backend (`net.attention_backend`) allocates the cache and plans every step.
+        With `workers` (tp > 1) the net is rank 0's shard and every step is broadcast to the workers.
         """
+        if config.tp > 1 and workers is None:
+            raise ValueError(
+                f"tp={config.tp}: build() runs the model it is given on one rank; "
+                "from_pretrained or from_random_weights start the tp workers"
+            )
         resolved = resolved or builder.resolve_config(config, model_config)
-        backend = net.attention_backend
-        num_blocks = builder.num_kv_blocks(config, resolved, model_config)
-        block_size = config.cache_block_seq_len
-        with loading_phase(f"allocated the KV cache ({num_blocks * block_size} tokens)"):
-            kv_caches = builder.allocate_kv_cache(backend, num_blocks, block_size, model_config, resolved)
-        graph_runner = _make_graph_runner(net, backend, kv_caches, config, resolved)
+        channel = StepChannel(tp_group().control_group) if workers is not None else None
         eos_token_ids = eos_token_ids_of(model_config, tokenizer)
-        runner = ModelRunner(
-            net,
-            model_config,
-            backend,
-            kv_caches,
-            block_size,
-            resolved.device,
-            eos_token_ids,
-            graph_runner,
-        )
+        runner, num_blocks = build_runner(config, model_config, net, resolved, eos_token_ids, channel)
         engine = cls(
-            config, model_config, tokenizer, runner, num_blocks, resolved, generation_defaults, detokenize
+            config,
+            model_config,
+            tokenizer,
+            runner,
+            num_blocks,
+            resolved,
+            generation_defaults,
+            detokenize,
+            workers,
         )
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks",
@@ -158,20 +173,27 @@ class LLMEngine:
         `config.model_format` awq or w8a8 gives random quantized linears of the same shape
         (AWQ group size 128), so quantized speed can be measured without a checkpoint.
         """
-        import json
-
-        with open(config_json) as f:
-            hf_config = json.load(f)
         config = config or EngineConfig()
-        quantization = builder.random_quantization_config(config.model_format)
-        if quantization is not None:
-            hf_config["quantization_config"] = quantization
-        model_config = ModelConfig.from_hf_config(hf_config)
+        model_config = random_model_config(config_json, config)
         resolved = builder.resolve_config(config, model_config)
-        _apply_torch_settings(config)
-        return cls.build(
-            config, model_config, builder.random_model(model_config, resolved), resolved=resolved
+        apply_torch_settings(config)
+        workers, resolved = _start_workers(
+            WorkerSpec(None, config, "", random_config_json=config_json), resolved
         )
+        with _killing_workers_on_error(workers):
+            net = builder.random_model(model_config, resolved)
+            return cls.build(config, model_config, net, resolved=resolved, workers=workers)
+
+    def shutdown(self) -> None:
+        """Stop the tp workers (idempotent; nothing to do at tp 1)."""
+        workers, self.workers = self.workers, None
+        if workers is None:
+            return
+        workers.stopping = True
+        assert self.runner.step_channel is not None
+        self.runner.step_channel.send_shutdown()
+        workers.stop()
+        destroy_tensor_parallel()
 
     # -- requests -------------------------------------------------------------------
 
@@ -298,7 +320,74 @@ def eos_token_ids_of(model_config: ModelConfig, tokenizer: Any) -> tuple[int, ..
     return tuple(sorted(set(model_config.eos_token_ids).union(tokenizer.eos_token_ids if tokenizer else ())))
 
 
-def _apply_torch_settings(config: EngineConfig) -> None:
+def random_model_config(config_json: str, config: EngineConfig) -> ModelConfig:
+    """The ModelConfig of a random-weight engine: config.json's shapes, quantized as --model-format asks."""
+    import json
+
+    with open(config_json) as f:
+        hf_config = json.load(f)
+    quantization = builder.random_quantization_config(config.model_format)
+    if quantization is not None:
+        hf_config["quantization_config"] = quantization
+    return ModelConfig.from_hf_config(hf_config)
+
+
+def build_runner(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    net: Any,
+    resolved: builder.ResolvedConfig,
+    eos_token_ids: tuple[int, ...],
+    step_channel: StepChannel | None = None,
+) -> tuple[ModelRunner, int]:
+    """(runner, number of KV blocks) over the model (one tp rank's shard): the cache sized and allocated,
+    CUDA graphs captured. Every tp rank calls it in the same order (sizing and capture are collective)."""
+    backend = net.attention_backend
+    num_blocks = builder.num_kv_blocks(config, resolved, model_config)
+    block_size = config.cache_block_seq_len
+    with loading_phase(f"allocated the KV cache ({num_blocks * block_size} tokens)"):
+        kv_caches = builder.allocate_kv_cache(backend, num_blocks, block_size, model_config, resolved)
+    graph_runner = _make_graph_runner(net, backend, kv_caches, config, resolved)
+    runner = ModelRunner(
+        net,
+        model_config,
+        backend,
+        kv_caches,
+        block_size,
+        resolved.device,
+        eos_token_ids,
+        graph_runner,
+        step_channel,
+    )
+    return runner, num_blocks
+
+
+def _start_workers(
+    spec: WorkerSpec, resolved: builder.ResolvedConfig
+) -> tuple[Workers | None, builder.ResolvedConfig]:
+    """tp > 1: start ranks 1..tp-1 and join the group as rank 0 (before loading, so all ranks load at once);
+    the resolved config comes back with rank 0's device (Ray may have given cuda:0 to a worker)."""
+    if spec.config.tp == 1:
+        return None, resolved
+    from lmserve.distributed.executor import start_workers
+
+    workers, device = start_workers(spec, resolved.device)
+    return workers, dataclasses.replace(resolved, device=device)
+
+
+@contextlib.contextmanager
+def _killing_workers_on_error(workers: Workers | None) -> Iterator[None]:
+    """Rank 0 failing while it loads: end the workers (they would wait for it forever), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        if workers is not None:
+            workers.kill()
+            destroy_tensor_parallel()
+        raise
+
+
+def apply_torch_settings(config: EngineConfig) -> None:
     """Process-wide torch settings the config asks for: CPU threads, and the seed of the global random stream."""
     if config.num_cpu_threads:
         torch.set_num_threads(config.num_cpu_threads)

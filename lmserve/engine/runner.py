@@ -9,6 +9,7 @@ import torch
 
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batch
+from lmserve.distributed.step_channel import StepChannel
 from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.sampler import Sampler, SampleResult, SamplingBatch, SamplingRequest
 from lmserve.engine.scheduler import ScheduledRequest
@@ -30,6 +31,7 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: tuple[int, ...],
         graph_runner: CUDAGraphRunner | None = None,
+        step_channel: StepChannel | None = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -41,20 +43,32 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graph_runner = graph_runner
         self.vocab_size = model_config.vocab_size
+        self.step_channel = step_channel
+        """Set on tp rank 0: every step goes to the workers before rank 0 runs it too."""
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> SampleResult | None:
         """Run one step; returns sampled tokens for the entries whose `samples` is True (in order)."""
-        batch = self.step_batch(scheduled)
-        hidden = self.forward(batch)
-        sampling = [s for s in scheduled if s.samples]
-        if not sampling:
+        chunks = self.step_chunks(scheduled)
+        if self.step_channel is not None:
+            self.step_channel.send(chunks)
+        logits = self.run_chunks(chunks)
+        if logits is None:
             return None
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        sampling = [s for s in scheduled if s.samples]
         sampling_batch = SamplingBatch.build(
             [self._sampling_request(s) for s in sampling], self.eos_token_ids, logits.shape[-1], self.device
         )
         return self.sampler.sample(logits, sampling_batch)
+
+    @torch.inference_mode()
+    def run_chunks(self, chunks: list[SequenceChunk]) -> torch.Tensor | None:
+        """Forward pass and logits of one step (every tp rank runs it; workers drop the logits)."""
+        batch = build_step_batch(chunks, self.block_size, self.device)
+        hidden = self.forward(batch)
+        if not any(chunk.samples for chunk in chunks):
+            return None
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Hidden states [T, H] of the batch: a graph replay for decode-only batches it covers, else eager."""
@@ -68,12 +82,17 @@ class ModelRunner:
         r = s.request
         return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator)
 
-    def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:
-        """The flat batch of this step (the scheduler puts decodes first)."""
+    @staticmethod
+    def step_chunks(scheduled: list[ScheduledRequest]) -> list[SequenceChunk]:
+        """The sequences of this step (the scheduler puts decodes first)."""
         chunks = []
         for s in scheduled:
             r = s.request
             start = r.num_computed_tokens
             tokens = r.token_ids[start : start + s.num_new_tokens]
             chunks.append(SequenceChunk(tokens, start, r.block_table, s.samples))
-        return build_step_batch(chunks, self.block_size, self.device)
+        return chunks
+
+    def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:
+        """The flat batch of this step."""
+        return build_step_batch(self.step_chunks(scheduled), self.block_size, self.device)

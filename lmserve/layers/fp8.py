@@ -61,6 +61,7 @@ class Fp8Linear(nn.Module):
     """y = fp8(x per token) @ fp8(W per channel)^T with both scales (and the bias) applied in the GEMM."""
 
     output_dims = {"weight": 0, "weight_scale": 0, "weight_scale_inv": 0, "bias": 0}
+    input_dims = {"weight": 1, "weight_scale_inv": 1}  # per-channel scales stay whole on a row-parallel rank
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, layout: str, block: tuple[int, int] | None

@@ -21,6 +21,7 @@ class Linear(nn.Module):
     """y = x W^T + b with uninitialized weights (load_weights fills them; init would waste seconds)."""
 
     output_dims: dict[str, int] = {"weight": 0, "bias": 0}
+    input_dims: dict[str, int] = {"weight": 1}
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -89,7 +90,8 @@ def make_linear(
     """A linear layer; quantized (lmserve.layers.quant) when quant_config is set.
 
     Every returned module exposes `output_dims`: param name -> the dim holding output features,
-    so fused projections (qkv, gate_up) can be concatenated shard by shard at load time.
+    so fused projections (qkv, gate_up) can be concatenated shard by shard at load time, and
+    `input_dims`: param name -> the dim holding input features (what a row-parallel rank slices).
     Dtype and device come from torch's defaults (the model builds under them).
     """
     if quant_config is None:
@@ -102,4 +104,12 @@ def output_dims_of(module: nn.Module) -> dict[str, int]:
     dims = getattr(module, "output_dims", None)
     if not isinstance(dims, dict):
         raise TypeError(f"{type(module).__name__} lacks output_dims, so its shards cannot be fused")
+    return dims
+
+
+def input_dims_of(module: nn.Module) -> dict[str, int]:
+    """The `input_dims` map of a linear built by make_linear (params absent from it are not split by input)."""
+    dims = getattr(module, "input_dims", None)
+    if not isinstance(dims, dict):
+        raise TypeError(f"{type(module).__name__} lacks input_dims, so it cannot be split by input features")
     return dims

@@ -24,6 +24,7 @@ class AWQLinear(nn.Module):
     """W4A16 in the AutoAWQ GEMM layout; on CPU the weight is dequantized per call, then one matmul."""
 
     output_dims = {"qweight": 1, "qzeros": 1, "scales": 1, "bias": 0}
+    input_dims = {"qweight": 0, "qzeros": 0, "scales": 0}  # qzeros/scales rows are groups of inputs
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
         super().__init__()
@@ -69,6 +70,7 @@ class W8A8Linear(nn.Module):
     """Int8 weights per output channel, int8 activations quantized per token at run time."""
 
     output_dims = {"weight": 0, "weight_scale": 0, "bias": 0}
+    input_dims = {"weight": 1}  # the per-output-channel scales stay whole on a row-parallel rank
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()

@@ -11,10 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.attention.backend import AttentionBackend
+from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
+from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
 from lmserve.layers.activation import gated_activation
 from lmserve.layers.embedding import VocabEmbedding
-from lmserve.layers.linear import INT4_MAX_ROWS, Linear, int8_linear, make_linear, output_dims_of, pack_int8
+from lmserve.layers.linear import (
+    INT4_MAX_ROWS,
+    Linear,
+    input_dims_of,
+    int8_linear,
+    make_linear,
+    output_dims_of,
+    pack_int8,
+)
 from lmserve.layers.norm import RMSNorm
+from lmserve.layers.quant_formats import quant_method
 from lmserve.layers.rotary import RopeInputs, RotaryEmbedding, rotate_qk
 from lmserve.models.config import ModelConfig
 
@@ -26,6 +37,9 @@ FUSED_PROJECTIONS = {
     "gate_proj": ("gate_up_proj", 0, 2),
     "up_proj": ("gate_up_proj", 1, 2),
 }
+ROW_PARALLEL = ("o_proj", "down_proj")
+"""Projections split by input features under tp: each rank's partial sums meet in one all-reduce."""
+VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 @contextlib.contextmanager
@@ -41,7 +55,11 @@ def default_dtype_and_device(dtype: torch.dtype, device: torch.device) -> Iterat
 
 
 class LlamaAttention(nn.Module):
-    """Fused QKV projection, optional per-head q/k norms (Qwen3), RoPE, paged attention, output projection."""
+    """Fused QKV projection, optional per-head q/k norms (Qwen3), RoPE, paged attention, output projection.
+
+    Under tp the rank holds its heads only: num_heads and num_kv_heads are this rank's counts (subclasses
+    read them), qkv_proj is column-parallel and o_proj row-parallel with one all-reduce.
+    """
 
     head_norm_class: type[nn.Module] = RMSNorm
     """The q/k norm when config.qk_norm (Gemma 3 overrides it with its (1 + w) norm)."""
@@ -49,8 +67,10 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, layer_index: int = 0) -> None:
         super().__init__()
         self.backend = backend
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        layout = head_layout(config.num_attention_heads, config.num_key_value_heads, tp_rank(), tp_size())
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads
+        self.first_kv_head = layout.first_kv_head
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -64,6 +84,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = make_linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, quant
         )
+        check_whole_groups(self.q_size, quant, "o_proj")
         self.o_proj = make_linear(self.q_size, config.hidden_size, config.o_proj_bias, quant)
 
     def forward(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: Any, attn_plan: Any) -> torch.Tensor:
@@ -73,7 +94,7 @@ class LlamaAttention(nn.Module):
         q, k = rotate_qk(self.qk_heads(qkv), self.num_heads, rope)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, attn_plan, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
     def qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """q and k heads [T, Hq + Hkv, D] of the fused projection, each head normed when the model has q/k norms."""
@@ -88,19 +109,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up fused into one projection (act: config.hidden_act)."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one projection (act: config.hidden_act); under tp
+    each rank holds intermediate_size / tp of the features (gate_up column-, down row-parallel, one all-reduce)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         quant = config.quantization_config
-        self.gate_up_proj = make_linear(
-            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, quant
-        )
-        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, config.mlp_bias, quant)
+        tp = tp_size()
+        if config.intermediate_size % tp:
+            raise ValueError(f"--tp {tp} must divide intermediate_size={config.intermediate_size}")
+        intermediate = config.intermediate_size // tp
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * intermediate, config.mlp_bias, quant)
+        check_whole_groups(intermediate, quant, "down_proj")
+        self.down_proj = make_linear(intermediate, config.hidden_size, config.mlp_bias, quant)
         self.act_and_mul = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return all_reduce(self.down_proj(self.act_and_mul(self.gate_up_proj(x))))
 
 
 def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
@@ -113,6 +138,19 @@ def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
     return SparseMoeBlock(
         config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, moe.renormalize
     )
+
+
+def check_whole_groups(local_inputs: int, quant_config: dict[str, Any] | None, name: str) -> None:
+    """A row-parallel AWQ rank must hold whole quantization groups (they run along the input features)."""
+    if tp_size() == 1 or quant_method(quant_config) != "awq":
+        return
+    assert quant_config is not None
+    group_size = int(quant_config["group_size"])
+    if local_inputs % group_size:
+        raise ValueError(
+            f"--tp {tp_size()}: {name} gets {local_inputs} input features per rank, not a whole number of "
+            f"AWQ groups of {group_size}; use a --tp that splits the groups evenly"
+        )
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -182,8 +220,9 @@ class LlamaForCausalLM(nn.Module):
         self.attention_backend = backend
         with default_dtype_and_device(dtype, device):
             self.model: Any = self.model_class(config, backend)  # LlamaModel or a subclass's own stack
+            rows_per_rank = padded_vocab_size(config.vocab_size, tp_size()) // tp_size()
             self.lm_head = (
-                None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
+                None if config.tie_word_embeddings else Linear(config.hidden_size, rows_per_rank, False)
             )
         # CPU bfloat16 decode: an int8 copy of the lm_head for few-row batches (set by load_weights)
         self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -202,10 +241,18 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V] (lm_head, or the embedding when tied)."""
+        """hidden [N, H] -> float32 logits [N, V] (lm_head, or the embedding when tied).
+
+        Under tp (vocabulary-parallel lm_head) every rank computes its rows' logits and rank 0, which
+        samples, gathers them; the other ranks get their own rows back and drop them.
+        """
         if self.lm_head_int8 is not None and hidden.shape[0] <= INT4_MAX_ROWS:
-            return int8_linear(hidden, self.lm_head_int8).float()
-        return F.linear(hidden, self.lm_head_weight()).float()
+            logits = int8_linear(hidden, self.lm_head_int8)
+        else:
+            logits = F.linear(hidden, self.lm_head_weight())
+        if tp_size() == 1:
+            return logits.float()
+        return gather_to_first(logits, dim=-1)[:, : self.config.vocab_size].float()
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -222,6 +269,38 @@ class LlamaForCausalLM(nn.Module):
             # the biggest matrix of a small model, read whole for every decoded token: torch's bf16 GEMV
             # is compute-bound on the CPU, its int8 weight-only kernel reads half the bytes and is ~4x faster
             self.lm_head_int8 = pack_int8(weight, weight.dtype)
+
+    def weight_slice(self, name: str, shape: tuple[int, ...]) -> TensorSlice | None:
+        """The part of checkpoint tensor `name` (HF name, full `shape`) this tp rank keeps; None = all of it."""
+        if tp_size() == 1:
+            return None
+        if name in VOCAB_PARALLEL:
+            embedding = self.model.embed_tokens
+            return TensorSlice(0, embedding.first_row, min(embedding.stop_row, self.config.vocab_size))
+        module_path, _, param = name.rpartition(".")
+        parent, _, projection = module_path.rpartition(".")
+        if projection in FUSED_PROJECTIONS:
+            return self.column_slice(parent, projection, param, shape)
+        if projection in ROW_PARALLEL:
+            dim = input_dims_of(self.get_submodule(module_path)).get(param)
+            return None if dim is None else part(shape, dim, tp_rank(), 1, tp_size(), name)
+        return None
+
+    def column_slice(self, parent: str, projection: str, param: str, shape: tuple[int, ...]) -> TensorSlice:
+        """This rank's output features of q/k/v (by heads) or gate/up (by tp)."""
+        fused, _, _ = FUSED_PROJECTIONS[projection]
+        dim = output_dims_of(self.get_submodule(f"{parent}.{fused}"))[param]
+        name = f"{parent}.{projection}.{param}"
+        if fused == "gate_up_proj":
+            return part(shape, dim, tp_rank(), 1, tp_size(), name)
+        attention = self.get_submodule(parent)
+        assert isinstance(attention, LlamaAttention)
+        if projection == "q_proj":
+            num = attention.num_heads
+            return part(shape, dim, tp_rank() * num, num, self.config.num_attention_heads, name)
+        return part(
+            shape, dim, attention.first_kv_head, attention.num_kv_heads, self.config.num_key_value_heads, name
+        )
 
 
 class WeightLoader:
@@ -265,6 +344,10 @@ class WeightLoader:
         param = self.targets.get(target)
         if param is None:
             raise ValueError(f"unexpected weight {source!r}: the model has no parameter {target!r}")
+        if target in VOCAB_PARALLEL and tensor.shape[0] < param.shape[0]:
+            tensor = pad_vocab_rows(tensor, param.shape[0])
+        if target.endswith(".bias") and target.split(".")[-2] in ROW_PARALLEL and tp_rank() > 0:
+            tensor = torch.zeros_like(tensor)  # row-parallel partial sums are all-reduced: add the bias once
         if param.shape != tensor.shape:
             raise ValueError(
                 f"weight {source!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
@@ -276,3 +359,8 @@ class WeightLoader:
         module = self.model.get_submodule(module_path)
         if name == "weight" and isinstance(module, Linear):
             module.keep_int4_if_exact(tensor)  # from the checkpoint's values, before rounding to bf16
+
+
+def pad_vocab_rows(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """This rank's vocabulary rows padded with zero rows (the padding past vocab_size under tp)."""
+    return torch.cat([tensor, tensor.new_zeros(num_rows - tensor.shape[0], *tensor.shape[1:])])

@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
+from lmserve.distributed.sharding import TensorSlice
 from lmserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from lmserve.models.gguf import gguf_model_config, iter_gguf_weights
 
@@ -33,6 +34,9 @@ GENERATION_FIELDS = (
 )
 """generation_config.json keys that become request defaults."""
 _SKIPPED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints save a buffer the model recomputes
+
+WeightSlicer = Callable[[str, tuple[int, ...]], TensorSlice | None]
+"""(checkpoint name, full shape) -> the part a tp rank keeps, or None for all of it (model.weight_slice)."""
 
 
 @dataclass(frozen=True)
@@ -216,16 +220,33 @@ def load_generation_defaults(source: ModelSource) -> dict[str, Any]:
 # ---------------------------------------------------------------- weights
 
 
-def iter_weights(source: ModelSource, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs, one tensor at a time; quantized tensors pass through untouched."""
+def iter_weights(
+    source: ModelSource, config: ModelConfig, weight_slice: WeightSlicer | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs, one tensor at a time; quantized tensors pass through untouched.
+
+    With `weight_slice` (a tp rank) each tensor is cut to the rank's part: safetensors read only that part
+    from disk; .bin and GGUF tensors are cut after reading (one whole tensor at a time in memory).
+    """
     if source.kind == "gguf":
-        yield from iter_gguf_weights(source.gguf_path, config)
+        for name, tensor in iter_gguf_weights(source.gguf_path, config):
+            yield name, _cut(tensor, weight_slice and weight_slice(name, tuple(tensor.shape)))
         return
     for path in weight_files(source.path):
-        tensors = _iter_safetensors(path) if path.suffix == ".safetensors" else _iter_torch_bin(path)
+        if path.suffix == ".safetensors":
+            tensors = _iter_safetensors(path, weight_slice)
+        else:
+            tensors = (
+                (n, _cut(t, weight_slice and weight_slice(n, tuple(t.shape))))
+                for n, t in _iter_torch_bin(path)
+            )
         for name, tensor in tensors:
             if not name.endswith(_SKIPPED_WEIGHT_SUFFIXES):
                 yield name, tensor
+
+
+def _cut(tensor: torch.Tensor, part: TensorSlice | None) -> torch.Tensor:
+    return tensor if part is None else tensor.narrow(part.dim, part.start, part.stop - part.start)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -256,19 +277,28 @@ def _files_in_index(index: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(path: Path, weight_slice: WeightSlicer | None) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as error:  # SafetensorError is not importable as a stable type
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({error})") from error
     with handle as file:
         for name in file.keys():
-            yield name, _read_safetensor(file, name, path)
+            yield name, _read_safetensor(file, name, path, weight_slice)
 
 
-def _read_safetensor(file: Any, name: str, path: Path) -> torch.Tensor:
+def _read_safetensor(file: Any, name: str, path: Path, weight_slice: WeightSlicer | None) -> torch.Tensor:
     try:
-        return file.get_tensor(name)
+        if weight_slice is None:
+            return file.get_tensor(name)
+        lazy = file.get_slice(name)
+        part = weight_slice(name, tuple(lazy.get_shape()))
+        if part is None:
+            return lazy[:]
+        index = [slice(None)] * part.dim + [slice(part.start, part.stop)]
+        return lazy[tuple(index)]
+    except ValueError:
+        raise
     except Exception as error:
         raise ValueError(f"{path}: cannot read tensor {name!r} ({error})") from error
 

@@ -39,9 +39,16 @@ def sampled_tokens(engine: LLMEngine, prompt: list[int]) -> list[int]:
     return tokens
 
 
-def test_tp_above_one_is_refused_until_tensor_parallelism_exists() -> None:
-    with pytest.raises(ValueError, match="tp=2: tensor parallelism is not supported"):
-        EngineConfig(tp=2)
+def test_tp_that_cannot_split_the_model_is_refused_naming_the_flag(tiny_folder: Path) -> None:
+    # tiny llama: 4 query heads, 2 KV heads
+    with pytest.raises(ValueError, match="--tp 3 must divide num_attention_heads=4"):
+        LLMEngine.from_pretrained(str(tiny_folder), EngineConfig(tp=3, device="cpu", dtype="float32"))
+    with pytest.raises(
+        ValueError, match="--tp 2 on the CPU runs over gloo, which has no bfloat16 all-reduce"
+    ):
+        LLMEngine.from_pretrained(str(tiny_folder), EngineConfig(tp=2, device="cpu", dtype="bfloat16"))
+    with pytest.raises(ValueError, match="distributed_executor_backend='slurm' must be one of"):
+        EngineConfig(tp=2, distributed_executor_backend="slurm")
 
 
 def test_model_format_must_match_the_checkpoint(tiny_folder: Path) -> None:

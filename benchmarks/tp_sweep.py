@@ -1,0 +1,170 @@
+"""Tensor-parallel sweep: batch-1 decode (tok/s and its fraction of the per-GPU weight-bytes roofline) and the
+256 x 512/256 job at tp = 1, 2, 4, for the Llama-3-8B shape and a 70B shape, random bf16 weights, JSON out.
+
+Usage (GPU machine, 4 GPUs): PYTHONPATH=. python benchmarks/tp_sweep.py --json OUT.json
+Tiny smoke test on the CPU:  PYTHONPATH=. python benchmarks/tp_sweep.py --device cpu --shapes tiny --tp 1 2 --quick
+Settings a machine cannot run (more ranks than GPUs, a shard larger than a GPU) are skipped and say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmserve.bench.offline import latency, throughput
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import LLMEngine
+
+BASE_CONFIG = Path(__file__).parent / "configs" / "llama3-8b.json"
+SHAPES: dict[str, dict[str, Any]] = {
+    "8b": {},
+    "70b": {
+        "hidden_size": 8192,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "intermediate_size": 28672,
+    },
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "head_dim": 32,
+        "max_position_embeddings": 2048,
+    },
+}
+WEIGHT_FRACTION_OF_GPU = 0.85
+"""A shard above this fraction of one GPU's memory leaves too little for activations and a KV cache: skipped."""
+
+
+def shape_config(name: str, folder: Path) -> Path:
+    """config.json of a shape (the 8B config with the shape's fields replaced)."""
+    config = json.loads(BASE_CONFIG.read_text()) | SHAPES[name]
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def weight_bytes(config_path: Path, element_size: int = 2) -> int:
+    """Bytes of all the shape's weights (embedding, layers, lm_head)."""
+    c = json.loads(config_path.read_text())
+    head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    attention = c["hidden_size"] * head_dim * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    mlp = 3 * c["hidden_size"] * c["intermediate_size"]
+    return element_size * (
+        c["num_hidden_layers"] * (attention + mlp) + 2 * c["vocab_size"] * c["hidden_size"]
+    )
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int = 4 << 30, iterations: int = 20) -> float:
+    """Bytes read + written per second by a device-to-device copy (CPU: a smaller host copy)."""
+    if device.type == "cpu":
+        num_bytes = 256 << 20
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * num_bytes * iterations / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def skip_reason(tp: int, config_path: Path, device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    if tp > torch.cuda.device_count():
+        return f"needs {tp} GPUs, {torch.cuda.device_count()} present"
+    per_gpu = weight_bytes(config_path) / tp
+    memory = torch.cuda.get_device_properties(0).total_memory
+    if per_gpu > WEIGHT_FRACTION_OF_GPU * memory:
+        return f"{per_gpu / 1e9:.0f} GB of weights per GPU, {memory / 1e9:.0f} GB on one"
+    return None
+
+
+def decode_bytes_per_token(engine: LLMEngine) -> int:
+    """Weight bytes rank 0 reads per decoded token: its shard's parameters except the embedding (a gather).
+    Every rank holds an equal shard, so this is the per-GPU roofline's numerator."""
+    model = engine.runner.model
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def run_one(config_path: Path, tp: int, args: argparse.Namespace, bandwidth: float) -> dict[str, Any]:
+    dtype = "bfloat16" if args.device == "cuda" else "float32"  # gloo (CPU) all-reduces float32 only
+    config = EngineConfig(device=args.device, dtype=dtype, tp=tp, max_batch_size=args.max_batch_size)
+    start = time.perf_counter()
+    engine = LLMEngine.from_random_weights(str(config_path), config)
+    result: dict[str, Any] = {"engine_build_s": time.perf_counter() - start}
+    try:
+        bytes_per_token = decode_bytes_per_token(engine)
+        roofline = bandwidth / bytes_per_token
+        output_len = 32 if args.quick else 256
+        lat = latency(engine, input_len=128, output_len=output_len, iterations=3)
+        result |= {
+            "weight_bytes_per_gpu_gb": bytes_per_token / 1e9,
+            "roofline_bs1_tok_per_s": roofline,
+            "bs1_decode_tok_per_s": lat.decode_tok_per_s_median,
+            "bs1_fraction_of_roofline": lat.decode_tok_per_s_median / roofline,
+            "kv_tokens_per_rank": engine.block_manager.num_blocks * engine.block_manager.block_size,
+        }
+        num_requests = 16 if args.quick else 256
+        result["job"] = throughput(engine, num_requests, 64 if args.quick else 512, output_len).as_dict()
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["8b", "70b"])
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--quick", action="store_true", help="short outputs and a 16-request job (smoke test)"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    results |= {"torch": torch.__version__, "copy_bandwidth_tb_s": copy_bandwidth(device) / 1e12}
+    with tempfile.TemporaryDirectory() as folder:
+        for shape in args.shapes:
+            config_path = shape_config(shape, Path(folder))
+            for tp in args.tp:
+                reason = skip_reason(tp, config_path, device)
+                key = f"{shape}_tp{tp}"
+                results[key] = (
+                    {"skipped": reason}
+                    if reason
+                    else run_one(config_path, tp, args, results["copy_bandwidth_tb_s"] * 1e12)
+                )
+                print(json.dumps({key: results[key]}), flush=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
