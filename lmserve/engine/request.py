@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 from lmserve.generation import FinishReason, GenerationConfig, PromptThenOutput
 
 if TYPE_CHECKING:  # the scheduler and block manager import this module and stay free of torch
-    import torch
-
     from concurrent.futures import Future
+
+    import torch
 
     from lmserve.engine.detokenizer import TextStream
     from lmserve.structured.sequence import SequenceGrammar

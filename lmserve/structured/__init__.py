@@ -6,7 +6,13 @@ from typing import Any
 
 from lmserve.structured.spec import StructuredOutput, from_response_format
 
-__all__ = ["StructuredOutput", "from_response_format", "check_structured", "make_backend"]
+__all__ = [
+    "StructuredOutput",
+    "check_structured",
+    "from_response_format",
+    "make_backend",
+    "tool_call_grammar",
+]
 
 
 def make_backend(hf_tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Any:
@@ -21,3 +27,12 @@ def check_structured(spec: StructuredOutput) -> None:
     from lmserve.structured.xgrammar_backend import grammar_of
 
     grammar_of(spec)
+
+
+def tool_call_grammar(
+    call_schemas: list[dict[str, Any]], call_start: str, call_end: str, separator: str | None
+) -> StructuredOutput:
+    """`call_start` JSON `call_end` once, or (a separator given) one or more times; JSON of one of the schemas."""
+    from lmserve.structured.xgrammar_backend import repeated_calls_ebnf
+
+    return StructuredOutput("grammar", repeated_calls_ebnf(call_schemas, call_start, call_end, separator))

@@ -32,5 +32,7 @@ class SequenceGrammar:
         return self.matcher.is_terminated()
 
 
-def compiled_matcher(backend: GrammarBackend, compiled: Any, start_after_token_id: int | None) -> SequenceGrammar:
+def compiled_matcher(
+    backend: GrammarBackend, compiled: Any, start_after_token_id: int | None
+) -> SequenceGrammar:
     return SequenceGrammar(backend, backend.matcher(compiled), start_after_token_id)

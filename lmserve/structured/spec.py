@@ -29,7 +29,7 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> StructuredOutput:
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        text = schema if isinstance(schema, str) else json.dumps(schema)  # key order is the output's order
         return cls("json_schema", text)
 
     @classmethod
@@ -50,7 +50,9 @@ def from_response_format(value: StructuredOutput | dict[str, Any] | None) -> Str
     if value is None or isinstance(value, StructuredOutput):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"response_format={value!r} must be a StructuredOutput or an OpenAI response_format dict")
+        raise ValueError(
+            f"response_format={value!r} must be a StructuredOutput or an OpenAI response_format dict"
+        )
     kind = value.get("type")
     if kind == "text":
         return None

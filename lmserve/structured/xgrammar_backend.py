@@ -14,6 +14,7 @@ from lmserve.structured.spec import StructuredOutput
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest is for people
 _LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 _ANY_OBJECT = '{"type": "object"}'
+_ROOT_RULE = re.compile(r"\broot\b")
 
 
 def grammar_of(spec: StructuredOutput) -> xgr.Grammar:
@@ -35,6 +36,24 @@ def _parse(spec: StructuredOutput) -> xgr.Grammar:
         alternatives = " | ".join(json.dumps(choice) for choice in spec.choices)
         return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
     return xgr.Grammar.from_ebnf(spec.spec)
+
+
+def repeated_calls_ebnf(
+    call_schemas: list[dict[str, Any]], call_start: str, call_end: str, separator: str | None
+) -> str:
+    """EBNF of tool calls in a model's own syntax: the calls' JSON grammar renamed, wrapped in the markers."""
+    schema = call_schemas[0] if len(call_schemas) == 1 else {"anyOf": call_schemas}
+    json_rules = _ROOT_RULE.sub(
+        "call_json", str(grammar_of(StructuredOutput("json_schema", json.dumps(schema))))
+    )
+    markers = [
+        json.dumps(call_start) if call_start else "",
+        "call_json",
+        json.dumps(call_end) if call_end else "",
+    ]
+    call = " ".join(part for part in markers if part)
+    more = f" ({json.dumps(separator)} {call})*" if separator is not None else ""
+    return f"root ::= {call}{more}\n{json_rules}"
 
 
 class XGrammarMatcher:

@@ -21,7 +21,11 @@ class ToolCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def to_openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class ToolParser:
     call_end = ""
     arguments_key = "arguments"
     """The key the model's own format gives the arguments (the grammar for required/named writes it)."""
+    call_separator = "\n"
+    """Between parallel calls, in the grammar for required calls."""
+    grammar_call_start = ""
+    grammar_call_end = ""
+    """The markers the grammar writes around each call (the model's own, with its usual newlines)."""
 
     def regions(self, text: str) -> tuple[list[CallRegion], int]:
         """The call regions in `text`, and where the plain content before the first call ends."""
@@ -83,7 +92,7 @@ class ToolParser:
     def parse(self, text: str) -> ParsedOutput:
         """Calls with a name and JSON arguments; the text of anything that does not parse stays content."""
         content, calls = self.partial(text)
-        tool_calls = [ToolCall(c.name, c.arguments) for c in calls if _is_valid(c)]
+        tool_calls = [ToolCall(c.name, c.arguments) for c in calls if c.name is not None and _is_valid(c)]
         if len(tool_calls) < len(calls):  # a malformed call: the model wrote text, not a call
             return ParsedOutput(text, [])
         return ParsedOutput(content.strip() or None, tool_calls)

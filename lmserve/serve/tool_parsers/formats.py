@@ -12,6 +12,8 @@ class QwenToolParser(ToolParser):
     call_start = "<tool_call>"
     call_end = "</tool_call>"
     arguments_key = "arguments"
+    grammar_call_start = "<tool_call>\n"
+    grammar_call_end = "\n</tool_call>"
 
 
 class InternLMToolParser(ToolParser):
@@ -21,6 +23,8 @@ class InternLMToolParser(ToolParser):
     call_start = "<|action_start|><|plugin|>"
     call_end = "<|action_end|>"
     arguments_key = "parameters"
+    grammar_call_start = "<|action_start|><|plugin|>\n"
+    grammar_call_end = "<|action_end|>"
 
 
 class Llama3ToolParser(ToolParser):
@@ -30,6 +34,7 @@ class Llama3ToolParser(ToolParser):
     call_start = "<|python_tag|>"
     call_end = ""
     arguments_key = "parameters"
+    call_separator = "; "
 
     def regions(self, text: str) -> tuple[list[CallRegion], int]:
         tag = text.find(self.call_start)
