@@ -73,7 +73,7 @@ class ToolParser:
         """The call regions in `text`, and where the plain content before the first call ends."""
         regions = []
         position = text.find(self.call_start)
-        content_end = len(text) - _partial_suffix(text, self.call_start) if position < 0 else position
+        content_end = len(text) - partial_suffix(text, self.call_start) if position < 0 else position
         while position >= 0:
             body_start = position + len(self.call_start)
             end = text.find(self.call_end, body_start)
@@ -110,7 +110,7 @@ def _is_valid(call: PartialCall) -> bool:
         return False
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that begins `marker` (held back: it may be a call starting)."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-length:]):

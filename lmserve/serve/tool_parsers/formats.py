@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmserve.serve.tool_parsers.base import CallRegion, ToolParser, scan_json_value
+from lmserve.serve.tool_parsers.base import CallRegion, ToolParser, partial_suffix, scan_json_value
 
 
 class QwenToolParser(ToolParser):
@@ -43,7 +43,7 @@ class Llama3ToolParser(ToolParser):
         elif text.lstrip().startswith("{") or not text.strip():
             content_end, position = 0, 0
         else:
-            return [], len(text)
+            return [], len(text) - partial_suffix(text, self.call_start)
         return self._calls_from(text, position), content_end
 
     @staticmethod
