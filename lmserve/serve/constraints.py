@@ -164,10 +164,11 @@ def _choice(tool_choice: Any, functions: dict[str, Any]) -> tuple[ToolMode, list
     if tool_choice is None or tool_choice in ("none", "auto", "required"):
         return (tool_choice or "auto"), list(functions)
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
-        return "required", [_listed(name, functions, "tool_choice.function.name")]
+        return "required", [_listed(_function_name_of(tool_choice), functions, "tool_choice.function.name")]
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
         allowed = tool_choice.get("allowed_tools", tool_choice)
+        if not isinstance(allowed, dict):
+            raise APIError(400, "tool_choice.allowed_tools must be an object {mode, tools}", "tool_choice")
         mode = allowed.get("mode", "auto")
         if mode not in ("auto", "required"):
             raise APIError(
@@ -176,10 +177,7 @@ def _choice(tool_choice: Any, functions: dict[str, Any]) -> tuple[ToolMode, list
         entries = allowed.get("tools")
         if not isinstance(entries, list) or not entries:
             raise APIError(400, "allowed_tools.tools must be a non-empty list", "tool_choice.tools")
-        names = [
-            (entry.get("function") or {}).get("name") if isinstance(entry, dict) else None
-            for entry in entries
-        ]
+        names = [_function_name_of(entry) for entry in entries]
         return mode, [_listed(name, functions, "tool_choice.tools") for name in names]
     message = (
         "tool_choice must be 'none', 'auto', 'required', a function {type, function: {name}} or allowed_tools"
@@ -187,8 +185,14 @@ def _choice(tool_choice: Any, functions: dict[str, Any]) -> tuple[ToolMode, list
     raise APIError(400, message, "tool_choice")
 
 
+def _function_name_of(entry: Any) -> Any:
+    """The name in {type: function, function: {name}}, or None when the shape is not that."""
+    function = entry.get("function") if isinstance(entry, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
+
+
 def _listed(name: Any, functions: dict[str, Any], param: str) -> str:
-    if name not in functions:
+    if not isinstance(name, str) or name not in functions:
         raise APIError(400, f"tool_choice names {name!r}, which is not in tools {sorted(functions)}", param)
     return str(name)
 

@@ -92,7 +92,7 @@ def chat_request(
         state.engine.tokenizer.vocab_size,
         _after_reasoning(state, tools.grammar or structured),
     )
-    if tools.parser is not None and tools.mode != "none":  # call markers may be special tokens
+    if tools.parser is not None and tools.mode != "none" and tools.parser.markers_are_special:
         config = config.with_updates(skip_special_tokens=False)
     return tools, config, prompt_ids
 
@@ -291,8 +291,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     for ids in prompts:
         sampling.check_context(len(ids), body.max_tokens, state.engine.session_len, "prompt")
     defaults = state.engine.default_generation_config
+    structured = constraints.structured_output_of(None, body.structured_outputs, body.regex_schema)
     config = sampling.build_generation_config(
-        body, defaults, body.max_tokens, sampling.completion_logprobs(body), state.engine.tokenizer.vocab_size
+        body,
+        defaults,
+        body.max_tokens,
+        sampling.completion_logprobs(body),
+        state.engine.tokenizer.vocab_size,
+        _after_reasoning(state, structured),
     )
     api_id = random_id("cmpl-")
     submissions = [

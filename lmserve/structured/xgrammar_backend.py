@@ -21,7 +21,7 @@ def grammar_of(spec: StructuredOutput) -> xgr.Grammar:
     """The xgrammar Grammar of a spec; ValueError with xgrammar's reason when it does not parse."""
     try:
         return _parse(spec)
-    except RuntimeError as error:
+    except Exception as error:  # xgrammar raises RuntimeError mostly, others for odd JSON: all mean "invalid"
         raise ValueError(_LOCATION.sub("", str(error)).strip()) from error
 
 

@@ -27,9 +27,9 @@ PERSON = {
     "additionalProperties": False,
 }
 PROMPTS = [f"Invent person number {i} and describe them." for i in range(20)]
-# sums of one-digit numbers: the language of the EBNF below, parsed back by this regex
-SUM_GRAMMAR = 'root ::= digit (" + " digit)* " = " digit+\ndigit ::= [0-9]'
-SUM_LANGUAGE = re.compile(r"[0-9]( \+ [0-9])* = [0-9]+")
+# a sum of two digits: the language of the EBNF below, parsed back by this regex
+SUM_GRAMMAR = 'root ::= digit " + " digit " = " digit digit?\ndigit ::= [0-9]'
+SUM_LANGUAGE = re.compile(r"[0-9] \+ [0-9] = [0-9]{1,2}")
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,10 @@ def test_mixed_batch_each_kind_gets_its_own_right_answer(pipe: Pipeline) -> None
     assert re.fullmatch(r"[A-Z][a-z]{2,8} [0-9]{2}", results["regex"][0])
     assert results["choice"][0] in ("yes", "no", "maybe later")
     assert SUM_LANGUAGE.fullmatch(results["grammar"][0]), results["grammar"]
-    if results["json_object"][1] == "stop":
+    if results["json_object"][1] == "stop":  # an object may be longer than 40 tokens
         assert isinstance(json.loads(results["json_object"][0]), dict)
-    for name in formats:
-        assert results[name][1] in ("stop", "length")
+    for name in ("regex", "choice", "grammar"):
+        assert results[name][1] == "stop", results[name]
 
 
 def test_n3_sampled_choices_each_validate(pipe: Pipeline) -> None:

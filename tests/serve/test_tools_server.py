@@ -4,6 +4,7 @@ official openai client; arguments checked with jsonschema against the tools' own
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -169,3 +170,16 @@ def test_choice_and_regex_schema_over_http(
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] in expected
+
+
+def test_completions_take_structured_outputs(server: RunningServer) -> None:
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "My favourite number is",
+        "max_tokens": 8,
+        "structured_outputs": {"regex": " [0-9]{2}"},
+    }
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert re.fullmatch(" [0-9]{2}", choice["text"]) and choice["finish_reason"] == "stop"

@@ -65,6 +65,8 @@ class ToolParser:
     """The key the model's own format gives the arguments (the grammar for required/named writes it)."""
     call_separator = "\n"
     """Between parallel calls, in the grammar for required calls."""
+    markers_are_special = False
+    """The call markers are special tokens (decoding must keep them for the parser to see the calls)."""
     grammar_call_start = ""
     grammar_call_end = ""
     """The markers the grammar writes around each call (the model's own, with its usual newlines)."""

@@ -23,6 +23,7 @@ class InternLMToolParser(ToolParser):
     call_start = "<|action_start|><|plugin|>"
     call_end = "<|action_end|>"
     arguments_key = "parameters"
+    markers_are_special = True
     grammar_call_start = "<|action_start|><|plugin|>\n"
     grammar_call_end = "<|action_end|>"
 
@@ -34,6 +35,7 @@ class Llama3ToolParser(ToolParser):
     call_start = "<|python_tag|>"
     call_end = ""
     arguments_key = "parameters"
+    markers_are_special = True
     call_separator = "; "
 
     def regions(self, text: str) -> tuple[list[CallRegion], int]:
