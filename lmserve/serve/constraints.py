@@ -37,7 +37,7 @@ def structured_output_of(
     }
     named = {param: spec for param, spec in given.items() if spec is not None}
     if len(named) > 1:
-        raise APIError(400, f"give one output constraint, not {sorted(named)}", sorted(named)[1])
+        raise APIError(400, f"give one output constraint, not all of {list(named)}", list(named)[1])
     for param, spec in named.items():
         return checked(spec, param)
     return None

@@ -14,6 +14,8 @@ from lmserve.structured.spec import StructuredOutput
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest is for people
 _LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 _ANY_OBJECT = '{"type": "object"}'
+SERIAL_FILL_ROWS = 16
+"""Up to this many rows one thread fills faster (16 JSON rows: 0.14 ms serial vs 0.31 ms on the pool, 2-core CPU)."""
 _ROOT_RULE = re.compile(r"\broot\b")
 
 
@@ -89,8 +91,9 @@ class XGrammarBackend:
     def fill_bitmask(self, matchers: list[Any], rows: list[int], num_rows: int) -> torch.Tensor:
         bitmask = xgr.allocate_token_bitmask(num_rows, self.vocab_size)
         inner = [matcher.inner for matcher in matchers]
-        if len(inner) == 1:
-            inner[0].fill_next_token_bitmask(bitmask, rows[0])
+        if len(inner) <= SERIAL_FILL_ROWS:
+            for matcher, row in zip(inner, rows, strict=True):
+                matcher.fill_next_token_bitmask(bitmask, row)
         else:  # xgrammar's thread pool fills the rows in parallel (batch 64 on a GPU host)
             self.batch_matcher.batch_fill_next_token_bitmask(inner, bitmask, rows)
         return bitmask
