@@ -17,7 +17,7 @@ from tests.serve.conftest import MODEL_NAME, RunningServer
 WEATHER_PARAMETERS = {
     "type": "object",
     "properties": {
-        "city": {"type": "string", "maxLength": 20},
+        "city": {"type": "string", "maxLength": 8},
         "unit": {"enum": ["celsius", "fahrenheit"]},
     },
     "required": ["city", "unit"],
@@ -25,7 +25,7 @@ WEATHER_PARAMETERS = {
 }
 TIME_PARAMETERS = {
     "type": "object",
-    "properties": {"timezone": {"type": "string", "maxLength": 20}},
+    "properties": {"timezone": {"type": "string", "maxLength": 8}},
     "required": ["timezone"],
     "additionalProperties": False,
 }
@@ -64,10 +64,7 @@ def test_required_calls_parse_even_when_no_tool_is_asked_for(server: RunningServ
         messages=NO_TOOL_NEEDED,
         tools=TOOLS,
         tool_choice="required",
-        max_tokens=60,
-        n=2,
-        temperature=1.0,
-        seed=3,
+        max_tokens=80,
     )
     for choice in completion.choices:
         assert choice.finish_reason == "tool_calls", choice.message
@@ -80,7 +77,7 @@ def test_named_function_is_the_one_called_once(server: RunningServer) -> None:
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_time"}},
-        max_tokens=60,
+        max_tokens=80,
     )
     calls = completion.choices[0].message.tool_calls or []
     assert len(calls) == 1 and completion.choices[0].finish_reason == "tool_calls"
@@ -89,7 +86,7 @@ def test_named_function_is_the_one_called_once(server: RunningServer) -> None:
 
 def test_openai_client_reassembles_streamed_calls(server: RunningServer) -> None:
     with client(server).chat.completions.stream(
-        model=MODEL_NAME, messages=NO_TOOL_NEEDED, tools=TOOLS, tool_choice="required", max_tokens=60
+        model=MODEL_NAME, messages=NO_TOOL_NEEDED, tools=TOOLS, tool_choice="required", max_tokens=80
     ) as stream:
         argument_deltas = sum(1 for event in stream if event.type == "tool_calls.function.arguments.delta")
         final = stream.get_final_completion()
