@@ -64,6 +64,7 @@ def test_required_calls_parse_even_when_no_tool_is_asked_for(server: RunningServ
         messages=NO_TOOL_NEEDED,
         tools=TOOLS,
         tool_choice="required",
+        parallel_tool_calls=False,  # one call, then the grammar allows only EOS
         max_tokens=80,
     )
     for choice in completion.choices:
@@ -86,7 +87,12 @@ def test_named_function_is_the_one_called_once(server: RunningServer) -> None:
 
 def test_openai_client_reassembles_streamed_calls(server: RunningServer) -> None:
     with client(server).chat.completions.stream(
-        model=MODEL_NAME, messages=NO_TOOL_NEEDED, tools=TOOLS, tool_choice="required", max_tokens=80
+        model=MODEL_NAME,
+        messages=NO_TOOL_NEEDED,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
     ) as stream:
         argument_deltas = sum(1 for event in stream if event.type == "tool_calls.function.arguments.delta")
         final = stream.get_final_completion()

@@ -154,3 +154,8 @@ def test_reasoning_then_tool_call_streamed() -> None:
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "need weather"
     calls = reassemble([e for d in deltas for e in d.get("tool_calls", [])])
     assert [c["name"] for c in calls] == ["get_weather", "get_time"] and stream.made_calls
+
+
+def test_calls_cut_by_max_tokens_keep_the_whole_ones() -> None:
+    text = (OUTPUTS["qwen"] % "{}") + '\n<tool_call>\n{"name": "get_ti'
+    assert [c.name for c in TOOL_PARSERS["qwen"]().parse(text).tool_calls] == ["get_weather", "get_time"]

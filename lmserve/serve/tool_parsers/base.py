@@ -94,6 +94,8 @@ class ToolParser:
     def parse(self, text: str) -> ParsedOutput:
         """Calls with a name and JSON arguments; the text of anything that does not parse stays content."""
         content, calls = self.partial(text)
+        if len(calls) > 1 and not calls[-1].complete:
+            calls = calls[:-1]  # cut by max_tokens after whole calls: those calls stand
         tool_calls = [ToolCall(c.name, c.arguments) for c in calls if c.name is not None and _is_valid(c)]
         if len(tool_calls) < len(calls):  # a malformed call: the model wrote text, not a call
             return ParsedOutput(text, [])
