@@ -42,7 +42,7 @@ def person_format() -> dict[str, Any]:
 
 
 def test_twenty_json_schema_outputs_validate(pipe: Pipeline) -> None:
-    config = GenerationConfig(max_new_tokens=40, response_format=person_format())
+    config = GenerationConfig(max_new_tokens=48, response_format=person_format())
     responses = pipe(PROMPTS, config)
     assert isinstance(responses, list)
     for response in responses:
