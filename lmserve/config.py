@@ -114,6 +114,10 @@ class ServeConfig:
     disable_metrics: bool = False
     proxy_url: str | None = None
     """A `serve proxy` to register with once listening (POST /nodes/add), and to leave on stop."""
+    tool_call_parser: str | None = None
+    """LMDeploy's --tool-call-parser (qwen, internlm, llama3); None: chosen from the chat template."""
+    reasoning_parser: str | None = None
+    """--reasoning-parser (deepseek-r1, qwen3); None: no reasoning split."""
 
     def __post_init__(self) -> None:
         _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")

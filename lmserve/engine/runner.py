@@ -80,7 +80,7 @@ class ModelRunner:
     @staticmethod
     def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
         r = s.request
-        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator)
+        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator, r.grammar)
 
     @staticmethod
     def step_chunks(scheduled: list[ScheduledRequest]) -> list[SequenceChunk]:
