@@ -10,6 +10,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANT_POLICIES = (0, 4, 8)
 MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8")
+POOLING_TYPES = ("last", "mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,15 @@ class EngineConfig:
     seed: int = 0
     """Seed of torch's global random stream, set when the engine is built: requests without a seed of their
     own draw from it, so the same seed and the same requests in the same order give the same tokens."""
+    pooling: str = "last"
+    """How /v1/embeddings pools the last hidden states: last token (decoder embedding models such as
+    gte-Qwen2, e5-mistral), mean, or cls (the first token); the result is L2-normalized (vLLM's pooler)."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
         _check(self.device in DEVICES, f"device={self.device!r} must be one of {DEVICES}")
         _check(self.tp >= 1, f"tp={self.tp} must be >= 1")
+        _check(self.pooling in POOLING_TYPES, f"pooling={self.pooling!r} must be one of {POOLING_TYPES}")
         _check(self.tp == 1, f"tp={self.tp}: tensor parallelism is not supported yet; run with --tp 1")
         _check(
             self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2"

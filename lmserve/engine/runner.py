@@ -10,6 +10,7 @@ import torch
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batch
 from lmserve.engine.cuda_graph import CUDAGraphRunner
+from lmserve.engine.pooling import pool_chunk
 from lmserve.engine.sampler import Sampler, SampleResult, SamplingBatch, SamplingRequest
 from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
@@ -47,6 +48,7 @@ class ModelRunner:
         """Run one step; returns sampled tokens for the entries whose `samples` is True (in order)."""
         batch = self.step_batch(scheduled)
         hidden = self.forward(batch)
+        self._pool(scheduled, hidden)
         sampling = [s for s in scheduled if s.samples]
         if not sampling:
             return None
@@ -62,6 +64,17 @@ class ModelRunner:
             return self.graph_runner.run(batch)
         plan = self.backend.prepare(batch.metadata)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, plan)
+
+    @staticmethod
+    def _pool(scheduled: list[ScheduledRequest], hidden: torch.Tensor) -> None:
+        """Fold each embedding request's rows of the step into its pooling state (rows follow `scheduled`)."""
+        row = 0
+        for s in scheduled:
+            r = s.request
+            if r.pooling is not None:
+                chunk = hidden[row : row + s.num_new_tokens]
+                r.pooled = pool_chunk(r.pooling, r.pooled, chunk, r.num_computed_tokens, s.reaches_end)
+            row += s.num_new_tokens
 
     @staticmethod
     def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
