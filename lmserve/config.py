@@ -109,6 +109,10 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     webui: bool = True
     disable_metrics: bool = False
+    tool_call_parser: str | None = None
+    """LMDeploy's --tool-call-parser (qwen, internlm, llama3); None: chosen from the chat template."""
+    reasoning_parser: str | None = None
+    """--reasoning-parser (deepseek-r1, qwen3); None: no reasoning split."""
 
     def __post_init__(self) -> None:
         _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")

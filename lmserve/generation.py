@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from lmserve.structured.spec import StructuredOutput, from_response_format
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -44,6 +46,8 @@ class GenerationConfig:
     """None: no logprobs; k >= 0: the sampled token's logprob plus the top-k alternatives."""
     n: int = 1
     """Completions per prompt (the pipeline/server fan out; the engine sees n=1 requests)."""
+    response_format: StructuredOutput | None = None
+    """The output must match this grammar (also takes OpenAI's response_format dict); None: free text."""
 
     def __post_init__(self) -> None:
         # lists are accepted from callers for convenience; stored as tuples to stay hashable/frozen
@@ -52,6 +56,7 @@ class GenerationConfig:
             object.__setattr__(self, "stop_words", tuple(words))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "response_format", from_response_format(self.response_format))
         self.validate()
 
     def validate(self) -> None:
@@ -84,6 +89,11 @@ class GenerationConfig:
                 f"logprobs={self.logprobs} must be in [0, 20]",
             ),
             (1 <= self.n <= 128, f"n={self.n} must be in [1, 128]"),
+            # a grammar ends with EOS: banning EOS would leave it no way to finish
+            (
+                self.response_format is None or not (self.ignore_eos or self.min_new_tokens),
+                "ignore_eos=True and min_new_tokens > 0 cannot be combined with response_format",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -10,6 +10,8 @@ from typing import Any
 
 from lmserve.cli.engine_args import add_engine_args, engine_config_from_args
 from lmserve.config import ServeConfig
+from lmserve.serve.reasoning import REASONING_PARSERS
+from lmserve.serve.tool_parsers import TOOL_PARSERS
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -65,6 +67,18 @@ def _add_api_server(commands: Any) -> None:
     )
     group.add_argument("--disable-metrics", action="store_true", help="no Prometheus /metrics")
     group.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help="how tool calls are written (default: from the chat template)",
+    )
+    group.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        default=None,
+        help="split <think> reasoning into message.reasoning_content",
+    )
+    group.add_argument(
         "--engine-core",
         choices=ENGINE_CORES,
         default="process",
@@ -116,6 +130,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_concurrent_requests=args.max_concurrent_requests,
         webui=args.webui,
         disable_metrics=args.disable_metrics,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import torch
@@ -17,14 +18,20 @@ from lmserve.engine.kv_cache import BlockManager
 from lmserve.engine.limits import EngineLimits, validate_embedding_request, validate_request
 from lmserve.engine.messages import EngineStats
 from lmserve.engine.pooling import finish_pooling
-from lmserve.engine.request import Request
+from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.runner import ModelRunner
 from lmserve.engine.sampler import SampleResult, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
-from lmserve.generation import GenerationConfig, RequestOutput, TokenLogprob
+from lmserve.generation import FinishReason, GenerationConfig, RequestOutput, TokenLogprob
 from lmserve.models.config import ModelConfig
+from lmserve.structured import make_backend
+from lmserve.structured.cache import GrammarCache
+from lmserve.structured.sequence import compiled_matcher
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_IDLE_WAIT_S = 0.005
+"""An engine with nothing but compiling grammars waits this long for one, instead of spinning."""
 
 # generation_config.json fields that become our sampling defaults
 _GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
@@ -66,6 +73,9 @@ class LLMEngine:
             self.session_len,
         )
         self.requests: dict[str, Request] = {}
+        self.compiling: list[Request] = []
+        """Requests whose grammar compiles in the background; they are not in the scheduler yet."""
+        self._grammar_cache: GrammarCache | None = None
         self.default_generation_config = _defaults_from(generation_defaults or {})
         self._ids = itertools.count()
         self.num_steps = 0
@@ -194,7 +204,11 @@ class LLMEngine:
         if self.detokenize:
             request.detokenizer = TextStream(self.tokenizer.hf, request.prompt_token_ids, gen_config)
         self.requests[request_id] = request
-        self.scheduler.add(request)
+        if gen_config.response_format is not None:
+            request.grammar_future = self.grammar_cache.compile(gen_config.response_format)
+            self.compiling.append(request)
+        else:
+            self.scheduler.add(request)
         return request_id
 
     def add_embedding_request(self, prompt_token_ids: list[int], request_id: str | None = None) -> str:
@@ -209,16 +223,69 @@ class LLMEngine:
         self.scheduler.add(request)
         return request_id
 
+    @property
+    def grammar_cache(self) -> GrammarCache:
+        """Made on the first structured request (it needs the tokenizer: random-weight engines have none)."""
+        if self._grammar_cache is None:
+            if self.tokenizer is None:
+                raise ValueError("response_format needs a tokenizer; this engine has none")
+            eos = self.scheduler.eos_token_ids
+            backend = make_backend(self.tokenizer.hf, self.model_config.vocab_size, tuple(sorted(eos)))
+            self._grammar_cache = GrammarCache(backend)
+        return self._grammar_cache
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Move requests whose grammar is ready into the scheduler; a grammar that failed ends its request.
+
+        A request still compiling waits without holding up the others (they were scheduled already).
+        """
+        futures = [r.grammar_future for r in self.compiling if r.grammar_future is not None]
+        if not self.scheduler.num_unfinished:
+            wait(futures, GRAMMAR_IDLE_WAIT_S, FIRST_COMPLETED)
+        ready = [r for r in self.compiling if r.grammar_future is None or r.grammar_future.done()]
+        failed = []
+        for request in ready:
+            self.compiling.remove(request)
+            error = self._start_grammar(request)
+            if error is None:
+                self.scheduler.add(request)
+            else:
+                failed.append(self._end_before_start(request, "error", error))
+        return failed
+
+    def _start_grammar(self, request: Request) -> str | None:
+        """Give the request its matcher; the reason when its grammar did not compile."""
+        assert request.grammar_future is not None and request.gen_config.response_format is not None
+        try:
+            compiled = request.grammar_future.result()
+        except ValueError as error:
+            return f"response_format could not be compiled: {error}"
+        start_after = request.gen_config.response_format.start_after_token_id
+        request.grammar = compiled_matcher(self.grammar_cache.backend, compiled, start_after)
+        request.grammar_future = None
+        return None
+
+    def _end_before_start(self, request: Request, reason: FinishReason, error: str | None) -> RequestOutput:
+        """End a request that never reached the scheduler (its grammar failed, or it was aborted)."""
+        self.requests.pop(request.request_id, None)
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
+        out = self._output(request, "", [], None, finished=True)
+        out.error = error
+        return out
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        if request in self.compiling:
+            self.compiling.remove(request)
+            return self._end_before_start(request, "abort", None)
         self.scheduler.finish(request, "abort")
         return self._output(request, "", [], None, finished=True)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or bool(self.compiling)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after an exception inside a step)."""
@@ -233,19 +300,21 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = self._admit_compiled() if self.compiling else []
         schedule = self.scheduler.schedule()
         self.num_preemptions += len(schedule.preempted)
         if schedule.is_empty:
-            return []
+            return failed
         result = self.runner.execute(schedule.scheduled)
         self.num_steps += 1
-        return self._postprocess(schedule.scheduled, result)
+        return failed + self._postprocess(schedule.scheduled, result)
 
     def _postprocess(
         self, scheduled: list[ScheduledRequest], result: SampleResult | None
     ) -> list[RequestOutput]:
         """The scheduler applies the step's tokens (progress, stop tokens, lengths); the engine adds text."""
         sampled = self.scheduler.update(scheduled, result.token_ids if result else [])
+        self._advance_grammars(sampled)
         logprobs = result.logprobs if result and result.logprobs else [None] * len(sampled)
         outputs = [self._emit(token, logprob) for token, logprob in zip(sampled, logprobs, strict=True)]
         pooled = [s.request for s in scheduled if s.request.is_pooling and s.request.is_finished]
@@ -259,6 +328,13 @@ class LLMEngine:
         output = self._output(request, "", [], None, finished=True)
         output.embedding = embedding
         return output
+
+    def _advance_grammars(self, sampled: list[SampledToken]) -> None:
+        """Feed each constrained request its token; a grammar that is done ends its request ("stop")."""
+        for token in sampled:
+            grammar = token.request.grammar
+            if grammar is not None and grammar.advance(token.token_id) and not token.request.is_finished:
+                self.scheduler.finish(token.request, "stop")
 
     def _emit(self, sampled: SampledToken, logprob: TokenLogprob | None) -> RequestOutput:
         request = sampled.request

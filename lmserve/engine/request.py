@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmserve.generation import FinishReason, GenerationConfig, PromptThenOutput
 
 if TYPE_CHECKING:  # the scheduler and block manager import this module and stay free of torch
+    from concurrent.futures import Future
+
     import torch
 
     from lmserve.engine.detokenizer import TextStream
+    from lmserve.structured.sequence import SequenceGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +50,9 @@ class Request(PromptThenOutput):
     detokenizer: TextStream | None = None
     pooled: torch.Tensor | None = None
     """An embedding request's pooling state over the chunks computed so far (the runner keeps it)."""
+    grammar_future: Future[Any] | None = None
+    """The compiled grammar on its way (response_format); the request joins the scheduler when it is done."""
+    grammar: SequenceGrammar | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -79,7 +79,7 @@ class ModelRunner:
     @staticmethod
     def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
         r = s.request
-        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator)
+        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator, r.grammar)
 
     def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:
         """The flat batch of this step (the scheduler puts decodes first)."""

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, temperature, min-p/top-k/top-p, per-request seeds, logprobs."""
+"""Batched sampling: grammar masks, penalties, temperature, min-p/top-k/top-p, per-request seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.generation import GenerationConfig, PromptThenOutput, TokenLogprob
+from lmserve.structured.backend import GrammarBackend
+from lmserve.structured.sequence import SequenceGrammar
 
 Device = torch.device | str
 
@@ -27,6 +29,8 @@ class SamplingRequest(PromptThenOutput):
     """Prompt then output tokens: the engine's own list, not copied per step (only penalties read it)."""
     num_prompt_tokens: int
     generator: torch.Generator | None = None
+    grammar: SequenceGrammar | None = None
+    """The row's structured-output matcher (response_format, tool calls); masks only while active."""
 
     @classmethod
     def from_lists(
@@ -45,6 +49,30 @@ class SampleResult:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class GrammarMask:
+    """The allowed next tokens of the batch's constrained rows, as one bitmask over the vocabulary."""
+
+    backend: GrammarBackend
+    bitmask: torch.Tensor
+    """int32[N, ceil(V / 32)] on the host; rows not in `rows` are not read."""
+    rows: list[int]
+
+    @classmethod
+    def build(cls, requests: list[SamplingRequest]) -> GrammarMask | None:
+        """None when no row is constrained now (most batches: nothing to fill or apply)."""
+        rows = [row for row, r in enumerate(requests) if r.grammar is not None and r.grammar.active]
+        if not rows:
+            return None
+        grammars = [requests[row].grammar for row in rows]
+        backend = grammars[0].backend  # type: ignore[union-attr]
+        matchers = [grammar.matcher for grammar in grammars]  # type: ignore[union-attr]
+        return cls(backend, backend.fill_bitmask(matchers, rows, len(requests)), rows)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        self.backend.apply_bitmask(logits, self.bitmask, self.rows)
 
 
 @dataclass
@@ -81,6 +109,7 @@ class SamplingBatch:
     num_logprobs: list[int | None]
     logprob_rows: torch.Tensor | None
     """int64[M]: rows that asked for logprobs."""
+    grammar_mask: GrammarMask | None = None
 
     @classmethod
     def build(
@@ -127,6 +156,7 @@ class SamplingBatch:
             logprob_rows=torch.tensor(logprob_rows, dtype=torch.long, device=device)
             if logprob_rows
             else None,
+            grammar_mask=GrammarMask.build(requests),
         )
 
     @property
@@ -243,7 +273,7 @@ def _logit_bias(
 class Sampler:
     """Turns a batch of logits into one token per row.
 
-    Order: penalties -> (greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> sample.
+    Order: grammar mask -> penalties -> (greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> sample.
     Logprobs are the log-softmax of the *raw* logits (before penalties and temperature), as
     OpenAI and vLLM report them: they describe the model, not the sampling settings.
     """
@@ -252,6 +282,8 @@ class Sampler:
         raw_logprobs = None
         if batch.logprob_rows is not None:
             raw_logprobs = logits.index_select(0, batch.logprob_rows).float().log_softmax(dim=-1)
+        if batch.grammar_mask is not None:
+            batch.grammar_mask.apply(logits)  # in place: the logits are this step's own tensor
         if batch.needs_penalties:
             logits = apply_penalties(logits.clone(), batch)
         token_ids = self._choose(logits, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -86,9 +87,76 @@ class Tokenizer:
             )
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
-        """Token ids of the rendered chat; the template writes BOS itself, so none is added (as HF does)."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **kwargs: Any
+    ) -> list[int]:
+        """Token ids of the rendered chat; the template writes BOS itself, so none is added (as HF does).
+
+        Tools, past calls and tool results go through the template's own `tools` argument; a template
+        that knows no tools gets them written in Hermes style (what the qwen tool parser reads).
+        """
+        if tools or _has_tool_turns(messages):
+            if self.renders_tools:
+                kwargs["tools"] = tools or None
+            else:
+                messages = hermes_messages(messages, tools or [])
         return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes tools and tool turns itself."""
+        return (
+            self.chat_template is not None
+            and "tools" in self.chat_template
+            and "tool_calls" in self.chat_template
+        )
+
+
+_HERMES_TOOLS = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def _has_tool_turns(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def hermes_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools in the system prompt, calls as <tool_call> text, results as <tool_response> user turns (Qwen2.5's way)."""
+    result = [_hermes_turn(m) for m in messages]
+    if tools:
+        prompt = _HERMES_TOOLS.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+        if result and result[0]["role"] == "system":
+            result[0] = {**result[0], "content": f"{result[0]['content']}\n\n{prompt}"}
+        else:
+            result.insert(0, {"role": "system", "content": prompt})
+    return result
+
+
+def _hermes_turn(message: dict[str, Any]) -> dict[str, Any]:
+    if message.get("role") == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
+    if not message.get("tool_calls"):
+        return message
+    calls = [
+        json.dumps(
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
+        )
+        for c in message["tool_calls"]
+    ]
+    text = "".join(f"\n<tool_call>\n{call}\n</tool_call>" for call in calls)
+    content = (message.get("content") or "") + text
+    return {"role": "assistant", "content": content.lstrip("\n")}
 
 
 def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tokenizer:

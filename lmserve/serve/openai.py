@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lmserve.generation import GenerationConfig
+from lmserve.serve import constraints, sampling
 from lmserve.serve import formatting as fmt
-from lmserve.serve import sampling
+from lmserve.serve.assistant import AssistantStream, AssistantTurn, assistant_turn, finish_reason
+from lmserve.serve.constraints import ToolPlan
 from lmserve.serve.errors import APIError, error_body, internal_error
 from lmserve.serve.protocol import (
     AssistantMessage,
@@ -25,8 +29,11 @@ from lmserve.serve.protocol import (
     now,
     random_id,
 )
+from lmserve.serve.reasoning import ReasoningParser, reasoning_parser_for
 from lmserve.serve.state import ServerState, get_state
 from lmserve.serve.streams import Submission, run_choices, stop_on_disconnect, unless_disconnected
+from lmserve.serve.tool_parsers import tool_parser_for
+from lmserve.structured import StructuredOutput
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -49,20 +56,60 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state = get_state(request)
     state.check_model(body.model)
     sampling.check_supported(body)
-    prompt_ids = _encode_chat(state, body)
-    max_new_tokens = sampling.chat_max_tokens(body)
-    sampling.check_context(len(prompt_ids), max_new_tokens, state.engine.session_len, "messages")
-    defaults = state.engine.default_generation_config
-    config = sampling.build_generation_config(
-        body, defaults, max_new_tokens, sampling.chat_logprobs(body), state.engine.tokenizer.vocab_size
-    )
+    tools, config, prompt_ids = chat_request(state, body)
     api_id = random_id("chatcmpl-")
     submissions = [Submission(i, prompt_ids, choice) for i, choice in enumerate(config.fan_out())]
+    reasoning = reasoning_parser_for(state.config.reasoning_parser)
     if body.stream:
-        chunks = _chat_stream(state, api_id, body, submissions)
+        chunks = _chat_stream(state, api_id, body, submissions, AssistantParts(reasoning, tools))
         return _event_stream(state, request, api_id, chunks)
     choices = await unless_disconnected(request, _collect(state, api_id, submissions))
-    return JSONResponse(_chat_response(state, api_id, body, choices).model_dump())
+    turns = [assistant_turn(c.text, reasoning, tools) for c in choices]
+    return JSONResponse(_chat_response(state, api_id, body, choices, turns).model_dump())
+
+
+def chat_request(
+    state: ServerState, body: ChatCompletionRequest
+) -> tuple[ToolPlan, GenerationConfig, list[int]]:
+    """The tool plan, sampling config and prompt of a chat request (checked; APIError 400 naming the field)."""
+    template = getattr(state.engine.tokenizer, "chat_template", None)  # a test's fake tokenizer may have none
+    parser = tool_parser_for(state.config.tool_call_parser, template)
+    tools = constraints.tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, parser)
+    response_format = body.response_format.model_dump() if body.response_format is not None else None
+    structured = constraints.structured_output_of(response_format, body.structured_outputs, body.regex_schema)
+    if structured is not None and tools.grammar is not None:
+        raise APIError(
+            400, "response_format cannot be combined with tool_choice required or named", "tool_choice"
+        )
+    prompt_ids = _encode_chat(state, body, tools.tools)
+    max_new_tokens = sampling.chat_max_tokens(body)
+    sampling.check_context(len(prompt_ids), max_new_tokens, state.engine.session_len, "messages")
+    config = sampling.build_generation_config(
+        body,
+        state.engine.default_generation_config,
+        max_new_tokens,
+        sampling.chat_logprobs(body),
+        state.engine.tokenizer.vocab_size,
+        _after_reasoning(state, tools.grammar or structured),
+    )
+    if tools.parser is not None and tools.mode != "none" and tools.parser.markers_are_special:
+        config = config.with_updates(skip_special_tokens=False)
+    return tools, config, prompt_ids
+
+
+def _after_reasoning(state: ServerState, spec: StructuredOutput | None) -> StructuredOutput | None:
+    """With a reasoning parser the grammar starts after the model's `</think>` token."""
+    reasoning = reasoning_parser_for(state.config.reasoning_parser)
+    if spec is None or reasoning is None:
+        return spec
+    end_ids = state.engine.tokenizer.encode(reasoning.end, add_special_tokens=False)
+    if len(end_ids) != 1:
+        raise APIError(
+            400,
+            f"this model has no single {reasoning.end} token to start the grammar after",
+            "response_format",
+        )
+    return replace(spec, start_after_token_id=end_ids[0])
 
 
 def _event_stream(
@@ -78,9 +125,12 @@ def _event_stream(
     )
 
 
-def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+def _encode_chat(state: ServerState, body: ChatCompletionRequest, tools: list[dict[str, Any]]) -> list[int]:
     messages = sampling.chat_messages(body.messages)
-    ids = sampling.encode_chat(state.engine.tokenizer, messages, body.chat_template_kwargs or {}, "messages")
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if tools:
+        template_kwargs["tools"] = tools
+    ids = sampling.encode_chat(state.engine.tokenizer, messages, template_kwargs, "messages")
     state.log_prompt("chat", str(messages), body.user)
     return ids
 
@@ -98,7 +148,11 @@ async def _collect(state: ServerState, api_id: str, submissions: list[Submission
 
 
 def _chat_response(
-    state: ServerState, api_id: str, body: ChatCompletionRequest, choices: list[fmt.ChoiceState]
+    state: ServerState,
+    api_id: str,
+    body: ChatCompletionRequest,
+    choices: list[fmt.ChoiceState],
+    turns: list[AssistantTurn],
 ) -> ChatCompletionResponse:
     k = body.top_logprobs or 0
     return ChatCompletionResponse(
@@ -107,21 +161,46 @@ def _chat_response(
         choices=[
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=c.text),
+                message=_message(turn),
                 logprobs=fmt.chat_logprobs(state.token_text, c.logprobs, k) if body.logprobs else None,
-                finish_reason=fmt.finish_reason(c.finish_reason),
+                finish_reason=finish_reason(fmt.finish_reason(c.finish_reason), bool(turn.tool_calls)),
             )
-            for i, c in enumerate(choices)
+            for i, (c, turn) in enumerate(zip(choices, turns, strict=True))
         ],
         usage=fmt.usage_of(choices, body.n),
     )
 
 
+def _message(turn: AssistantTurn) -> AssistantMessage:
+    return AssistantMessage(
+        content=turn.content,
+        tool_calls=[call.to_openai() for call in turn.tool_calls] or None,
+        reasoning_content=turn.reasoning,
+        reasoning=turn.reasoning,
+    )
+
+
+class AssistantParts:
+    """Makes one AssistantStream per choice of a streamed chat request."""
+
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolPlan) -> None:
+        self.reasoning = reasoning
+        self.tools = tools if tools.parser is not None and tools.mode != "none" else None
+
+    def stream(self) -> AssistantStream:
+        return AssistantStream(self.reasoning, self.tools)
+
+
 async def _chat_stream(
-    state: ServerState, api_id: str, body: ChatCompletionRequest, submissions: list[Submission]
+    state: ServerState,
+    api_id: str,
+    body: ChatCompletionRequest,
+    submissions: list[Submission],
+    parts: AssistantParts,
 ) -> AsyncIterator[str]:
     created, model = now(), state.config.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    streams = {sub.index: parts.stream() for sub in submissions}
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, reason: str | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
@@ -133,10 +212,16 @@ async def _chat_stream(
             logprobs = fmt.chat_logprobs(
                 state.token_text, out.logprobs or [], body.top_logprobs or 0
             ).model_dump()
-        return chunk(index, {"content": out.text}, logprobs)
+        deltas = streams[index].push(out.text)
+        if not deltas and logprobs is not None:  # the text is held back (a marker half written)
+            deltas = [{"content": ""}]
+        # logprobs ride on the first delta of the output that carried them
+        return "".join(chunk(index, d, logprobs if j == 0 else None) for j, d in enumerate(deltas))
 
     def finish(index: int, out: Any) -> str:
-        return chunk(index, {}, None, fmt.finish_reason(out.finish_reason))
+        held_back = "".join(chunk(index, d) for d in streams[index].push("", final=True))
+        reason = finish_reason(fmt.finish_reason(out.finish_reason), streams[index].made_calls)
+        return held_back + chunk(index, {}, None, reason)
 
     def usage(totals: Any) -> str:
         return fmt.chat_chunk(api_id, created, model, [], True, totals)
@@ -206,8 +291,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     for ids in prompts:
         sampling.check_context(len(ids), body.max_tokens, state.engine.session_len, "prompt")
     defaults = state.engine.default_generation_config
+    structured = constraints.structured_output_of(None, body.structured_outputs, body.regex_schema)
     config = sampling.build_generation_config(
-        body, defaults, body.max_tokens, sampling.completion_logprobs(body), state.engine.tokenizer.vocab_size
+        body,
+        defaults,
+        body.max_tokens,
+        sampling.completion_logprobs(body),
+        state.engine.tokenizer.vocab_size,
+        _after_reasoning(state, structured),
     )
     api_id = random_id("cmpl-")
     submissions = [

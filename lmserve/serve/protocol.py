@@ -82,6 +82,10 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls: [{id, type: function, function: {name, arguments (JSON text)}}]."""
+    tool_call_id: str | None = None
+    """A tool message: which call it answers."""
 
 
 class StreamOptions(RequestModel):
@@ -123,6 +127,10 @@ class SamplingFields(RequestModel):
     """vLLM's name for min_new_tokens."""
     logit_bias: dict[str, float] | None = None
     """OpenAI's token id (a JSON string key) -> bias in [-100, 100]; checked in sampling.py."""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM's: exactly one of json (schema), regex, choice (strings), grammar (EBNF), json_object."""
+    regex_schema: str | None = None
+    """LMDeploy's: the output matches this regex."""
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -219,6 +227,11 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    """The <think> text with --reasoning-parser (LMDeploy's and SGLang's name) ..."""
+    reasoning: str | None = None
+    """... and under vLLM's newer name."""
 
 
 class ChatChoice(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -9,6 +10,7 @@ from lmserve.engine.client import ChatTokenizer
 from lmserve.generation import GenerationConfig
 from lmserve.serve.errors import APIError
 from lmserve.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from lmserve.structured import StructuredOutput
 
 _UNSUPPORTED_PARTS = {"image_url", "image", "input_image", "input_audio", "audio", "file", "video_url"}
 # request fields that map one-to-one onto GenerationConfig fields
@@ -20,37 +22,52 @@ MAX_LOGIT_BIAS = 100.0
 
 def check_supported(request: ChatCompletionRequest) -> None:
     """Reject fields we know but cannot honour, naming the field (never drop them silently)."""
-    if request.tools:
-        raise APIError(400, "tools are not supported by this server yet", "tools")
     if request.functions:
         raise APIError(400, "functions are not supported by this server yet", "functions")
-    if request.tool_choice not in (None, "none"):
-        raise APIError(400, "tool_choice is not supported by this server yet", "tool_choice")
     if request.function_call not in (None, "none"):
         raise APIError(400, "function_call is not supported by this server yet", "function_call")
-    if request.parallel_tool_calls is False:  # true (OpenAI's default) is moot without tools
-        raise APIError(400, "parallel_tool_calls is not supported by this server yet", "parallel_tool_calls")
-    if request.response_format is not None and request.response_format.type != "text":
-        message = f"response_format type {request.response_format.type!r} is not supported; only 'text'"
-        raise APIError(400, message, "response_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template wants them: role + plain string content (+ name, where given)."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template wants them: role + plain string content (+ name, tool calls, call id)."""
     return [_template_message(m, i) for i, m in enumerate(messages)]
 
 
-def _template_message(message: ChatMessage, index: int) -> dict[str, str]:
-    result = {"role": _role(message, index), "content": _text_content(message, index)}
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"role": _role(message), "content": _text_content(message, index)}
     if message.name is not None:  # templates that know participants' names read it; others ignore it
         result["name"] = message.name
+    if message.tool_calls:
+        result["tool_calls"] = [
+            _template_call(call, f"messages.{index}.tool_calls.{j}")
+            for j, call in enumerate(message.tool_calls)
+        ]
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
     return result
 
 
+def _template_call(call: dict[str, Any], param: str) -> dict[str, Any]:
+    """A past call as HF templates read it: arguments as an object (OpenAI sends JSON text)."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError(400, f"{param}.function must be an object with a 'name'", f"{param}.function")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except ValueError as error:
+            raise APIError(
+                400, f"{param}.function.arguments is not JSON: {error}", f"{param}.function.arguments"
+            ) from error
+    name = function["name"]
+    return {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def encode_chat(
-    tokenizer: ChatTokenizer, messages: list[dict[str, str]], template_kwargs: dict[str, Any], param: str
+    tokenizer: ChatTokenizer, messages: list[dict[str, Any]], template_kwargs: dict[str, Any], param: str
 ) -> list[int]:
     """Token ids of the rendered chat; 400 naming `param` when the template refuses the conversation."""
     try:
@@ -59,9 +76,7 @@ def encode_chat(
         raise APIError(400, f"chat template could not format the messages: {error}", param) from error
 
 
-def _role(message: ChatMessage, index: int) -> str:
-    if message.role == "tool":
-        raise APIError(400, "tool messages are not supported by this server yet", f"messages.{index}.role")
+def _role(message: ChatMessage) -> str:
     # OpenAI's o-series 'developer' role plays the part of 'system' for every other model
     return "system" if message.role == "developer" else message.role
 
@@ -99,10 +114,12 @@ def build_generation_config(
     max_new_tokens: int | None,
     logprobs: int | None,
     vocab_size: int,
+    response_format: StructuredOutput | None = None,
 ) -> GenerationConfig:
     """Request fields over the model's defaults; temperature 0 is greedy, > 0 samples (as OpenAI does).
 
-    vocab_size bounds the token ids of logit_bias.
+    vocab_size bounds the token ids of logit_bias; response_format is the request's checked output
+    constraint (serve/constraints.py: response_format, structured_outputs, regex_schema, tool grammars).
     """
     set_fields = request.model_fields_set
     changes: dict[str, Any] = {name: getattr(request, name) for name in _SAME_NAME if name in set_fields}
@@ -122,6 +139,7 @@ def build_generation_config(
         logit_bias=logit_bias(request.logit_bias, vocab_size),
         logprobs=logprobs,
         n=request.n,  # the choices come from GenerationConfig.fan_out()
+        response_format=response_format,
     )
     try:
         return defaults.with_updates(**changes)

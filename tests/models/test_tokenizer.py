@@ -208,3 +208,42 @@ def test_no_chat_template_is_an_error(internlm2_folder: Path, tmp_path: Path) ->
     tokenizer = load_tokenizer(resolve_model(str(tmp_path)))
     with pytest.raises(ValueError, match=r"no chat template.*chatml"):
         tokenizer.apply_chat_template(MESSAGES)
+
+
+TOOL_TURNS = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ],
+    },
+    {"role": "tool", "content": "21 C"},
+]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+# a template that writes tools itself (as Qwen2.5's does), reduced to what the test reads
+TOOLS_TEMPLATE = (
+    "{% if tools %}TOOLS={{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}\n"
+    "{% endfor %}"
+)
+
+
+def test_template_with_tools_gets_them_through_its_tools_argument(smollm2_tokenizer: Tokenizer) -> None:
+    tokenizer = Tokenizer(smollm2_tokenizer.hf, TOOLS_TEMPLATE, smollm2_tokenizer.eos_token_ids, "t")
+    assert tokenizer.renders_tools
+    text = tokenizer.decode(tokenizer.encode_chat(TOOL_TURNS, tools=[WEATHER_TOOL]))
+    assert text.startswith("TOOLS=get_weather\n")
+    assert 'CALL get_weather {"city": "Paris"}' in text and "tool:21 C" in text
+
+
+def test_template_without_tools_gets_hermes_text(smollm2_tokenizer: Tokenizer) -> None:
+    assert not smollm2_tokenizer.renders_tools  # SmolLM2's ChatML template knows no tools
+    ids = smollm2_tokenizer.encode_chat(TOOL_TURNS, tools=[WEATHER_TOOL])
+    text = smollm2_tokenizer.decode(ids, skip_special_tokens=False)
+    system, rest = text.split("<|im_end|>", 1)
+    assert "<tools>\n" + json.dumps(WEATHER_TOOL) + "\n</tools>" in system
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rest
+    assert "<|im_start|>user\n<tool_response>\n21 C\n</tool_response>" in rest

@@ -37,6 +37,8 @@ def error_of(response: Any, status: int = 400) -> dict[str, Any]:
     return error
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+NAMED_ELSEWHERE = {"type": "function", "function": {"name": "not_listed"}}
 CHAT_400: list[tuple[bytes, str]] = [
     (json.dumps({"messages": HI, "model": "\ud800"}).encode(), "model"),
     (json.dumps({"messages": [{"role": "user", "content": "a\ud800"}]}).encode(), "messages.0.content"),
@@ -64,7 +66,49 @@ CHAT_400: list[tuple[bytes, str]] = [
     (json.dumps({"messages": HI, "stream": "yes"}).encode(), "stream"),
     (json.dumps({"messages": HI, "logprobs": 1}).encode(), "logprobs"),
     (json.dumps({"messages": HI, "max_tokens": "5"}).encode(), "max_tokens"),
-    (json.dumps({"messages": HI, "parallel_tool_calls": False}).encode(), "parallel_tool_calls"),
+    (
+        json.dumps({"messages": HI, "tools": [WEATHER_TOOL], "tool_choice": NAMED_ELSEWHERE}).encode(),
+        "tool_choice.function.name",
+    ),
+    (
+        json.dumps(
+            {
+                "messages": HI,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+            }
+        ).encode(),
+        "tools.0.function.parameters",
+    ),
+    (
+        json.dumps(
+            {"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}
+        ).encode(),
+        "tools.0.function.parameters",
+    ),
+    (
+        json.dumps(
+            {
+                "messages": HI,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "wat"}},
+                },
+            }
+        ).encode(),
+        "response_format",
+    ),
+    (json.dumps({"messages": HI, "response_format": {"type": "yaml"}}).encode(), "response_format.type"),
+    (json.dumps({"messages": HI, "structured_outputs": {"regex": "a(b"}}).encode(), "structured_outputs"),
+    (
+        json.dumps({"messages": HI, "structured_outputs": {"grammar": "root ::= undefined_rule"}}).encode(),
+        "structured_outputs",
+    ),
+    (
+        json.dumps({"messages": HI, "structured_outputs": {"regex": "a", "choice": ["b"]}}).encode(),
+        "structured_outputs",
+    ),
+    (json.dumps({"messages": HI, "regex_schema": "[a-"}).encode(), "regex_schema"),
+    (json.dumps({"messages": HI, "tool_choice": "required"}).encode(), "tool_choice"),
     (json.dumps({"messages": HI, "min_tokens": 2, "min_new_tokens": 3}).encode(), "min_tokens"),
 ]
 

@@ -225,8 +225,22 @@ BAD_REQUESTS: list[tuple[dict[str, Any] | bytes, int, str | None]] = [
     ({"messages": HELLO, "max_tokens": "many"}, 400, "max_tokens"),
     ({"messages": HELLO, "presence_penalty": 5}, 400, "presence_penalty"),
     ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (
+        {
+            "messages": HELLO,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "x"}}}],
+        },
+        400,
+        "tools.0.function.parameters",
+    ),
+    (
+        {
+            "messages": HELLO,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/no"}}},
+        },
+        400,
+        "response_format",
+    ),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
