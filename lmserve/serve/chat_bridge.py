@@ -7,31 +7,45 @@ fields go through the same functions (serve/sampling.py) as OpenAI's chat route.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from lmserve.generation import RequestOutput
 from lmserve.serve import formatting as fmt
-from lmserve.serve import sampling
+from lmserve.serve import openai, sampling
+from lmserve.serve.assistant import AssistantTurn, assistant_turn
+from lmserve.serve.constraints import ToolPlan
 from lmserve.serve.errors import internal_error
 from lmserve.serve.protocol import ChatCompletionRequest
 from lmserve.serve.state import ServerState
-from lmserve.serve.streams import Submission, run_choices
+from lmserve.serve.streams import Submission, run_choices, stop_on_disconnect
 
 
-def prepare_chat(state: ServerState, chat: ChatCompletionRequest) -> Submission:
-    """The engine request of a chat: template, context check and sampling exactly as /v1/chat/completions."""
+@dataclass(frozen=True)
+class PreparedChat:
+    submission: Submission
+    tools: ToolPlan
+
+    @property
+    def parses_calls(self) -> bool:
+        """The output is read for tool calls (tools given and tool_choice not none)."""
+        return self.tools.parser is not None and self.tools.mode != "none"
+
+
+def prepare_chat(state: ServerState, chat: ChatCompletionRequest) -> PreparedChat:
+    """The engine request of a chat: tools, template, context check and sampling exactly as /v1/chat/completions."""
     state.check_model(chat.model)
     sampling.check_supported(chat)
-    messages = sampling.chat_messages(chat.messages)
-    prompt_ids = sampling.encode_chat(
-        state.engine.tokenizer, messages, chat.chat_template_kwargs or {}, "messages"
-    )
-    state.log_prompt("chat", str(messages), chat.user)
-    max_new_tokens = sampling.chat_max_tokens(chat)
-    sampling.check_context(len(prompt_ids), max_new_tokens, state.engine.session_len, "messages")
-    config = sampling.build_generation_config(
-        chat, state.engine.default_generation_config, max_new_tokens, None, state.engine.tokenizer.vocab_size
-    )
-    return Submission(0, prompt_ids, config)
+    tools, config, prompt_ids = openai.chat_request(state, chat)
+    return PreparedChat(Submission(0, prompt_ids, config), tools)
+
+
+def final_turn(prepared: PreparedChat, text: str) -> AssistantTurn:
+    """The text and tool calls of a whole output (reasoning, if any, stays in the text: these APIs' own
+    reasoning blocks are not wired)."""
+    return assistant_turn(text, None, prepared.tools)
 
 
 async def chat_outputs(
@@ -67,3 +81,14 @@ def matched_stop_sequence(
     rest = str(state.engine.tokenizer.decode(choice.token_ids))[len(choice.text) :]
     found = [word for word in stop_words if word in rest]
     return min(found, key=rest.index) if found else None
+
+
+def event_stream(state: ServerState, request: Request, api_id: str, events: AsyncIterator[str]) -> Response:
+    """SSE whose engine request is aborted the moment the client goes away."""
+
+    def on_disconnect() -> None:
+        state.in_flight.abort(state.engine, api_id)
+
+    return StreamingResponse(
+        stop_on_disconnect(request, events, on_disconnect), media_type="text/event-stream"
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
+import jsonschema
 import pytest
 from conftest import API_KEY, MODEL_NAME, RunningServer
 
@@ -131,3 +134,84 @@ def test_x_api_key_is_accepted_with_api_keys(keyed_server: RunningServer) -> Non
     bad = anthropic.Anthropic(base_url=keyed_server.base_url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
         bad.messages.create(model=MODEL_NAME, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER_SCHEMA}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_named_tool_gives_a_tool_use_block_streamed_and_not(claude: anthropic.Anthropic) -> None:
+    request = {
+        "model": MODEL_NAME,
+        "max_tokens": 60,
+        "messages": WEATHER_QUESTION,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "extra_body": GREEDY,
+    }
+    message = claude.messages.create(**request)
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather" and uses[0].id.startswith("toolu_")
+    jsonschema.validate(uses[0].input, WEATHER_SCHEMA)
+    assert message.stop_reason == "tool_use"
+    with claude.messages.stream(**request) as stream:
+        streamed = stream.get_final_message()
+    streamed_uses = [block for block in streamed.content if block.type == "tool_use"]
+    assert [(u.name, u.input) for u in streamed_uses] == [(uses[0].name, uses[0].input)]
+    assert streamed.stop_reason == "tool_use"
+
+
+def test_tool_result_turn_renders_like_chat_tool_messages(
+    claude: anthropic.Anthropic, client: httpx.Client
+) -> None:
+    call_input = {"city": "Paris", "unit": "celsius"}
+    conversation = [
+        *WEATHER_QUESTION,
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": call_input}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 degrees, sunny"}],
+        },
+    ]
+    message = claude.messages.create(
+        model=MODEL_NAME, max_tokens=8, messages=conversation, tools=[WEATHER_TOOL], extra_body=GREEDY
+    )
+    chat_messages = [
+        *WEATHER_QUESTION,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(call_input)},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "18 degrees, sunny"},
+    ]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": WEATHER_SCHEMA,
+            },
+        }
+    ]
+    body = {"model": MODEL_NAME, "messages": chat_messages, "tools": tools, "max_tokens": 8, "temperature": 0}
+    chat = client.post("/v1/chat/completions", json=body).json()
+    assert message.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert text == (chat["choices"][0]["message"]["content"] or "")
