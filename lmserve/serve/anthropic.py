@@ -77,7 +77,7 @@ class MessagesRequest(CountTokensRequest):
     output_config: dict[str, Any] | None = None
 
 
-@router.post("/v1/messages", include_in_schema=True)
+@router.post("/v1/messages")
 async def create_message(request: Request) -> Response:
     """Anthropic's Messages API over the chat path; `stream: true` sends Anthropic's SSE events."""
     try:
