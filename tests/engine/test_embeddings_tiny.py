@@ -27,7 +27,7 @@ def hf_qwen2() -> torch.nn.Module:
 @torch.no_grad()
 def hf_embedding(hf_model: torch.nn.Module, ids: list[int], pooling: str) -> torch.Tensor:
     """HF's last_hidden_state (after the final norm, as `hidden_states[-1]`) pooled and L2-normalized."""
-    hidden = hf_model.model(torch.tensor([ids])).last_hidden_state[0]
+    hidden = hf_model.model(torch.tensor([ids], device=hf_model.device)).last_hidden_state[0]
     pooled = {"last": hidden[-1], "mean": hidden.mean(dim=0), "cls": hidden[0]}[pooling]
     return torch.nn.functional.normalize(pooled, dim=0)
 
