@@ -146,6 +146,7 @@ WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city", "inpu
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+@pytest.mark.slow  # a grammar compile and two 60-token runs: ~40 s on the 2-core CPU
 def test_named_tool_gives_a_tool_use_block_streamed_and_not(claude: anthropic.Anthropic) -> None:
     request = {
         "model": MODEL_NAME,

@@ -116,6 +116,7 @@ WEATHER_TOOL = {
 WEATHER_QUESTION = "What is the weather in Paris?"
 
 
+@pytest.mark.slow  # a grammar compile and two 60-token runs: ~40 s on the 2-core CPU
 def test_named_function_is_a_function_call_item_streamed_and_not(oai: openai.OpenAI) -> None:
     request = {
         "model": MODEL_NAME,
