@@ -12,6 +12,7 @@ QUANT_POLICIES = (0, 4, 8)
 MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8", "fp8")
 ROUTING_STRATEGIES = ("min_expected_latency", "random", "min_observed_latency")
 EXECUTOR_BACKENDS = ("mp", "ray")
+POOLING_TYPES = ("last", "mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class EngineConfig:
     seed: int = 0
     """Seed of torch's global random stream, set when the engine is built: requests without a seed of their
     own draw from it, so the same seed and the same requests in the same order give the same tokens."""
+    pooling: str = "last"
+    """How /v1/embeddings pools the last hidden states: last token (decoder embedding models such as
+    gte-Qwen2, e5-mistral), mean, or cls (the first token); the result is L2-normalized (vLLM's pooler)."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
@@ -64,6 +68,7 @@ class EngineConfig:
             self.distributed_executor_backend in EXECUTOR_BACKENDS,
             f"distributed_executor_backend={self.distributed_executor_backend!r} must be one of {EXECUTOR_BACKENDS}",
         )
+        _check(self.pooling in POOLING_TYPES, f"pooling={self.pooling!r} must be one of {POOLING_TYPES}")
         _check(
             self.session_len is None or self.session_len >= 2, f"session_len={self.session_len} must be >= 2"
         )

@@ -153,6 +153,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
     error: str | None = None
+    embedding: list[float] | None = None
+    """An embedding request's pooled, L2-normalized hidden state (its one, finished output)."""
 
 
 @dataclass

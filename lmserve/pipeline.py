@@ -11,6 +11,7 @@ from lmserve.generation import GenerationConfig, Response
 
 Messages = list[dict[str, Any]]
 Prompt = Union[str, Messages]
+EmbedInput = Union[str, list[int]]
 
 
 class Pipeline:
@@ -68,6 +69,33 @@ class Pipeline:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return list(self.tokenizer.encode_chat(messages))
 
+    def embed(self, inputs: EmbedInput | Sequence[EmbedInput]) -> list[float] | list[list[float]]:
+        """Embeddings of one text (or token-id list) or of a batch, in order: raw text (no chat template),
+        pooled as `backend_config.pooling` says and L2-normalized, batched through the engine's prefill."""
+        single = _is_single_embed_input(inputs)
+        batch: list[Any] = [inputs] if single else list(inputs)
+        token_ids = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in batch]
+        request_ids: list[str] = []
+        try:
+            request_ids = [self.engine.add_embedding_request(ids) for ids in token_ids]
+            embeddings = self._drain_embeddings(set(request_ids))
+        finally:
+            for request_id in request_ids:
+                if request_id in self.engine.requests:
+                    self.engine.abort(request_id)
+        ordered = [embeddings[request_id] for request_id in request_ids]
+        return ordered[0] if single else ordered
+
+    def _drain_embeddings(self, pending: set[str]) -> dict[str, list[float]]:
+        embeddings: dict[str, list[float]] = {}
+        while pending - embeddings.keys():
+            for out in self.engine.step():
+                if out.request_id in pending and out.finished:
+                    if out.embedding is None:
+                        raise RuntimeError(out.error or f"embedding {out.request_id} ended without one")
+                    embeddings[out.request_id] = out.embedding
+        return embeddings
+
     def _run(
         self,
         batch: list[Prompt],
@@ -116,6 +144,11 @@ def _is_single(prompts: Any) -> bool:
     return isinstance(prompts, str) or (
         isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
     )
+
+
+def _is_single_embed_input(inputs: Any) -> bool:
+    """A str, or a list of token ids, is one input; a list of those is a batch."""
+    return isinstance(inputs, str) or (bool(inputs) and all(isinstance(x, int) for x in inputs))
 
 
 def _as_batch(prompts: Any) -> list[Prompt]:

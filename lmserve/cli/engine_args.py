@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from lmserve.config import DEVICES, DTYPES, EXECUTOR_BACKENDS, MODEL_FORMATS, QUANT_POLICIES, EngineConfig
+from lmserve.config import (
+    DEVICES,
+    DTYPES,
+    EXECUTOR_BACKENDS,
+    MODEL_FORMATS,
+    POOLING_TYPES,
+    QUANT_POLICIES,
+    EngineConfig,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +67,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
     group.add_argument("--num-cpu-threads", type=int, default=None, help="torch threads on CPU")
     group.add_argument("--chat-template", default=None, help="chat template: a built-in name or a Jinja file")
+    group.add_argument(
+        "--pooling",
+        choices=POOLING_TYPES,
+        default="last",
+        help="how /v1/embeddings pools the last hidden states (L2-normalized)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

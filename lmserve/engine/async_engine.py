@@ -53,7 +53,14 @@ class AsyncEngine(FrontEnd):
     # -- FrontEnd ------------------------------------------------------------------------
 
     def _submit(self, request_id: str, prompt_token_ids: list[int], gen_config: GenerationConfig) -> None:
-        self._commands.put(lambda: self._add(prompt_token_ids, gen_config, request_id))
+        add = self.engine.add_request
+        self._commands.put(
+            lambda: self._add(request_id, lambda: add(prompt_token_ids, gen_config, request_id))
+        )
+
+    def _submit_embedding(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        add = self.engine.add_embedding_request
+        self._commands.put(lambda: self._add(request_id, lambda: add(prompt_token_ids, request_id)))
 
     def _abort_in_core(self, request_id: str) -> None:
         self._commands.put(lambda: self._abort(request_id))
@@ -99,11 +106,11 @@ class AsyncEngine(FrontEnd):
             pass
         self._stats = self.engine.stats()
 
-    def _add(self, prompt_token_ids: list[int], gen_config: GenerationConfig, request_id: str) -> None:
+    def _add(self, request_id: str, add: Callable[[], object]) -> None:
         if request_id not in self._streams:
             return  # the caller already left
         try:
-            self.engine.add_request(prompt_token_ids, gen_config, request_id)
+            add()
         except Exception as error:
             self._deliver([RequestOutput(request_id, finished=True, finish_reason="error", error=str(error))])
 

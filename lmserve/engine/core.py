@@ -26,6 +26,7 @@ from lmserve.engine.messages import (
     CoreOutputs,
     CoreReady,
     CoreRequest,
+    EmbedRequest,
     Shutdown,
     request_decoder,
     to_core_output,
@@ -141,16 +142,19 @@ class CoreLoop:
         return True
 
     def _apply(self, message: CoreRequest) -> list[RequestOutput]:
-        if isinstance(message, AddRequest):
+        if isinstance(message, (AddRequest, EmbedRequest)):
             return self._add(message)
         assert isinstance(message, AbortRequests)
         aborted = [self.engine.abort(request_id) for request_id in message.request_ids]
         return [out for out in aborted if out is not None]
 
-    def _add(self, message: AddRequest) -> list[RequestOutput]:
+    def _add(self, message: AddRequest | EmbedRequest) -> list[RequestOutput]:
         self.client_of[message.request_id] = message.client_index
         try:
-            self.engine.add_request(message.prompt_token_ids, message.gen_config, message.request_id)
+            if isinstance(message, EmbedRequest):
+                self.engine.add_embedding_request(message.prompt_token_ids, message.request_id)
+            else:
+                self.engine.add_request(message.prompt_token_ids, message.gen_config, message.request_id)
         except ValueError as error:  # front ends validate first; this is a request that raced a limit
             return [RequestOutput(message.request_id, finished=True, finish_reason="error", error=str(error))]
         return []

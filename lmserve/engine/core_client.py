@@ -21,6 +21,7 @@ from lmserve.engine.messages import (
     AbortRequests,
     AddRequest,
     CoreReady,
+    EmbedRequest,
     EngineStats,
     Shutdown,
     outputs_decoder,
@@ -156,6 +157,9 @@ class CoreClient(FrontEnd):
 
     def _submit(self, request_id: str, prompt_token_ids: list[int], gen_config: GenerationConfig) -> None:
         self._send(AddRequest(request_id, prompt_token_ids, gen_config, self._client_index))
+
+    def _submit_embedding(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        self._send(EmbedRequest(request_id, prompt_token_ids, self._client_index))
 
     def _abort_in_core(self, request_id: str) -> None:
         if not self._dead:

@@ -21,8 +21,9 @@ from lmserve.engine import builder
 from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.detokenizer import TextStream
 from lmserve.engine.kv_cache import BlockManager
-from lmserve.engine.limits import EngineLimits, validate_request
+from lmserve.engine.limits import EngineLimits, validate_embedding_request, validate_request
 from lmserve.engine.messages import EngineStats
+from lmserve.engine.pooling import finish_pooling
 from lmserve.engine.progress import loading_phase
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.runner import ModelRunner
@@ -241,6 +242,18 @@ class LLMEngine:
             self.scheduler.add(request)
         return request_id
 
+    def add_embedding_request(self, prompt_token_ids: list[int], request_id: str | None = None) -> str:
+        """Queue a prompt to embed: prefilled like any prompt, pooled (--pooling), no token sampled, no KV kept."""
+        validate_embedding_request(prompt_token_ids, self.limits)
+        request_id = request_id or f"embd-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already running")
+        prompt = list(prompt_token_ids)
+        request = Request(request_id, prompt, len(prompt), GenerationConfig(), 0, pooling=self.config.pooling)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
     @property
     def grammar_cache(self) -> GrammarCache:
         """Made on the first structured request (it needs the tokenizer: random-weight engines have none)."""
@@ -334,7 +347,18 @@ class LLMEngine:
         sampled = self.scheduler.update(scheduled, result.token_ids if result else [])
         self._advance_grammars(sampled)
         logprobs = result.logprobs if result and result.logprobs else [None] * len(sampled)
-        return [self._emit(token, logprob) for token, logprob in zip(sampled, logprobs, strict=True)]
+        outputs = [self._emit(token, logprob) for token, logprob in zip(sampled, logprobs, strict=True)]
+        pooled = [s.request for s in scheduled if s.request.is_pooling and s.request.is_finished]
+        return outputs + [self._emit_embedding(request) for request in pooled]
+
+    def _emit_embedding(self, request: Request) -> RequestOutput:
+        self.requests.pop(request.request_id, None)
+        assert request.pooling is not None and request.pooled is not None, "a finished embedding was pooled"
+        embedding = finish_pooling(request.pooling, request.pooled, request.num_prompt_tokens)
+        request.pooled = None
+        output = self._output(request, "", [], None, finished=True)
+        output.embedding = embedding
+        return output
 
     def _advance_grammars(self, sampled: list[SampledToken]) -> None:
         """Feed each constrained request its token; a grammar that is done ends its request ("stop")."""

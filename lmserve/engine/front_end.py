@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmserve.engine.detokenizer import TextStream
-from lmserve.engine.limits import EngineLimits, validate_request
+from lmserve.engine.limits import EngineLimits, validate_embedding_request, validate_request
 from lmserve.engine.messages import CoreOutput, EngineStats
 from lmserve.generation import GenerationConfig, RequestOutput, TokenLogprob
 
@@ -42,7 +42,8 @@ class _Merged:
 class FrontEnd:
     """Streams of one engine: `generate()` yields RequestOutput deltas with text; subclasses move the tokens.
 
-    Subclasses set tokenizer, limits and default_generation_config, and implement `_submit`, `_abort_in_core`,
+    Subclasses set tokenizer, limits and default_generation_config, and implement `_submit`,
+    `_submit_embedding`, `_abort_in_core`,
     `is_alive`, `stats` and `shutdown`.
     """
 
@@ -69,13 +70,7 @@ class FrontEnd:
         """
         gen_config = gen_config or self.default_generation_config
         validate_request(prompt_token_ids, gen_config, self.limits)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request_id={request_id!r} is already in use")
-        if not self.is_alive():
-            raise RuntimeError("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
+        request_id, stream = self._open_stream(request_id)
         text = TextStream(self.tokenizer.hf, prompt_token_ids, gen_config)
         ended_in_core = False
         try:
@@ -93,6 +88,35 @@ class FrontEnd:
                 self._abort_in_core(request_id)
             self._streams.pop(request_id, None)
 
+    async def embed(self, prompt_token_ids: list[int], request_id: str | None = None) -> list[float]:
+        """The prompt's pooled, L2-normalized last hidden state; cancelling the caller aborts the request.
+
+        ValueError for a prompt that can never be embedded; RuntimeError for an engine failure or an abort.
+        """
+        validate_embedding_request(prompt_token_ids, self.limits)
+        request_id, stream = self._open_stream(request_id)
+        out = None
+        try:
+            self._submit_embedding(request_id, list(prompt_token_ids))
+            out = await stream.queue.get()
+        finally:
+            if out is None:
+                self._abort_in_core(request_id)
+            self._streams.pop(request_id, None)
+        if out.embedding is None:
+            raise RuntimeError(out.error or f"the embedding request ended without one ({out.finish_reason})")
+        return out.embedding
+
+    def _open_stream(self, request_id: str | None) -> tuple[str, _Stream]:
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        if not self.is_alive():
+            raise RuntimeError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        return request_id, stream
+
     def abort(self, request_id: str) -> None:
         """End a request now: its stream finishes with finish_reason 'abort' (unknown ids are ignored)."""
         self._abort_in_core(request_id)
@@ -100,6 +124,9 @@ class FrontEnd:
     # -- to implement ------------------------------------------------------------------
 
     def _submit(self, request_id: str, prompt_token_ids: list[int], gen_config: GenerationConfig) -> None:
+        raise NotImplementedError
+
+    def _submit_embedding(self, request_id: str, prompt_token_ids: list[int]) -> None:
         raise NotImplementedError
 
     def _abort_in_core(self, request_id: str) -> None:

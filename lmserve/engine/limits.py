@@ -53,6 +53,23 @@ def validate_request(prompt_token_ids: list[int], gen_config: GenerationConfig, 
     return max_new
 
 
+def validate_embedding_request(prompt_token_ids: list[int], limits: EngineLimits) -> None:
+    """Check a prompt can be embedded (a whole context's worth may be); ValueError naming the limit otherwise."""
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise ValueError("the input is empty: at least one token is needed")
+    if num_prompt > limits.session_len:
+        raise ValueError(
+            f"the input has {num_prompt} tokens but this model's context (session_len) is "
+            f"{limits.session_len}; shorten the input"
+        )
+    if -(-num_prompt // limits.block_size) > limits.num_blocks:
+        raise ValueError(
+            f"the input ({num_prompt} tokens) exceeds the whole KV cache ({limits.kv_capacity} tokens)"
+        )
+    _check_token_ids(prompt_token_ids, GenerationConfig(), limits.vocab_size)
+
+
 def _check_token_ids(prompt_token_ids: list[int], gen_config: GenerationConfig, vocab_size: int) -> None:
     if any(t < 0 or t >= vocab_size for t in prompt_token_ids):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

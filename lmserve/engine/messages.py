@@ -35,6 +35,14 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     """Which front end gets the outputs."""
 
 
+class EmbedRequest(msgspec.Struct, tag="embed", array_like=True):
+    """Embed a prompt: one prefill, pooled as the engine's --pooling says; no token sampled, no KV kept."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    client_index: int
+
+
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
     request_ids: list[str]
 
@@ -43,7 +51,7 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-CoreRequest = Union[AddRequest, AbortRequests, Shutdown]
+CoreRequest = Union[AddRequest, EmbedRequest, AbortRequests, Shutdown]
 
 
 # -- core -> front end ------------------------------------------------------------------
@@ -59,6 +67,7 @@ class CoreOutput(msgspec.Struct, array_like=True):
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    embedding: list[float] | None = None
 
 
 class CoreOutputs(msgspec.Struct, array_like=True):
@@ -99,4 +108,5 @@ def to_core_output(out: RequestOutput) -> CoreOutput:
         out.num_prompt_tokens,
         out.num_cached_tokens,
         out.error,
+        out.embedding,
     )

@@ -43,9 +43,13 @@ class Request(PromptThenOutput):
     last_block_hash: bytes | None = None
     """Chain hash of the last registered block: the parent of the next one."""
     finish_reason: FinishReason | None = None
+    pooling: str | None = None
+    """An embedding request's pooling type (engine/pooling.py): its prompt is run once and pooled, no token sampled."""
     # per-request helpers owned by the engine
     generator: torch.Generator | None = None
     detokenizer: TextStream | None = None
+    pooled: torch.Tensor | None = None
+    """An embedding request's pooling state over the chunks computed so far (the runner keeps it)."""
     grammar_future: Future[Any] | None = None
     """The compiled grammar on its way (response_format); the request joins the scheduler when it is done."""
     grammar: SequenceGrammar | None = None
@@ -53,6 +57,10 @@ class Request(PromptThenOutput):
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling is not None
 
     @property
     def is_finished(self) -> bool:

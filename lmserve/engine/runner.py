@@ -11,6 +11,7 @@ from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batch
 from lmserve.distributed.step_channel import StepChannel
 from lmserve.engine.cuda_graph import CUDAGraphRunner
+from lmserve.engine.pooling import pool_chunk
 from lmserve.engine.sampler import Sampler, SampleResult, SamplingBatch, SamplingRequest
 from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
@@ -52,7 +53,8 @@ class ModelRunner:
         chunks = self.step_chunks(scheduled)
         if self.step_channel is not None:
             self.step_channel.send(chunks)
-        logits = self.run_chunks(chunks)
+        hidden, logits = self.run_chunks(chunks)
+        self._pool(scheduled, hidden)
         if logits is None:
             return None
         sampling = [s for s in scheduled if s.samples]
@@ -62,13 +64,14 @@ class ModelRunner:
         return self.sampler.sample(logits, sampling_batch)
 
     @torch.inference_mode()
-    def run_chunks(self, chunks: list[SequenceChunk]) -> torch.Tensor | None:
-        """Forward pass and logits of one step (every tp rank runs it; workers drop the logits)."""
+    def run_chunks(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, logits of the sampling rows or None) of one step; every tp rank runs it, workers drop
+        both."""
         batch = build_step_batch(chunks, self.block_size, self.device)
         hidden = self.forward(batch)
         if not any(chunk.samples for chunk in chunks):
-            return None
-        return self.model.compute_logits(hidden[batch.logits_indices])
+            return hidden, None
+        return hidden, self.model.compute_logits(hidden[batch.logits_indices])
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Hidden states [T, H] of the batch: a graph replay for decode-only batches it covers, else eager."""
@@ -76,6 +79,17 @@ class ModelRunner:
             return self.graph_runner.run(batch)
         plan = self.backend.prepare(batch.metadata)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, plan)
+
+    @staticmethod
+    def _pool(scheduled: list[ScheduledRequest], hidden: torch.Tensor) -> None:
+        """Fold each embedding request's rows of the step into its pooling state (rows follow `scheduled`)."""
+        row = 0
+        for s in scheduled:
+            r = s.request
+            if r.pooling is not None:
+                chunk = hidden[row : row + s.num_new_tokens]
+                r.pooled = pool_chunk(r.pooling, r.pooled, chunk, r.num_computed_tokens, s.reaches_end)
+            row += s.num_new_tokens
 
     @staticmethod
     def _sampling_request(s: ScheduledRequest) -> SamplingRequest:

@@ -18,9 +18,14 @@ class ScheduledRequest:
     """Tokens computed for this request this step (1 for a decode, a chunk for a prefill)."""
 
     @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the request's tokens, so a new token is sampled."""
+    def reaches_end(self) -> bool:
+        """True when this step computes the last of the request's tokens."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when a new token is sampled after this step (the end is reached, and it is no embedding)."""
+        return self.reaches_end and not self.request.is_pooling
 
 
 @dataclass
@@ -111,8 +116,9 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
-            # look up cached blocks without taking them: a request that must wait holds nothing
-            hits = self.block_manager.match_prefix(request)
+            # look up cached blocks without taking them: a request that must wait holds nothing;
+            # an embedding needs every token's hidden state, so it takes no cached prefix
+            hits = [] if request.is_pooling else self.block_manager.match_prefix(request)
             num_new = min(request.num_tokens - len(hits) * self.block_manager.block_size, budget)
             if not self.block_manager.can_allocate(request, num_new, hits):
                 if not self.running and not output.scheduled:
@@ -156,8 +162,16 @@ class Scheduler:
         assert len(sampling) == len(sampled_token_ids), "one sampled token per sampling request"
         for s in scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(s.request)
+            if s.request.is_pooling:
+                self._finish_pooled(s)
+            else:
+                self.block_manager.cache_full_blocks(s.request)
         return [self._append_token(r, t) for r, t in zip(sampling, sampled_token_ids, strict=True)]
+
+    def _finish_pooled(self, scheduled: ScheduledRequest) -> None:
+        """An embedding request ends once its whole prompt is computed; its blocks are freed, none cached."""
+        if scheduled.request.num_computed_tokens == scheduled.request.num_tokens:
+            self.finish(scheduled.request, "stop")
 
     def _append_token(self, request: Request, token_id: int) -> SampledToken:
         request.token_ids.append(token_id)

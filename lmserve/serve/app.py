@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 import lmserve
 from lmserve.config import ServeConfig
 from lmserve.engine.client import ChatTokenizer, EngineClient
-from lmserve.serve import openai, sampling
+from lmserve.serve import anthropic, embeddings, openai, responses, sampling
 from lmserve.serve.errors import APIError, error_response, install_error_handlers
 from lmserve.serve.guard import GuardMiddleware
 from lmserve.serve.metrics import ServerMetrics
@@ -41,6 +41,9 @@ def create_app(engine: EngineClient, config: ServeConfig) -> FastAPI:
     app.state.lmserve = ServerState(engine=engine, config=config, metrics=metrics)
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
+    app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(misc)
     if metrics is not None:
         app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)

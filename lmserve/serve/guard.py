@@ -45,7 +45,18 @@ def key_matches(header: str | None, api_keys: tuple[str, ...]) -> bool:
     """`Authorization: Bearer KEY`, compared in constant time against every key."""
     if not header or not header.lower().startswith("bearer "):
         return False
-    given = header[7:].strip().encode()
+    return _is_a_key(header[7:].strip(), api_keys)
+
+
+def x_api_key_matches(header: str | None, api_keys: tuple[str, ...]) -> bool:
+    """Anthropic's `x-api-key: KEY` (what the anthropic client sends), compared the same way."""
+    if not header:
+        return False
+    return _is_a_key(header.strip(), api_keys)
+
+
+def _is_a_key(given_text: str, api_keys: tuple[str, ...]) -> bool:
+    given = given_text.encode()
     matched = False
     for key in api_keys:
         matched |= hmac.compare_digest(given, key.encode())
@@ -81,8 +92,13 @@ class GuardMiddleware:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_keys and scope["method"] != "OPTIONS" and needs_key(path):
-            if not key_matches(headers.get("authorization"), self.api_keys):
-                message = "invalid or missing API key: send `Authorization: Bearer <key>`"
+            if not (
+                key_matches(headers.get("authorization"), self.api_keys)
+                or x_api_key_matches(headers.get("x-api-key"), self.api_keys)
+            ):
+                message = (
+                    "invalid or missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)"
+                )
                 await _send_error(send, 401, message, code="invalid_api_key")
                 return
         declared = headers.get("content-length")

@@ -7,6 +7,7 @@ lmserve.models.tokenizer.Tokenizer; test_engine_client.py checks both, with mypy
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ class FakeEngine:
         self.aborted: set[str] = set()
         self.alive = True
         self.configs: list[GenerationConfig] = []
+
+    async def embed(self, prompt_token_ids: list[int], request_id: str | None = None) -> list[float]:
+        """A unit vector from the prompt's byte counts: enough for the wire-format tests."""
+        if len(prompt_token_ids) > self.session_len:
+            raise ValueError(f"input of {len(prompt_token_ids)} tokens is longer than session_len")
+        counts = [float(prompt_token_ids.count(b)) for b in range(8)] + [1.0]
+        norm = math.sqrt(sum(c * c for c in counts))
+        return [c / norm for c in counts]
 
     async def generate(
         self, prompt_token_ids: list[int], gen_config: GenerationConfig, request_id: str | None = None
