@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# float32 tl.dot would otherwise run on TF32 tensor cores (10-bit mantissa): a float32 engine must compute in
+# float32, as torch does by default. bf16/fp16 dots are unaffected. Set before Triton compiles anything.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 try:
     import triton

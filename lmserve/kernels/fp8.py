@@ -21,7 +21,10 @@ MIN_SCALE = 1e-12
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]): scale = absmax / 448, q = round(x / scale)."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+    absmax = x.float().abs().amax(dim=-1, keepdim=True)
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into a multiply by its reciprocal,
+    # which rounds differently from the IEEE division of the Triton kernel and of the CPU
+    scale = (absmax / torch.full_like(absmax, FP8_MAX)).clamp_min(MIN_SCALE)
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 

@@ -95,7 +95,9 @@ def test_windowed_engine_logits_match_hf_on_gpu(new_arch_hf_model: torch.nn.Modu
     from lmserve.generation import GenerationConfig
     from tests.gpu.test_engine_cuda import CUDA, make_engine, prompts
 
-    engine = make_engine(new_arch_hf_model, eager_mode=True)
+    # float32: this random Gemma 3 (random (1 + w) norms, soft-capped logits) is 29 % off HF in bf16 on the CPU
+    # too (measured), so only float32 checks the CUDA kernels; IEEE dots make it agree to ~1e-5
+    engine = make_engine(new_arch_hf_model, dtype=torch.float32, eager_mode=True)
     prompt = prompts(new_arch_hf_model.config.vocab_size, 1)[0] * 2  # longer than the window
     engine.add_request(prompt, GenerationConfig(max_new_tokens=1))
     batch = engine.runner.step_batch(engine.scheduler.schedule().scheduled)
@@ -103,8 +105,7 @@ def test_windowed_engine_logits_match_hf_on_gpu(new_arch_hf_model: torch.nn.Modu
         ours = engine.runner.model.compute_logits(engine.runner.forward(batch))
         reference = new_arch_hf_model.to(CUDA)(torch.tensor([prompt], device=CUDA)).logits[0].float()
     new_arch_hf_model.cpu()
-    # bf16 weights and activations vs float32: 3% of the largest logit (the tolerance of test_engine_cuda)
-    assert (ours - reference).abs().max() <= 0.03 * reference.abs().max()
+    assert (ours - reference).abs().max() <= 1e-3 * reference.abs().max()
 
 
 def test_windowed_engine_graphs_eager_and_prefix_caching_agree(new_arch_hf_model: torch.nn.Module) -> None:
