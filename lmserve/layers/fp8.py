@@ -42,18 +42,10 @@ def is_fp8_config(quantization_config: dict[str, Any]) -> bool:
     """quant_method fp8 (HF), or compressed-tensors float-quantized 8-bit weights with dynamic token activations."""
     if quantization_config.get("quant_method") == "fp8":
         return True
-    if quantization_config.get("quant_method") != "compressed-tensors":
-        return False
-    groups = list(quantization_config.get("config_groups", {}).values())
-    if len(groups) != 1:
-        return False
-    weights, activations = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
-    return (
-        weights.get("num_bits") == 8
-        and weights.get("type") == "float"
-        and weights.get("strategy") == "channel"
-        and activations.get("type") == "float"
-        and activations.get("dynamic") is True
+    from lmserve.layers.quant_formats import compressed_tensors_scheme
+
+    return quantization_config.get("quant_method") == "compressed-tensors" and compressed_tensors_scheme(
+        quantization_config, "float"
     )
 
 

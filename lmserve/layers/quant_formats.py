@@ -113,15 +113,21 @@ def quant_method(quantization_config: dict | None) -> str | None:
     )
 
 
-def _is_int8_w8a8(quantization_config: dict) -> bool:
+def compressed_tensors_scheme(quantization_config: dict, weight_type: str) -> bool:
+    """compressed-tensors with one config group: 8-bit `weight_type` weights per channel, activations 8-bit
+    per token at run time (dynamic) — the W8A8 schemes we run (int: SmoothQuant; float: FP8_DYNAMIC)."""
     groups = list(quantization_config.get("config_groups", {}).values())
     if len(groups) != 1:
         return False
     weights, activations = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
     return (
         weights.get("num_bits") == 8
-        and weights.get("type") == "int"
+        and weights.get("type") == weight_type
         and weights.get("strategy") == "channel"
         and activations.get("num_bits") == 8
         and activations.get("dynamic") is True
     )
+
+
+def _is_int8_w8a8(quantization_config: dict) -> bool:
+    return compressed_tensors_scheme(quantization_config, "int")
