@@ -54,8 +54,14 @@ def start_cli_server(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-m", "lmserve.cli.main", "serve", "api_server", "--dtype", "float32"]
     command += ["--server-name", "127.0.0.1", "--server-port", str(port), *extra]
+    # a terminal's default Ctrl-C: a test run started in the background (`cmd &`) ignores SIGINT, and the server
+    # would inherit that
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     base_url = f"http://127.0.0.1:{port}"
     if not wait_until(lambda: _healthy(base_url), START_TIMEOUT_S):
