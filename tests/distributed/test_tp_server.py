@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.distributed.tp_helpers import children_of, free_port, spawned_children_of, wait_until
+from tests.distributed.tp_helpers import spawned_children_of
 from tests.engine.test_model_folders import bpe_tokenizer, save_hf_folder
+from tests.serve.conftest import children_of, free_port, wait_until
 
 START_TIMEOUT_S = 240
 LOGPROB_ATOL = 1e-3

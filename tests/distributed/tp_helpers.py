@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,14 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from lmserve.layers.quant_formats import awq_quantization_config
+from tests.serve.conftest import children_of, free_port
 
 RANK_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_ranks(target: Callable[..., None], world_size: int, *args: Any) -> None:
@@ -94,28 +87,6 @@ def _random_int32(shape: tuple[int, int], generator: torch.Generator) -> torch.T
 
 def awq_config(hf_config: dict[str, Any], group_size: int) -> dict[str, Any]:
     return {**hf_config, "quantization_config": awq_quantization_config(4, group_size)}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
-
-
-def children_of(pid: int) -> list[int]:
-    """Live child processes of pid (from /proc; zombies count as gone)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def spawned_children_of(pid: int) -> list[int]:

@@ -15,23 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, RunningServer, free_port, wait_until
+from conftest import MODEL_NAME, RunningServer, children_of, free_port, wait_until
 
 START_TIMEOUT_S = 240
 EXIT_TIMEOUT_S = 60
-
-
-def children_of(pid: int) -> list[int]:
-    """Live child processes of pid (from /proc; zombies count as gone)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def is_running(pid: int) -> bool:
