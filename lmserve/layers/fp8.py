@@ -38,17 +38,6 @@ def fp8_layout(quantization_config: dict[str, Any]) -> tuple[str, tuple[int, int
     return "block", (int(block[0]), int(block[1]))
 
 
-def is_fp8_config(quantization_config: dict[str, Any]) -> bool:
-    """quant_method fp8 (HF), or compressed-tensors float-quantized 8-bit weights with dynamic token activations."""
-    if quantization_config.get("quant_method") == "fp8":
-        return True
-    from lmserve.layers.quant_formats import compressed_tensors_scheme
-
-    return quantization_config.get("quant_method") == "compressed-tensors" and compressed_tensors_scheme(
-        quantization_config, "float"
-    )
-
-
 class Fp8Linear(nn.Module):
     """y = fp8(x per token) @ fp8(W per channel)^T with both scales (and the bias) applied in the GEMM."""
 

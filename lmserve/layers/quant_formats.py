@@ -92,13 +92,11 @@ def w8a8_quantization_config(ignore: list[str]) -> dict:
 
 def quant_method(quantization_config: dict | None) -> str | None:
     """'awq', 'w8a8', 'fp8' or None; ValueError for layouts we do not run."""
-    from lmserve.layers.fp8 import is_fp8_config
-
     if not quantization_config:
         return None
-    if is_fp8_config(quantization_config):
-        return "fp8"
     method = quantization_config.get("quant_method")
+    if method == "fp8":
+        return "fp8"
     if method == "awq":
         if (
             quantization_config.get("bits", 4) != 4
@@ -106,8 +104,10 @@ def quant_method(quantization_config: dict | None) -> str | None:
         ):
             raise ValueError(f"unsupported AWQ checkpoint {quantization_config}: only bits=4, version=gemm")
         return "awq"
-    if method == "compressed-tensors" and _is_int8_w8a8(quantization_config):
+    if method == "compressed-tensors" and compressed_tensors_scheme(quantization_config, "int"):
         return "w8a8"
+    if method == "compressed-tensors" and compressed_tensors_scheme(quantization_config, "float"):
+        return "fp8"
     raise ValueError(
         f"unsupported quantization_config quant_method={method!r}; supported: awq (gemm), compressed-tensors int8 W8A8, fp8 (block scales), compressed-tensors FP8 (channel)"
     )
@@ -127,7 +127,3 @@ def compressed_tensors_scheme(quantization_config: dict, weight_type: str) -> bo
         and activations.get("num_bits") == 8
         and activations.get("dynamic") is True
     )
-
-
-def _is_int8_w8a8(quantization_config: dict) -> bool:
-    return compressed_tensors_scheme(quantization_config, "int")
