@@ -58,10 +58,10 @@ def build_worker(rank: int, spec: WorkerSpec, device_index: int) -> Any:
         model_config = random_model_config(spec.random_config_json, config)
         source = None
     else:
-        from lmserve.models.loader import load_model_config, resolve_model, with_load_time_quantization
+        from lmserve.models.loader import model_config_to_build, resolve_model
 
         source = resolve_model(spec.model)
-        model_config = with_load_time_quantization(config.model_format, load_model_config(source))
+        model_config = model_config_to_build(source, config.model_format)
     resolved = builder.resolve_config(config, model_config, device_index)
     init_tensor_parallel(rank, config.tp, spec.init_method, resolved.device)
     apply_torch_settings(config)

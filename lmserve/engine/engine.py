@@ -103,13 +103,7 @@ class LLMEngine:
         detokenize: bool = True,
     ) -> LLMEngine:
         """Load a model (folder, .gguf, cached hub id; None = embedded SmolLM2) and size its KV cache."""
-        from lmserve.models.loader import (
-            check_model_format,
-            load_generation_defaults,
-            load_model_config,
-            resolve_model,
-            with_load_time_quantization,
-        )
+        from lmserve.models.loader import load_generation_defaults, model_config_to_build, resolve_model
         from lmserve.models.tokenizer import load_tokenizer
 
         config = config or EngineConfig()
@@ -117,9 +111,7 @@ class LLMEngine:
         with loading_phase(
             f"read the config of {source.gguf_path if source.kind == 'gguf' else source.path}"
         ):
-            model_config = load_model_config(source)
-        check_model_format(config.model_format, source, model_config)
-        model_config = with_load_time_quantization(config.model_format, model_config)
+            model_config = model_config_to_build(source, config.model_format)
         resolved = builder.resolve_config(config, model_config)
         apply_torch_settings(config)
         with loading_phase("loaded the tokenizer"):

@@ -172,6 +172,13 @@ def check_model_format(model_format: str, source: ModelSource, config: ModelConf
         )
 
 
+def model_config_to_build(source: ModelSource, model_format: str) -> ModelConfig:
+    """The checkpoint's config, checked against `--model-format`, as the model is built from it (every tp rank)."""
+    config = load_model_config(source)
+    check_model_format(model_format, source, config)
+    return with_load_time_quantization(model_format, config)
+
+
 def with_load_time_quantization(model_format: str, config: ModelConfig) -> ModelConfig:
     """The model config to build: `--model-format fp8` on a float checkpoint quantizes every linear at load."""
     from lmserve.layers.fp8 import QUANTIZE_AT_LOAD
