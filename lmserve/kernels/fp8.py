@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.kernels._triton import HAS_TRITON, jit, next_power_of_2, tl
+from lmserve.kernels._triton import HAS_TRITON
+from lmserve.kernels.int8_gemm import per_token_quant
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -29,34 +30,9 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@jit
-def _per_token_quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
-    """One row: scale = max(absmax / 448, 1e-12); q = e4m3(x / scale), IEEE division and round-to-nearest-even."""
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), 0)
-    scale = tl.maximum(tl.math.div_rn(absmax, absmax * 0.0 + 448.0), 1e-12)
-    scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-    q = tl.minimum(tl.maximum(scaled, -448.0), 448.0).to(tl.float8e4nv)
-    tl.store(q_ptr + row * stride_qm + cols, q, mask=mask)
-    tl.store(scale_ptr + row, scale)
-
-
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] on CUDA -> (e4m3 [M, K], float32 scale [M, 1]): quantize_rows_fp8's numbers in one launch."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    num_rows, k = x.shape
-    q = torch.empty(num_rows, k, dtype=FP8, device=x.device)
-    scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
-    if num_rows:
-        block = next_power_of_2(k)
-        _per_token_quant_fp8_kernel[(num_rows,)](
-            x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 1024))
-        )
-    return q, scale
+    return per_token_quant(x, FP8, FP8_MAX, MIN_SCALE)
 
 
 def scaled_mm_supported(in_features: int, out_features: int) -> bool:

@@ -54,43 +54,50 @@ def split_destination(num_splits: int, out: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @jit
-def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
-    """One row: scale = max(absmax / 127, 1e-8); q = round_half_even(x / scale), in IEEE division as torch."""
+def _per_token_quant_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+    QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row: scale = max(absmax / QMAX, MIN_SCALE); q = x / scale in IEEE division as torch, clamped to
+    +-QMAX and rounded to nearest even into q's type (int8 here; e4m3 by its conversion)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), 0)
-    scale = tl.maximum(tl.math.div_rn(absmax, absmax * 0.0 + 127.0), 1e-8)
+    scale = tl.maximum(tl.math.div_rn(absmax, absmax * 0.0 + QMAX), MIN_SCALE)
     scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-    # adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to an integer, ties to even (torch.round's rule)
-    rounded = (scaled + 12582912.0) - 12582912.0
-    q = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+    if q_ptr.dtype.element_ty == tl.int8:
+        # adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to an integer, ties to even (torch.round's rule)
+        scaled = (scaled + 12582912.0) - 12582912.0
+    q = tl.minimum(tl.maximum(scaled, -QMAX), QMAX).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + row * stride_qm + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
-def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (int8 [..., K], float32 scale [..., 1]); the same numbers as per_token_quant_int8_ref."""
+def per_token_quant(
+    x: torch.Tensor, dtype: torch.dtype, qmax: float, min_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (`dtype` [..., K], float32 scale [..., 1]) in one launch: the row quantizer of W8A8 (int8) and
+    FP8 (e4m3), scale = max(absmax / qmax, min_scale)."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     num_rows, k = flat.shape
-    q = torch.empty(num_rows, k, dtype=torch.int8, device=x.device)
+    q = torch.empty(num_rows, k, dtype=dtype, device=x.device)
     scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
     if num_rows:
         block = next_power_of_2(k)
         _per_token_quant_kernel[(num_rows,)](
-            flat,
-            q,
-            scale,
-            k,
-            flat.stride(0),
-            q.stride(0),
-            BLOCK=block,
-            num_warps=min(16, max(1, block // 1024)),
-        )
+            flat, q, scale, k, flat.stride(0), q.stride(0),
+            QMAX=qmax, MIN_SCALE=min_scale, BLOCK=block, num_warps=min(16, max(1, block // 1024)),
+        )  # fmt: skip
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 [..., K], float32 scale [..., 1]); the same numbers as per_token_quant_int8_ref."""
+    return per_token_quant(x, torch.int8, 127.0, 1e-8)
 
 
 @jit
