@@ -293,7 +293,26 @@ def _arch_config_fields(arch: str, meta: _ArchFields) -> dict[str, Any]:
     }
 
 
+# llama.cpp's fallback when a GGUF names no end-of-turn token: the first of these control tokens in its vocabulary
+# (Gemma's GGUFs store only <eos>, yet its chat turns end with <end_of_turn>)
+_END_OF_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
+_CONTROL_TOKEN = 3  # llama.cpp's token type CONTROL
+
+
 def _eos_token_ids(reader: GGUFFile) -> tuple[int, ...]:
     keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     ids = [read_field(reader, key) for key in keys]
+    if ids[1] is None:
+        ids.append(_end_of_turn_by_text(reader))
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _end_of_turn_by_text(reader: GGUFFile) -> int | None:
+    tokens = read_field(reader, "tokenizer.ggml.tokens") or []
+    types = read_field(reader, "tokenizer.ggml.token_type")
+    ids = {text: i for i, text in enumerate(tokens) if text in _END_OF_TURN_TEXTS}
+    for text in _END_OF_TURN_TEXTS:
+        token_id = ids.get(text)
+        if token_id is not None and (types is None or types[token_id] == _CONTROL_TOKEN):
+            return token_id
+    return None

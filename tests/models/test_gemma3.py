@@ -72,6 +72,13 @@ def test_gguf_metadata_gives_the_270m_layout(pipe: Pipeline) -> None:
     assert (config.head_dim, config.num_key_value_heads, config.attention_scale) == (256, 1, 256**-0.5)
 
 
+def test_end_of_turn_stops_generation(pipe: Pipeline) -> None:
+    """The GGUF stores only <eos>; Gemma's turns end with <end_of_turn>, which must stop a reply (llama.cpp's
+    end-of-turn fallback), else a chat runs past its turn into the next one."""
+    vocab = pipe.tokenizer.hf.get_vocab()
+    assert {vocab["<eos>"], vocab["<end_of_turn>"]} <= set(pipe.engine.model_config.eos_token_ids)
+
+
 def test_greedy_tokens_equal_hf_float32(pipe: Pipeline, hf_model: torch.nn.Module) -> None:
     """Plain completions (the GGUF has no chat template), one prompt longer than the 512-token window."""
     long_prompt = LONG_PROMPT_FILE.read_text()[:3000]
