@@ -43,6 +43,8 @@ def resolve_device(name: str, gpus_needed: int = 1, index: int = 0) -> torch.dev
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
+        if gpus_needed > 1:
+            raise ValueError(f"--tp {gpus_needed} needs {gpus_needed} GPUs but no CUDA GPU is available")
         raise ValueError("device='cuda' but no CUDA GPU is available; use --device cpu")
     if name == "cpu":
         return torch.device("cpu")
