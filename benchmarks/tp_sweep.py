@@ -2,8 +2,9 @@
 256 x 512/256 job at tp = 1, 2, 4, for the Llama-3-8B shape and a 70B shape, random bf16 weights, JSON out.
 
 Usage (GPU machine, 4 GPUs): PYTHONPATH=. python benchmarks/tp_sweep.py --json OUT.json
-Tiny smoke test on the CPU:  PYTHONPATH=. python benchmarks/tp_sweep.py --device cpu --shapes tiny --tp 1 2 --quick
-Settings a machine cannot run (more ranks than GPUs, a shard larger than a GPU) are skipped and say why.
+Tiny smoke test on the CPU:  PYTHONPATH=. python benchmarks/tp_sweep.py --device cpu --shapes tiny --tp 1 2 4 --quick
+A --tp above the GPUs present is refused before anything runs (exit 2, naming the flag and the count); a shard
+larger than a GPU (the 70B shape at tp=1) is skipped and the JSON says why.
 """
 
 from __future__ import annotations
@@ -87,11 +88,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def missing_gpus(tps: list[int], device: torch.device) -> str | None:
+    """Why the sweep cannot run here (more ranks than GPUs), or None."""
+    present = torch.cuda.device_count() if device.type == "cuda" else None
+    if present is None or max(tps) <= present:
+        return None
+    fitting = [tp for tp in tps if tp <= present]
+    hint = f"pass --tp {' '.join(map(str, fitting))}" if fitting else "pass --device cpu"
+    return f"--tp {max(tps)} needs {max(tps)} GPUs but {present} are present; {hint}"
+
+
 def skip_reason(tp: int, config_path: Path, device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
-    if tp > torch.cuda.device_count():
-        return f"needs {tp} GPUs, {torch.cuda.device_count()} present"
     per_gpu = weight_bytes(config_path) / tp
     memory = torch.cuda.get_device_properties(0).total_memory
     if per_gpu > WEIGHT_FRACTION_OF_GPU * memory:
@@ -147,6 +156,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
+    refusal = missing_gpus(args.tp, device)
+    if refusal:
+        parser.error(refusal)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     results |= {"torch": torch.__version__, "copy_bandwidth_tb_s": copy_bandwidth(device) / 1e12}
     with tempfile.TemporaryDirectory() as folder:
