@@ -21,7 +21,7 @@ from lmserve.distributed.sharding import num_local_kv_heads
 from lmserve.engine import builder
 from lmserve.layers.quant_formats import w8a8_quantization_config
 from lmserve.models.config import ModelConfig
-from lmserve.models.loader import ModelSource, load_model_config
+from lmserve.models.loader import load_model_config, resolve_model
 from lmserve.models.registry import build_model
 from tests.distributed.tp_helpers import (
     awq_config,
@@ -37,6 +37,7 @@ from tests.models.test_moe_models import (
     per_expert_state_dict,
     per_projection_state_dict,
     tiny_moe_model,
+    write_moe_gguf,
 )
 
 ATOL = 1e-4
@@ -72,7 +73,8 @@ MOE_GROUP_SIZE = 8
 
 def moe_folders(root: Path) -> dict[str, Path]:
     """Mixture-of-experts checkpoints, each in another expert layout: per expert (the hub's), stacked per
-    projection (GGUF's), stacked as the model holds them (a transformers 5 state dict), AutoAWQ per expert."""
+        projection (GGUF's), stacked as the model holds them (a transformers 5 state dict), AutoAWQ per expert, and
+    a GGUF file (float32 experts stacked per projection, cut after reading)."""
     layouts = {
         "mixtral": ("mixtral", per_expert_state_dict),
         "qwen3_moe": ("qwen3_moe", per_projection_state_dict),
@@ -86,6 +88,8 @@ def moe_folders(root: Path) -> dict[str, Path]:
     tensors = awq_checkpoint(hf, MOE_GROUP_SIZE)
     config = awq_config(hf_config_dict(hf), MOE_GROUP_SIZE)
     folders["mixtral_awq"] = save_folder(root / "mixtral_awq", config, tensors)
+    folders["mixtral_gguf"] = root / "mixtral.gguf"
+    write_moe_gguf(tiny_moe_model("mixtral"), folders["mixtral_gguf"])
     return folders
 
 
@@ -93,7 +97,7 @@ def moe_folders(root: Path) -> dict[str, Path]:
 def model_logits(folder: Path) -> tuple[torch.Tensor, int]:
     """Logits of a prefill step of two sequences, then a decode step of both, and the number of parameter
     elements this rank holds (its shard)."""
-    source = ModelSource(folder, "hf")
+    source = resolve_model(str(folder))
     config = load_model_config(source)
     model = builder.load_model(source, config, RESOLVED)
     caches = TorchAttentionBackend().allocate_kv_cache(
@@ -183,6 +187,7 @@ def float_w8a8_logits(folder: Path) -> torch.Tensor:
         "qwen3_moe",
         "qwen3_moe_dense_layers",
         "mixtral_awq",
+        "mixtral_gguf",
     ],
 )
 def test_tp2_logits_equal_tp1(logits: dict[str, Any], kind: str) -> None:
