@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmserve.distributed.parallel_state import init_tensor_parallel
+from lmserve.distributed.parallel_state import init_tensor_parallel, share_cpu_cores
 from lmserve.distributed.worker import WorkerSpec, run_worker
 
 logger = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def start_workers(spec: WorkerSpec, device: torch.device) -> tuple[Workers, torc
         workers = ProcessWorkers(replace(spec, parent_pid=os.getpid()))
     device = workers.rank0_device(device)
     init_tensor_parallel(0, config.tp, spec.init_method, device)
+    share_cpu_cores(config, device)
     return workers, device
 
 

@@ -4,6 +4,10 @@ vocabulary rows (padded to a multiple of tp), and the slice of a checkpoint tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -13,6 +17,10 @@ class TensorSlice:
     dim: int
     start: int
     stop: int
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This slice of a whole tensor (a view)."""
+        return tensor.narrow(self.dim, self.start, self.stop - self.start)
 
 
 def part(
@@ -48,6 +56,15 @@ def check_tp(tp: int, num_heads: int, num_kv_heads: int) -> None:
         raise ValueError(
             f"--tp {tp} and num_key_value_heads={num_kv_heads}: one must divide the other "
             "(KV heads are split, or replicated when fewer than tp)"
+        )
+
+
+def check_expert_split(tp: int, intermediate_size: int) -> None:
+    """ValueError naming --tp when each expert's intermediate features do not split over tp ranks."""
+    if intermediate_size % tp:
+        raise ValueError(
+            f"--tp {tp} must divide the experts' intermediate size {intermediate_size} "
+            "(Mixtral: intermediate_size, Qwen3-MoE: moe_intermediate_size)"
         )
 
 

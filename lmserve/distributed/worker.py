@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmserve.config import EngineConfig
-from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel, tp_group
+from lmserve.distributed.parallel_state import (
+    destroy_tensor_parallel,
+    init_tensor_parallel,
+    share_cpu_cores,
+    tp_group,
+)
 from lmserve.distributed.step_channel import StepChannel
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,7 @@ def build_worker(rank: int, spec: WorkerSpec, device_index: int) -> Any:
         model_config = model_config_to_build(source, config.model_format)
     resolved = builder.resolve_config(config, model_config, device_index)
     init_tensor_parallel(rank, config.tp, spec.init_method, resolved.device)
+    share_cpu_cores(config, resolved.device)
     apply_torch_settings(config)
     if source is None:
         net = builder.random_model(model_config, resolved)

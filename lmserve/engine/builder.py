@@ -12,7 +12,7 @@ from tqdm import tqdm
 from lmserve.attention.backend import AttentionBackend, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.distributed.parallel_state import check_collective_dtype, min_over_ranks, tp_size
-from lmserve.distributed.sharding import check_tp, num_local_kv_heads
+from lmserve.distributed.sharding import check_expert_split, check_tp, num_local_kv_heads
 from lmserve.engine.cpu_memory import default_cpu_num_blocks
 from lmserve.layers.quant import prepare_for_inference
 from lmserve.models.config import ModelConfig
@@ -43,6 +43,8 @@ def resolve_device(name: str, gpus_needed: int = 1, index: int = 0) -> torch.dev
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
+        if gpus_needed > 1:
+            raise ValueError(f"--tp {gpus_needed} needs {gpus_needed} GPUs but no CUDA GPU is available")
         raise ValueError("device='cuda' but no CUDA GPU is available; use --device cpu")
     if name == "cpu":
         return torch.device("cpu")
@@ -57,13 +59,13 @@ def check_tp_shape(tp: int, model_config: ModelConfig) -> None:
     """ValueError naming --tp when the model's heads or features do not split over tp ranks."""
     if tp == 1:
         return
-    if "Moe" in model_config.architecture or "Mixtral" in model_config.architecture:
-        raise ValueError(
-            f"--tp {tp}: {model_config.architecture} (mixture of experts) runs at --tp 1 only for now"
-        )
     check_tp(tp, model_config.num_attention_heads, model_config.num_key_value_heads)
-    if model_config.intermediate_size % tp:
+    moe = model_config.moe
+    dense = moe is None or any(not moe.is_sparse_layer(i) for i in range(model_config.num_hidden_layers))
+    if dense and model_config.intermediate_size % tp:
         raise ValueError(f"--tp {tp} must divide intermediate_size={model_config.intermediate_size}")
+    if moe is not None:
+        check_expert_split(tp, moe.intermediate_size)
 
 
 def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) -> torch.dtype:

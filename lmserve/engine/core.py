@@ -59,6 +59,10 @@ class CoreSpec:
     log_level: str = "WARNING"
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
+"""Load failures that name what is wrong with the model or the flags (the errors the CLI prints in one line)."""
+
+
 def run_engine_core(spec: CoreSpec) -> None:
     """Process entry point: load the model, say ready (or why not), then serve requests until shut down."""
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
@@ -68,9 +72,13 @@ def run_engine_core(spec: CoreSpec) -> None:
     encoder = msgspec.msgpack.Encoder()
     try:
         engine = _load_engine(spec)
-    except Exception as error:  # the front end reports it; a traceback here helps whoever reads the log
-        logger.exception("engine core failed to load the model")
-        _send_all(outputs, encoder.encode(CoreReady(f"{type(error).__name__}: {error}")))
+    except Exception as error:  # the front end reports it
+        if isinstance(error, USER_ERRORS):  # a bad model or flag: the CLI's one error line says it all
+            message = str(error)
+        else:  # unexpected: a traceback here helps whoever reads the log
+            logger.exception("engine core failed to load the model")
+            message = f"{type(error).__name__}: {error}"
+        _send_all(outputs, encoder.encode(CoreReady(message)))
         return
     inputs = context.socket(zmq.PULL)
     inputs.bind(spec.addresses.input)

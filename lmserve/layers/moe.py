@@ -1,4 +1,9 @@
-"""Mixture-of-experts block: a float32 top-k router and stacked experts (Triton grouped GEMM on CUDA, a loop on CPU)."""
+"""Mixture-of-experts block: a float32 top-k router and stacked experts (Triton grouped GEMM on CUDA, a loop on CPU).
+
+Under tp every rank routes every token (the router is replicated) and holds 1/tp of each expert's intermediate
+features (gate_up column-, down row-parallel, as Megatron and vLLM shard experts): the ranks' partial outputs
+meet in one all-reduce per layer, as a dense MLP's do.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.distributed.parallel_state import all_reduce, tp_size
+from lmserve.distributed.sharding import check_expert_split
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.layers.activation import silu_and_mul
 
@@ -84,8 +91,17 @@ def expert_loop(
     return out.to(x.dtype)
 
 
+def local_intermediate_size(intermediate_size: int) -> int:
+    """Each expert's intermediate features on this tp rank; ValueError naming --tp when they do not split."""
+    check_expert_split(tp_size(), intermediate_size)
+    return intermediate_size // tp_size()
+
+
 class SparseMoeBlock(nn.Module):
-    """`mlp` of an MoE decoder layer (HF names: mlp.gate.weight, mlp.experts.gate_up_proj / down_proj)."""
+    """`mlp` of an MoE decoder layer (HF names: mlp.gate.weight, mlp.experts.gate_up_proj / down_proj).
+
+    `intermediate_size` is the model's (each expert's, whole); the experts hold this rank's part of it.
+    """
 
     def __init__(
         self,
@@ -97,8 +113,8 @@ class SparseMoeBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize)
-        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.experts = StackedExperts(num_experts, hidden_size, local_intermediate_size(intermediate_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        return self.experts(x, topk_weights, topk_ids)
+        return all_reduce(self.experts(x, topk_weights, topk_ids))

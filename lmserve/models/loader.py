@@ -253,7 +253,7 @@ def iter_weights(
 
 
 def _cut(tensor: torch.Tensor, part: TensorSlice | None) -> torch.Tensor:
-    return tensor if part is None else tensor.narrow(part.dim, part.start, part.stop - part.start)
+    return tensor if part is None else part.of(tensor)
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -6,6 +6,10 @@ Expert tensors arrive in any of these layouts, each copied straight into its sli
   `mlp.experts.{e}.gate_proj|up_proj|down_proj`; AutoAWQ ones as qweight/qzeros/scales, dequantized here;
 - stacked per projection (GGUF `ffn_gate_exps` ...): `mlp.experts.gate_proj|up_proj|down_proj.weight` [E, out, in];
 - stacked as the model holds them (transformers 5's state dict): `mlp.experts.gate_up_proj` / `down_proj`.
+
+Under tp (see layers/moe.py) a rank reads only its part of each expert (`weight_slice`): the rows of gate and
+up, the columns of down (AWQ: the packed columns / whole groups of rows). A stacked `gate_up_proj` is the one
+exception: its rank's rows are two runs, so it is read whole and cut here.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from collections.abc import Iterable
 import torch
 
 from lmserve.attention.backend import AttentionBackend
+from lmserve.distributed.parallel_state import tp_rank, tp_size
+from lmserve.distributed.sharding import TensorSlice, part
+from lmserve.layers.moe import local_intermediate_size
 from lmserve.layers.quant_formats import awq_dequantize, quant_method
 from lmserve.models.config import ModelConfig
-from lmserve.models.llama import LlamaForCausalLM, WeightLoader
+from lmserve.models.llama import LlamaForCausalLM, WeightLoader, check_whole_groups
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,27 @@ _EXPERT_TENSOR = re.compile(
     r"(?P<experts>.*\.experts)(?:\.(?P<expert>\d+))?\.(?P<projection>\w+)\.(?P<param>weight|qweight|qzeros|scales)"
 )
 _AWQ_PARAMS = ("qweight", "qzeros", "scales")
+_STACKED_GATE_UP, _STACKED_DOWN = ".experts.gate_up_proj", ".experts.down_proj"
+
+
+def expert_slice(match: re.Match[str], shape: tuple[int, ...], name: str) -> TensorSlice:
+    """This rank's part of an expert tensor: output rows of gate/up, input columns of down.
+
+    Float weights are [out, in] (or [E, out, in]); AutoAWQ's qweight/qzeros/scales are [in (or groups), out
+    (or out / 8 packed)], so their dims are the other way round.
+    """
+    _, half = EXPERT_PROJECTIONS[match["projection"]]
+    output_dim, input_dim = (len(shape) - 2, len(shape) - 1) if match["param"] == "weight" else (1, 0)
+    dim = input_dim if half is None else output_dim
+    return part(shape, dim, tp_rank(), 1, tp_size(), name)
+
+
+def local_gate_up(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's rows of a stacked gate_up_proj [E, 2I, H]: its part of the gate half, then of the up half."""
+    if tp_size() == 1:
+        return tensor
+    halves = tensor.chunk(2, dim=-2)
+    return torch.cat([part(h.shape, 1, tp_rank(), 1, tp_size(), name).of(h) for h in halves], dim=-2)
 
 
 class MoEWeightLoader(WeightLoader):
@@ -58,6 +86,8 @@ class MoEWeightLoader(WeightLoader):
         name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the MoE block
         match = _EXPERT_TENSOR.fullmatch(name)
         if match is None or match["projection"] not in EXPERT_PROJECTIONS:
+            if name.endswith(_STACKED_GATE_UP):
+                tensor = local_gate_up(tensor, name)
             super().load_one(name, tensor)
             return
         if match["param"] != "weight":
@@ -121,12 +151,24 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def __init__(
         self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device
     ) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:  # experts are neither sharded nor reduced across ranks
-                raise ValueError(
-                    f"{config.architecture}: --tp > 1 is not supported for mixture-of-experts models"
-                )
+        if config.moe is not None:  # AWQ experts are cut by whole groups of their down_proj's inputs
+            local = local_intermediate_size(config.moe.intermediate_size)
+            check_whole_groups(local, config.quantization_config, "the experts' down_proj")
         super().__init__(config, backend, dtype, device)
 
     def weight_loader(self) -> WeightLoader:
         return MoEWeightLoader(self)
+
+    def weight_slice(self, name: str, shape: tuple[int, ...]) -> TensorSlice | None:
+        """Expert tensors by expert_slice (a stacked gate_up_proj whole, see the module docstring); the rest as
+        Llama's. The router is replicated."""
+        if tp_size() == 1:
+            return None
+        match = _EXPERT_TENSOR.fullmatch(name)
+        if match is not None and match["projection"] in EXPERT_PROJECTIONS:
+            return expert_slice(match, shape, name)
+        if name.endswith(_STACKED_DOWN):  # [E, H, I]: this rank's input columns
+            return part(shape, 2, tp_rank(), 1, tp_size(), name)
+        if name.endswith(_STACKED_GATE_UP):
+            return None
+        return super().weight_slice(name, shape)

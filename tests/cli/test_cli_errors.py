@@ -31,6 +31,19 @@ TINY_LLAMA = {
 }
 
 
+MIXTRAL_ODD_EXPERTS = {
+    **TINY_LLAMA,
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 30,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
+"""Heads that split over 4 ranks, experts of 30 intermediate features that do not."""
+
+
 def write_tokenizer(folder: Path) -> None:
     """A word-level fast tokenizer: enough for the loader to get past the tokenizer to the weights."""
     vocab = {word: i for i, word in enumerate(["<unk>", "<s>", "</s>", "hello", "world"])}
@@ -47,6 +60,10 @@ def llama_folder(root: Path, name: str) -> Path:
     (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
     write_tokenizer(folder)
     return folder
+
+
+def serve_cpu(folder: Path) -> list[str]:
+    return ["serve", "api_server", str(folder), "--device", "cpu"]
 
 
 def build_cases(root: Path) -> dict[str, list[str]]:
@@ -66,7 +83,15 @@ def build_cases(root: Path) -> dict[str, list[str]]:
     LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(no_template)
     index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
     (missing_shard / "model.safetensors.index.json").write_text(json.dumps(index))
+    mixtral = root / "mixtral_config_only"  # --tp is checked before any weight is read
+    mixtral.mkdir()
+    (mixtral / "config.json").write_text(json.dumps(MIXTRAL_ODD_EXPERTS))
+    write_tokenizer(mixtral)
     return {
+        "tp_heads": [*serve_cpu(no_template), "--dtype", "float32", "--tp", "3"],
+        "tp_more_gpus_than_present": ["serve", "api_server", str(no_template), "--device=cuda", "--tp=2"],
+        "tp_zero": [*serve_cpu(no_template), "--tp", "0"],
+        "tp_experts": [*serve_cpu(mixtral), "--dtype", "float32", "--tp", "4"],
         "serve_missing_path": ["serve", "api_server", "/no/such/model"],
         "chat_missing_path": ["chat", "/no/such"],
         "chat_missing_hub_id": ["chat", "no-org/no-model"],
@@ -177,3 +202,21 @@ def test_chat_on_a_model_without_template_says_so_before_any_input(results, root
     line = error_line(results["chat_without_template"])
     assert str(root / "no_chat_template") in line and "no chat template" in line
     assert "--chat-template" in line and "gemma3" in line  # the built-in names
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("tp_heads", "--tp 3 must divide num_attention_heads=2"),
+        ("tp_zero", "tp=0 must be >= 1"),
+        ("tp_experts", "--tp 4 must divide the experts' intermediate size 30"),
+    ],
+)
+def test_bad_tp_names_the_flag(results, case: str, message: str) -> None:
+    """serve api_server checks in its engine core process: the same one line, no traceback from there."""
+    assert message in error_line(results[case])
+
+
+def test_tp_beyond_the_gpus_present_names_the_flag(results) -> None:
+    """CI has no GPU; a machine with one says how many it sees (tests/gpu/test_tp_cuda.py)."""
+    assert "--tp 2 needs 2 GPUs but " in error_line(results["tp_more_gpus_than_present"])

@@ -1,5 +1,7 @@
 """tp=2 over gloo (two processes on loopback) gives the logits of tp=1: Llama (GQA), Qwen2 (qkv bias), Mistral,
-InternLM2 with one KV head (replicated on both ranks), tiny AWQ and W8A8 models; every rank loads only its shard."""
+InternLM2 with one KV head (replicated on both ranks), tiny AWQ and W8A8 models, and the mixtures of experts
+(Mixtral, Qwen3-MoE with and without dense layers, AWQ experts; every expert layout a checkpoint comes in, each
+expert split by its intermediate features); every rank loads only its shard."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_ten
 from lmserve.distributed.sharding import num_local_kv_heads
 from lmserve.engine import builder
 from lmserve.layers.quant_formats import w8a8_quantization_config
-from lmserve.models.loader import ModelSource, load_model_config
+from lmserve.models.config import ModelConfig
+from lmserve.models.loader import load_model_config, resolve_model
+from lmserve.models.registry import build_model
 from tests.distributed.tp_helpers import (
     awq_config,
     random_awq_tensors,
@@ -28,6 +32,13 @@ from tests.distributed.tp_helpers import (
 )
 from tests.models.model_helpers import PagedSequences, hf_config_dict, hf_logits, tiny_hf_model
 from tests.models.test_model_logits import internlm2_config, internlm2_state_dict
+from tests.models.test_moe_models import (
+    awq_checkpoint,
+    per_expert_state_dict,
+    per_projection_state_dict,
+    tiny_moe_model,
+    write_moe_gguf,
+)
 
 ATOL = 1e-4
 """float32 both ways; the ranks' partial sums add in another order than one matmul does."""
@@ -53,6 +64,32 @@ def tiny_folders(root: Path) -> dict[str, Path]:
     hf = tiny_hf_model("qwen2", tie_word_embeddings=False)
     w8a8 = {**hf_config_dict(hf), "quantization_config": w8a8_quantization_config(["lm_head"])}
     folders["w8a8"] = save_folder(root / "w8a8", w8a8, random_w8a8_tensors(hf))
+    return folders | moe_folders(root)
+
+
+MOE_GROUP_SIZE = 8
+"""The tiny Mixtral's experts have 48 intermediate features: 24 per rank, three whole AWQ groups."""
+
+
+def moe_folders(root: Path) -> dict[str, Path]:
+    """Mixture-of-experts checkpoints, each in another expert layout: per expert (the hub's), stacked per
+        projection (GGUF's), stacked as the model holds them (a transformers 5 state dict), AutoAWQ per expert, and
+    a GGUF file (float32 experts stacked per projection, cut after reading)."""
+    layouts = {
+        "mixtral": ("mixtral", per_expert_state_dict),
+        "qwen3_moe": ("qwen3_moe", per_projection_state_dict),
+        "qwen3_moe_dense_layers": ("qwen3_moe_dense_layers", lambda hf: dict(hf.state_dict())),
+    }
+    folders = {}
+    for name, (kind, layout) in layouts.items():
+        hf = tiny_moe_model(kind)
+        folders[name] = save_folder(root / name, hf_config_dict(hf), layout(hf))
+    hf = tiny_moe_model("mixtral")
+    tensors = awq_checkpoint(hf, MOE_GROUP_SIZE)
+    config = awq_config(hf_config_dict(hf), MOE_GROUP_SIZE)
+    folders["mixtral_awq"] = save_folder(root / "mixtral_awq", config, tensors)
+    folders["mixtral_gguf"] = root / "mixtral.gguf"
+    write_moe_gguf(tiny_moe_model("mixtral"), folders["mixtral_gguf"])
     return folders
 
 
@@ -60,7 +97,7 @@ def tiny_folders(root: Path) -> dict[str, Path]:
 def model_logits(folder: Path) -> tuple[torch.Tensor, int]:
     """Logits of a prefill step of two sequences, then a decode step of both, and the number of parameter
     elements this rank holds (its shard)."""
-    source = ModelSource(folder, "hf")
+    source = resolve_model(str(folder))
     config = load_model_config(source)
     model = builder.load_model(source, config, RESOLVED)
     caches = TorchAttentionBackend().allocate_kv_cache(
@@ -138,7 +175,21 @@ def float_w8a8_logits(folder: Path) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "internlm2_one_kv_head", "awq"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "llama",
+        "qwen2",
+        "mistral",
+        "internlm2_one_kv_head",
+        "awq",
+        "mixtral",
+        "qwen3_moe",
+        "qwen3_moe_dense_layers",
+        "mixtral_awq",
+        "mixtral_gguf",
+    ],
+)
 def test_tp2_logits_equal_tp1(logits: dict[str, Any], kind: str) -> None:
     tp1, tp2 = logits["tp1"][kind], logits["tp2"][kind]
     assert tp2.shape == tp1.shape == (4, 97)
@@ -146,7 +197,8 @@ def test_tp2_logits_equal_tp1(logits: dict[str, Any], kind: str) -> None:
 
 
 def test_each_rank_holds_about_half_the_parameters(logits: dict[str, Any]) -> None:
-    """Everything but the norms (and, for the one-KV-head model, the replicated K/V) is split in two."""
+    """Everything but the norms, the routers (and, for the one-KV-head model, the replicated K/V) is split in
+    two."""
     for kind, whole in logits["tp1_params"].items():
         for rank_params in logits["tp2_params"]:
             assert 0.45 * whole <= rank_params[kind] <= 0.6 * whole, (kind, rank_params[kind], whole)
@@ -173,3 +225,18 @@ def test_row_parallel_awq_needs_whole_groups_per_rank(
         ValueError, match="--tp 2: o_proj gets 32 input features per rank, not a whole number"
     ):
         model_logits(folder)
+
+
+def test_awq_experts_need_whole_groups_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel_state, "_group", parallel_state.TensorParallelGroup(0, 2))
+    hf = tiny_moe_model("mixtral")  # 48 intermediate features per expert: 24 per rank, not whole groups of 16
+    config = ModelConfig.from_hf_config(awq_config(hf_config_dict(hf), 16))
+    with pytest.raises(ValueError, match="--tp 2: the experts' down_proj gets 24 input features per rank"):
+        build_model(config, builder.attention_backend(RESOLVED), torch.float32, CPU)
+
+
+def test_experts_that_do_not_split_name_the_flag() -> None:
+    hf = tiny_moe_model("qwen3_moe")
+    config = ModelConfig.from_hf_config({**hf_config_dict(hf), "moe_intermediate_size": 30})
+    with pytest.raises(ValueError, match="--tp 4 must divide the experts' intermediate size 30"):
+        builder.check_tp_shape(4, config)

@@ -14,7 +14,6 @@ from lmserve.generation import GenerationConfig
 from tests.engine.test_model_folders import bpe_tokenizer, save_hf_folder
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # starting a local Ray takes most of a minute on a 2-core CI machine
 
 LOGPROB_ATOL = 1e-3
 GREEDY = GenerationConfig(max_new_tokens=10, ignore_eos=True, logprobs=2)

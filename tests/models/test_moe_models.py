@@ -348,14 +348,6 @@ def test_gguf_experts_load_and_match_hf(kind: str, tmp_path: Path) -> None:
     )
 
 
-def test_tensor_parallel_ranks_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = ModelConfig.from_hf_config(hf_config_dict(tiny_moe_model("mixtral")))
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(ValueError, match="--tp > 1 is not supported for mixture-of-experts"):
-        build_model(config, TorchAttentionBackend(), torch.float32, CPU)
-
-
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe_dense_layers"])
 def test_hf_folder_loads_through_the_loader(kind: str, tmp_path: Path) -> None:
     hf = tiny_moe_model(kind)
