@@ -225,7 +225,7 @@ def main() -> None:
     results["bs1_decode_tok_per_s_graph"] = lat.decode_tok_per_s_median
     results["bs1_fraction_of_roofline"] = lat.decode_tok_per_s_median / roofline
     if args.decode_only:
-        for batch_size in (16, 64):
+        for batch_size in (1, 16, 64):
             results |= profile_decode(engine, batch_size, args.profile)
         bf16_bytes = model_bytes(engine)
         release(engine)

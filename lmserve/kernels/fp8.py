@@ -82,7 +82,7 @@ def gemv_supported(x: torch.Tensor) -> bool:
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """One program = BLOCK_N output channels x one K split, for all M (<= BLOCK_M) rows.
@@ -125,7 +125,9 @@ def _fp8_gemv_kernel(
             acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
     if not USE_DOT:
         acc = tl.sum(acc2, 1)[None, :]
-    total = acc * tl.load(ws_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    total = acc
+    if HAS_SCALE:
+        total = acc * tl.load(ws_ptr + cols, mask=col_mask, other=0.0)[None, :]
     if HAS_BIAS:  # added once: by the first split
         if split == 0:
             total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -153,12 +155,14 @@ def gemv_options(num_rows: int) -> dict[str, int]:
 def fp8_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
-    weight_scale: torch.Tensor,
+    weight_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     **options: int,
 ) -> torch.Tensor:
     """x [M <= 16, K] (bf16/fp16) @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, in x's dtype, one launch.
 
+    A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
+    against cuBLAS).
     options override block_n, block_k, num_warps, programs_per_sm, use_dot and k_per_split (a multiple of block_k).
     """
     num_rows, k = x.shape
@@ -168,7 +172,7 @@ def fp8_gemv(
     opts = gemv_options(num_rows) | options
     if x.stride(-1) != 1:
         x = x.contiguous()
-    assert weight.is_contiguous() and weight_scale.is_contiguous()
+    assert weight.is_contiguous() and (weight_scale is None or weight_scale.is_contiguous())
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
@@ -182,11 +186,11 @@ def fp8_gemv(
     partial = split_partials(num_splits, num_rows, n, x.device)
     use_dot = bool(opts["use_dot"]) or num_rows > 1
     _fp8_gemv_kernel[(tiles, num_splits)](
-        x, weight, weight_scale, out if bias is None else bias, out, partial, tile_locks(x.device),
-        num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0), partial.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n,
-        BLOCK_K=block_k, USE_DOT=use_dot, EVEN=k % block_k == 0 and n % block_n == 0,
-        num_warps=opts["num_warps"],
+        x, weight, out if weight_scale is None else weight_scale, out if bias is None else bias, out, partial,
+        tile_locks(x.device), num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0),
+        partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
+        EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"],
     )  # fmt: skip
     return out
 
