@@ -148,8 +148,22 @@ def _fp8_gemv_kernel(
 def gemv_options(num_rows: int) -> dict[str, int]:
     """Launch settings by row count (H200 sweep, benchmarks/RESULTS.md)."""
     if num_rows == 1:
-        return {"block_n": 32, "block_k": 256, "num_warps": 4, "programs_per_sm": 4, "use_dot": 0}
-    return {"block_n": 64, "block_k": 128, "num_warps": 4, "programs_per_sm": 4, "use_dot": 1}
+        return {
+            "block_n": 32,
+            "block_k": 256,
+            "num_warps": 4,
+            "programs_per_sm": 4,
+            "use_dot": 0,
+            "num_stages": 3,
+        }
+    return {
+        "block_n": 32,
+        "block_k": 256,
+        "num_warps": 4,
+        "programs_per_sm": 4,
+        "use_dot": 1,
+        "num_stages": 3,
+    }
 
 
 def fp8_gemv(
@@ -163,7 +177,8 @@ def fp8_gemv(
 
     A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
     against cuBLAS).
-    options override block_n, block_k, num_warps, programs_per_sm, use_dot and k_per_split (a multiple of block_k).
+    options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot and k_per_split (a
+    multiple of block_k).
     """
     num_rows, k = x.shape
     n = weight.shape[0]
@@ -190,7 +205,7 @@ def fp8_gemv(
         tile_locks(x.device), num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0),
         partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"],
+        EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
     return out
 

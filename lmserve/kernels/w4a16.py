@@ -222,7 +222,7 @@ def _w4_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
     MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """One program = a [BLOCK_M, BLOCK_N] output tile x one split of the 128-row blocks, on tensor cores."""
     pid_m = tl.program_id(0)
@@ -248,15 +248,24 @@ def _w4_dot_kernel(
             group = (kb * 128 + sub * APPLY) // GROUP
             scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            row_sum = tl.zeros([BLOCK_M], tl.float32)
-            for plane in tl.static_range(PLANES):
-                j = sub * PLANES + plane
-                ks = kb * 128 + j * 16 + lanes
+            if WIDE:  # the group's planes side by side: one [APPLY, BLOCK_N] operand, one dot
+                shifts = 4 * (sub * PLANES + tl.arange(0, PLANES))
+                planes = ((words[None, :, :] >> shifts[:, None, None]) & 0xF) | MAGIC
+                q = tl.reshape(planes, [APPLY, BLOCK_N]).to(tl.int16).to(dtype, bitcast=True)
+                ks = kb * 128 + sub * APPLY + tl.arange(0, APPLY)
                 a = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
-                q = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
-                part = tl.dot(a, q, part)
-                row_sum += tl.sum(a.to(tl.float32), 1)
+                part = tl.dot(a, q)
+                row_sum = tl.sum(a.to(tl.float32), 1)
+            else:
+                part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                row_sum = tl.zeros([BLOCK_M], tl.float32)
+                for plane in tl.static_range(PLANES):
+                    j = sub * PLANES + plane
+                    ks = kb * 128 + j * 16 + lanes
+                    a = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+                    q = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+                    part = tl.dot(a, q, part)
+                    row_sum += tl.sum(a.to(tl.float32), 1)
             acc += (part - row_sum[:, None] * (zero + BIAS)[None, :]) * scale[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
     if num_splits == 1:
@@ -285,7 +294,7 @@ def dot_options(num_rows: int) -> dict[str, int]:
     """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64."""
     block_m = 16 if num_rows <= 16 else 64
     return {"block_m": block_m, "block_n": 128, "num_warps": 4, "programs_per_sm": 4 if block_m == 16 else 2,
-            "num_stages": 3 if block_m == 16 else 2}  # fmt: skip
+            "num_stages": 3 if block_m == 16 else 2, "wide": 1}  # fmt: skip
 
 
 def w4a16_matmul(
@@ -352,7 +361,7 @@ def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options:
         num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
         weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
         MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
-        num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        WIDE=bool(opts["wide"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
 
 

@@ -163,7 +163,9 @@ def test_rotary_on_fused_qkv_views(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (12, 3, 64), (16, 16, 64)])
+@pytest.mark.parametrize(
+    ("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (12, 3, 64), (16, 16, 64)]
+)
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_rotary_store_kv_matches_rotary_then_store(
     dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int

@@ -73,6 +73,7 @@ def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int
         (1, "gemv", {"block_n": 16}),  # the heuristic's split: several programs finish through the counters
         (1, "gemv", {"block_n": 32, "blocks_per_split": 1}),
         (5, "dot", {"block_m": 16, "block_n": 16}),
+        (5, "dot", {"block_m": 16, "block_n": 16, "wide": 0}),  # one dot per 16-row plane
         (20, "dot", {"block_m": 16, "block_n": 32, "blocks_per_split": 1}),
         (3, "dense", {}),
     ],
