@@ -123,21 +123,16 @@ def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
 
 
 W4_SWEEP = {
-    1: [{"kernel": "gemv", "block_n": 64, "num_warps": 4, "programs_per_sm": pps, "num_stages": st}
-        for pps in (4, 8) for st in (1, 2, 3)]
-       + [{"kernel": "dot", "block_m": 16, "block_n": bn, "num_warps": 4, "programs_per_sm": 4, "num_stages": st}
-          for bn in (64, 128) for st in (2, 3)],
-    16: [{"kernel": "dot", "block_m": 16, "block_n": bn, "num_warps": nw, "programs_per_sm": 4, "num_stages": st}
-         for bn, nw in [(64, 4), (128, 4), (128, 8), (256, 8)] for st in (2, 3)]
-        + [{"kernel": "dot", "wide": 0}],
+    1: [{"kernel": "gemv", "block_n": 64, "num_warps": 4, "programs_per_sm": 4, "num_stages": st} for st in (2, 3)]
+       + [{"kernel": "dot", "block_m": 16, "block_n": 128, "num_warps": 4, "programs_per_sm": 4, "num_stages": 3}],
+    16: [{"kernel": "dot", "block_m": 16, "block_n": bn, "num_warps": nw, "programs_per_sm": 4, "num_stages": 3}
+         for bn, nw in [(64, 4), (128, 4), (256, 8)]] + [{"kernel": "dot", "wide": 0}],
 }  # fmt: skip
 FP8_SWEEP = {
     1: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "use_dot": 0}
-        for bn, bk, nw in [(8, 512, 2), (8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 8),
-                           (64, 256, 8)]
-        for st in (1, 2, 3, 4)],
-    16: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st}
-         for bn, bk, nw in [(16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4)] for st in (2, 3, 4)],
+        for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 8), (64, 256, 8)] for st in (2, 4)],
+    16: [{"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": 3}
+         for bn, bk in [(16, 256), (32, 512), (64, 128)]],
 }  # fmt: skip
 
 

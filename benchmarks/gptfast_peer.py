@@ -112,12 +112,12 @@ def main() -> None:
         model = build(gptfast_model, fmt)
         results[f"gptfast_{fmt}_bs1"] = decode_rate(model, args.tokens)
         print(results, flush=True)
+        if args.json:  # after each format: a later one may run out of time
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         del model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
