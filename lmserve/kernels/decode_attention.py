@@ -7,7 +7,6 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
-from lmserve.kernels.split_k import MAX_TILES, tile_locks
 
 _MIN_TOKENS_PER_SPLIT = 128
 NO_WINDOW = 2**30
@@ -24,7 +23,6 @@ def _decode_split_kernel(
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
-    lock_ptr,
     scale_log2,
     num_splits,
     sliding_window,
@@ -92,55 +90,47 @@ def _decode_split_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        first_row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits
-        tl.store(partial_lse_ptr + first_row + split, lse, mask=head_mask)
-        tl.store(partial_out_ptr + (first_row + split)[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
-        finish_decode_splits(
-            partial_out_ptr, partial_lse_ptr, out_ptr, lock_ptr, first_row, num_splits, seq, kv_head, heads,
-            head_mask, stride_ot, stride_oh, GROUP_PAD, HEAD_DIM, DIM_PAD,
-        )  # fmt: skip
+        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
 
 
 @jit
-def finish_decode_splits(
-    partial_out_ptr, partial_lse_ptr, out_ptr, lock_ptr, first_row, num_splits, seq, kv_head, heads, head_mask,
-    stride_ot, stride_oh, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-):  # fmt: skip
-    """After a split program stored its partials: the last split of the (sequence, KV head) to arrive (an atomic
-    counter per pair, reset by it) weights every split's output by its log-sum-exp, in split order, and writes
-    the GROUP heads' output. One launch instead of a second combining kernel."""
-    tl.debug_barrier()
-    tile = seq * tl.num_programs(1) + kv_head
-    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        dims = tl.arange(0, DIM_PAD)
-        mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        lse_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        for s in range(num_splits):
-            lse = tl.load(
-                partial_lse_ptr + first_row + s, mask=head_mask, other=float("-inf"), cache_modifier=".cg"
-            )
-            lse_max = tl.maximum(lse_max, lse)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-        total = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-        for s in range(num_splits):
-            lse = tl.load(
-                partial_lse_ptr + first_row + s, mask=head_mask, other=float("-inf"), cache_modifier=".cg"
-            )
-            weight = tl.exp2(lse - lse_max)
-            partial = tl.load(
-                partial_out_ptr + (first_row + s)[:, None] * HEAD_DIM + dims[None, :],
-                mask=mask,
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            acc += partial * weight[:, None]
-            total += weight
-        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-        out_offsets = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(lock_ptr + tile, 0)
+def _decode_reduce_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Combine the splits of one (sequence, query head) by their log-sum-exp weights."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    split_mask = splits < num_splits
+    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_max)
+    mask = split_mask[:, None] & (dims[None, :] < HEAD_DIM)
+    partial = tl.load(
+        partial_out_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    total = tl.sum(weights, 0)
+    out = tl.sum(partial * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + seq * stride_ot + head * stride_oh + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
@@ -185,12 +175,8 @@ def paged_decode_attention(
             num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
-    if num_seqs * num_kv_heads > MAX_TILES:
-        raise ValueError(
-            f"decode attention combines at most {MAX_TILES} (sequence, KV head) pairs per launch"
-        )
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, tile_locks(q.device, "decode"),
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
         scale * math.log2(math.e), num_splits, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -198,6 +184,12 @@ def paged_decode_attention(
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         WRITE_OUTPUT=num_splits == 1, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
     return out
 
 

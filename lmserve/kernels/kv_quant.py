@@ -14,8 +14,7 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, tl
-from lmserve.kernels.decode_attention import choose_num_splits, finish_decode_splits
-from lmserve.kernels.split_k import MAX_TILES, tile_locks
+from lmserve.kernels.decode_attention import _decode_reduce_kernel, choose_num_splits
 
 KV_BITS = (8, 4)
 PARAMS_DTYPE = torch.float16
@@ -240,7 +239,7 @@ def _attend_quant_tile(
 @jit
 def _quant_decode_split_kernel(
     q_ptr, codes_ptr, params_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-    lock_ptr, scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
+    scale_log2, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_codes_kv, stride_codes_block, stride_codes_token, stride_codes_head,
     stride_params_kv, stride_params_block, stride_params_token, stride_block_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
@@ -287,15 +286,11 @@ def _quant_decode_split_kernel(
         tl.store(out + HALF, acc_high.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        first_row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits
-        tl.store(partial_lse_ptr + first_row + split, lse, mask=head_mask)
-        partial = partial_out_ptr + (first_row + split)[:, None] * (2 * HALF) + dims[None, :]
+        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+        partial = partial_out_ptr + row[:, None] * (2 * HALF) + dims[None, :]
         tl.store(partial, acc_low, mask=q_mask)
         tl.store(partial + HALF, acc_high, mask=q_mask)
-        finish_decode_splits(
-            partial_out_ptr, partial_lse_ptr, out_ptr, lock_ptr, first_row, num_splits, seq, kv_head, heads,
-            head_mask, stride_ot, stride_oh, GROUP_PAD, 2 * HALF, 2 * HALF_PAD,
-        )  # fmt: skip
 
 
 def paged_decode_attention_quant(
@@ -330,12 +325,8 @@ def paged_decode_attention_quant(
             num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
-    if num_seqs * num_kv_heads > MAX_TILES:
-        raise ValueError(
-            f"decode attention combines at most {MAX_TILES} (sequence, KV head) pairs per launch"
-        )
     _quant_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, codes, params, block_tables, seq_lens, out, partial_out, partial_lse, tile_locks(q.device, "decode"),
+        q, codes, params, block_tables, seq_lens, out, partial_out, partial_lse,
         scale * math.log2(math.e), num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         codes.stride(0), codes.stride(1), codes.stride(2), codes.stride(3),
         params.stride(0), params.stride(1), params.stride(2), block_tables.stride(0),
@@ -343,4 +334,10 @@ def paged_decode_attention_quant(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, BITS=bits, WRITE_OUTPUT=num_splits == 1,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
     return out

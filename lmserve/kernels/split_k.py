@@ -44,16 +44,14 @@ def finish_split(
         tl.atomic_xchg(lock_ptr + tile, 0)
 
 
-_LOCKS: dict[tuple[torch.device, str], torch.Tensor] = {}
+_LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
-def tile_locks(device: torch.device, user: str = "gemm") -> torch.Tensor:
-    """Per-tile arrival counters, zero between launches (each tile's last program resets its own); one set per
-    user, so kernels of different kinds never share a counter."""
-    key = (torch.device(device), user)
-    if key not in _LOCKS:
-        _LOCKS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return _LOCKS[key]
+def tile_locks(device: torch.device) -> torch.Tensor:
+    """Per-tile arrival counters, zero between launches (each tile's last program resets its own)."""
+    if device not in _LOCKS:
+        _LOCKS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _LOCKS[device]
 
 
 def choose_splits(num_tiles: int, num_blocks: int, programs_per_sm: int, device: torch.device) -> int:

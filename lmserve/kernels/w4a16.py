@@ -291,10 +291,15 @@ def gemv_options() -> dict[str, int]:
 
 
 def dot_options(num_rows: int) -> dict[str, int]:
-    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64."""
+    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64.
+
+    wide (one dot per group instead of one per 16-row plane) by the H200 measurements in benchmarks/RESULTS.md:
+    with 64-row tiles it cut the batch-64 decode step from 12.6 to 10.1 ms; with 16-row tiles it made the layer's
+    GEMMs at 16 rows 1.6x slower (241 against 153 us).
+    """
     block_m = 16 if num_rows <= 16 else 64
     return {"block_m": block_m, "block_n": 128, "num_warps": 4, "programs_per_sm": 4 if block_m == 16 else 2,
-            "num_stages": 3 if block_m == 16 else 2, "wide": 1}  # fmt: skip
+            "num_stages": 3 if block_m == 16 else 2, "wide": int(block_m == 64)}  # fmt: skip
 
 
 def w4a16_matmul(

@@ -73,7 +73,8 @@ def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int
         (1, "gemv", {"block_n": 16}),  # the heuristic's split: several programs finish through the counters
         (1, "gemv", {"block_n": 32, "blocks_per_split": 1}),
         (5, "dot", {"block_m": 16, "block_n": 16}),
-        (5, "dot", {"block_m": 16, "block_n": 16, "wide": 0}),  # one dot per 16-row plane
+        (5, "dot", {"block_m": 16, "block_n": 16, "wide": 1}),  # one dot per group
+        (70, "dot", {"block_m": 64, "block_n": 16}),  # 64-row tiles: one dot per group by default
         (20, "dot", {"block_m": 16, "block_n": 32, "blocks_per_split": 1}),
         (3, "dense", {}),
     ],
