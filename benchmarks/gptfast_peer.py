@@ -1,7 +1,7 @@
 """gpt-fast as a batch-1 decode peer: its own model.py (pytorch-labs/gpt-fast, fetched beside the tree, never copied
 into lmserve), random weights of our Llama-3-8B shape, decode compiled as gpt-fast compiles it.
 
-    PYTHONPATH=. python benchmarks/gptfast_peer.py --gptfast-dir PATH [--formats bf16 int4] [--json OUT]
+    PYTHONPATH=. python benchmarks/gptfast_peer.py --gptfast-dir PATH [--formats bf16 int4] [--json OUT] [--no-tuning]
 
 PATH holds gpt-fast's model.py (e.g. `git -C <fetched repo> show HEAD:model.py > PATH/model.py`). What is
 gpt-fast's here: the Transformer, its static KV cache and its forward; like its generate.py, decode runs
@@ -101,13 +101,19 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["bf16", "int4"], choices=["bf16", "int4"])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--no-tuning",
+        action="store_true",
+        help="skip inductor's coordinate-descent tuning (a shorter compile; gpt-fast itself tunes)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, args.gptfast_dir)
     import model as gptfast_model  # gpt-fast's model.py
 
-    torch._inductor.config.coordinate_descent_tuning = True  # as gpt-fast's generate.py sets it
+    torch._inductor.config.coordinate_descent_tuning = not args.no_tuning  # gpt-fast's generate.py sets it
     torch._inductor.config.triton.unique_kernel_names = True
     results: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results["coordinate_descent_tuning"] = not args.no_tuning
     for fmt in args.formats:
         model = build(gptfast_model, fmt)
         results[f"gptfast_{fmt}_bs1"] = decode_rate(model, args.tokens)
