@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from bench_kernels import copy_bandwidth, graph_of, time_ms
 
-from lmserve.kernels import w4a16
+from lmserve.kernels import split_k, w4a16
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8
 from lmserve.layers.quant import cuda_int8_matmul
 
@@ -142,7 +142,7 @@ def awq_choice(m: int, k: int, n: int) -> str:
         kernel = f"dot bm={opts['block_m']}"
     else:
         return "dense"
-    per_split = w4a16.choose_splits(tiles, num_blocks, opts["programs_per_sm"], torch.device("cuda"))
+    per_split = split_k.choose_splits(tiles, num_blocks, opts["programs_per_sm"], torch.device("cuda"))
     return f"{kernel} bn={opts['block_n']} split={math.ceil(num_blocks / per_split)}"
 
 

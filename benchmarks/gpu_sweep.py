@@ -16,8 +16,12 @@ import torch
 from lmserve.bench.offline import latency, throughput
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
+from lmserve.kernels import w4a16
 
 CONFIG = "benchmarks/configs/llama3-8b.json"
+VARIANTS = {"awq_plane_dots": ("awq", {"wide": 0})}
+"""--formats names that run a format with other kernel options: the W4A16 tensor-core kernel's old form (one dot
+per 16-row plane) beside the default (one dot per group)."""
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30, iterations: int = 20) -> float:
@@ -148,7 +152,11 @@ def quant_sweep(
     """W4A16 (AWQ), W8A8 and FP8 random models: batch-1 decode, batch-16/64 steps, memory (FP8 also the job);
     KV int8: capacity, the job."""
     for fmt in formats:
-        config = EngineConfig(device="cuda", model_format=fmt, max_batch_size=max_batch_size)
+        base_format, dot_override = VARIANTS.get(fmt, (fmt, None))
+        if dot_override:  # a kernel variant of a format: the W4A16 tensor-core kernel with other options
+            default_dot_options = w4a16.dot_options
+            w4a16.dot_options = lambda rows, d=default_dot_options, o=dot_override: d(rows) | o  # type: ignore[misc]
+        config = EngineConfig(device="cuda", model_format=base_format, max_batch_size=max_batch_size)
         engine = LLMEngine.from_random_weights(CONFIG, config)
         lat = latency(engine, input_len=128, output_len=128, iterations=3)
         results[f"{fmt}_bs1_decode_tok_per_s"] = lat.decode_tok_per_s_median
@@ -163,6 +171,8 @@ def quant_sweep(
         release(engine)
         del engine
         collect()
+        if dot_override:
+            w4a16.dot_options = default_dot_options
     if decode_only:
         return
     engine = LLMEngine.from_random_weights(
@@ -225,7 +235,7 @@ def main() -> None:
     results["bs1_decode_tok_per_s_graph"] = lat.decode_tok_per_s_median
     results["bs1_fraction_of_roofline"] = lat.decode_tok_per_s_median / roofline
     if args.decode_only:
-        for batch_size in (16, 64):
+        for batch_size in (1, 16, 64):
             results |= profile_decode(engine, batch_size, args.profile)
         bf16_bytes = model_bytes(engine)
         release(engine)

@@ -21,6 +21,8 @@ class AttentionBackend(ABC):
     """True when forward reads no host value that changes between steps of a fixed decode batch size."""
     supports_sliding_window: bool = False
     """True when forward honours `sliding_window` (models with windowed layers refuse backends without it)."""
+    fuses_rotary: bool = False
+    """True when forward takes `rope=` and unrotated q/k, rotating them as it stores the KV cache (one kernel)."""
 
     @abstractmethod
     def allocate_kv_cache(

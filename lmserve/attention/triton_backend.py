@@ -8,8 +8,9 @@ from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.decode_attention import paged_decode_attention
-from lmserve.kernels.kv_write import store_kv
+from lmserve.kernels.kv_write import rotary_store_kv, store_kv
 from lmserve.kernels.prefill_attention import paged_prefill_attention
+from lmserve.layers.rotary import RopeInputs
 
 if not HAS_TRITON:
     raise ImportError("TritonAttentionBackend needs triton (pip install 'lmserve[cuda]')")
@@ -25,6 +26,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_cuda_graphs = True
     supports_sliding_window = True
+    fuses_rotary = True
 
     def allocate_kv_cache(
         self,
@@ -52,9 +54,16 @@ class TritonAttentionBackend(AttentionBackend):
         plan: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        rope: RopeInputs | None = None,
     ) -> torch.Tensor:
+        """As AttentionBackend.forward; with rope (its Triton table), q and k arrive unrotated and one kernel
+        rotates q in place and writes the rotated k and v into the cache."""
         k_cache, v_cache = layer_cache[0], layer_cache[1]
-        store_kv(k, v, k_cache, v_cache, plan.slot_mapping)
+        if rope is None:
+            store_kv(k, v, k_cache, v_cache, plan.slot_mapping)
+        else:
+            assert rope.cos_sin_cache is not None
+            rotary_store_kv(q, k, v, k_cache, v_cache, plan.slot_mapping, rope.positions, rope.cos_sin_cache)
         out = torch.empty_like(q)
         num_decodes = plan.num_decodes
         if num_decodes:

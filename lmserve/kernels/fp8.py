@@ -1,23 +1,33 @@
-"""FP8 (e4m3) W8A8: per-channel weight and per-token activation quantization, and the scaled GEMM.
+"""FP8 (e4m3) weights per output channel: the scaled GEMM (W8A8) above GEMV_MAX_ROWS rows, a GEMV below.
 
-y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n], xq and wq in float8_e4m3fn (max 448). On CUDA
-one Triton kernel quantizes the activations (a row per program) and torch._scaled_mm (cuBLASLt's FP8 GEMM on
-Hopper) multiplies with both scales and the bias fused; elsewhere the same numbers are computed in float32
-(an emulation: the CPU has no FP8 GEMM worth using, so the activations are still rounded to e4m3 exactly as on
-the GPU, and the weights are dequantized).
+Above GEMV_MAX_ROWS rows, y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n], xq and wq in
+float8_e4m3fn (max 448): on CUDA one Triton kernel quantizes the activations (a row per program) and
+torch._scaled_mm (cuBLASLt's FP8 GEMM on Hopper) multiplies with both scales and the bias fused; elsewhere the
+same numbers are computed in float32 (an emulation: the CPU has no FP8 GEMM worth using, so the activations are
+still rounded to e4m3 exactly as on the GPU, and the weights are dequantized).
+
+Up to GEMV_MAX_ROWS rows (decode) cuBLASLt's tensor-core GEMM does not stream the weight at bandwidth, and the
+quantizer is one more launch per linear: `fp8_gemv` reads the e4m3 weight once, widens it in registers (exact)
+and multiplies the 16-bit activations as they are (W8A16: no activation rounding), scales and bias in the same
+launch, split-K finished in it (lmserve/kernels/split_k.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from lmserve.kernels._triton import HAS_TRITON
+from lmserve.kernels._triton import HAS_TRITON, jit, tl
 from lmserve.kernels.int8_gemm import per_token_quant
+from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
 """Floor of a scale: an all-zero row quantizes to zeros instead of dividing by zero."""
+GEMV_MAX_ROWS = 16
+"""Rows up to which CUDA runs fp8_gemv (bf16/fp16 activations, no per-token quantization)."""
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +55,11 @@ def fp8_linear(
 ) -> torch.Tensor:
     """x [M, K] @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, in x's dtype.
 
-    cuBLASLt's row-wise scaled FP8 GEMM writes bfloat16 only: other activation dtypes get its output cast.
+    Up to GEMV_MAX_ROWS rows of 16-bit activations: fp8_gemv (the activations stay unquantized). cuBLASLt's
+    row-wise scaled FP8 GEMM writes bfloat16 only: other activation dtypes get its output cast.
     """
+    if x.is_cuda and HAS_TRITON and gemv_supported(x):
+        return fp8_gemv(x, weight, weight_scale, bias)
     if x.is_cuda and HAS_TRITON and scaled_mm_supported(weight.shape[1], weight.shape[0]):
         q, x_scale = per_token_quant_fp8(x)
         out = torch._scaled_mm(
@@ -59,6 +72,152 @@ def fp8_linear(
         )
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
     return fp8_linear_ref(x, weight, weight_scale, bias)
+
+
+def gemv_supported(x: torch.Tensor) -> bool:
+    return x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+
+
+@jit
+def _fp8_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    """One program = BLOCK_N output channels x one K split, for all M (<= BLOCK_M) rows.
+
+    USE_DOT: e4m3 -> x's dtype (exact) and a tensor-core dot with the rows padded to BLOCK_M; otherwise (one row)
+    e4m3 -> float32 and multiply-adds on the CUDA cores, one sum over K at the end.
+    """
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    col_mask = cols < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    else:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + lanes
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+        if USE_DOT:
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                mask=row_mask[:, None] & (ks < k_end)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        else:
+            if EVEN:
+                xk = tl.load(x_ptr + ks)
+            else:
+                xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
+            acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+    if not USE_DOT:
+        acc = tl.sum(acc2, 1)[None, :]
+    total = acc
+    if HAS_SCALE:
+        total = acc * tl.load(ws_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    if HAS_BIAS:  # added once: by the first split
+        if split == 0:
+            total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if num_splits == 1:
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + cols[None, :],
+            total.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:
+        finish_split(
+            total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_n, split, num_splits,
+            stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+
+
+def gemv_options(num_rows: int) -> dict[str, int]:
+    """Launch settings by row count (H200 sweep, benchmarks/RESULTS.md)."""
+    if num_rows == 1:
+        return {
+            "block_n": 32,
+            "block_k": 256,
+            "num_warps": 4,
+            "programs_per_sm": 4,
+            "use_dot": 0,
+            "num_stages": 3,
+        }
+    return {
+        "block_n": 32,
+        "block_k": 256,
+        "num_warps": 4,
+        "programs_per_sm": 4,
+        "use_dot": 1,
+        "num_stages": 3,
+    }
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    **options: int,
+) -> torch.Tensor:
+    """x [M <= 16, K] (bf16/fp16) @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, in x's dtype, one launch.
+
+    A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
+    against cuBLAS).
+    options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot and k_per_split (a
+    multiple of block_k).
+    """
+    num_rows, k = x.shape
+    n = weight.shape[0]
+    if num_rows > GEMV_MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes at most {GEMV_MAX_ROWS} rows, got {num_rows}")
+    opts = gemv_options(num_rows) | options
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    assert weight.is_contiguous() and (weight_scale is None or weight_scale.is_contiguous())
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    block_n, block_k = opts["block_n"], opts["block_k"]
+    tiles = math.ceil(n / block_n)
+    num_blocks = math.ceil(k / block_k)
+    per_split = opts.get("k_per_split", 0) // block_k or choose_splits(
+        tiles, num_blocks, opts["programs_per_sm"], x.device
+    )
+    num_splits = math.ceil(num_blocks / per_split)
+    partial = split_partials(num_splits, num_rows, n, x.device)
+    use_dot = bool(opts["use_dot"]) or num_rows > 1
+    _fp8_gemv_kernel[(tiles, num_splits)](
+        x, weight, out if weight_scale is None else weight_scale, out if bias is None else bias, out, partial,
+        tile_locks(x.device), num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0),
+        partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
+        EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def fp8_gemv_ref(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """fp8_gemv in float32: the unquantized activations times the widened weight, then the channel scales."""
+    out = (x.float() @ weight.float().t()) * weight_scale.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def fp8_linear_ref(

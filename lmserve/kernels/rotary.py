@@ -8,17 +8,37 @@ from lmserve.kernels._triton import jit, next_power_of_2, tl
 
 
 @jit
-def _rotate_heads(
-    x_ptr, token, stride_t, stride_h, cos, sin, num_heads, HEADS_PAD: tl.constexpr, HALF: tl.constexpr
+def rotate_heads(
+    src_ptr,
+    dst_ptr,
+    stride_src_h,
+    stride_dst_h,
+    cos,
+    sin,
+    num_heads,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
 ):
+    """Rotate num_heads heads at src (one token) and store them at dst (src itself for in place)."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HALF)[None, :]
     mask = heads < num_heads
-    first = x_ptr + token * stride_t + heads * stride_h + dims
+    first = src_ptr + heads * stride_src_h + dims
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    out = dst_ptr + heads * stride_dst_h + dims
+    tl.store(out, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cache, HALF: tl.constexpr):
+    """cos and sin [1, HALF] (float32) of the token's position."""
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cos_sin_ptr + position * stride_cache + dims).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + position * stride_cache + HALF + dims).to(tl.float32)
+    return cos, sin
 
 
 @jit
@@ -39,12 +59,11 @@ def _rotary_kernel(
     HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF)[None, :]
-    cos = tl.load(cos_sin_ptr + position * stride_cache + dims).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + position * stride_cache + HALF + dims).to(tl.float32)
-    _rotate_heads(q_ptr, token, stride_qt, stride_qh, cos, sin, num_q_heads, Q_HEADS_PAD, HALF)
-    _rotate_heads(k_ptr, token, stride_kt, stride_kh, cos, sin, num_kv_heads, KV_HEADS_PAD, HALF)
+    cos, sin = load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cache, HALF)
+    q_row = q_ptr + token * stride_qt
+    k_row = k_ptr + token * stride_kt
+    rotate_heads(q_row, q_row, stride_qh, stride_qh, cos, sin, num_q_heads, Q_HEADS_PAD, HALF)
+    rotate_heads(k_row, k_row, stride_kh, stride_kh, cos, sin, num_kv_heads, KV_HEADS_PAD, HALF)
 
 
 def build_cos_sin_cache(

@@ -13,9 +13,7 @@ Two kernels, one launch each:
 - `_w4_dot_kernel` (2..128 rows, tensor cores): a nibble becomes the 16-bit float BIAS + q by OR-ing it into
   BIAS's mantissa (exact); each 16-row plane is one tl.dot, and BIAS + z times the row sums of x is taken off
   once per group.
-Split-K programs write float32 partials; the last program of a tile (an atomic counter per tile, reset by
-that program, so the counters stay zero between calls and under CUDA graphs) sums them in split order and
-writes the output: no second launch.
+Split-K is finished inside the launch (lmserve/kernels/split_k.py): no second launch.
 """
 
 from __future__ import annotations
@@ -25,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lmserve.kernels._triton import jit, num_sms, tl
+from lmserve.kernels._triton import jit, tl
 from lmserve.kernels.awq_dequant import unpack_awq
+from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
 TILE_N = 64
 """Columns per contiguous strip of the layout."""
@@ -38,7 +37,6 @@ DOT_MAX_ROWS = 128
 """Rows up to which the tensor-core kernel runs; more rows dequantize once and call cuBLAS (prefill)."""
 _MAGIC_16 = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 """16-bit float whose mantissa's low bits take a nibble exactly: (bit pattern, its value)."""
-_MAX_TILES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -133,35 +131,6 @@ def _strip_offsets(cols, strip_stride, BLOCK_N: tl.constexpr):
 
 
 @jit
-def _finish_split(
-    total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits, stride_pm, stride_om,
-    N, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Write this split's float32 partial; the tile's last program sums all splits in order and stores them."""
-    split_stride = M * stride_pm
-    tl.store(
-        part_ptr + split * split_stride + rows[:, None] * stride_pm + cols[None, :], total, mask=out_mask
-    )
-    tl.debug_barrier()
-    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for s in range(num_splits):
-            acc += tl.load(
-                part_ptr + s * split_stride + rows[:, None] * stride_pm + cols[None, :],
-                mask=out_mask,
-                other=0.0,
-                cache_modifier=".cg",
-            )
-        tl.store(
-            out_ptr + rows[:, None] * stride_om + cols[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
-        tl.atomic_xchg(lock_ptr + tile, 0)
-
-
-@jit
 def _gemv_block(
     acc, words, kb, x_ptr, s_ptr, z_ptr, s_cols, col_mask, K, nibble, magic,
     GROUP: tl.constexpr, EVEN_K: tl.constexpr,
@@ -242,7 +211,7 @@ def _w4_gemv_kernel(
     if num_splits == 1:
         tl.store(out_ptr + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        _finish_split(
+        finish_split(
             total, part_ptr, lock_ptr, out_ptr, tl.arange(0, 1), cols, out_mask, pid_n, split, num_splits,
             stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
         )  # fmt: skip
@@ -253,7 +222,7 @@ def _w4_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
     MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """One program = a [BLOCK_M, BLOCK_N] output tile x one split of the 128-row blocks, on tensor cores."""
     pid_m = tl.program_id(0)
@@ -279,15 +248,24 @@ def _w4_dot_kernel(
             group = (kb * 128 + sub * APPLY) // GROUP
             scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            row_sum = tl.zeros([BLOCK_M], tl.float32)
-            for plane in tl.static_range(PLANES):
-                j = sub * PLANES + plane
-                ks = kb * 128 + j * 16 + lanes
+            if WIDE:  # the group's planes side by side: one [APPLY, BLOCK_N] operand, one dot
+                shifts = 4 * (sub * PLANES + tl.arange(0, PLANES))
+                planes = ((words[None, :, :] >> shifts[:, None, None]) & 0xF) | MAGIC
+                q = tl.reshape(planes, [APPLY, BLOCK_N]).to(tl.int16).to(dtype, bitcast=True)
+                ks = kb * 128 + sub * APPLY + tl.arange(0, APPLY)
                 a = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
-                q = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
-                part = tl.dot(a, q, part)
-                row_sum += tl.sum(a.to(tl.float32), 1)
+                part = tl.dot(a, q)
+                row_sum = tl.sum(a.to(tl.float32), 1)
+            else:
+                part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                row_sum = tl.zeros([BLOCK_M], tl.float32)
+                for plane in tl.static_range(PLANES):
+                    j = sub * PLANES + plane
+                    ks = kb * 128 + j * 16 + lanes
+                    a = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+                    q = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+                    part = tl.dot(a, q, part)
+                    row_sum += tl.sum(a.to(tl.float32), 1)
             acc += (part - row_sum[:, None] * (zero + BIAS)[None, :]) * scale[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
     if num_splits == 1:
@@ -298,28 +276,13 @@ def _w4_dot_kernel(
         )
     else:
         tile = pid_m * tl.num_programs(1) + pid_n
-        _finish_split(
+        finish_split(
             acc, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits,
             stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
 
 # -- launchers ----------------------------------------------------------------------------------------
-
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def tile_locks(device: torch.device) -> torch.Tensor:
-    """Per-tile arrival counters, zero between launches (each tile's last program resets its own)."""
-    if device not in _LOCKS:
-        _LOCKS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return _LOCKS[device]
-
-
-def choose_splits(num_tiles: int, num_blocks: int, programs_per_sm: int, device: torch.device) -> int:
-    """Blocks per split: enough splits for about programs_per_sm programs per SM, none of them empty."""
-    wanted = max(1, math.ceil(programs_per_sm * num_sms(device) / max(1, num_tiles)))
-    return math.ceil(num_blocks / min(wanted, num_blocks))
 
 
 def gemv_options() -> dict[str, int]:
@@ -328,10 +291,15 @@ def gemv_options() -> dict[str, int]:
 
 
 def dot_options(num_rows: int) -> dict[str, int]:
-    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64."""
+    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64.
+
+    wide (one dot per group instead of one per 16-row plane) by the H200 measurements in benchmarks/RESULTS.md:
+    with 64-row tiles it cut the batch-64 decode step from 12.6 to 10.1 ms; with 16-row tiles it made the layer's
+    GEMMs at 16 rows 1.6x slower (241 against 153 us).
+    """
     block_m = 16 if num_rows <= 16 else 64
     return {"block_m": block_m, "block_n": 128, "num_warps": 4, "programs_per_sm": 4 if block_m == 16 else 2,
-            "num_stages": 3 if block_m == 16 else 2}  # fmt: skip
+            "num_stages": 3 if block_m == 16 else 2, "wide": int(block_m == 64)}  # fmt: skip
 
 
 def w4a16_matmul(
@@ -362,12 +330,6 @@ def w4a16_matmul(
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
-def _partials(num_splits: int, num_rows: int, n: int, device: torch.device) -> torch.Tensor:
-    """Float32 split partials [splits * rows, N] (a one-row placeholder when nothing is split)."""
-    rows = num_splits * num_rows if num_splits > 1 else 1
-    return torch.empty(rows, n, dtype=torch.float32, device=device)
-
-
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     opts = gemv_options() | options
     n, num_blocks = out.shape[1], weight.num_blocks
@@ -377,7 +339,7 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
             tiles, num_blocks, opts["programs_per_sm"], x.device
         )
         num_splits = math.ceil(num_blocks / per_split)
-        partial = _partials(num_splits, 1, n, x.device)
+        partial = split_partials(num_splits, 1, n, x.device)
         _w4_gemv_kernel[(tiles, num_splits)](
             x[row], weight.qweight, weight.scales, weight.zeros, out[row], partial, tile_locks(x.device),
             n, weight.in_features, num_blocks, per_split, num_splits, weight.qweight.stride(0),
@@ -397,14 +359,14 @@ def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options:
         tiles[0] * tiles[1], num_blocks, opts["programs_per_sm"], x.device
     )
     num_splits = math.ceil(num_blocks / per_split)
-    partial = _partials(num_splits, num_rows, n, x.device)
+    partial = split_partials(num_splits, num_rows, n, x.device)
     magic, bias = _MAGIC_16[x.dtype]
     _w4_dot_kernel[(*tiles, num_splits)](
         x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
         num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
         weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
         MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
-        num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        WIDE=bool(opts["wide"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
 
 

@@ -90,10 +90,19 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: Any, attn_plan: Any) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
-        # q and k rotate together: one rope pass over Hq + Hkv heads
-        q, k = rotate_qk(self.qk_heads(qkv), self.num_heads, rope)
+        qk = self.qk_heads(qkv)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache, attn_plan, self.scale, self.sliding_window)
+        table = rope.cos_sin_cache
+        if self.backend.fuses_rotary and table is not None and table.shape[1] == self.head_dim:
+            # CUDA: the rotation rides in the KV-cache store (one kernel instead of two)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            out = self.backend.forward(  # type: ignore[call-arg]
+                q, k, v, kv_cache, attn_plan, self.scale, self.sliding_window, rope=rope
+            )
+        else:
+            # q and k rotate together: one rope pass over Hq + Hkv heads
+            q, k = rotate_qk(qk, self.num_heads, rope)
+            out = self.backend.forward(q, k, v, kv_cache, attn_plan, self.scale, self.sliding_window)
         return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
     def qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:

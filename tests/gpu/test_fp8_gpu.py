@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmserve.kernels.fp8 import fp8_linear, fp8_linear_ref, per_token_quant_fp8, quantize_rows_fp8
+from lmserve.kernels.fp8 import (
+    GEMV_MAX_ROWS,
+    fp8_gemv,
+    fp8_gemv_ref,
+    fp8_linear,
+    fp8_linear_ref,
+    per_token_quant_fp8,
+    quantize_rows_fp8,
+)
 from lmserve.kernels.testing import relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,10 +38,50 @@ def test_scaled_mm_matches_the_float32_reference(num_rows: int, k: int, n: int, 
     x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     out = fp8_linear(x, weight, weight_scale, b)
-    ref = fp8_linear_ref(x, weight, weight_scale, b)
+    # up to GEMV_MAX_ROWS rows the activations stay bf16 (fp8_gemv), above they are rounded to e4m3 per token
+    reference = fp8_gemv_ref if num_rows <= GEMV_MAX_ROWS else fp8_linear_ref
+    ref = reference(x, weight, weight_scale, b)
     assert out.dtype == torch.bfloat16 and out.shape == (num_rows, n)
-    # the same e4m3 products; what is left is bf16 output rounding and summation order
+    # the same products; what is left is bf16 output rounding and summation order
     assert relative_error(out, ref) < 4e-3
+
+
+def poison_cache_allocator() -> None:
+    """Fill freed allocator blocks with NaN, so a kernel that skips writing part of its output fails."""
+    torch.full((64, 2**20), float("nan"), device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (4096, 28672), (576, 960), (100, 72)])
+@pytest.mark.parametrize("use_dot", [0, 1])
+def test_fp8_gemv_matches_the_float32_reference(
+    num_rows: int, k: int, n: int, use_dot: int, dtype: torch.dtype
+) -> None:
+    weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    x = torch.randn(num_rows, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if k == 576 else None
+    poison_cache_allocator()
+    out = fp8_gemv(x, weight, weight_scale, b, use_dot=use_dot)
+    ref = fp8_gemv_ref(x, weight, weight_scale, b)
+    assert out.dtype == dtype and out.shape == (num_rows, n)
+    for row in range(num_rows):  # e4m3 widens exactly: only float32 summation order and one output rounding
+        assert relative_error(out[row], ref[row]) < (4e-3 if dtype == torch.bfloat16 else 1e-3), f"{row=}"
+
+
+@pytest.mark.parametrize("k_per_split", [256, 1024])
+def test_fp8_gemv_split_counters_survive_graph_replays(k_per_split: int) -> None:
+    weight, weight_scale = quantize_rows_fp8(torch.randn(6144, 4096, device="cuda") * 0.02)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = fp8_gemv_ref(x, weight, weight_scale, None)
+    fp8_gemv(x, weight, weight_scale, None, k_per_split=k_per_split)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemv(x, weight, weight_scale, None, k_per_split=k_per_split)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        assert relative_error(out, ref) < 4e-3
 
 
 def test_fp8_engine_tracks_bf16() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from lmserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from lmserve.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
-from lmserve.kernels.kv_write import store_kv, store_kv_ref
+from lmserve.kernels.kv_write import rotary_store_kv, rotary_store_kv_ref, store_kv, store_kv_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from lmserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
@@ -160,6 +160,41 @@ def test_rotary_on_fused_qkv_views(
     apply_rotary_ref(q_ref, k_ref, positions, cache)
     assert relative_error(q, q_ref) < 4e-3 and relative_error(k, k_ref) < 4e-3
     assert torch.equal(qkv[:, (num_q_heads + num_kv_heads) * head_dim :], v_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (12, 3, 64), (16, 16, 64)]
+)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_rotary_store_kv_matches_rotary_then_store(
+    dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    """One launch = apply_rotary_ref on q and k, then store_kv_ref; q in place, k untouched, padding skipped."""
+    batch = make_paged_batch(
+        [1, 1, 70, 5], [1, 90, 70, 300], num_q_heads, num_kv_heads, head_dim, block_size, dtype, "cuda", 3
+    )
+    num_tokens = batch.q.shape[0]
+    qkv = torch.cat([t.flatten(1) for t in (batch.q, batch.k, batch.v)], dim=1)
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(num_tokens, num_q_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+    k_before, q_ref = k.clone(), q.clone()
+    positions = torch.randint(0, 8192, (num_tokens,), device="cuda")
+    table = build_cos_sin_cache(8192, head_dim, 500000.0, device="cuda")
+    cache, ref = batch.layer_cache.clone(), batch.layer_cache.clone()
+    slots = batch.meta.slot_mapping
+    rotary_store_kv(q, k, v, cache[0], cache[1], slots, positions, table)
+    rotary_store_kv_ref(q_ref, k.clone(), v, ref[0], ref[1], slots, positions, table)
+    assert relative_error(q, q_ref) < 4e-3 and torch.equal(k, k_before)
+    flat, flat_ref = cache.flatten(1, 2), ref.flatten(1, 2)
+    written = slots[slots >= 0]
+    assert relative_error(flat[:, written], flat_ref[:, written]) < 4e-3
+    assert torch.equal(flat[1][written], flat_ref[1][written])  # v is copied, not rounded
+    kept = torch.ones(flat.shape[1], dtype=torch.bool, device="cuda")
+    kept[written] = False
+    assert torch.equal(flat[:, kept], batch.layer_cache.flatten(1, 2)[:, kept])
 
 
 def test_rotary_reference_matches_hf_llama() -> None:

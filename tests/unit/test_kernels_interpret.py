@@ -6,6 +6,8 @@ pytest runs here starts a child pytest over this same file with it set; the per-
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,11 +25,18 @@ if IN_CHILD:
     from lmserve.attention.triton_backend import TritonAttentionBackend
     from lmserve.kernels.activation import silu_and_mul, silu_and_mul_ref
     from lmserve.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
-    from lmserve.kernels.kv_write import store_kv, store_kv_ref
+    from lmserve.kernels.kv_write import rotary_store_kv, rotary_store_kv_ref, store_kv, store_kv_ref
     from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
     from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
     from lmserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
-    from lmserve.kernels.testing import backend_step, make_paged_batch, reference_forward, relative_error
+    from lmserve.kernels.testing import (
+        PagedBatch,
+        backend_step,
+        make_paged_batch,
+        reference_forward,
+        relative_error,
+    )
+    from lmserve.layers.rotary import RopeInputs
 
 DTYPE = torch.float16  # numpy, under the interpreter, has no bfloat16
 
@@ -115,6 +124,56 @@ def test_rotary_in_place_on_qkv_views() -> None:
     apply_rotary(q, k, positions, cache)
     apply_rotary_ref(q_ref, k_ref, positions, cache)
     assert relative_error(q, q_ref) < 2e-3 and relative_error(k, k_ref) < 2e-3
+
+
+def fused_qkv_views(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's q, k, v as strided views into one fused [T, (Hq + 2 Hkv) D] projection, as the model has them."""
+    qkv = torch.cat([t.flatten(1) for t in (batch.q, batch.k, batch.v)], dim=1)
+    q_size, kv_size = batch.q[0].numel(), batch.k[0].numel()
+    views = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
+    q, k, v = (
+        t.view(-1, *like.shape[1:]) for t, like in zip(views, (batch.q, batch.k, batch.v), strict=True)
+    )
+    return q, k, v
+
+
+@child_only
+def test_rotary_store_kv_matches_rotary_then_store() -> None:
+    batch = make_paged_batch([1, 5, 3], [7, 9, 3], 4, 2, 16, 4, DTYPE, "cpu", num_padding_tokens=2)
+    q, k, v = fused_qkv_views(batch)
+    k_before = k.clone()
+    q_ref, k_ref, v_ref = q.clone(), k.clone(), v.clone()
+    positions = torch.tensor([6, 4, 5, 6, 7, 8, 0, 1, 2, 0, 0])
+    table = build_cos_sin_cache(16, 16, 10000.0)
+    cache, ref = batch.layer_cache.clone(), batch.layer_cache.clone()
+    slots = batch.meta.slot_mapping
+    rotary_store_kv(q, k, v, cache[0], cache[1], slots, positions, table)
+    rotary_store_kv_ref(q_ref, k_ref, v_ref, ref[0], ref[1], slots, positions, table)
+    assert relative_error(q, q_ref) < 2e-3 and torch.equal(k, k_before)
+    written = slots[slots >= 0]
+    assert relative_error(cache.flatten(1, 2)[:, written], ref.flatten(1, 2)[:, written]) < 2e-3
+    untouched = torch.ones(cache[0].shape[0] * cache[0].shape[1], dtype=torch.bool)
+    untouched[written] = False  # padding rows (slot -1) wrote nothing, other slots kept their tokens
+    assert torch.equal(cache.flatten(1, 2)[:, untouched], batch.layer_cache.flatten(1, 2)[:, untouched])
+
+
+@child_only
+def test_backend_with_rope_matches_rotating_first() -> None:
+    batch = make_paged_batch([1, 1, 6], [5, 12, 6], 4, 2, 16, 4, DTYPE, "cpu", num_padding_tokens=1)
+    q, k, v = fused_qkv_views(batch)
+    positions = torch.tensor([4, 11, 0, 1, 2, 3, 4, 5, 0])
+    table = build_cos_sin_cache(16, 16, 10000.0)
+    rope = RopeInputs(positions, None, None, table)
+    cache = batch.layer_cache.clone()
+    backend = TritonAttentionBackend()
+    out = backend.forward(q, k, v, cache, backend.prepare(batch.meta), 0.25, rope=rope)
+    rotated_q, rotated_k = batch.q.clone(), batch.k.clone()
+    apply_rotary_ref(rotated_q, rotated_k, positions, table)
+    rotated = dataclasses.replace(batch, q=rotated_q, k=rotated_k)
+    ref, ref_cache = reference_forward(rotated, 0.25)
+    rows = batch.meta.num_tokens
+    assert relative_error(out[:rows], ref[:rows]) < 2e-3
+    assert relative_error(cache, ref_cache) < 2e-3
 
 
 @child_only

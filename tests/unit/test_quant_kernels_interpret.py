@@ -21,6 +21,7 @@ def test_quant_kernels_match_references_under_interpreter() -> None:
 
 if IN_CHILD:
     from lmserve.kernels.awq_dequant import awq_dequantize, awq_dequantize_ref, awq_gemm_ref, pack_awq
+    from lmserve.kernels.fp8 import fp8_gemv, fp8_gemv_ref, quantize_rows_fp8
     from lmserve.kernels.int8_gemm import (
         int8_gemm,
         int8_gemm_ref,
@@ -72,6 +73,8 @@ def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int
         (1, "gemv", {"block_n": 16}),  # the heuristic's split: several programs finish through the counters
         (1, "gemv", {"block_n": 32, "blocks_per_split": 1}),
         (5, "dot", {"block_m": 16, "block_n": 16}),
+        (5, "dot", {"block_m": 16, "block_n": 16, "wide": 1}),  # one dot per group
+        (70, "dot", {"block_m": 64, "block_n": 16}),  # 64-row tiles: one dot per group by default
         (20, "dot", {"block_m": 16, "block_n": 32, "blocks_per_split": 1}),
         (3, "dense", {}),
     ],
@@ -104,3 +107,24 @@ def test_int8_gemm(blocks_per_split: int | None) -> None:
     x_scale, w_scale = torch.rand(20, 1) * 0.01, torch.rand(48, 1) * 0.01
     out = int8_gemm(x_q, w_q, x_scale, w_scale, DTYPE, blocks_per_split, block_m=16, block_n=32, block_k=32)
     assert relative_error(out, int8_gemm_ref(x_q, w_q, x_scale, w_scale, DTYPE)) < 1e-3
+
+
+@child_only
+@pytest.mark.parametrize(
+    "num_rows,k,n,options",
+    [
+        (1, 256, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # whole blocks: unmasked loads
+        (1, 200, 48, {"block_n": 32, "block_k": 64, "use_dot": 0, "k_per_split": 64}),  # masked, 4 splits
+        (1, 256, 64, {"block_n": 32, "block_k": 64, "use_dot": 1}),
+        (5, 200, 48, {"block_n": 32, "block_k": 64, "k_per_split": 128}),  # tensor cores, 2 splits
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_gemv(num_rows: int, k: int, n: int, options: dict, bias: bool) -> None:
+    generator = torch.Generator().manual_seed(num_rows + k)
+    weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, generator=generator) * 0.05)
+    x = torch.randn(num_rows, k, generator=generator).to(DTYPE)
+    b = torch.randn(n, generator=generator).to(DTYPE) if bias else None
+    out = fp8_gemv(x, weight, weight_scale, b, **options)
+    assert out.dtype == DTYPE and out.shape == (num_rows, n)
+    assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3

@@ -1,0 +1,188 @@
+"""Decode-sized GEMMs of one Llama-3-8B layer per weight format and kernel, against cuBLAS bf16, on one GPU.
+
+    PYTHONPATH=. python benchmarks/bench_decode_gemms.py [--json results.json] [--sweep]
+
+Per format, microseconds per layer (qkv + o + gate_up + down) at M = 1, 2, 4, 8, 16, 64 as CUDA-graph replays,
+each timed call on its own copy of the weights (more than twice the L2), from bench_quant_kernels' helpers:
+- bf16: cuBLAS (F.linear) and, at M <= 16, our Triton GEMV (fp8_gemv's kernel over a bf16 weight);
+- AWQ W4A16 g128: ours (w4a16_matmul) and torch's tinygemm (`_weight_int4pack_mm`, gpt-fast's int4 kernel) on the
+  same integer weights (AutoAWQ's integer zeros as its float zeros (8 - z) * s);
+- FP8 e4m3 per channel: fp8_gemv (M <= 16) and per-token quantization + torch._scaled_mm (what ran before).
+Each kernel's output is checked against a float32 reference first. --sweep also times launch options of
+fp8_gemv and of the W4A16 GEMV at M = 1 and 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from bench_kernels import copy_bandwidth
+from bench_quant_kernels import GROUP_SIZE, LAYER, awq_weights, graph_us, num_sets_for
+
+from lmserve.kernels import w4a16
+from lmserve.kernels.awq_dequant import awq_gemm_ref, unpack_awq
+from lmserve.kernels.fp8 import FP8, fp8_gemv, per_token_quant_fp8, quantize_rows_fp8
+from lmserve.kernels.testing import relative_error
+
+BATCHES = (1, 2, 4, 8, 16, 64)
+
+
+def tinygemm_pack(
+    awq: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ tensors -> (int4pack weight, scales_and_zeros [K / g, N, 2]) for torch._weight_int4pack_mm.
+
+    tinygemm computes w = (q - 8) * s + zero; AutoAWQ's w = (q - z) * s, so zero = (8 - z) * s.
+    """
+    q = unpack_awq(awq["qweight"]).to(torch.int32).t().contiguous()  # [N, K]
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    scales = awq["scales"].to(dtype)
+    zeros = ((8 - unpack_awq(awq["qzeros"]).float()) * scales.float()).to(dtype)
+    return packed, torch.stack([scales, zeros], dim=-1).contiguous()
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The FP8 path above fp8_gemv's rows: per-token e4m3 activations, cuBLASLt's scaled GEMM."""
+    q, x_scale = per_token_quant_fp8(x)
+    return torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
+
+
+def timed(name: str, calls: list[Callable[[], object]], check: Callable[[], float] | None) -> dict:
+    row: dict = {}
+    try:
+        if check is not None:
+            row[f"{name}_err"] = check()
+        row[f"{name}_us"] = graph_us(calls)
+    except Exception as error:  # a kernel the device or torch refuses at this shape: say so, go on
+        row[f"{name}_error"] = str(error).splitlines()[0][:200]
+    return row
+
+
+def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    row: dict = {"k": k, "n": n, "m": m}
+    sets = num_sets_for(k * n * 2)
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
+    ref = x.float() @ dense[0].float().t()
+    row |= timed("bf16", [lambda w=w: F.linear(x, w) for w in dense], None)
+    if m <= 16:
+        row |= timed(
+            "bf16_triton",
+            [lambda w=w: fp8_gemv(x, w, None, None) for w in dense],
+            lambda w=dense[0]: relative_error(fp8_gemv(x, w, None, None), ref),
+        )
+    del dense
+    sets = num_sets_for(k * n // 2)
+    awq = [awq_weights(k, n) for _ in range(sets)]
+    ours = [w4a16.repack_awq(**a, group_size=GROUP_SIZE) for a in awq]
+    awq_ref = awq_gemm_ref(x, **awq[0], group_size=GROUP_SIZE)
+    row |= timed(
+        "awq",
+        [lambda w=w: w4a16.w4a16_matmul(x, w) for w in ours],
+        lambda w=ours[0]: relative_error(w4a16.w4a16_matmul(x, w), awq_ref),
+    )
+    if sweep and m in (1, 16):
+        for options in W4_SWEEP[m]:
+            label = "awq " + json.dumps(options)
+            row |= timed(label, [lambda w=w, o=options: w4a16.w4a16_matmul(x, w, **o) for w in ours], None)
+    del ours
+    packs = [tinygemm_pack(a) for a in awq]
+    row |= timed(
+        "tinygemm",
+        [lambda p=p: torch._weight_int4pack_mm(x, p[0], GROUP_SIZE, p[1]) for p in packs],
+        lambda p=packs[0]: relative_error(torch._weight_int4pack_mm(x, p[0], GROUP_SIZE, p[1]), awq_ref),
+    )
+    del awq, packs
+    sets = num_sets_for(k * n)
+    fp8 = [quantize_rows_fp8(torch.randn(n, k, device="cuda") * 0.02) for _ in range(sets)]
+    w0, s0 = fp8[0]
+    fp8_ref = (x.float() @ w0.float().t()) * s0.t()
+    row |= timed(
+        "fp8_scaled_mm",
+        [lambda w=w, s=s: scaled_mm_linear(x, w, s) for w, s in fp8],
+        lambda: relative_error(scaled_mm_linear(x, w0, s0), fp8_ref),
+    )
+    if m <= 16:
+        row |= timed(
+            "fp8_gemv",
+            [lambda w=w, s=s: fp8_gemv(x, w, s, None) for w, s in fp8],
+            lambda: relative_error(fp8_gemv(x, w0, s0, None), fp8_ref),
+        )
+        if sweep and m in (1, 16):
+            for options in FP8_SWEEP[m]:
+                label = "fp8_gemv " + json.dumps(options)
+                row |= timed(
+                    label, [lambda w=w, s=s, o=options: fp8_gemv(x, w, s, None, **o) for w, s in fp8], None
+                )
+    assert fp8[0][0].dtype == FP8
+    return row
+
+
+W4_SWEEP = {
+    1: [{"kernel": "gemv", "block_n": 64, "num_warps": 4, "programs_per_sm": 4, "num_stages": st} for st in (2, 3)]
+       + [{"kernel": "dot", "block_m": 16, "block_n": 128, "num_warps": 4, "programs_per_sm": 4, "num_stages": 3}],
+    16: [{"kernel": "dot", "block_m": 16, "block_n": bn, "num_warps": nw, "programs_per_sm": 4, "num_stages": 3}
+         for bn, nw in [(64, 4), (128, 4), (256, 8)]] + [{"kernel": "dot", "wide": 0}],
+}  # fmt: skip
+FP8_SWEEP = {
+    1: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "use_dot": 0}
+        for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 8), (64, 256, 8)] for st in (2, 4)],
+    16: [{"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": 3}
+         for bn, bk in [(16, 256), (32, 512), (64, 128)]],
+}  # fmt: skip
+
+
+def layer_sums(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """Per M, each timed label summed over the layer's four GEMMs (labels missing for any GEMM are left out)."""
+    sums: dict[int, dict[str, float]] = {}
+    for m in {r["m"] for r in rows}:
+        per_m = [r for r in rows if r["m"] == m]
+        labels = set.intersection(*(set(k for k in r if k.endswith("_us")) for r in per_m))
+        sums[m] = {label: sum(r[label] for r in per_m) for label in sorted(labels)}
+    return sums
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--sweep", action="store_true", help="also time launch options at M = 1 and 16")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    args = parser.parse_args()
+    copy_tb_s = copy_bandwidth() / 1e12
+    print(
+        f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_tb_s:.2f} TB/s",
+        flush=True,
+    )
+    rows = []
+    for m in args.batches:
+        for name, (k, n) in LAYER.items():
+            row = {"name": name, **bench_shape(k, n, m, args.sweep)}
+            rows.append(row)
+            errors = {key: f"{v:.1e}" for key, v in row.items() if key.endswith("_err")}
+            failures = {key: v for key, v in row.items() if key.endswith("_error")}
+            print(f"M={m:3d} {name:8s} errors {errors} {failures or ''}", flush=True)
+    sums = layer_sums(rows)
+    for m, per_label in sums.items():
+        bf16 = per_label["bf16_us"]
+        main_labels = [label for label in per_label if " " not in label]
+        print(
+            f"layer M={m:3d}: "
+            + "  ".join(
+                f"{lab[:-3]} {per_label[lab]:7.1f} us ({bf16 / per_label[lab]:.2f}x)" for lab in main_labels
+            )
+        )
+        swept = sorted((v, lab) for lab, v in per_label.items() if " " in lab)
+        for v, lab in swept[:6]:
+            print(f"    sweep best: {v:7.1f} us  {lab}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows,
+                       "layer_us": {str(m): s for m, s in sums.items()}}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
