@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -104,7 +105,7 @@ def build_step_batch(
     for chunk in chunks:
         ints.extend(chunk.block_table)
         ints.extend([0] * (width - len(chunk.block_table)))
-    long_tensor, int_tensor = _upload(longs, torch.int64, device), _upload(ints, torch.int32, device)
+    long_tensor, int_tensor = upload(longs, torch.int64, device), upload(ints, torch.int32, device)
     num_seqs = len(chunks)
     metadata = AttentionMetadata(
         slot_mapping=long_tensor[2 * num_tokens : 3 * num_tokens],
@@ -128,7 +129,8 @@ def build_step_batch(
     )
 
 
-def _upload(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def upload(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list on the device without blocking the host: through pinned memory on CUDA."""
     if torch.device(device).type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
