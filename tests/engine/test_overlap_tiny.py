@@ -163,10 +163,13 @@ def test_logprobs_and_seeded_sampling_agree(hf_model: torch.nn.Module) -> None:
 def test_penalties_fall_back_to_known_tokens(hf_model: torch.nn.Module) -> None:
     # these rows sample from their own earlier tokens: the engine reads each step back before the next
     prompts = random_prompts(3, hf_model.config.vocab_size, seed=9)
+    favoured = GREEDY.with_updates(max_new_tokens=6, logit_bias={5: 3.0})
     configs = [
-        GREEDY.with_updates(repetition_penalty=1.5),
-        GREEDY.with_updates(frequency_penalty=1.0, presence_penalty=0.5),
+        favoured.with_updates(presence_penalty=2.0, frequency_penalty=2.0),  # 5 first, then never again: the penalty saw it
+        GREEDY.with_updates(repetition_penalty=3.0, frequency_penalty=0.5),
         GREEDY,
     ]
     got, _ = both_ways(hf_model, prompts, configs, cache_block_seq_len=4)
+    assert got[0].token_ids[0] == 5 and 5 not in got[0].token_ids[1:]
+    assert got[1].token_ids != hf_greedy(hf_model, prompts[1], 12)  # the penalties are felt
     assert got[2].token_ids == hf_greedy(hf_model, prompts[2], 12)
