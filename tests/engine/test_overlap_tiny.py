@@ -165,7 +165,9 @@ def test_penalties_fall_back_to_known_tokens(hf_model: torch.nn.Module) -> None:
     prompts = random_prompts(3, hf_model.config.vocab_size, seed=9)
     favoured = GREEDY.with_updates(max_new_tokens=6, logit_bias={5: 3.0})
     configs = [
-        favoured.with_updates(presence_penalty=2.0, frequency_penalty=2.0),  # 5 first, then never again: the penalty saw it
+        favoured.with_updates(
+            presence_penalty=2.0, frequency_penalty=2.0
+        ),  # 5 first, then never again: the penalty saw it
         GREEDY.with_updates(repetition_penalty=3.0, frequency_penalty=0.5),
         GREEDY,
     ]
