@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 
 from lmserve import EngineConfig, GenerationConfig, pipeline
 from lmserve.pipeline import Pipeline, Response
 from tests.engine.test_engine_smollm2 import PROMPTS
+from tests.engine.test_structured_smollm2 import PERSON, person_format
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,10 @@ def test_stop_strings_and_logprobs(pipe: Pipeline) -> None:
     for response in responses:
         assert response.logprobs is not None and len(response.logprobs) == len(response.token_ids)
         assert [lp.token_id for lp in response.logprobs] == response.token_ids
+
+
+def test_grammars_read_each_token_back_before_the_next_step(pipe: Pipeline) -> None:
+    config = GenerationConfig(max_new_tokens=48, response_format=person_format())
+    for response in both_ways(pipe, PROMPTS[:1], config):
+        assert response.finish_reason == "stop", response.text
+        jsonschema.validate(json.loads(response.text), PERSON)
