@@ -51,10 +51,10 @@ class EngineConfig:
     FP8 W8A8 at load time)."""
     eager_mode: bool = False
     """Disable CUDA graphs."""
-    overlap_schedule: bool | None = None
+    overlap_schedule: bool = False
     """Launch each step before the previous step's tokens are read back, and do the host work of that step
     (stop checks, text, scheduling) while the next one runs (SGLang's overlap scheduler, vLLM's async
-    scheduling). None: on for CUDA at tp 1, off on the CPU (where host and model share the cores)."""
+    scheduling); tp 1 only. Off by default until an H200 run shows it faster (benchmarks/overlap_bench.py)."""
     num_cpu_threads: int | None = None
     """torch intra-op threads on CPU (default: torch's choice)."""
     seed: int = 0

@@ -113,7 +113,7 @@ class LLMEngine:
         self._grammar_cache: GrammarCache | None = None
         self.default_generation_config = _defaults_from(generation_defaults or {})
         self._ids = itertools.count()
-        self.overlap = overlap_enabled(config, resolved)
+        self.overlap = overlap_enabled(config)
         self._in_flight: LaunchedStep | None = None
         """The launched step whose tokens are not read back yet (overlap only)."""
         self.num_steps = 0
@@ -474,12 +474,10 @@ def needs_known_tokens(request: Request) -> bool:
     return request.grammar is not None or bool(penalized)
 
 
-def overlap_enabled(config: EngineConfig, resolved: builder.ResolvedConfig) -> bool:
-    """--overlap-schedule, or its default: on for CUDA at tp 1 (tp workers need every step's token ids)."""
+def overlap_enabled(config: EngineConfig) -> bool:
+    """--overlap-schedule; tp 1 only (the tp workers take every step's token ids from the host)."""
     if config.overlap_schedule and config.tp > 1:
         raise ValueError(f"overlap_schedule needs tp=1 (tp={config.tp}): the tp workers take host token ids")
-    if config.overlap_schedule is None:
-        return resolved.device.type == "cuda" and config.tp == 1
     return config.overlap_schedule
 
 

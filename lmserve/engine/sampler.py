@@ -367,7 +367,11 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             (batch.bias_rows, batch.bias_token_ids), batch.bias_values.to(logits.dtype), accumulate=True
         )
     if batch.banned_rows is not None:
-        logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
+        assert batch.banned_token_ids is not None
+        # index_fill_ takes -inf as a kernel argument; `logits[rows, ids] = -inf` copies a host scalar to the
+        # device first, and that copy waits for the whole stream (no overlap with the next step then)
+        flat = batch.banned_rows * logits.shape[-1] + batch.banned_token_ids
+        logits.view(-1).index_fill_(0, flat, float("-inf"))
     return logits
 
 

@@ -73,7 +73,7 @@ def hf_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return tiny_hf_model(request.param, tie_word_embeddings=False)
 
 
-def test_overlap_is_off_on_the_cpu_by_default_and_the_first_step_returns_nothing(
+def test_overlap_is_off_by_default_and_the_first_step_returns_nothing(
     hf_model: torch.nn.Module,
 ) -> None:
     assert not make_engine(hf_model).overlap
@@ -175,3 +175,12 @@ def test_penalties_fall_back_to_known_tokens(hf_model: torch.nn.Module) -> None:
     assert got[0].token_ids[0] == 5 and 5 not in got[0].token_ids[1:]
     assert got[1].token_ids != hf_greedy(hf_model, prompts[1], 12)  # the penalties are felt
     assert got[2].token_ids == hf_greedy(hf_model, prompts[2], 12)
+
+
+def test_overlap_with_tp_is_a_clear_error() -> None:
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import overlap_enabled
+
+    assert overlap_enabled(EngineConfig(overlap_schedule=True))
+    with pytest.raises(ValueError, match="overlap_schedule needs tp=1"):
+        overlap_enabled(EngineConfig(tp=2, overlap_schedule=True))

@@ -118,10 +118,10 @@ def test_overlap_schedule_gives_the_synchronous_tokens(hf_model: torch.nn.Module
     configs = [GREEDY.with_updates(logprobs=2 if i % 2 else None, max_new_tokens=8 + 3 * i) for i in range(8)]
     configs[1] = configs[1].with_updates(stop_token_ids=(7, 11, 13))
     configs[2] = configs[2].with_updates(repetition_penalty=1.3)  # read back before each next step
-    # a small KV cache (24 blocks of 16) makes the batch preempt
-    config = {"cache_block_seq_len": 16, "cache_max_entry_count": 24 * 16}
-    sync = make_engine(hf_model, torch.float16, overlap_schedule=False, **config)
-    overlapped = make_engine(hf_model, torch.float16, **config)
+    # a small KV cache (12 blocks of 16) makes the batch preempt
+    config = {"cache_block_seq_len": 16, "cache_max_entry_count": 12 * 16}
+    sync = make_engine(hf_model, torch.float16, **config)
+    overlapped = make_engine(hf_model, torch.float16, overlap_schedule=True, **config)
     assert overlapped.overlap and overlapped.runner.graph_runner is not None
     expected = run(sync, batch, configs, {5: 4})
     got = run(overlapped, batch, configs, {5: 4})
