@@ -6,6 +6,7 @@ filled from the previous step's sampled tensor, tokens read back a step later), 
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 
 import pytest
@@ -184,3 +185,27 @@ def test_overlap_with_tp_is_a_clear_error() -> None:
     assert overlap_enabled(EngineConfig(overlap_schedule=True))
     with pytest.raises(ValueError, match="overlap_schedule needs tp=1"):
         overlap_enabled(EngineConfig(tp=2, overlap_schedule=True))
+
+
+def test_an_overlapped_step_calls_nothing_that_waits_for_the_device(hf_model: torch.nn.Module) -> None:
+    # the CPU attention backend reads host lengths (it never runs under overlap on CUDA): its ops are skipped
+    from tests.unit.test_sampler import _SyncingOps
+
+    class OutsideTheCpuBackend(_SyncingOps):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen = len(self.seen)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if len(self.seen) > seen and any(
+                "torch_backend.py" in f.filename for f in traceback.extract_stack()
+            ):
+                self.seen.pop()
+            return out
+
+    engine = make_engine(hf_model, overlap_schedule=True, enable_prefix_caching=True, cache_block_seq_len=4)
+    engine.add_request([1, 2, 3, 4], GREEDY.with_updates(min_new_tokens=12))
+    engine.add_request([5, 6, 7], GenerationConfig(max_new_tokens=9, logprobs=3, top_p=0.8, random_seed=1))
+    engine.add_request([5, 6, 9, 9], GREEDY.with_updates(logit_bias={3: 1.0}, stop_token_ids=(4,)))
+    with OutsideTheCpuBackend() as ops:
+        while engine.has_unfinished():
+            engine.step()
+    assert ops.seen == []
