@@ -51,6 +51,10 @@ class EngineConfig:
     FP8 W8A8 at load time)."""
     eager_mode: bool = False
     """Disable CUDA graphs."""
+    overlap_schedule: bool = False
+    """Launch each step before the previous step's tokens are read back, and do the host work of that step
+    (stop checks, text, scheduling) while the next one runs (SGLang's overlap scheduler, vLLM's async
+    scheduling); tp 1 only. Off by default until an H200 run shows it faster (benchmarks/overlap_bench.py)."""
     num_cpu_threads: int | None = None
     """torch intra-op threads on CPU (default: torch's choice)."""
     seed: int = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,7 +84,8 @@ def build_step_batch(
     """The one place a step's flat tensors are made; pass decodes (one new token) first.
 
     Everything is laid out in two host lists (int64: ids, positions, slots, logits rows; int32: query starts,
-    seq lens, block tables) and uploaded in two copies, from pinned memory without blocking on CUDA.
+    seq lens, block tables) packed into one host buffer and uploaded in one copy, from pinned memory without
+    blocking on CUDA.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -104,7 +107,7 @@ def build_step_batch(
     for chunk in chunks:
         ints.extend(chunk.block_table)
         ints.extend([0] * (width - len(chunk.block_table)))
-    long_tensor, int_tensor = _upload(longs, torch.int64, device), _upload(ints, torch.int32, device)
+    long_tensor, int_tensor = _upload_packed(longs, ints, device)
     num_seqs = len(chunks)
     metadata = AttentionMetadata(
         slot_mapping=long_tensor[2 * num_tokens : 3 * num_tokens],
@@ -128,10 +131,24 @@ def build_step_batch(
     )
 
 
-def _upload(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def upload(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list on the device without blocking the host: through pinned memory on CUDA."""
     if torch.device(device).type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _upload_packed(
+    longs: list[int], ints: list[int], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64, int32) tensors on the device from one host buffer, one copy: the int64 part first keeps both
+    aligned. One copy a step instead of two saves a launch on the host and a DMA on the device."""
+    packed = bytearray(array("q", longs).tobytes() + array("i", ints).tobytes())
+    host = torch.frombuffer(packed, dtype=torch.uint8)
+    if torch.device(device).type != "cpu":
+        host = host.pin_memory().to(device, non_blocking=True)
+    split = 8 * len(longs)
+    return host[:split].view(torch.int64), host[split:].view(torch.int32)
 
 
 def _cumsum(values: list[int]) -> list[int]:

@@ -1,4 +1,8 @@
-"""LLMEngine: the synchronous core. add_request / step / abort; one step = schedule, run, postprocess."""
+"""LLMEngine: the engine core. add_request / step / abort; one step = schedule, launch, postprocess.
+
+With overlap scheduling a step launches the model before it postprocesses the previous step's tokens,
+so the host work of step N (read back, stop checks, text) runs while step N+1 computes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,8 +31,8 @@ from lmserve.engine.messages import EngineStats
 from lmserve.engine.pooling import finish_pooling
 from lmserve.engine.progress import loading_phase
 from lmserve.engine.request import Request, RequestStatus
-from lmserve.engine.runner import ModelRunner
-from lmserve.engine.sampler import SampleResult, make_generator
+from lmserve.engine.runner import ModelRunner, PendingTokens
+from lmserve.engine.sampler import DeviceSample, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import FinishReason, GenerationConfig, RequestOutput, TokenLogprob
 from lmserve.models.config import ModelConfig
@@ -42,6 +47,23 @@ logger = logging.getLogger(__name__)
 
 GRAMMAR_IDLE_WAIT_S = 0.005
 """An engine with nothing but compiling grammars waits this long for one, instead of spinning."""
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose model run is queued on the device; its tokens are read back by `LLMEngine._finish`."""
+
+    scheduled: list[ScheduledRequest]
+    sampling: list[Request]
+    """The requests it samples a token for, in the order of sample's rows (each holds a pending token)."""
+    sample: DeviceSample | None
+
+    def pending_tokens(self) -> PendingTokens | None:
+        """Its tokens as the next step's decodes read them (on the device)."""
+        if self.sample is None:
+            return None
+        return PendingTokens(self.sample.token_ids, {r: row for row, r in enumerate(self.sampling)})
+
 
 # generation_config.json fields that become our sampling defaults
 _GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
@@ -91,6 +113,9 @@ class LLMEngine:
         self._grammar_cache: GrammarCache | None = None
         self.default_generation_config = _defaults_from(generation_defaults or {})
         self._ids = itertools.count()
+        self.overlap = overlap_enabled(config)
+        self._in_flight: LaunchedStep | None = None
+        """The launched step whose tokens are not read back yet (overlap only)."""
         self.num_steps = 0
         self.num_preemptions = 0
 
@@ -308,7 +333,7 @@ class LLMEngine:
         return self._output(request, "", [], None, finished=True)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self.compiling)
+        return self.scheduler.num_unfinished > 0 or bool(self.compiling) or self._in_flight is not None
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after an exception inside a step)."""
@@ -318,30 +343,65 @@ class LLMEngine:
             if out is not None:
                 out.finish_reason, out.error = "error", message
                 outputs.append(out)
+        self._in_flight = None  # its requests are ended: nothing of it is wanted
         return outputs
 
     # -- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        failed = self._admit_compiled() if self.compiling else []
+        """Schedule and launch a step; return the outputs of the step whose tokens were read back.
+
+        Synchronous: that is this step. Overlapped: the previous one, postprocessed while this one runs
+        (the first step returns no tokens, and a request's last one comes a step after it is sampled).
+        """
+        outputs = self._admit_compiled() if self.compiling else []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not self._can_overlap(previous):
+            outputs += self._finish(previous)
+            previous = None
         schedule = self.scheduler.schedule()
         self.num_preemptions += len(schedule.preempted)
-        if schedule.is_empty:
-            return failed
-        result = self.runner.execute(schedule.scheduled)
-        self.num_steps += 1
-        return failed + self._postprocess(schedule.scheduled, result)
+        launched = None
+        if not schedule.is_empty:
+            launched = self._launch(schedule.scheduled, previous)
+        if previous is not None:
+            outputs += self._finish(previous)
+        if launched is not None and self.overlap:
+            self._in_flight = launched
+        elif launched is not None:
+            outputs += self._finish(launched)
+        return outputs
 
-    def _postprocess(
-        self, scheduled: list[ScheduledRequest], result: SampleResult | None
-    ) -> list[RequestOutput]:
-        """The scheduler applies the step's tokens (progress, stop tokens, lengths); the engine adds text."""
-        sampled = self.scheduler.update(scheduled, result.token_ids if result else [])
-        self._advance_grammars(sampled)
-        logprobs = result.logprobs if result and result.logprobs else [None] * len(sampled)
-        outputs = [self._emit(token, logprob) for token, logprob in zip(sampled, logprobs, strict=True)]
-        pooled = [s.request for s in scheduled if s.request.is_pooling and s.request.is_finished]
-        return outputs + [self._emit_embedding(request) for request in pooled]
+    def _can_overlap(self, previous: LaunchedStep) -> bool:
+        """Whether the next step may be scheduled before `previous`'s tokens are known on the host.
+
+        Not when one of its live requests samples from its own tokens: a grammar (the next mask needs
+        the token) or repetition / frequency / presence penalties (they count tokens on the host).
+        """
+        return self.overlap and not any(
+            needs_known_tokens(request) for request in previous.sampling if not request.is_finished
+        )
+
+    def _launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:
+        """Queue the model run of a scheduled batch (decodes of pending tokens read `previous`'s on the device)."""
+        pending = previous.pending_tokens() if previous is not None else None
+        sample = self.runner.execute(scheduled, pending)
+        sampling = self.scheduler.commit(scheduled)
+        self.num_steps += 1
+        return LaunchedStep(scheduled, sampling, sample)
+
+    def _finish(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Read a step's tokens back; the scheduler applies them (stop tokens, lengths), the engine adds text."""
+        result = step.sample.result() if step.sample is not None else None
+        sampled = self.scheduler.apply_tokens(step.sampling, result.token_ids if result else [])
+        logprobs = result.logprobs if result else []
+        kept = [
+            (token, logprob) for token, logprob in zip(sampled, logprobs, strict=True) if token is not None
+        ]
+        self._advance_grammars([token for token, _ in kept])
+        outputs = [self._emit(token, logprob) for token, logprob in kept]
+        pooled = [s.request for s in step.scheduled if s.request.is_pooling and s.request.is_finished]
+        return outputs + [self._emit_embedding(r) for r in pooled if self.requests.get(r.request_id) is r]
 
     def _emit_embedding(self, request: Request) -> RequestOutput:
         self.requests.pop(request.request_id, None)
@@ -405,6 +465,20 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             num_steps=self.num_steps,
         )
+
+
+def needs_known_tokens(request: Request) -> bool:
+    """Whether sampling the request's next token reads its earlier tokens on the host (no overlap then)."""
+    config = request.gen_config
+    penalized = config.repetition_penalty != 1.0 or config.frequency_penalty or config.presence_penalty
+    return request.grammar is not None or bool(penalized)
+
+
+def overlap_enabled(config: EngineConfig) -> bool:
+    """--overlap-schedule; tp 1 only (the tp workers take every step's token ids from the host)."""
+    if config.overlap_schedule and config.tp > 1:
+        raise ValueError(f"overlap_schedule needs tp=1 (tp={config.tp}): the tp workers take host token ids")
+    return config.overlap_schedule
 
 
 def eos_token_ids_of(model_config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:

@@ -121,7 +121,8 @@ class BlockManager:
         """Register blocks the request has filled since last time (prompt and output alike)."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        # a pending token (computed, not read back yet) is not known: its block waits
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         for i in range(request.last_hashed_block, num_full):
             token_ids = request.block_tokens(i, self.block_size)
             block_hash = chain_hash(request.last_block_hash, token_ids)

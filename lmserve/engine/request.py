@@ -25,7 +25,8 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Request(PromptThenOutput):
-    """Phase-free progress: the first num_computed_tokens of token_ids have their K/V in the cache."""
+    """Phase-free progress: the first num_computed_tokens of token_ids (then of the pending tokens) have their
+    K/V in the cache, or on its way there in a launched step."""
 
     request_id: str
     token_ids: list[int]
@@ -36,6 +37,9 @@ class Request(PromptThenOutput):
     """Resolved limit: min(gen_config.max_new_tokens, session_len - prompt length)."""
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
+    """Tokens sampled by a launched step but not read back yet (overlap scheduling): they are scheduled
+    and computed like known tokens, but not in token_ids, so no count or stop check sees them."""
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     last_hashed_block: int = 0
@@ -57,6 +61,11 @@ class Request(PromptThenOutput):
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Known tokens and the pending ones: what the scheduler computes up to."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def is_pooling(self) -> bool:

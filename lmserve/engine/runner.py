@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,11 +14,27 @@ from lmserve.attention.metadata import SequenceChunk, StepBatch, build_step_batc
 from lmserve.distributed.step_channel import StepChannel
 from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.pooling import pool_chunk
-from lmserve.engine.sampler import Sampler, SampleResult, SamplingBatch, SamplingRequest
+from lmserve.engine.request import Request
+from lmserve.engine.sampler import DeviceSample, Sampler, SamplingBatch, SamplingRequest
 from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """The tokens a launched step sampled, still on the device, where the next step's decodes read them.
+
+    A request with a pending token (overlap scheduling) is scheduled a decode of it before anyone knows
+    it: its input id is a placeholder, -1 - row, replaced on the device by row `row` of `token_ids`.
+    """
+
+    token_ids: torch.Tensor
+    row_of: dict[Request, int]
+
+    def placeholder(self, request: Request) -> int:
+        return -1 - self.row_of[request]
 
 
 class ModelRunner:
@@ -48,12 +66,19 @@ class ModelRunner:
         """Set on tp rank 0: every step goes to the workers before rank 0 runs it too."""
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> SampleResult | None:
-        """Run one step; returns sampled tokens for the entries whose `samples` is True (in order)."""
-        chunks = self.step_chunks(scheduled)
+    def execute(
+        self, scheduled: list[ScheduledRequest], pending: PendingTokens | None = None
+    ) -> DeviceSample | None:
+        """Launch one step; its sampled tokens (entries whose `samples` is True, in order) stay on the device.
+
+        `pending`: the previous step's tokens, the input of this step's decodes of pending tokens.
+        Nothing here waits for the device on CUDA, so the host can go on while the step runs.
+        """
+        chunks = self.step_chunks(scheduled, pending)
         if self.step_channel is not None:
             self.step_channel.send(chunks)
-        hidden, logits = self.run_chunks(chunks)
+        feed = pending.token_ids if pending is not None and _has_placeholders(scheduled) else None
+        hidden, logits = self.run_chunks(chunks, feed)
         self._pool(scheduled, hidden)
         if logits is None:
             return None
@@ -61,13 +86,17 @@ class ModelRunner:
         sampling_batch = SamplingBatch.build(
             [self._sampling_request(s) for s in sampling], self.eos_token_ids, logits.shape[-1], self.device
         )
-        return self.sampler.sample(logits, sampling_batch)
+        return self.sampler.sample_on_device(logits, sampling_batch)
 
     @torch.inference_mode()
-    def run_chunks(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run_chunks(
+        self, chunks: list[SequenceChunk], feed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, logits of the sampling rows or None) of one step; every tp rank runs it, workers drop
-        both."""
+        both. `feed`: the tokens that placeholder input ids (`PendingTokens`) stand for."""
         batch = build_step_batch(chunks, self.block_size, self.device)
+        if feed is not None:
+            batch = _fill_placeholders(batch, feed)
         hidden = self.forward(batch)
         if not any(chunk.samples for chunk in chunks):
             return hidden, None
@@ -94,19 +123,39 @@ class ModelRunner:
     @staticmethod
     def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
         r = s.request
-        return SamplingRequest(r.gen_config, r.token_ids, r.num_prompt_tokens, r.generator, r.grammar)
+        return SamplingRequest(
+            r.gen_config, r.token_ids, r.num_prompt_tokens, r.num_pending_tokens, r.generator, r.grammar
+        )
 
     @staticmethod
-    def step_chunks(scheduled: list[ScheduledRequest]) -> list[SequenceChunk]:
-        """The sequences of this step (the scheduler puts decodes first)."""
+    def step_chunks(
+        scheduled: list[ScheduledRequest], pending: PendingTokens | None = None
+    ) -> list[SequenceChunk]:
+        """The sequences of this step (the scheduler puts decodes first); pending tokens become placeholders."""
         chunks = []
         for s in scheduled:
             r = s.request
             start = r.num_computed_tokens
             tokens = r.token_ids[start : start + s.num_new_tokens]
+            if len(tokens) < s.num_new_tokens:
+                assert pending is not None and len(tokens) + 1 == s.num_new_tokens, (
+                    "one pending token, in flight"
+                )
+                tokens.append(pending.placeholder(r))
             chunks.append(SequenceChunk(tokens, start, r.block_table, s.samples))
         return chunks
 
     def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:
         """The flat batch of this step."""
         return build_step_batch(self.step_chunks(scheduled), self.block_size, self.device)
+
+
+def _has_placeholders(scheduled: list[ScheduledRequest]) -> bool:
+    return any(s.request.num_pending_tokens for s in scheduled)
+
+
+def _fill_placeholders(batch: StepBatch, feed: torch.Tensor) -> StepBatch:
+    """Input ids -1 - row become feed[row], on the device: no wait for the step that sampled them."""
+    ids = batch.input_ids
+    rows = (-1 - ids).clamp_(min=0)
+    return dataclasses.replace(batch, input_ids=torch.where(ids < 0, feed[rows], ids))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.attention.metadata import upload
 from lmserve.generation import GenerationConfig, PromptThenOutput, TokenLogprob
 from lmserve.structured.backend import GrammarBackend
 from lmserve.structured.sequence import SequenceGrammar
@@ -28,6 +29,8 @@ class SamplingRequest(PromptThenOutput):
     token_ids: list[int]
     """Prompt then output tokens: the engine's own list, not copied per step (only penalties read it)."""
     num_prompt_tokens: int
+    num_pending_tokens: int = 0
+    """Output tokens sampled but not read back yet (overlap): they count towards min_new_tokens."""
     generator: torch.Generator | None = None
     grammar: SequenceGrammar | None = None
     """The row's structured-output matcher (response_format, tool calls); masks only while active."""
@@ -40,7 +43,9 @@ class SamplingRequest(PromptThenOutput):
         output_token_ids: list[int],
         generator: torch.Generator | None = None,
     ) -> SamplingRequest:
-        return cls(gen_config, prompt_token_ids + output_token_ids, len(prompt_token_ids), generator)
+        return cls(
+            gen_config, prompt_token_ids + output_token_ids, len(prompt_token_ids), generator=generator
+        )
 
 
 @dataclass
@@ -49,6 +54,48 @@ class SampleResult:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class DeviceSample:
+    """One step's sampled tokens (and logprobs) on the device, on their way to the host.
+
+    The copies to the host are queued behind the step without waiting for it: the engine launches the
+    next step first (overlap scheduling), whose decodes read `token_ids` on the device, and only then
+    calls `result()`, which waits for the copies alone.
+    """
+
+    token_ids: torch.Tensor
+    """int64[N] on the device."""
+    host: list[torch.Tensor]
+    """Host copies of token_ids and, with logprobs, of the chosen logprobs, top values and top ids."""
+    num_logprobs: list[int | None]
+    ready: torch.cuda.Event | None
+    """Recorded after the copies (CUDA); None on the CPU, where they are done already."""
+
+    @classmethod
+    def copy_to_host(
+        cls, token_ids: torch.Tensor, logprobs: list[torch.Tensor], num_logprobs: list[int | None]
+    ) -> DeviceSample:
+        tensors = [token_ids, *logprobs]
+        if token_ids.device.type == "cpu":
+            return cls(token_ids, tensors, num_logprobs, None)
+        host = [
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors
+        ]
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(token_ids, host, num_logprobs, ready)
+
+    def result(self) -> SampleResult:
+        """The tokens as host lists (waits for the step and its copies)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        token_ids: list[int] = self.host[0].tolist()
+        if len(self.host) == 1:
+            return SampleResult(token_ids, [None] * len(token_ids))
+        chosen, top_values, top_ids = (t.tolist() for t in self.host[1:])
+        return SampleResult(token_ids, _logprobs(token_ids, chosen, top_values, top_ids, self.num_logprobs))
 
 
 @dataclass
@@ -79,8 +126,8 @@ class GrammarMask:
 class SamplingBatch:
     """Per-row sampling tensors; a field is None when no row needs that step (the fast path)."""
 
-    greedy: torch.Tensor
-    """bool[N]: rows that take the argmax."""
+    greedy: torch.Tensor | None
+    """bool[N]: rows that take the argmax; None when all do (nothing to upload)."""
     all_greedy: bool
     any_greedy: bool
     temperature: torch.Tensor | None
@@ -128,7 +175,7 @@ class SamplingBatch:
         num_logprobs = [config.logprobs for config in configs]
         logprob_rows = [row for row, k in enumerate(num_logprobs) if k is not None]
         return cls(
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy=None if all(greedy) else upload(greedy, torch.bool, device),
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             temperature=_column(
@@ -153,9 +200,7 @@ class SamplingBatch:
                 (row, r.generator) for row, r in enumerate(requests) if r.generator and not greedy[row]
             ],
             num_logprobs=num_logprobs,
-            logprob_rows=torch.tensor(logprob_rows, dtype=torch.long, device=device)
-            if logprob_rows
-            else None,
+            logprob_rows=upload(logprob_rows, torch.long, device) if logprob_rows else None,
             grammar_mask=GrammarMask.build(requests),
         )
 
@@ -173,7 +218,7 @@ def _row_values(values: list[float], neutral: float, device: Device) -> torch.Te
     """float[N], or None when every row holds the neutral value."""
     if all(value == neutral for value in values):
         return None
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return upload(values, torch.float32, device)
 
 
 def _column(values: list[float], neutral: float, device: Device) -> torch.Tensor | None:
@@ -192,7 +237,7 @@ def _top_k(
     ]
     if all(value == vocab_size for value in values):
         return None
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return upload(values, torch.long, device)
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int, device: Device) -> torch.Tensor:
@@ -200,7 +245,7 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: Device)
     width = max((len(tokens) for tokens in token_lists), default=0)
     # pad with vocab_size: counted into an extra column that is dropped
     padded = [tokens + [vocab_size] * (width - len(tokens)) for tokens in token_lists]
-    ids = torch.tensor(padded, dtype=torch.long, device=device).reshape(len(token_lists), width)
+    ids = upload(padded, torch.long, device).reshape(len(token_lists), width)
     counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
     return counts[:, :vocab_size]
@@ -212,8 +257,8 @@ def _output_penalties(
     """(frequency[N, 1], presence[N, 1], output_token_counts[N, V]), or three None if all are 0."""
     if all(c.frequency_penalty == 0.0 and c.presence_penalty == 0.0 for c in configs):
         return None, None, None
-    frequency = torch.tensor([c.frequency_penalty for c in configs], device=device).unsqueeze(1)
-    presence = torch.tensor([c.presence_penalty for c in configs], device=device).unsqueeze(1)
+    frequency = upload([c.frequency_penalty for c in configs], torch.float32, device).unsqueeze(1)
+    presence = upload([c.presence_penalty for c in configs], torch.float32, device).unsqueeze(1)
     counts = _token_counts([r.output_token_ids for r in requests], vocab_size, device)
     return frequency, presence, counts
 
@@ -238,14 +283,14 @@ def _banned_tokens(
     for row, request in enumerate(requests):
         config = request.gen_config
         banned = set(eos_token_ids) if config.ignore_eos else set()
-        if request.num_output_tokens < config.min_new_tokens:
+        if request.num_output_tokens + request.num_pending_tokens < config.min_new_tokens:
             banned |= set(eos_token_ids) | set(config.stop_token_ids)
         banned = {token_id for token_id in banned if 0 <= token_id < vocab_size}
         rows.extend([row] * len(banned))
         token_ids.extend(sorted(banned))
     if not rows:
         return None, None
-    return torch.tensor(rows, device=device), torch.tensor(token_ids, device=device)
+    return upload(rows, torch.long, device), upload(token_ids, torch.long, device)
 
 
 def _logit_bias(
@@ -264,9 +309,9 @@ def _logit_bias(
             raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})")
     rows, token_ids, biases = zip(*entries, strict=True)
     return (
-        torch.tensor(rows, dtype=torch.long, device=device),
-        torch.tensor(token_ids, dtype=torch.long, device=device),
-        torch.tensor(biases, dtype=torch.float32, device=device),
+        upload(list(rows), torch.long, device),
+        upload(list(token_ids), torch.long, device),
+        upload(list(biases), torch.float32, device),
     )
 
 
@@ -279,6 +324,11 @@ class Sampler:
     """
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+        """One token per row, read back to the host now."""
+        return self.sample_on_device(logits, batch).result()
+
+    def sample_on_device(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+        """One token per row, left on the device (nothing here waits for the GPU)."""
         raw_logprobs = None
         if batch.logprob_rows is not None:
             raw_logprobs = logits.index_select(0, batch.logprob_rows).float().log_softmax(dim=-1)
@@ -287,10 +337,8 @@ class Sampler:
         if batch.needs_penalties:
             logits = apply_penalties(logits.clone(), batch)
         token_ids = self._choose(logits, batch)
-        token_id_list: list[int] = token_ids.tolist()
-        if raw_logprobs is None:
-            return SampleResult(token_id_list, [None] * len(token_id_list))
-        return SampleResult(token_id_list, _logprobs(raw_logprobs, token_id_list, batch))
+        logprobs = [] if raw_logprobs is None else _device_logprobs(raw_logprobs, token_ids, batch)
+        return DeviceSample.copy_to_host(token_ids, logprobs, batch.num_logprobs)
 
     def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.all_greedy:
@@ -299,6 +347,7 @@ class Sampler:
         sampled_ids = sample_from_logits(logits, batch)
         if greedy_ids is None:
             return sampled_ids
+        assert batch.greedy is not None, "some rows sample"
         return torch.where(batch.greedy, greedy_ids, sampled_ids)
 
 
@@ -318,7 +367,11 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             (batch.bias_rows, batch.bias_token_ids), batch.bias_values.to(logits.dtype), accumulate=True
         )
     if batch.banned_rows is not None:
-        logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
+        assert batch.banned_token_ids is not None
+        # index_fill_ takes -inf as a kernel argument; `logits[rows, ids] = -inf` copies a host scalar to the
+        # device first, and that copy waits for the whole stream (no overlap with the next step then)
+        flat = batch.banned_rows * logits.shape[-1] + batch.banned_token_ids
+        logits.view(-1).index_fill_(0, flat, float("-inf"))
     return logits
 
 
@@ -371,21 +424,30 @@ def _exponential_noise(probs: torch.Tensor, seeded_rows: list[tuple[int, torch.G
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+def _device_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch
+) -> list[torch.Tensor]:
+    """[chosen token's logprob, top values, top ids] of the rows that asked, computed on the device."""
+    assert batch.logprob_rows is not None
+    chosen_ids = token_ids.index_select(0, batch.logprob_rows)
+    chosen = raw_logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)
+    max_k = max(k or 0 for k in batch.num_logprobs)
+    top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)
+    return [chosen, top_values, top_ids]
+
+
 def _logprobs(
-    raw_logprobs: torch.Tensor, token_ids: list[int], batch: SamplingBatch
+    token_ids: list[int],
+    chosen: list[float],
+    top_values: list[list[float]],
+    top_ids: list[list[int]],
+    num_logprobs: list[int | None],
 ) -> list[TokenLogprob | None]:
     """TokenLogprob for rows that asked (sampled token + top-k alternatives), None for the rest."""
-    rows = [row for row, k in enumerate(batch.num_logprobs) if k is not None]
-    chosen_ids = torch.tensor([token_ids[row] for row in rows], device=raw_logprobs.device)
-    chosen = raw_logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
-    max_k = max(batch.num_logprobs[row] or 0 for row in rows)
-    top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)
-    top_pairs = [
-        list(zip(ids, values, strict=True))
-        for ids, values in zip(top_ids.tolist(), top_values.tolist(), strict=True)
-    ]
-    results: list[TokenLogprob | None] = [None] * len(batch.num_logprobs)
+    rows = [row for row, k in enumerate(num_logprobs) if k is not None]
+    results: list[TokenLogprob | None] = [None] * len(num_logprobs)
     for index, row in enumerate(rows):
-        k = batch.num_logprobs[row] or 0
-        results[row] = TokenLogprob(token_ids[row], chosen[index], tuple(top_pairs[index][:k]))
+        k = num_logprobs[row] or 0
+        pairs = zip(top_ids[index][:k], top_values[index][:k], strict=True)
+        results[row] = TokenLogprob(token_ids[row], chosen[index], tuple(pairs))
     return results

@@ -20,7 +20,7 @@ class ScheduledRequest:
     @property
     def reaches_end(self) -> bool:
         """True when this step computes the last of the request's tokens."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_total_tokens
 
     @property
     def samples(self) -> bool:
@@ -62,6 +62,12 @@ class Scheduler:
     The scheduler owns all token-level state (progress, sampled tokens, the prefix cache,
     stop tokens and lengths); the engine owns text (detokenizer, stop strings), which ends
     a request through `finish`.
+
+    A step is applied in two halves, so the next one can be scheduled while it runs (overlap):
+    `commit` when it is launched (progress moves, each sampling request gets a pending token) and
+    `apply_tokens` when its tokens are read back (appended, stop checks). A running request with a
+    pending token is scheduled a decode of it, unless that token ends it by length; a preempted one
+    waits until its token is known.
     """
 
     def __init__(
@@ -100,7 +106,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_tokens and self._ends_by_length(request, request.num_pending_tokens):
+                index += 1  # its pending token is its last: nothing more to compute
+                continue
+            num_new = min(request.num_total_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, output)
@@ -116,6 +125,8 @@ class Scheduler:
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted while its token was in flight: its prompt is not known in full yet
             # look up cached blocks without taking them: a request that must wait holds nothing;
             # an embedding needs every token's hidden state, so it takes no cached prefix
             hits = [] if request.is_pooling else self.block_manager.match_prefix(request)
@@ -150,23 +161,42 @@ class Scheduler:
     def update(
         self, scheduled: Sequence[ScheduledRequest], sampled_token_ids: Sequence[int]
     ) -> list[SampledToken]:
-        """Apply one model step: advance progress, cache filled blocks, append sampled tokens, stop.
+        """Apply one model step at once (the synchronous loop): `commit`, then `apply_tokens`."""
+        sampled = self.apply_tokens(self.commit(scheduled), sampled_token_ids)
+        return [token for token in sampled if token is not None]
 
-        sampled_token_ids holds one token per entry of `scheduled` that `samples`, in order.
-        Returns one SampledToken per such entry, in the same order (the caller pairs them with
-        its logprobs). A request stopped by a stop token or a length limit is finished here
-        and its blocks freed; its full blocks are cached first, so even a request that ends
-        on its first token leaves its prompt in the prefix cache.
+    def commit(self, scheduled: Sequence[ScheduledRequest]) -> list[Request]:
+        """A step was launched: advance progress, cache filled blocks, give each sampling request a pending token.
+
+        Returns the requests that sample, in order (`apply_tokens` takes their tokens). An embedding
+        request ends here once its whole prompt is computed; full blocks of known tokens are cached,
+        so even a request that ends on its first token leaves its prompt in the prefix cache.
         """
         sampling = [s.request for s in scheduled if s.samples]  # before progress moves
-        assert len(sampling) == len(sampled_token_ids), "one sampled token per sampling request"
         for s in scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
             if s.request.is_pooling:
                 self._finish_pooled(s)
             else:
                 self.block_manager.cache_full_blocks(s.request)
-        return [self._append_token(r, t) for r, t in zip(sampling, sampled_token_ids, strict=True)]
+        for request in sampling:
+            request.num_pending_tokens += 1
+        return sampling
+
+    def apply_tokens(
+        self, sampling: Sequence[Request], sampled_token_ids: Sequence[int]
+    ) -> list[SampledToken | None]:
+        """A committed step's tokens are known: append them, stop on stop tokens and lengths (blocks freed).
+
+        One token per request of `commit`'s list, in order; the result is aligned with it. A request that
+        ended after the step was launched (abort, or its previous token stopped it) drops its token: None.
+        """
+        assert len(sampling) == len(sampled_token_ids), "one sampled token per sampling request"
+        sampled: list[SampledToken | None] = []
+        for request, token_id in zip(sampling, sampled_token_ids, strict=True):
+            request.num_pending_tokens -= 1
+            sampled.append(None if request.is_finished else self._append_token(request, token_id))
+        return sampled
 
     def _finish_pooled(self, scheduled: ScheduledRequest) -> None:
         """An embedding request ends once its whole prompt is computed; its blocks are freed, none cached."""
@@ -187,9 +217,16 @@ class Scheduler:
                 not config.ignore_eos and token_id in self.eos_token_ids
             ):
                 return "stop"
-        if request.num_output_tokens >= request.max_new_tokens or request.num_tokens >= self.session_len:
+        if self._ends_by_length(request, 0):
             return "length"
         return None
+
+    def _ends_by_length(self, request: Request, num_more_tokens: int) -> bool:
+        """Whether the request is at a length limit once num_more_tokens more are appended."""
+        num_tokens = request.num_tokens + num_more_tokens
+        return (
+            num_tokens - request.num_prompt_tokens >= request.max_new_tokens or num_tokens >= self.session_len
+        )
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """End a request wherever it is and free its blocks (stop, length, stop string, abort).

@@ -104,8 +104,7 @@ def _tokens_computed(engine: LLMEngine, prompt: list[int]) -> int:
     while engine.has_unfinished():
         schedule = engine.scheduler.schedule()
         computed += sum(s.num_new_tokens for s in schedule.scheduled if s.request is request)
-        result = engine.runner.execute(schedule.scheduled)
-        engine._postprocess(schedule.scheduled, result)
+        engine._finish(engine._launch(schedule.scheduled, None))
     return computed
 
 

@@ -26,9 +26,8 @@ def make_engine(
     net = build_model(model_config, get_attention_backend(CUDA), dtype, CUDA)
     net.load_weights(hf_model.state_dict().items())
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-    engine_config = EngineConfig(
-        dtype=name, device="cuda", cache_max_entry_count=4096, max_batch_size=8, **config
-    )  # type: ignore[arg-type]
+    options = {"cache_max_entry_count": 4096, "max_batch_size": 8, **config}
+    engine_config = EngineConfig(dtype=name, device="cuda", **options)  # type: ignore[arg-type]
     return LLMEngine.build(engine_config, model_config, net)
 
 
@@ -108,3 +107,28 @@ def test_sampling_on_gpu_is_seeded_and_batch_independent(hf_model: torch.nn.Modu
         return tokens
 
     assert sample(0) == sample(3)
+
+
+def test_overlap_schedule_gives_the_synchronous_tokens(hf_model: torch.nn.Module) -> None:
+    """Graph replays fed on the device by the previous step's tokens: stops, logprobs, preemption, aborts."""
+    from tests.engine.test_overlap_tiny import run
+
+    vocab = hf_model.config.vocab_size
+    batch = prompts(vocab, num=8, seed=3)
+    configs = [GREEDY.with_updates(logprobs=2 if i % 2 else None, max_new_tokens=8 + 3 * i) for i in range(8)]
+    configs[1] = configs[1].with_updates(stop_token_ids=(7, 11, 13))
+    configs[2] = configs[2].with_updates(repetition_penalty=1.3)  # read back before each next step
+    # a small KV cache (12 blocks of 16) makes the batch preempt
+    config = {"cache_block_seq_len": 16, "cache_max_entry_count": 12 * 16}
+    sync = make_engine(hf_model, torch.float16, **config)
+    overlapped = make_engine(hf_model, torch.float16, overlap_schedule=True, **config)
+    assert overlapped.overlap and overlapped.runner.graph_runner is not None
+    expected = run(sync, batch, configs, {5: 4})
+    got = run(overlapped, batch, configs, {5: 4})
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
+    for ours, theirs in zip(got, expected, strict=True):  # the same logprobs, up to the kernels' rounding
+        assert [lp.token_id for lp in ours.logprobs] == [lp.token_id for lp in theirs.logprobs]
+        for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= 1e-3
+    assert overlapped.num_preemptions > 0

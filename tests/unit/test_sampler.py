@@ -310,3 +310,38 @@ def test_logit_bias_out_of_range_is_an_error_naming_the_field(bias: dict[int, fl
 def test_logit_bias_token_outside_vocab_is_refused() -> None:
     with pytest.raises(ValueError, match="logit_bias"):
         build([make_request(logit_bias={VOCAB: 1.0})])
+
+
+# ops that wait for the device on CUDA: a step that calls one cannot overlap with the next
+_SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.equal")
+
+
+class _SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that would make the host wait for the GPU (seen here on the CPU, where they are cheap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+        if name.startswith(_SYNCING_OPS):
+            self.seen.append(name)
+        # `t[idx] = scalar` on CUDA copies a host 0-dim value to the device: a synchronous copy
+        if name.startswith("aten.index_put") and isinstance(args[2], torch.Tensor) and args[2].dim() == 0:
+            self.seen.append(f"{name} with a host scalar")
+        return func(*args, **(kwargs or {}))
+
+
+def test_sampling_on_the_device_calls_nothing_that_waits_for_it() -> None:
+    requests = [
+        make_request([5], min_new_tokens=2, stop_token_ids=[40], logprobs=2),
+        make_request(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, random_seed=3),
+        make_request([1], logit_bias={7: 2.0}, ignore_eos=True),
+        make_request(),
+    ]
+    batch = build(requests)
+    with _SyncingOps() as ops:
+        sample = Sampler().sample_on_device(random_logits(4, seed=2), batch)
+    assert ops.seen == []
+    assert len(sample.result().token_ids) == 4
