@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from lmserve.engine.pooling import pool_chunk
 from lmserve.engine.sampler import Sampler, SampleResult, SamplingBatch, SamplingRequest
 from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lmserve.lora import LoRAManager
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         graph_runner: CUDAGraphRunner | None = None,
         step_channel: StepChannel | None = None,
+        lora: LoRAManager | None = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -46,6 +50,8 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.step_channel = step_channel
         """Set on tp rank 0: every step goes to the workers before rank 0 runs it too."""
+        self.lora = lora
+        """The LoRA adapters loaded into the model (None: none); each step tells them every token's slot."""
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> SampleResult | None:
@@ -53,6 +59,8 @@ class ModelRunner:
         chunks = self.step_chunks(scheduled)
         if self.step_channel is not None:
             self.step_channel.send(chunks)
+        if self.lora is not None:
+            self.lora.context.begin_step([(s.request.lora_slot, s.num_new_tokens) for s in scheduled])
         hidden, logits = self.run_chunks(chunks)
         self._pool(scheduled, hidden)
         if logits is None:
