@@ -129,9 +129,15 @@ class ServeConfig:
     """LMDeploy's --tool-call-parser (qwen, internlm, llama3); None: chosen from the chat template."""
     reasoning_parser: str | None = None
     """--reasoning-parser (deepseek-r1, qwen3); None: no reasoning split."""
+    adapters: tuple[str, ...] = ()
+    """Names of the engine's LoRA adapters (--adapters): more models /v1/models lists and `model` may name."""
 
     def __post_init__(self) -> None:
         _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")
+        _check(
+            self.model_name not in self.adapters,
+            f"adapters: {self.model_name!r} is the served model's own name (--model-name); rename the adapter",
+        )
         _check(
             self.proxy_url is None or self.proxy_url.startswith(("http://", "https://")),
             f"proxy_url={self.proxy_url!r} must start with http:// or https://",

@@ -14,7 +14,8 @@ from lmserve.attention.backend import get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.generation import GenerationConfig
-from lmserve.lora import attach_adapters, load_adapter, parse_adapters
+from lmserve.lora.adapter import load_adapter, parse_adapters
+from lmserve.lora.manager import attach_adapters
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
 from tests.models.model_helpers import PagedSequences, hf_config_dict, hf_logits, tiny_hf_model
@@ -24,7 +25,11 @@ ADAPTER_CONFIGS = {
     # every target, rank 8; a second with rank 4, rsLoRA and only some targets (padding, empty slices)
     "alpha": LoraConfig(r=8, lora_alpha=16, target_modules=ALL_TARGETS, init_lora_weights=False),
     "beta": LoraConfig(
-        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
     ),
 }
 CPU = torch.device("cpu")
@@ -43,7 +48,9 @@ def save_adapter(base: PreTrainedModel, config: LoraConfig, folder: Path, seed: 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[PreTrainedModel, dict[str, str], dict[str, PreTrainedModel]]:
+def tiny(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[PreTrainedModel, dict[str, str], dict[str, PreTrainedModel]]:
     """(base HF model, {name: adapter folder}, {name: PEFT merged model})."""
     base = tiny_hf_model("llama", tie_word_embeddings=False)
     root = tmp_path_factory.mktemp("adapters")
@@ -97,7 +104,9 @@ def make_engine(base: PreTrainedModel, **config: object) -> LLMEngine:
 
 @torch.no_grad()
 def hf_greedy(model: PreTrainedModel, prompt: list[int], num_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False)
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False
+    )
     return out[0, len(prompt) :].tolist()
 
 

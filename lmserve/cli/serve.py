@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from lmserve.cli.engine_args import add_engine_args, engine_config_from_args
+from lmserve.lora.adapter import parse_adapters
 from lmserve.cli.proxy import add_proxy_parser
 from lmserve.config import ServeConfig
 from lmserve.serve.reasoning import REASONING_PARSERS
@@ -146,6 +147,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         proxy_url=args.proxy_url,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        adapters=tuple(parse_adapters(args.adapters) or ()),
     )
 
 

@@ -30,7 +30,7 @@ from lmserve.engine.runner import ModelRunner
 from lmserve.engine.sampler import SampleResult, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import FinishReason, GenerationConfig, RequestOutput, TokenLogprob
-from lmserve.lora import adapter_slot, attach_adapters
+from lmserve.lora.manager import adapter_slot, attach_adapters
 from lmserve.models.config import ModelConfig
 from lmserve.structured import make_backend
 from lmserve.structured.cache import GrammarCache

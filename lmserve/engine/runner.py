@@ -17,7 +17,7 @@ from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from lmserve.lora import LoRAManager
+    from lmserve.lora.manager import LoRAManager
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,9 @@ import torch
 from lmserve.kernels._triton import jit, next_power_of_2, tl
 
 
-def lora_ref(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> None:
+def lora_ref(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor
+) -> None:
     """y [T, M] += per token t with slots[t] > 0: (x[t] @ a[s-1].T) @ bt[s-1], in float32."""
     index = (slots.long() - 1).clamp_min(0)
     shrunk = torch.bmm(a[index].float(), x.float().unsqueeze(-1)).squeeze(-1)
@@ -33,7 +35,9 @@ def slot_mask(slots: torch.Tensor, num_adapters: int, rank: int, dtype: torch.dt
     return one_hot.repeat_interleave(rank, dim=1)
 
 
-def lora_dense_masked(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, mask: torch.Tensor) -> None:
+def lora_dense_masked(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, mask: torch.Tensor
+) -> None:
     """y += ((x @ A_all.T) * mask) @ Bt_all, A_all = a viewed [N*R, K], Bt_all = bt viewed [N*R, M]."""
     num_adapters, rank, in_features = a.shape
     shrunk = torch.nn.functional.linear(x, a.view(num_adapters * rank, in_features))
@@ -99,7 +103,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, block_k: 
     return out
 
 
-def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor, block_m: int = 128) -> None:
+def lora_expand(
+    y: torch.Tensor, shrunk: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor, block_m: int = 128
+) -> None:
     """y[t] += shrunk[t] @ bt[slots[t] - 1] in place (rows of base tokens untouched)."""
     num_tokens, out_features = y.shape
     rank = bt.shape[1]
@@ -112,7 +118,9 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, bt: torch.Tensor, slots: 
     )  # fmt: skip
 
 
-def lora_triton(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> None:
+def lora_triton(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor
+) -> None:
     """y += B_s (A_s x) per token through the two kernels."""
     if y.shape[0]:
         lora_expand(y, lora_shrink(x, a, slots), bt, slots)

@@ -1,14 +1,5 @@
-"""LoRA adapters: PEFT folders loaded beside the base model, one batch mixing adapters and the base."""
+"""LoRA adapters: PEFT folders loaded beside the base model, one batch mixing adapters and the base.
 
-from lmserve.lora.adapter import MAX_LORA_RANK, LoRAAdapter, load_adapter, parse_adapters
-from lmserve.lora.manager import LoRAManager, adapter_slot, attach_adapters
-
-__all__ = [
-    "MAX_LORA_RANK",
-    "LoRAAdapter",
-    "LoRAManager",
-    "adapter_slot",
-    "attach_adapters",
-    "load_adapter",
-    "parse_adapters",
-]
+adapter.py reads PEFT folders (torch-free to import, for the CLI), manager.py stacks them into a built model,
+layers.py holds the wrapped linears and the per-step context; the update itself is kernels/lora.py.
+"""

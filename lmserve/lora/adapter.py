@@ -6,9 +6,12 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the CLI imports parse_adapters without torch
+    import torch
+
+    from lmserve.models.config import ModelConfig
 
 MAX_LORA_RANK = 64
 TARGET_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -40,6 +43,22 @@ def load_adapter(name: str, path: str) -> LoRAAdapter:
         module: _pair(name, module, tensors, rank, scaling) for module in _target_modules(name, tensors)
     }
     return LoRAAdapter(name, path, rank, weights)
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each HF projection of a dense decoder layer."""
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (hidden, q_size),
+        "k_proj": (hidden, kv_size),
+        "v_proj": (hidden, kv_size),
+        "o_proj": (q_size, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
 
 
 def lora_scaling(config: dict[str, Any], rank: int) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmserve.lora.adapter import LoRAAdapter, load_adapter
+from lmserve.lora.adapter import LoRAAdapter, load_adapter, projection_shapes
 from lmserve.lora.layers import LoRAContext, LoRALinear
 from lmserve.models.config import ModelConfig
 
@@ -60,12 +60,18 @@ class LoRAManager:
 def adapter_slot(manager: LoRAManager | None, adapter_name: str | None) -> int:
     """A request's slot: 0 for the base model; ValueError for an adapter this engine did not load."""
     if manager is None and adapter_name is not None:
-        raise ValueError(f"adapter_name={adapter_name!r}: this engine has no adapters (start it with --adapters)")
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: this engine has no adapters (start it with --adapters)"
+        )
     return 0 if manager is None else manager.slot_of(adapter_name)
 
 
 def attach_adapters(
-    model: nn.Module, model_config: ModelConfig, adapters: dict[str, str], device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    model_config: ModelConfig,
+    adapters: dict[str, str],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> LoRAManager:
     """Load each `name: PEFT folder`, and wrap every linear one of them targets in a LoRALinear over the stacks."""
     loaded = [load_adapter(name, path) for name, path in adapters.items()]
@@ -101,16 +107,9 @@ def _target(model: nn.Module, module_path: str, update: SliceUpdate) -> nn.Modul
 
 def slice_sizes(config: ModelConfig, module: str) -> tuple[int, tuple[int, ...]]:
     """(in_features, output features of each slice) of one of our LoRA-able linears (tp 1)."""
-    q_size = config.num_attention_heads * config.head_dim
-    kv_size = config.num_key_value_heads * config.head_dim
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    sizes = {
-        "qkv_proj": (hidden, (q_size, kv_size, kv_size)),
-        "o_proj": (q_size, (hidden,)),
-        "gate_up_proj": (hidden, (intermediate, intermediate)),
-        "down_proj": (intermediate, (hidden,)),
-    }
-    return sizes[module]
+    shapes = projection_shapes(config)
+    projections = [hf for hf, (ours, _) in FUSED_TARGETS.items() if ours == module]  # in slice order
+    return shapes[projections[0]][0], tuple(shapes[hf][1] for hf in projections)
 
 
 def stack_updates(
