@@ -72,7 +72,8 @@ class EngineConfig:
             f"distributed_executor_backend={self.distributed_executor_backend!r} must be one of {EXECUTOR_BACKENDS}",
         )
         _check(
-            not (self.adapters and self.tp > 1), f"adapters with tp={self.tp}: LoRA runs with --tp 1 only (for now)"
+            not (self.adapters and self.tp > 1),
+            f"adapters with tp={self.tp}: LoRA runs with --tp 1 only (for now)",
         )
         _check(self.pooling in POOLING_TYPES, f"pooling={self.pooling!r} must be one of {POOLING_TYPES}")
         _check(

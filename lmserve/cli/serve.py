@@ -10,9 +10,9 @@ import sys
 from typing import Any
 
 from lmserve.cli.engine_args import add_engine_args, engine_config_from_args
-from lmserve.lora.adapter import parse_adapters
 from lmserve.cli.proxy import add_proxy_parser
 from lmserve.config import ServeConfig
+from lmserve.lora.adapter import parse_adapters
 from lmserve.serve.reasoning import REASONING_PARSERS
 from lmserve.serve.tool_parsers import TOOL_PARSERS
 

@@ -53,14 +53,14 @@ def _lora_shrink_kernel(
     token = tl.program_id(0).to(tl.int64)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    active = slot > 0  # base tokens read nothing and write zeros
+    read_k = tl.where(slot > 0, K, 0)  # base tokens read nothing and write zeros
     adapter = tl.maximum(slot - 1, 0)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + token * stride_x + cols, mask=(cols < K) & active, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + token * stride_x + cols, mask=cols < read_k, other=0.0).to(tl.float32)
         a_tile = a_ptr + adapter * stride_a + ranks[:, None] * stride_ar + cols[None, :]
-        a_mask = (ranks[:, None] < R) & (cols[None, :] < K) & active
+        a_mask = (ranks[:, None] < R) & (cols[None, :] < read_k)
         acc += tl.sum(tl.load(a_tile, mask=a_mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr + token * stride_out + ranks, acc, mask=ranks < R)
 
@@ -73,17 +73,17 @@ def _lora_expand_kernel(
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    active = slot > 0  # base tokens leave y untouched
+    write_m = tl.where(slot > 0, M, 0)  # base tokens read nothing and leave y untouched
     adapter = tl.maximum(slot - 1, 0)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(shrunk_ptr + token * stride_shrunk + ranks, mask=(ranks < R) & active, other=0.0)
+        h = tl.load(shrunk_ptr + token * stride_shrunk + ranks, mask=ranks < R, other=0.0)
         b_tile = bt_ptr + adapter * stride_b + ranks[:, None] * stride_br + cols[None, :]
-        b_mask = (ranks[:, None] < R) & (cols[None, :] < M) & active
+        b_mask = (ranks[:, None] < R) & (cols[None, :] < write_m)
         acc += tl.sum(tl.load(b_tile, mask=b_mask, other=0.0).to(tl.float32) * h[:, None], axis=0)
     y_cols = y_ptr + token * stride_y + cols
-    out_mask = (cols < M) & active
+    out_mask = cols < write_m
     y = tl.load(y_cols, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(y_cols, (y + acc).to(y_ptr.dtype.element_ty), mask=out_mask)
 

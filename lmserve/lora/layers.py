@@ -62,10 +62,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.context = context
-        self.register_buffer("lora_a", a, persistent=False)
+        self.lora_a: torch.Tensor
         """[N, R, in_features]: adapter k's A at index k - 1."""
-        self.register_buffer("lora_bt", bt, persistent=False)
+        self.lora_bt: torch.Tensor
         """[N, R, out_features]: adapter k's B transposed, scaled by PEFT's lora_alpha / r."""
+        self.register_buffer("lora_a", a, persistent=False)
+        self.register_buffer("lora_bt", bt, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -46,7 +46,9 @@ async def list_models(request: Request) -> ModelList:
     state = get_state(request)
     name, session_len = state.config.model_name, state.engine.session_len
     base = ModelCard(id=name, root=name, max_model_len=session_len)
-    adapters = [ModelCard(id=a, root=a, parent=name, max_model_len=session_len) for a in state.config.adapters]
+    adapters = [
+        ModelCard(id=a, root=a, parent=name, max_model_len=session_len) for a in state.config.adapters
+    ]
     return ModelList(data=[base, *adapters])
 
 
