@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from lmserve.attention.backend import get_attention_backend
+from lmserve.attention.metadata import SequenceChunk, build_step_batch
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.generation import GenerationConfig
@@ -18,7 +19,7 @@ from lmserve.lora.adapter import load_adapter, parse_adapters
 from lmserve.lora.manager import attach_adapters
 from lmserve.models.config import ModelConfig
 from lmserve.models.registry import build_model
-from tests.models.model_helpers import PagedSequences, hf_config_dict, hf_logits, tiny_hf_model
+from tests.models.model_helpers import hf_config_dict, hf_logits, tiny_hf_model
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_CONFIGS = {
@@ -61,39 +62,54 @@ def tiny(
     return base, folders, merged
 
 
-def our_model(base: PreTrainedModel) -> tuple[torch.nn.Module, ModelConfig]:
+def our_model(base: PreTrainedModel, device: torch.device = CPU) -> tuple[torch.nn.Module, ModelConfig]:
     model_config = ModelConfig.from_hf_config(hf_config_dict(base))
-    net = build_model(model_config, get_attention_backend(CPU), torch.float32, CPU)
+    net = build_model(model_config, get_attention_backend(device), torch.float32, device)
     net.load_weights(base.state_dict().items())
     return net, model_config
 
 
-def batch_logits(net: torch.nn.Module, sequences: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-    """Logits of every position of each (slot, prompt), all prefilled in one step."""
-    paged = PagedSequences(num_blocks=32, block_size=8)
-    batch = paged.step([(f"s{i}", prompt) for i, (_, prompt) in enumerate(sequences)])
+def batch_logits(
+    net: torch.nn.Module, sequences: list[tuple[int, list[int]]], device: torch.device = CPU
+) -> list[torch.Tensor]:
+    """Logits (on the CPU) of every position of each (slot, prompt), all prefilled in one step."""
+    chunks, next_block = [], 31  # block ids from the top, so none equals its logical index
+    for _, prompt in sequences:
+        num_blocks = -(-len(prompt) // 8)
+        chunks.append(SequenceChunk(prompt, 0, list(range(next_block, next_block - num_blocks, -1))))
+        next_block -= num_blocks
+    batch = build_step_batch(chunks, 8, device)
     net.lora_context.begin_step([(slot, len(prompt)) for slot, prompt in sequences])
-    kv = net.attention_backend.allocate_kv_cache(2, 32, 8, 2, 16, torch.float32, CPU)
+    kv = net.attention_backend.allocate_kv_cache(2, 32, 8, 2, 16, torch.float32, device)
     with torch.inference_mode():
         hidden = net(batch.input_ids, batch.positions, kv, net.attention_backend.prepare(batch.metadata))
-        logits = net.compute_logits(hidden)
+        logits = net.compute_logits(hidden).cpu()
     return list(logits.split([len(p) for _, p in sequences]))
+
+
+MIXED_PROMPTS = [[5, 17, 3, 44, 9, 60, 2], [8, 1, 90, 33, 4, 4, 12, 70, 21, 6, 5], [11, 22, 33, 44, 55]]
+MIXED_ADAPTERS = ["alpha", None, "beta"]
+
+
+def mixed_batch_logits(base: PreTrainedModel, folders: dict[str, str], device: torch.device) -> list[torch.Tensor]:
+    """Our logits of MIXED_PROMPTS, each under its MIXED_ADAPTERS entry, in one batch on device."""
+    net, model_config = our_model(base, device)
+    manager = attach_adapters(net, model_config, folders, device, torch.float32)
+    net.lora_context = manager.context
+    slots = [manager.slot_of(name) for name in MIXED_ADAPTERS]
+    return batch_logits(net, list(zip(slots, MIXED_PROMPTS, strict=True)), device)
 
 
 def test_mixed_batch_logits_equal_peft_merged_models(tiny) -> None:
     base, folders, merged = tiny
-    net, model_config = our_model(base)
-    manager = attach_adapters(net, model_config, folders, CPU, torch.float32)
-    net.lora_context = manager.context
-    prompts = [[5, 17, 3, 44, 9, 60, 2], [8, 1, 90, 33, 4, 4, 12, 70, 21, 6, 5], [11, 22, 33, 44, 55]]
-    slots = [manager.slot_of("alpha"), manager.slot_of(None), manager.slot_of("beta")]
-    truths = [merged["alpha"], base, merged["beta"]]
-    ours = batch_logits(net, list(zip(slots, prompts, strict=True)))
-    for logits, truth, prompt in zip(ours, truths, prompts, strict=True):
+    ours = mixed_batch_logits(base, folders, CPU)
+    for logits, name, prompt in zip(ours, MIXED_ADAPTERS, MIXED_PROMPTS, strict=True):
+        truth = base if name is None else merged[name]
         torch.testing.assert_close(logits, hf_logits(truth, prompt), atol=2e-4, rtol=1e-4)
     # the adapters really change the answer (else the test above could pass with LoRA ignored)
     for name in folders:
-        assert (hf_logits(merged[name], prompts[0]) - hf_logits(base, prompts[0])).abs().max() > 0.05
+        prompt = MIXED_PROMPTS[0]
+        assert (hf_logits(merged[name], prompt) - hf_logits(base, prompt)).abs().max() > 0.05
 
 
 def make_engine(base: PreTrainedModel, **config: object) -> LLMEngine:
