@@ -22,7 +22,9 @@ from lmserve.engine.engine import LLMEngine
 from lmserve.lora.random import save_random_adapter
 
 
-def output_tok_per_s(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], output_len: int) -> float:
+def output_tok_per_s(
+    engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], output_len: int
+) -> float:
     """All prompts at once (each with its adapter), stepped until done: generated tokens per second."""
     config = fixed_length_config(output_len)
     start = time.perf_counter()
@@ -50,10 +52,14 @@ def main() -> None:
     base = LLMEngine.from_pretrained(args.model, config, detokenize=False)
     with tempfile.TemporaryDirectory() as root:
         folders = {
-            f"adapter{i}": save_random_adapter(os.path.join(root, str(i)), base.model_config, args.rank, seed=i)
+            f"adapter{i}": save_random_adapter(
+                os.path.join(root, str(i)), base.model_config, args.rank, seed=i
+            )
             for i in range(args.num_adapters)
         }
-        mixed = LLMEngine.from_pretrained(args.model, EngineConfig(**{**vars(config), "adapters": folders}), detokenize=False)
+        mixed = LLMEngine.from_pretrained(
+            args.model, EngineConfig(**{**vars(config), "adapters": folders}), detokenize=False
+        )
     prompts = random_prompts(args.batch_size, args.input_len, base.model_config.vocab_size)
     names: list[str | None] = [f"adapter{i % args.num_adapters}" for i in range(args.batch_size)]
     no_adapter: list[str | None] = [None] * args.batch_size

@@ -91,7 +91,9 @@ MIXED_PROMPTS = [[5, 17, 3, 44, 9, 60, 2], [8, 1, 90, 33, 4, 4, 12, 70, 21, 6, 5
 MIXED_ADAPTERS = ["alpha", None, "beta"]
 
 
-def mixed_batch_logits(base: PreTrainedModel, folders: dict[str, str], device: torch.device) -> list[torch.Tensor]:
+def mixed_batch_logits(
+    base: PreTrainedModel, folders: dict[str, str], device: torch.device
+) -> list[torch.Tensor]:
     """Our logits of MIXED_PROMPTS, each under its MIXED_ADAPTERS entry, in one batch on device."""
     net, model_config = our_model(base, device)
     manager = attach_adapters(net, model_config, folders, device, torch.float32)

@@ -85,6 +85,16 @@ def test_chat_route_uses_the_adapter_too(client: httpx.Client) -> None:
     assert abs(first_logprob("terse") - first_logprob(MODEL_NAME)) > 1e-3
 
 
+def test_messages_and_responses_routes_report_the_adapter(client: httpx.Client) -> None:
+    messages = [{"role": "user", "content": "Hi!"}]
+    body = {"model": "wordy", "max_tokens": 2, "messages": messages, "temperature": 0}
+    response = client.post("/v1/messages", json=body)
+    assert response.status_code == 200 and response.json()["model"] == "wordy", response.text
+    body = {"model": "wordy", "max_output_tokens": 2, "input": "Hi!", "temperature": 0}
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200 and response.json()["model"] == "wordy", response.text
+
+
 def test_unknown_model_is_a_404_and_adapter_embeddings_a_400(client: httpx.Client) -> None:
     response = client.post("/v1/completions", json={"model": "nope", "prompt": "hi", "max_tokens": 2})
     assert response.status_code == 404

@@ -69,18 +69,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-cpu-threads", type=int, default=None, help="torch threads on CPU")
     group.add_argument("--chat-template", default=None, help="chat template: a built-in name or a Jinja file")
     group.add_argument(
+        "--pooling",
+        choices=POOLING_TYPES,
+        default="last",
+        help="how /v1/embeddings pools the last hidden states (L2-normalized)",
+    )
+
+
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    """`--adapters`, for the commands whose requests can name an adapter (the api_server: `model: NAME`)."""
+    parser.add_argument(
         "--adapters",
         nargs="+",
         default=None,
         metavar="NAME=PATH",
         help="LoRA adapters (PEFT folders) to serve beside the base model; a request picks one with "
         "`model: NAME` (one bare PATH is named `default`)",
-    )
-    group.add_argument(
-        "--pooling",
-        choices=POOLING_TYPES,
-        default="last",
-        help="how /v1/embeddings pools the last hidden states (L2-normalized)",
     )
 
 
