@@ -191,3 +191,15 @@ def test_parse_adapters_flag() -> None:
         parse_adapters(["a=/x", "/y"])
     with pytest.raises(ValueError, match="twice"):
         parse_adapters(["a=/x", "a=/y"])
+
+
+def test_biased_base_qwen2_with_adapter_equals_peft(tmp_path: Path) -> None:
+    base = tiny_hf_model("qwen2", tie_word_embeddings=False)  # q/k/v biases: the fused CPU GEMM carries them
+    merged = save_adapter(base, ADAPTER_CONFIGS["alpha"], tmp_path / "alpha", seed=7)
+    net, model_config = our_model(base)
+    manager = attach_adapters(net, model_config, {"alpha": str(tmp_path / "alpha")}, CPU, torch.float32)
+    net.lora_context = manager.context
+    prompts = [[7, 3, 9, 1, 44, 2], [5, 6]]
+    logits = batch_logits(net, [(1, prompts[0]), (0, prompts[1])])
+    torch.testing.assert_close(logits[0], hf_logits(merged, prompts[0]), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], hf_logits(base, prompts[1]), atol=2e-4, rtol=1e-4)

@@ -40,10 +40,13 @@ def lora_dense_masked(
 ) -> None:
     """y += ((x @ A_all.T) * mask) @ Bt_all, A_all = a viewed [N*R, K], Bt_all = bt viewed [N*R, M]."""
     num_adapters, rank, in_features = a.shape
-    shrunk = torch.nn.functional.linear(x, a.view(num_adapters * rank, in_features))
-    shrunk.mul_(mask)
+    lora_expand_masked(y, torch.nn.functional.linear(x, a.view(num_adapters * rank, in_features)), bt, mask)
+
+
+def lora_expand_masked(y: torch.Tensor, shrunk: torch.Tensor, bt: torch.Tensor, mask: torch.Tensor) -> None:
+    """y += (shrunk * mask) @ Bt_all: the expand half of lora_dense_masked (shrunk [T, N*R] may be a view)."""
     # not y.addmm_: torch's in-place bf16 addmm on the CPU can miss oneDNN (10 ms instead of 30 us per call)
-    y.add_(torch.mm(shrunk, bt.view(num_adapters * rank, -1)))
+    y.add_(torch.mm(shrunk * mask, bt.view(-1, bt.shape[-1])))
 
 
 @jit

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lmserve.kernels._triton import HAS_TRITON
-from lmserve.kernels.lora import lora_dense_masked, lora_triton, slot_mask
+from lmserve.kernels.lora import lora_dense_masked, lora_expand_masked, lora_triton, slot_mask
+from lmserve.layers.linear import INT4_MAX_ROWS, Linear
 
 
 class LoRAContext:
@@ -43,6 +44,10 @@ class LoRAContext:
         else:
             lora_dense_masked(y, x, a, bt, self._mask(a.shape[1]))
 
+    def expand(self, y: torch.Tensor, shrunk: torch.Tensor, bt: torch.Tensor) -> None:
+        """y += each token's B times its shrunk activations (CPU; the shrink came fused with the base GEMM)."""
+        lora_expand_masked(y, shrunk, bt, self._mask(bt.shape[1]))
+
     def _mask(self, rank: int) -> torch.Tensor:
         """The step's slot mask for stacks of this rank (linears of equal rank share it)."""
         mask = self._masks.get(rank)
@@ -69,8 +74,34 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_a", a, persistent=False)
         self.register_buffer("lora_bt", bt, persistent=False)
 
+        self.fused_weight: torch.Tensor | None = None
+        """CPU, plain base: [out + N*R, in], the base weight's rows then every adapter's A (see _fuse_shrink)."""
+        self.fused_bias: torch.Tensor | None = None
+        self.num_base_outputs = 0
+        """Columns of the fused GEMM's output that are the base output (the rest: the shrink)."""
+        if not context.use_triton and type(base) is Linear:
+            self._fuse_shrink(base, a)
+
+    def _fuse_shrink(self, base: Linear, a: torch.Tensor) -> None:
+        """Append every adapter's A to the base weight, so one GEMM gives the base output and the shrink: on the
+        CPU a small GEMM costs ~40 us whatever its size (SmolLM2, batch 16), as much as the work of the update.
+        The base weight becomes a view of the first rows (no second copy; its few-row int4 path is unchanged)."""
+        out_features = base.weight.shape[0]
+        fused = torch.cat([base.weight.detach(), a.flatten(0, 1)])
+        base.weight.data = fused[:out_features]
+        self.fused_weight, self.num_base_outputs = fused, out_features
+        if base.bias is not None:
+            self.fused_bias = torch.cat([base.bias.detach(), a.new_zeros(fused.shape[0] - out_features)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.context.active:
+            return self.base(x)
+        fused = self.fused_weight
+        if fused is not None and (self.base.int4 is None or x.shape[0] > INT4_MAX_ROWS):
+            out = torch.nn.functional.linear(x, fused, self.fused_bias)
+            y = out[:, : self.num_base_outputs]
+            self.context.expand(y, out[:, self.num_base_outputs :], self.lora_bt)
+            return y
         y = self.base(x)
-        if self.context.active:
-            self.context.add_update(y, x, self.lora_a, self.lora_bt)
+        self.context.add_update(y, x, self.lora_a, self.lora_bt)
         return y
