@@ -60,6 +60,9 @@ class EngineConfig:
     seed: int = 0
     """Seed of torch's global random stream, set when the engine is built: requests without a seed of their
     own draw from it, so the same seed and the same requests in the same order give the same tokens."""
+    adapters: dict[str, str] | None = None
+    """LoRA adapters to load beside the base model: name -> PEFT folder (LMDeploy's `--adapters NAME=PATH`);
+    a request picks one by name (`model` on the server, GenerationConfig.adapter_name in Python)."""
     pooling: str = "last"
     """How /v1/embeddings pools the last hidden states: last token (decoder embedding models such as
     gte-Qwen2, e5-mistral), mean, or cls (the first token); the result is L2-normalized (vLLM's pooler)."""
@@ -71,6 +74,10 @@ class EngineConfig:
         _check(
             self.distributed_executor_backend in EXECUTOR_BACKENDS,
             f"distributed_executor_backend={self.distributed_executor_backend!r} must be one of {EXECUTOR_BACKENDS}",
+        )
+        _check(
+            not (self.adapters and self.tp > 1),
+            f"adapters with tp={self.tp}: LoRA runs with --tp 1 only (for now)",
         )
         _check(self.pooling in POOLING_TYPES, f"pooling={self.pooling!r} must be one of {POOLING_TYPES}")
         _check(
@@ -127,9 +134,15 @@ class ServeConfig:
     """LMDeploy's --tool-call-parser (qwen, internlm, llama3); None: chosen from the chat template."""
     reasoning_parser: str | None = None
     """--reasoning-parser (deepseek-r1, qwen3); None: no reasoning split."""
+    adapters: tuple[str, ...] = ()
+    """Names of the engine's LoRA adapters (--adapters): more models /v1/models lists and `model` may name."""
 
     def __post_init__(self) -> None:
         _check(0 < self.server_port < 65536, f"server_port={self.server_port} must be in 1..65535")
+        _check(
+            self.model_name not in self.adapters,
+            f"adapters: {self.model_name!r} is the served model's own name (--model-name); rename the adapter",
+        )
         _check(
             self.proxy_url is None or self.proxy_url.startswith(("http://", "https://")),
             f"proxy_url={self.proxy_url!r} must start with http:// or https://",

@@ -48,6 +48,8 @@ class GenerationConfig:
     """Completions per prompt (the pipeline/server fan out; the engine sees n=1 requests)."""
     response_format: StructuredOutput | None = None
     """The output must match this grammar (also takes OpenAI's response_format dict); None: free text."""
+    adapter_name: str | None = None
+    """The LoRA adapter (one of EngineConfig.adapters) this request runs with; None: the base model."""
 
     def __post_init__(self) -> None:
         # lists are accepted from callers for convenience; stored as tuples to stay hashable/frozen

@@ -36,20 +36,23 @@ class Pipeline:
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenerationConfig | None = None,
         do_preprocess: bool = True,
+        adapter_name: str | None = None,
     ) -> Response | list[Response]:
-        return self.infer(prompts, gen_config, do_preprocess)
+        return self.infer(prompts, gen_config, do_preprocess, adapter_name)
 
     def infer(
         self,
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenerationConfig | None = None,
         do_preprocess: bool = True,
+        adapter_name: str | None = None,
     ) -> Response | list[Response]:
-        """Generate for one prompt (returns a Response) or a batch (returns a list, in order)."""
+        """Generate for one prompt (returns a Response) or a batch (returns a list, in order); `adapter_name`
+        (LMDeploy's) runs them with one of `backend_config.adapters` (as GenerationConfig.adapter_name)."""
         single = _is_single(prompts)
         batch = _as_batch(prompts)
         responses: dict[str, Response] = {}
-        for _ in self._run(batch, gen_config, do_preprocess, responses):
+        for _ in self._run(batch, self._config(gen_config, adapter_name), do_preprocess, responses):
             pass
         ordered = list(responses.values())
         return ordered[0] if single else ordered
@@ -59,9 +62,14 @@ class Pipeline:
         prompts: Prompt | Sequence[Prompt],
         gen_config: GenerationConfig | None = None,
         do_preprocess: bool = True,
+        adapter_name: str | None = None,
     ) -> Iterator[Response]:
         """Yield a Response per output delta: `text` is the new text, `index` the prompt's position."""
-        yield from self._run(_as_batch(prompts), gen_config, do_preprocess, {})
+        yield from self._run(_as_batch(prompts), self._config(gen_config, adapter_name), do_preprocess, {})
+
+    def _config(self, gen_config: GenerationConfig | None, adapter_name: str | None) -> GenerationConfig:
+        config = gen_config or self.engine.default_generation_config
+        return config if adapter_name is None else config.with_updates(adapter_name=adapter_name)
 
     def encode(self, prompt: Prompt, do_preprocess: bool = True) -> list[int]:
         if isinstance(prompt, str) and not do_preprocess:

@@ -14,6 +14,7 @@ from lmserve.config import (
     QUANT_POLICIES,
     EngineConfig,
 )
+from lmserve.lora.adapter import parse_adapters
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +81,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    """`--adapters`, for the commands whose requests can name an adapter (the api_server: `model: NAME`)."""
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT folders) to serve beside the base model; a request picks one with "
+        "`model: NAME` (one bare PATH is named `default`)",
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build EngineConfig from parsed flags; ValueError names the bad flag's field."""
     # `--seed` of chat and api_client is the sampling seed (GenerationConfig.random_seed), not EngineConfig.seed
     names = {f.name for f in fields(EngineConfig)} - {"seed"}
-    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if "adapters" in values:
+        values["adapters"] = parse_adapters(values["adapters"])
+    return EngineConfig(**values)
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:

@@ -107,7 +107,9 @@ def _join_proxy(server: Any, config: ServeConfig) -> Callable[[], None]:
     joined: list[bool] = []
 
     def join() -> None:
-        joined.append(registration.register(proxy_url, node_url, [config.model_name], config.api_keys))
+        joined.append(
+            registration.register(proxy_url, node_url, [config.model_name, *config.adapters], config.api_keys)
+        )
 
     thread = registration.register_when_listening(lambda: server.started, lambda: server.should_exit, join)
 

@@ -9,9 +9,10 @@ import os
 import sys
 from typing import Any
 
-from lmserve.cli.engine_args import add_engine_args, engine_config_from_args
+from lmserve.cli.engine_args import add_adapter_args, add_engine_args, engine_config_from_args
 from lmserve.cli.proxy import add_proxy_parser
 from lmserve.config import ServeConfig
+from lmserve.lora.adapter import parse_adapters
 from lmserve.serve.reasoning import REASONING_PARSERS
 from lmserve.serve.tool_parsers import TOOL_PARSERS
 
@@ -106,6 +107,7 @@ def _add_api_server(commands: Any) -> None:
         "behind a proxy on --server-port; they listen on 127.0.0.1 at --server-port + 1 ..",
     )
     add_engine_args(parser)
+    add_adapter_args(parser)
     parser.set_defaults(func=run_api_server)
 
 
@@ -146,6 +148,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         proxy_url=args.proxy_url,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        adapters=tuple(parse_adapters(args.adapters) or ()),
     )
 
 

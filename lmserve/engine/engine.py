@@ -35,6 +35,7 @@ from lmserve.engine.runner import ModelRunner, PendingTokens
 from lmserve.engine.sampler import DeviceSample, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import FinishReason, GenerationConfig, RequestOutput, TokenLogprob
+from lmserve.lora.manager import adapter_slot, attach_adapters
 from lmserve.models.config import ModelConfig
 from lmserve.structured import make_backend
 from lmserve.structured.cache import GrammarCache
@@ -246,6 +247,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already running")
         request = Request(request_id, list(prompt_token_ids), len(prompt_token_ids), gen_config, max_new)
+        request.lora_slot = adapter_slot(self.runner.lora, gen_config.adapter_name)
         seed = gen_config.random_seed
         if seed is not None and not gen_config.greedy:
             request.generator = make_generator(seed, self.resolved.device)
@@ -513,7 +515,12 @@ def build_runner(
     block_size = config.cache_block_seq_len
     with loading_phase(f"allocated the KV cache ({num_blocks * block_size} tokens)"):
         kv_caches = builder.allocate_kv_cache(backend, num_blocks, block_size, model_config, resolved)
-    graph_runner = _make_graph_runner(net, backend, kv_caches, config, resolved)
+    lora = None
+    if config.adapters:
+        with loading_phase(f"loaded {len(config.adapters)} LoRA adapter(s)"):
+            lora = attach_adapters(net, model_config, config.adapters, resolved.device, resolved.dtype)
+    # decode graphs would need the adapter slots in static buffers: with adapters, steps run eagerly
+    graph_runner = None if lora else _make_graph_runner(net, backend, kv_caches, config, resolved)
     runner = ModelRunner(
         net,
         model_config,
@@ -524,6 +531,7 @@ def build_runner(
         eos_token_ids,
         graph_runner,
         step_channel,
+        lora,
     )
     return runner, num_blocks
 

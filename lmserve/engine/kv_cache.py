@@ -35,6 +35,15 @@ def chain_hash(parent_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
     return digest.digest()
 
 
+def prefix_root(request: Request) -> bytes | None:
+    """The parent hash of a request's first block: None for the base model, a per-adapter key for a LoRA
+    adapter, so the same tokens under different adapters (different K/V) never share cached blocks."""
+    adapter = request.gen_config.adapter_name
+    if adapter is None:
+        return None
+    return hashlib.blake2b(b"lora-adapter\0" + adapter.encode(), digest_size=16, key=_HASH_KEY).digest()
+
+
 class BlockManager:
     """Hands out fixed-size KV blocks to requests.
 
@@ -79,7 +88,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent: bytes | None = None
+        parent = prefix_root(request)
         for i in range(request.num_tokens // self.block_size):
             token_ids = request.block_tokens(i, self.block_size)
             parent = chain_hash(parent, token_ids)
@@ -125,7 +134,8 @@ class BlockManager:
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         for i in range(request.last_hashed_block, num_full):
             token_ids = request.block_tokens(i, self.block_size)
-            block_hash = chain_hash(request.last_block_hash, token_ids)
+            parent = request.last_block_hash if i else prefix_root(request)
+            block_hash = chain_hash(parent, token_ids)
             request.last_block_hash = block_hash
             block = self.blocks[request.block_table[i]]
             if block.block_hash is None and block_hash not in self._hash_to_block:

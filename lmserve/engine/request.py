@@ -47,6 +47,8 @@ class Request(PromptThenOutput):
     last_block_hash: bytes | None = None
     """Chain hash of the last registered block: the parent of the next one."""
     finish_reason: FinishReason | None = None
+    lora_slot: int = 0
+    """The LoRA adapter's slot (lmserve/lora: 0 is the base model), from gen_config.adapter_name."""
     pooling: str | None = None
     """An embedding request's pooling type (engine/pooling.py): its prompt is run once and pooled, no token sampled."""
     # per-request helpers owned by the engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from lmserve.engine.request import Request
 from lmserve.engine.sampler import DeviceSample, Sampler, SamplingBatch, SamplingRequest
 from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from lmserve.lora.manager import LoRAManager
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         graph_runner: CUDAGraphRunner | None = None,
         step_channel: StepChannel | None = None,
+        lora: LoRAManager | None = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -64,6 +68,8 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.step_channel = step_channel
         """Set on tp rank 0: every step goes to the workers before rank 0 runs it too."""
+        self.lora = lora
+        """The LoRA adapters loaded into the model (None: none); each step tells them every token's slot."""
 
     @torch.inference_mode()
     def execute(
@@ -77,6 +83,8 @@ class ModelRunner:
         chunks = self.step_chunks(scheduled, pending)
         if self.step_channel is not None:
             self.step_channel.send(chunks)
+        if self.lora is not None:
+            self.lora.context.begin_step([(s.request.lora_slot, s.num_new_tokens) for s in scheduled])
         feed = pending.token_ids if pending is not None and _has_placeholders(scheduled) else None
         hidden, logits = self.run_chunks(chunks, feed)
         self._pool(scheduled, hidden)

@@ -287,7 +287,7 @@ def _message(
 ) -> dict[str, Any]:
     blocks = _content_blocks(prepared, choice.text)
     reason, sequence = _stop_reason(state, prepared, choice, any(b["type"] == "tool_use" for b in blocks))
-    message = _message_start(state, api_id, choice.num_prompt_tokens)
+    message = _message_start(state, api_id, prepared, choice.num_prompt_tokens)
     message.update(
         content=blocks,
         stop_reason=reason,
@@ -297,12 +297,14 @@ def _message(
     return message
 
 
-def _message_start(state: ServerState, api_id: str, num_prompt_tokens: int) -> dict[str, Any]:
+def _message_start(
+    state: ServerState, api_id: str, prepared: PreparedChat, num_prompt_tokens: int
+) -> dict[str, Any]:
     return {
         "id": api_id,
         "type": "message",
         "role": "assistant",
-        "model": state.config.model_name,
+        "model": state.model_of(prepared.submission.gen_config.adapter_name),
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
@@ -321,7 +323,7 @@ async def _message_events(state: ServerState, api_id: str, prepared: PreparedCha
     not reach the client as text) and its blocks follow, each with one delta.
     """
     num_prompt_tokens = len(prepared.submission.prompt_token_ids)
-    yield _event("message_start", {"message": _message_start(state, api_id, num_prompt_tokens)})
+    yield _event("message_start", {"message": _message_start(state, api_id, prepared, num_prompt_tokens)})
     yield _event("ping", {})
     choice = fmt.ChoiceState()
     streams_text = not prepared.parses_calls

@@ -54,6 +54,12 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONRes
     """Pooled (--pooling), L2-normalized last hidden states of each input, in order."""
     state = get_state(request)
     state.check_model(body.model)
+    if state.adapter_of(body.model) is not None:
+        raise APIError(
+            400,
+            f"embeddings of a LoRA adapter ({body.model!r}) are not supported; use the base model",
+            "model",
+        )
     if body.dimensions is not None:
         message = "dimensions is not supported: this model's embeddings cannot be shortened (no Matryoshka training)"
         raise APIError(400, message, "dimensions")

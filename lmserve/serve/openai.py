@@ -44,8 +44,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> ModelList:
     state = get_state(request)
-    name = state.config.model_name
-    return ModelList(data=[ModelCard(id=name, root=name, max_model_len=state.engine.session_len)])
+    name, session_len = state.config.model_name, state.engine.session_len
+    base = ModelCard(id=name, root=name, max_model_len=session_len)
+    adapters = [
+        ModelCard(id=a, root=a, parent=name, max_model_len=session_len) for a in state.config.adapters
+    ]
+    return ModelList(data=[base, *adapters])
 
 
 # ---------------------------------------------------------------- chat
@@ -94,7 +98,7 @@ def chat_request(
     )
     if tools.parser is not None and tools.mode != "none" and tools.parser.markers_are_special:
         config = config.with_updates(skip_special_tokens=False)
-    return tools, config, prompt_ids
+    return tools, config.with_updates(adapter_name=state.adapter_of(body.model)), prompt_ids
 
 
 def _after_reasoning(state: ServerState, spec: StructuredOutput | None) -> StructuredOutput | None:
@@ -157,7 +161,7 @@ def _chat_response(
     k = body.top_logprobs or 0
     return ChatCompletionResponse(
         id=api_id,
-        model=state.config.model_name,
+        model=state.model_of(body.model),
         choices=[
             ChatChoice(
                 index=i,
@@ -198,7 +202,7 @@ async def _chat_stream(
     submissions: list[Submission],
     parts: AssistantParts,
 ) -> AsyncIterator[str]:
-    created, model = now(), state.config.model_name
+    created, model = now(), state.model_of(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     streams = {sub.index: parts.stream() for sub in submissions}
 
@@ -299,7 +303,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         sampling.completion_logprobs(body),
         state.engine.tokenizer.vocab_size,
         _after_reasoning(state, structured),
-    )
+    ).with_updates(adapter_name=state.adapter_of(body.model))
     api_id = random_id("cmpl-")
     submissions = [
         Submission(p * body.n + i, ids, choice)
@@ -368,14 +372,14 @@ def _completion_response(
             )
         )
     return CompletionResponse(
-        id=api_id, model=state.config.model_name, choices=result, usage=fmt.usage_of(choices, body.n)
+        id=api_id, model=state.model_of(body.model), choices=result, usage=fmt.usage_of(choices, body.n)
     )
 
 
 async def _completion_stream(
     state: ServerState, api_id: str, body: CompletionRequest, submissions: list[Submission], echoes: list[str]
 ) -> AsyncIterator[str]:
-    created, model = now(), state.config.model_name
+    created, model = now(), state.model_of(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     offsets = [len(e) for e in echoes]
 

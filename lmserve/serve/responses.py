@@ -265,7 +265,7 @@ def _response(
         "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
         "instructions": body.instructions,
         "max_output_tokens": body.max_output_tokens,
-        "model": state.config.model_name,
+        "model": state.model_of(body.model),
         "output": output or [],
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": None,

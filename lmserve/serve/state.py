@@ -47,9 +47,18 @@ class ServerState:
             yield
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.config.model_name:
-            message = f"The model `{model}` does not exist. This server serves `{self.config.model_name}`."
+        if model is not None and model != self.config.model_name and model not in self.config.adapters:
+            served = ", ".join(f"`{name}`" for name in (self.config.model_name, *self.config.adapters))
+            message = f"The model `{model}` does not exist. This server serves {served}."
             raise APIError(404, message, "model", "model_not_found")
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model)."""
+        return model if model is not None and model in self.config.adapters else None
+
+    def model_of(self, model: str | None) -> str:
+        """The name a response reports: the adapter's when the request named one, else the served model's."""
+        return self.adapter_of(model) or self.config.model_name
 
     def log_prompt(self, api_id: str, prompt: str, user: str | None) -> None:
         """Log the prompt with OpenAI's `user` (an end-user id, for abuse monitoring: all it is for)."""
