@@ -51,10 +51,11 @@ class EngineConfig:
     FP8 W8A8 at load time)."""
     eager_mode: bool = False
     """Disable CUDA graphs."""
-    overlap_schedule: bool = False
+    overlap_schedule: bool | None = None
     """Launch each step before the previous step's tokens are read back, and do the host work of that step
     (stop checks, text, scheduling) while the next one runs (SGLang's overlap scheduler, vLLM's async
-    scheduling); tp 1 only. Off by default until an H200 run shows it faster (benchmarks/overlap_bench.py)."""
+    scheduling); tp 1 only. None: on for one CUDA GPU (faster on the H200, benchmarks/overlap_bench.py), off
+    on the CPU and at tp > 1."""
     num_cpu_threads: int | None = None
     """torch intra-op threads on CPU (default: torch's choice)."""
     seed: int = 0

@@ -68,8 +68,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
     group.add_argument(
         "--overlap-schedule",
-        action="store_true",
-        help="launch each step before the last one's tokens are read back (tp 1)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each step before the last one's tokens are read back (default: on for one CUDA GPU)",
     )
     group.add_argument("--num-cpu-threads", type=int, default=None, help="torch threads on CPU")
     group.add_argument("--chat-template", default=None, help="chat template: a built-in name or a Jinja file")

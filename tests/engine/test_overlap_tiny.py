@@ -183,6 +183,11 @@ def test_overlap_with_tp_is_a_clear_error() -> None:
     from lmserve.engine.engine import overlap_enabled
 
     assert overlap_enabled(EngineConfig(overlap_schedule=True))
+    # unset: on for one CUDA device only
+    assert overlap_enabled(EngineConfig(), torch.device("cuda", 0))
+    assert not overlap_enabled(EngineConfig(), torch.device("cpu"))
+    assert not overlap_enabled(EngineConfig(tp=2), torch.device("cuda", 0))
+    assert not overlap_enabled(EngineConfig(overlap_schedule=False), torch.device("cuda", 0))
     with pytest.raises(ValueError, match="overlap_schedule needs tp=1"):
         overlap_enabled(EngineConfig(tp=2, overlap_schedule=True))
 

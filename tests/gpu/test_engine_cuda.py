@@ -120,7 +120,7 @@ def test_overlap_schedule_gives_the_synchronous_tokens(hf_model: torch.nn.Module
     configs[2] = configs[2].with_updates(repetition_penalty=1.3)  # read back before each next step
     # a small KV cache (12 blocks of 16) makes the batch preempt
     config = {"cache_block_seq_len": 16, "cache_max_entry_count": 12 * 16}
-    sync = make_engine(hf_model, torch.float16, **config)
+    sync = make_engine(hf_model, torch.float16, overlap_schedule=False, **config)
     overlapped = make_engine(hf_model, torch.float16, overlap_schedule=True, **config)
     assert overlapped.overlap and overlapped.runner.graph_runner is not None
     expected = run(sync, batch, configs, {5: 4})
