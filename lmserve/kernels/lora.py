@@ -7,6 +7,7 @@ Weights are stacked per linear over the loaded adapters: `a` [N, R, K] (adapter 
   each token's own slot, one GEMM against every adapter's B. Every adapter's weights are read once per
   step rather than once per token, and the step is branch-free; the cost grows with N (fine for the
   handful of adapters a CPU serves: at N = 4 and rank 8 it adds ~15% of SmolLM2's linear FLOPs).
+  `lora_expand_masked` is its second half, for callers whose shrink came out of the base GEMM (lora/layers.py).
 - `lora_shrink` + `lora_expand`: the CUDA path, two Triton kernels (BGMV: one program per token and tile).
 """
 
