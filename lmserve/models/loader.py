@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,22 +14,13 @@ from lmserve.distributed.sharding import TensorSlice
 from lmserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from lmserve.models.gguf import gguf_model_config, iter_gguf_weights
 
-# their home is models/source.py (no torch); re-exported for the callers that import them from here
+# their home is models/source.py (no torch: the server front end reads them); re-exported for our callers
+from lmserve.models.source import GENERATION_FIELDS as GENERATION_FIELDS
 from lmserve.models.source import ModelSource as ModelSource
+from lmserve.models.source import load_generation_defaults as load_generation_defaults
+from lmserve.models.source import read_json as read_json
 from lmserve.models.source import resolve_model as resolve_model
 
-GENERATION_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "do_sample",
-    "max_new_tokens",
-    "bos_token_id",
-    "eos_token_id",
-)
-"""generation_config.json keys that become request defaults."""
 _SKIPPED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints save a buffer the model recomputes
 
 WeightSlicer = Callable[[str, tuple[int, ...]], TensorSlice | None]
@@ -104,28 +94,6 @@ def _hf_architecture(hf_config: dict[str, Any], path: Path) -> str:
     if not architectures or not isinstance(architectures, list):
         raise ValueError(f"{path}: field 'architectures' is missing or empty")
     return str(architectures[0])
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_generation_defaults(source: ModelSource) -> dict[str, Any]:
-    """Sampling defaults from generation_config.json; {} when the model has none."""
-    path = source.path / "generation_config.json"
-    if source.kind != "hf" or not path.is_file():
-        return {}
-    data = read_json(path)
-    return {key: data[key] for key in GENERATION_FIELDS if data.get(key) is not None}
 
 
 # ---------------------------------------------------------------- weights

