@@ -216,10 +216,17 @@ def start_engine(
     if engine_core == "process":
         from lmserve.engine.core_client import CoreClient
 
-        return CoreClient.start(model, config, chat_template, log_level)
+        return CoreClient.start(model, config, chat_template, log_level, while_loading=_import_app)
     from lmserve.engine.async_engine import AsyncEngine
 
     return AsyncEngine.from_pretrained(model, config, chat_template)
+
+
+def _import_app() -> None:
+    """The web app's modules (FastAPI, pydantic models, uvicorn: ~1 s), imported while the core loads."""
+    import uvicorn  # noqa: F401
+
+    import lmserve.serve.app  # noqa: F401
 
 
 def _base_url(config: ServeConfig) -> str:

@@ -135,19 +135,25 @@ class CoreClient(FrontEnd):
         chat_template: str | None = None,
         log_level: str = "WARNING",
         num_front_ends: int = 1,
+        while_loading: Callable[[], None] | None = None,
     ) -> CoreClient:
         """Start a core, be its front end 0 (its owner) and wait until it is ready; the core serves
         `num_front_ends` in all, the others attach to `self.core.addresses` as front ends 1, 2, ...
 
+        The core is spawned first, so its imports (torch, transformers) run beside this process's own;
+        the tokenizer and then `while_loading` (the server imports its app) run while the core loads.
         ValueError / FileNotFoundError for a model the core cannot load (with the core's message).
         """
-        from lmserve.models.loader import resolve_model
-        from lmserve.models.tokenizer import load_tokenizer
+        from lmserve.models.source import resolve_model  # no torch: the core starts before our imports
 
         source = resolve_model(model)  # a bad path fails here, before a process starts
         core = CoreProcess.start(model, config or EngineConfig(), chat_template, log_level, num_front_ends)
         try:
-            tokenizer = load_tokenizer(source, chat_template)  # while the core loads the weights
+            from lmserve.models.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(source, chat_template)
+            if while_loading is not None:
+                while_loading()
             return cls(core.addresses, 0, tokenizer, core.is_alive, owner=core)
         except BaseException:
             core.stop()

