@@ -146,22 +146,14 @@ def _fp8_gemv_kernel(
 
 
 def gemv_options(num_rows: int) -> dict[str, int]:
-    """Launch settings by row count (H200 sweep, benchmarks/RESULTS.md)."""
-    if num_rows == 1:
-        return {
-            "block_n": 32,
-            "block_k": 256,
-            "num_warps": 4,
-            "programs_per_sm": 4,
-            "use_dot": 0,
-            "num_stages": 3,
-        }
+    """Launch settings by row count (H200 sweep, benchmarks/RESULTS.md): one row multiply-adds on the CUDA
+    cores, more rows take the tensor-core dot."""
     return {
         "block_n": 32,
         "block_k": 256,
         "num_warps": 4,
         "programs_per_sm": 4,
-        "use_dot": 1,
+        "use_dot": int(num_rows != 1),
         "num_stages": 3,
     }
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lmserve.models.source import read_json
 
 if TYPE_CHECKING:  # the CLI imports parse_adapters without torch
     import torch
@@ -71,8 +73,7 @@ def _read_config(name: str, path: str) -> dict[str, Any]:
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"adapter {name!r}: {config_path} not found (a PEFT LoRA folder has {CONFIG_FILE})")
-    with open(config_path) as f:
-        config: dict[str, Any] = json.load(f)
+    config = read_json(Path(config_path))  # a broken file: ValueError naming it
     _check_supported(name, config)
     return config
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lmserve.attention.metadata import upload
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.lora import lora_dense_masked, lora_expand_masked, lora_triton, slot_mask
 from lmserve.layers.linear import INT4_MAX_ROWS, Linear
@@ -34,7 +35,7 @@ class LoRAContext:
         self._masks = {}
         if self.active:
             slots = [slot for slot, count in slot_runs for _ in range(count)]
-            self.slots = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+            self.slots = upload(slots, torch.int32, self.device)  # pinned on CUDA: no wait for the stream
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
         """y += each token's B (A x), on CUDA by the Triton kernels, elsewhere by the masked dense GEMMs."""
