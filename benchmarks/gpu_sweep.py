@@ -111,12 +111,40 @@ def profile_decode(
         with open(f"{out_prefix}_bs{batch_size}.txt", "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
             f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+        prof.export_chrome_trace(f"{out_prefix}_bs{batch_size}.json")
+    busy = device_busy_ms(prof) / 5
     for i in ids:
         engine.abort(i)
     return {
         f"decode_step_ms_bs{batch_size}": step_ms,
         f"graph_replay_ms_bs{batch_size}": replay_ms(engine, batch_size),
+        f"device_busy_ms_per_step_bs{batch_size}": busy,
     }
+
+
+def device_busy_ms(prof: Any) -> float:
+    """Milliseconds in which the GPU ran a kernel or copy (the union of their intervals) in a profile.
+
+    Against the wall time per step this says whether a step waits for the GPU (busy ~ wall) or the
+    GPU waits for the host (the gap is host time the overlap did not hide).
+    """
+    intervals = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    )
+    total, end = 0, None
+    start = None
+    for lo, hi in intervals:
+        if end is None or lo > end:
+            if end is not None:
+                total += end - start
+            start, end = lo, hi
+        else:
+            end = max(end, hi)
+    if end is not None:
+        total += end - start
+    return total / 1000.0  # profiler times are in microseconds
 
 
 def model_bytes(engine: LLMEngine) -> int:

@@ -155,8 +155,15 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
     error: str | None = None
+    bad_request: bool = False
+    """The error is the request's fault (e.g. its grammar did not compile): an HTTP 400, not a 500."""
     embedding: list[float] | None = None
     """An embedding request's pooled, L2-normalized hidden state (its one, finished output)."""
+
+
+def rejected(request_id: str, reason: str) -> RequestOutput:
+    """The one output of a request the engine refused (a bad request, not an engine failure)."""
+    return RequestOutput(request_id, finished=True, finish_reason="error", error=reason, bad_request=True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.engine.front_end import FrontEnd
 from lmserve.engine.messages import EngineStats, to_core_output
-from lmserve.generation import GenerationConfig, RequestOutput
+from lmserve.generation import GenerationConfig, RequestOutput, rejected
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class AsyncEngine(FrontEnd):
             return  # the caller already left
         try:
             add()
+        except ValueError as error:  # the request's fault (e.g. raced a limit): a 400
+            self._deliver([rejected(request_id, str(error))])
         except Exception as error:
             self._deliver([RequestOutput(request_id, finished=True, finish_reason="error", error=str(error))])
 

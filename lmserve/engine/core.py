@@ -31,7 +31,7 @@ from lmserve.engine.messages import (
     request_decoder,
     to_core_output,
 )
-from lmserve.generation import RequestOutput
+from lmserve.generation import RequestOutput, rejected
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class CoreLoop:
             else:
                 self.engine.add_request(message.prompt_token_ids, message.gen_config, message.request_id)
         except ValueError as error:  # front ends validate first; this is a request that raced a limit
-            return [RequestOutput(message.request_id, finished=True, finish_reason="error", error=str(error))]
+            return [rejected(message.request_id, str(error))]
         return []
 
     def _step(self) -> list[RequestOutput]:

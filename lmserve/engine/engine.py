@@ -300,7 +300,7 @@ class LLMEngine:
             if error is None:
                 self.scheduler.add(request)
             else:
-                failed.append(self._end_before_start(request, "error", error))
+                failed.append(self._end_before_start(request, "error", error, bad_request=True))
         return failed
 
     def _start_grammar(self, request: Request) -> str | None:
@@ -315,12 +315,14 @@ class LLMEngine:
         request.grammar_future = None
         return None
 
-    def _end_before_start(self, request: Request, reason: FinishReason, error: str | None) -> RequestOutput:
+    def _end_before_start(
+        self, request: Request, reason: FinishReason, error: str | None, bad_request: bool = False
+    ) -> RequestOutput:
         """End a request that never reached the scheduler (its grammar failed, or it was aborted)."""
         self.requests.pop(request.request_id, None)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
         out = self._output(request, "", [], None, finished=True)
-        out.error = error
+        out.error, out.bad_request = error, bad_request
         return out
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -103,6 +103,8 @@ class FrontEnd:
             if out is None:
                 self._abort_in_core(request_id)
             self._streams.pop(request_id, None)
+        if out.embedding is None and out.bad_request:
+            raise ValueError(out.error)
         if out.embedding is None:
             raise RuntimeError(out.error or f"the embedding request ended without one ({out.finish_reason})")
         return out.embedding
@@ -185,7 +187,7 @@ def _to_request_output(
 ) -> RequestOutput:
     last = merged.last
     if last.error is not None:
-        raise RuntimeError(last.error)
+        raise (ValueError if last.bad_request else RuntimeError)(last.error)
     delta = text.push(merged.token_ids, last.finish_reason)
     token_ids = merged.token_ids[: delta.num_tokens]
     logprobs = None if merged.logprobs is None else merged.logprobs[: delta.num_tokens]

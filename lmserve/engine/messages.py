@@ -68,6 +68,8 @@ class CoreOutput(msgspec.Struct, array_like=True):
     num_cached_tokens: int
     error: str | None = None
     embedding: list[float] | None = None
+    bad_request: bool = False
+    """The error is the request's fault (its front end answers 400), not the engine's."""
 
 
 class CoreOutputs(msgspec.Struct, array_like=True):
@@ -109,4 +111,5 @@ def to_core_output(out: RequestOutput) -> CoreOutput:
         out.num_cached_tokens,
         out.error,
         out.embedding,
+        out.bad_request,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future
 from typing import Any
 
 import jsonschema
@@ -135,3 +136,28 @@ def test_repeated_schema_compiles_once(pipe: Pipeline) -> None:
     cache = engine_of(pipe).grammar_cache
     spec = StructuredOutput.json_schema(PERSON)
     assert cache.compile(spec) is cache.compile(StructuredOutput.json_schema(PERSON))
+
+
+def test_a_grammar_that_fails_in_the_engine_ends_its_request_as_a_bad_request(pipe: Pipeline) -> None:
+    """The front end checks a grammar first; one that still fails to compile in the engine is the request's
+    fault (bad_request: the server answers 400), and the other requests go on."""
+    engine = pipe.engine
+    failing: Future[Any] = Future()
+    failing.set_exception(ValueError("unsupported construct"))
+    compile_before = engine.grammar_cache.compile
+    engine.grammar_cache.compile = lambda spec: failing  # type: ignore[method-assign]
+    try:
+        bad = engine.add_request(
+            [1, 2, 3], GenerationConfig(max_new_tokens=4, response_format=person_format())
+        )
+    finally:
+        engine.grammar_cache.compile = compile_before  # type: ignore[method-assign]
+    good = engine.add_request([1, 2, 3], GenerationConfig(max_new_tokens=4))
+    outputs: dict[str, list[Any]] = {bad: [], good: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    (failed,) = outputs[bad]
+    assert failed.finish_reason == "error" and failed.bad_request
+    assert "response_format could not be compiled: unsupported construct" in (failed.error or "")
+    assert outputs[good][-1].finish_reason == "length" and not outputs[good][-1].bad_request

@@ -117,3 +117,22 @@ def test_stop_string_in_a_joined_delta_cuts_tokens_and_aborts_the_core(tokenizer
     stop_index = ids.index(tokenizer.encode(" four", add_special_tokens=False)[0])
     assert outputs[-1].token_ids == ids[: stop_index + 1]  # usage ends at the token that completed "four"
     assert front.aborted == ["r"]  # the core is still generating: the front end ends it
+
+
+@pytest.mark.parametrize(("bad_request", "raised"), [(True, ValueError), (False, RuntimeError)])
+def test_a_core_error_is_the_requests_fault_only_when_the_core_says_so(
+    tokenizer: Any, bad_request: bool, raised: type[Exception]
+) -> None:
+    """A request the core refused (its grammar did not compile) is a ValueError (the server's 400);
+    an engine failure stays a RuntimeError (500)."""
+
+    async def run() -> None:
+        front = ScriptedCore(tokenizer)
+        stream = front.generate([1, 2, 3], GenerationConfig(max_new_tokens=4), request_id="r")
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        front._dispatch([CoreOutput("r", [], None, "error", 3, 0, "no grammar", bad_request=bad_request)])
+        with pytest.raises(raised, match="no grammar"):
+            await first
+
+    asyncio.run(run())
