@@ -132,17 +132,10 @@ def _fp8_gemv_kernel(
         if split == 0:
             total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if num_splits == 1:
-        tl.store(
-            out_ptr + rows[:, None] * stride_om + cols[None, :],
-            total.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
-    else:
-        finish_split(
-            total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_n, split, num_splits,
-            stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
+    finish_split(
+        total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_n, split, num_splits,
+        stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
 
 
 def gemv_options(num_rows: int) -> dict[str, int]:

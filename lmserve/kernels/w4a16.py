@@ -119,6 +119,57 @@ def w4a16_matmul_ref(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
     return (x.float() @ dequantize_w4_ref(weight)).to(x.dtype)
 
 
+TINYGEMM_ROWS = range(1, 5)
+"""Row counts that run torch's tinygemm (H200 sweep in benchmarks/RESULTS.md: it beats our kernels at 1-4 rows)."""
+TINYGEMM_INNER_K_TILES = 8
+
+
+@dataclass(frozen=True)
+class TinyGemmWeight:
+    """The same 4-bit weight in torch's tinygemm layout (`torch.ops.aten._weight_int4pack_mm`, gpt-fast's kernel).
+
+    A second copy beside W4Weight: K * N / 2 bytes plus 4 bytes per group and column (about 3.7 GB more for a
+    Llama-3-8B). tinygemm computes w = (q - 8) * s + zero, so AutoAWQ's integer zero z becomes the float
+    zero (8 - z) * s, rounded once to the activations' dtype.
+    """
+
+    packed: torch.Tensor  # tinygemm's int4pack of q [N, K]
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2] in the activations' dtype
+    group_size: int
+
+
+def tinygemm_supported(in_features: int, out_features: int, group_size: int) -> bool:
+    """tinygemm's shape rules (inner K tiles of 16 x 8, groups of 32..256 rows, N a multiple of 8)."""
+    return (
+        group_size in (32, 64, 128, 256)
+        and in_features % group_size == 0
+        and in_features % (TINYGEMM_INNER_K_TILES * 16) == 0
+        and out_features % 8 == 0
+    )
+
+
+def tinygemm_zeros(qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """AutoAWQ's packed integer zeros [K / g, N / 8] -> tinygemm's float zeros (8 - z) * s in dtype."""
+    return ((8 - unpack_awq(qzeros).float()) * scales.float()).to(dtype)
+
+
+def tinygemm_pack(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> TinyGemmWeight:
+    """AutoAWQ GEMM tensors (on CUDA) -> TinyGemmWeight for activations of dtype."""
+    q = unpack_awq(qweight).to(torch.int32).t().contiguous()  # [N, K]
+    packed = torch._convert_weight_to_int4pack(
+        (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), TINYGEMM_INNER_K_TILES
+    )
+    zeros = tinygemm_zeros(qzeros, scales, dtype)
+    return TinyGemmWeight(packed, torch.stack([scales.to(dtype), zeros], dim=-1).contiguous(), group_size)
+
+
+def tinygemm_matmul(x: torch.Tensor, weight: TinyGemmWeight) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ w through tinygemm (x in the dtype the weight was packed for)."""
+    return torch.ops.aten._weight_int4pack_mm(x, weight.packed, weight.group_size, weight.scales_and_zeros)
+
+
 # -- kernels ------------------------------------------------------------------------------------------
 
 
@@ -208,13 +259,10 @@ def _w4_gemv_kernel(
             )
     total = tl.sum(acc, 0)[None, :]
     out_mask = col_mask[None, :]
-    if num_splits == 1:
-        tl.store(out_ptr + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        finish_split(
-            total, part_ptr, lock_ptr, out_ptr, tl.arange(0, 1), cols, out_mask, pid_n, split, num_splits,
-            stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
+    finish_split(
+        total, part_ptr, lock_ptr, out_ptr, tl.arange(0, 1), cols, out_mask, pid_n, split, num_splits,
+        stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
 
 
 @jit
@@ -268,18 +316,10 @@ def _w4_dot_kernel(
                     row_sum += tl.sum(a.to(tl.float32), 1)
             acc += (part - row_sum[:, None] * (zero + BIAS)[None, :]) * scale[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if num_splits == 1:
-        tl.store(
-            out_ptr + rows[:, None] * stride_om + cols[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
-    else:
-        tile = pid_m * tl.num_programs(1) + pid_n
-        finish_split(
-            acc, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits,
-            stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
+    finish_split(
+        acc, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_m * tl.num_programs(1) + pid_n, split,
+        num_splits, stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
 
 
 # -- launchers ----------------------------------------------------------------------------------------
