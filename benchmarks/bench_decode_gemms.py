@@ -32,7 +32,7 @@ BATCHES = (1, 2, 4, 8, 16, 64)
 
 
 def tinygemm_weight(awq: dict[str, torch.Tensor]) -> w4a16.TinyGemmWeight:
-    return w4a16.tinygemm_pack(**awq, group_size=GROUP_SIZE, dtype=torch.bfloat16)
+    return w4a16.tinygemm_pack(**awq, group_size=GROUP_SIZE)
 
 
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -119,14 +119,25 @@ def w4a16_matmul_ref(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
     return (x.float() @ dequantize_w4_ref(weight)).to(x.dtype)
 
 
-TINYGEMM_ROWS = range(1, 5)
-"""Row counts that run torch's tinygemm (H200 sweep in benchmarks/RESULTS.md: it beats our kernels at 1-4 rows)."""
+TINYGEMM_MAX_ROWS = 4
+WIDE_N = 16384
+"""Output widths from which a one-row GEMV streams faster through our kernel with more programs per SM."""
 TINYGEMM_INNER_K_TILES = 8
+
+
+def prefers_tinygemm(num_rows: int, out_features: int) -> bool:
+    """Where tinygemm beats our kernels (H200, Llama-3-8B layer, benchmarks/RESULTS.md): 2-4 rows by 1.5-1.9x
+    (our tensor-core tiles are 16 rows); one row for outputs narrower than WIDE_N (10.1 / 7.3 / 20.1 us against
+    11.7 / 9.0 / 20.7 for qkv / o / down; gate_up 32.4 ours against 35.6)."""
+    if num_rows == 1:
+        return out_features < WIDE_N
+    return 1 < num_rows <= TINYGEMM_MAX_ROWS
 
 
 @dataclass(frozen=True)
 class TinyGemmWeight:
-    """The same 4-bit weight in torch's tinygemm layout (`torch.ops.aten._weight_int4pack_mm`, gpt-fast's kernel).
+    """The same 4-bit weight in torch's tinygemm layout (`torch.ops.aten._weight_int4pack_mm`, gpt-fast's kernel),
+    for bfloat16 activations (the only dtype its CUDA kernel takes).
 
     A second copy beside W4Weight: K * N / 2 bytes plus 4 bytes per group and column (about 3.7 GB more for a
     Llama-3-8B). tinygemm computes w = (q - 8) * s + zero, so AutoAWQ's integer zero z becomes the float
@@ -134,7 +145,7 @@ class TinyGemmWeight:
     """
 
     packed: torch.Tensor  # tinygemm's int4pack of q [N, K]
-    scales_and_zeros: torch.Tensor  # [K / group, N, 2] in the activations' dtype
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2], bfloat16
     group_size: int
 
 
@@ -154,9 +165,10 @@ def tinygemm_zeros(qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 
 
 def tinygemm_pack(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> TinyGemmWeight:
-    """AutoAWQ GEMM tensors (on CUDA) -> TinyGemmWeight for activations of dtype."""
+    """AutoAWQ GEMM tensors (on CUDA) -> TinyGemmWeight."""
+    dtype = torch.bfloat16
     q = unpack_awq(qweight).to(torch.int32).t().contiguous()  # [N, K]
     packed = torch._convert_weight_to_int4pack(
         (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), TINYGEMM_INNER_K_TILES
@@ -166,8 +178,10 @@ def tinygemm_pack(
 
 
 def tinygemm_matmul(x: torch.Tensor, weight: TinyGemmWeight) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ w through tinygemm (x in the dtype the weight was packed for)."""
-    return torch.ops.aten._weight_int4pack_mm(x, weight.packed, weight.group_size, weight.scales_and_zeros)
+    """y [M, N] = x [M, K] @ w through tinygemm (x bfloat16)."""
+    return torch.ops.aten._weight_int4pack_mm(
+        x.contiguous(), weight.packed, weight.group_size, weight.scales_and_zeros
+    )
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -325,21 +339,34 @@ def _w4_dot_kernel(
 # -- launchers ----------------------------------------------------------------------------------------
 
 
-def gemv_options() -> dict[str, int]:
-    """The GEMV's launch settings (H100 sweeps in benchmarks/RESULTS.md: 64-column tiles, 4 warps, no prefetch)."""
-    return {"block_n": 64, "num_warps": 4, "programs_per_sm": 4, "prefetch": 0, "num_stages": 1}
+def gemv_options(out_features: int) -> dict[str, int]:
+    """The GEMV's launch settings (H100 and H200 sweeps in benchmarks/RESULTS.md: 64-column tiles, 4 warps, no
+    prefetch; 16 programs per SM from WIDE_N columns, gate_up 32.4 against 34.4 us with 4)."""
+    programs_per_sm = 16 if out_features >= WIDE_N else 4
+    return {"block_n": 64, "num_warps": 4, "programs_per_sm": programs_per_sm, "prefetch": 0, "num_stages": 1}
 
 
-def dot_options(num_rows: int) -> dict[str, int]:
-    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64.
+def dot_options(num_rows: int, out_features: int) -> dict[str, int]:
+    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64. With 16-row
+    tiles (H200 sweep at 16 rows): 2 stages, and 8 programs per SM from WIDE_N columns (gate_up 68.6 against
+    73.8 us).
 
     wide (one dot per group instead of one per 16-row plane) by the H200 measurements in benchmarks/RESULTS.md:
     with 64-row tiles it cut the batch-64 decode step from 12.6 to 10.1 ms; with 16-row tiles it made the layer's
     GEMMs at 16 rows 1.6x slower (241 against 153 us).
     """
-    block_m = 16 if num_rows <= 16 else 64
-    return {"block_m": block_m, "block_n": 128, "num_warps": 4, "programs_per_sm": 4 if block_m == 16 else 2,
-            "num_stages": 3 if block_m == 16 else 2, "wide": int(block_m == 64)}  # fmt: skip
+    if num_rows > 16:
+        return {
+            "block_m": 64,
+            "block_n": 128,
+            "num_warps": 4,
+            "programs_per_sm": 2,
+            "num_stages": 2,
+            "wide": 1,
+        }
+    programs_per_sm = 8 if out_features >= WIDE_N else 4
+    return {"block_m": 16, "block_n": 128, "num_warps": 4, "programs_per_sm": programs_per_sm, "num_stages": 2,
+            "wide": 0}  # fmt: skip
 
 
 def w4a16_matmul(
@@ -371,8 +398,8 @@ def w4a16_matmul(
 
 
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
-    opts = gemv_options() | options
     n, num_blocks = out.shape[1], weight.num_blocks
+    opts = gemv_options(n) | options
     for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps "gemv" usable in tests
         tiles = math.ceil(n / opts["block_n"])
         per_split = opts.get("blocks_per_split") or choose_splits(
@@ -392,7 +419,7 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
 
 def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     num_rows, n = out.shape
-    opts = dot_options(num_rows) | options
+    opts = dot_options(num_rows, n) | options
     num_blocks = weight.num_blocks
     tiles = (math.ceil(num_rows / opts["block_m"]), math.ceil(n / opts["block_n"]))
     per_split = opts.get("blocks_per_split") or choose_splits(

@@ -12,8 +12,8 @@ from lmserve.kernels.awq_dequant import PACK_NUM
 from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_rows_int8
 from lmserve.kernels.w4a16 import (
-    TINYGEMM_ROWS,
     dequantize_w4,
+    prefers_tinygemm,
     repack_awq,
     supports_group_size,
     tinygemm_matmul,
@@ -50,19 +50,19 @@ class AWQLinear(nn.Module):
         self.w4: Any = None
         """The weight repacked for the CUDA kernels (lmserve/kernels/w4a16.py), set by prepare_for_inference."""
         self.tinygemm: Any = None
-        """A second copy in tinygemm's layout for TINYGEMM_ROWS rows of activation_dtype (lmserve/kernels/w4a16.py)."""
+        """A second copy in tinygemm's layout for bfloat16 models, where prefers_tinygemm (lmserve/kernels/w4a16.py)."""
 
     def prepare_for_inference(self, activation_dtype: torch.dtype | None = None) -> None:
-        """On CUDA: repack into the kernels' K-interleaved layout (and, for 16-bit activation_dtype, tinygemm's)
-        once, and free the AutoAWQ tensors."""
+        """On CUDA: repack into the kernels' K-interleaved layout (and tinygemm's, for a bfloat16
+        activation_dtype) once, and free the AutoAWQ tensors."""
         if not (self.qweight.is_cuda and HAS_TRITON):
             return
         if self.w4 is None and supports_group_size(self.group_size):
-            if activation_dtype in (torch.float16, torch.bfloat16) and tinygemm_supported(
+            if activation_dtype == torch.bfloat16 and tinygemm_supported(
                 self.in_features, self.out_features, self.group_size
             ):
                 self.tinygemm = tinygemm_pack(
-                    self.qweight.data, self.qzeros.data, self.scales.data, self.group_size, activation_dtype
+                    self.qweight.data, self.qzeros.data, self.scales.data, self.group_size
                 )
             self.w4 = repack_awq(self.qweight.data, self.qzeros.data, self.scales.data, self.group_size)
             for name in ("qweight", "qzeros", "scales"):
@@ -89,8 +89,8 @@ class AWQLinear(nn.Module):
         tiny = self.tinygemm
         return (
             tiny is not None
-            and x.dtype == tiny.scales_and_zeros.dtype
-            and x.numel() // max(1, x.shape[-1]) in TINYGEMM_ROWS
+            and x.dtype == torch.bfloat16
+            and prefers_tinygemm(x.numel() // max(1, x.shape[-1]), self.out_features)
         )
 
 

@@ -16,9 +16,9 @@ from lmserve.kernels.int8_gemm import int8_gemm, int8_gemm_ref, per_token_quant_
 from lmserve.kernels.testing import relative_error
 from lmserve.kernels.w4a16 import (
     DOT_MAX_ROWS,
-    TINYGEMM_ROWS,
     dequantize_w4,
     dequantize_w4_ref,
+    prefers_tinygemm,
     repack_awq,
     tinygemm_matmul,
     tinygemm_pack,
@@ -191,22 +191,23 @@ def test_tinygemm_matches_its_weight_and_the_awq_weight(
     num_rows: int, k: int, n: int, dtype: torch.dtype
 ) -> None:
     """tinygemm over AutoAWQ tensors: one output rounding from its own dense weight; from the AWQ weight it differs
-    by the zeros' rounding to dtype ((8 - z) * s needs up to 15 significant bits; bf16 keeps 8)."""
-    group_size = 128
+    by the zeros' rounding to bfloat16 ((8 - z) * s needs up to 15 significant bits; bf16 keeps 8)."""
+    group_size, dtype = 128, torch.bfloat16
     qweight, qzeros, scales = random_awq(k, n, group_size)
     x = torch.randn(num_rows, k, device="cuda").to(dtype)
-    out = tinygemm_matmul(x, tinygemm_pack(qweight, qzeros, scales, group_size, dtype))
+    out = tinygemm_matmul(x, tinygemm_pack(qweight, qzeros, scales, group_size))
     own = (x.float() @ tinygemm_weight_ref(qweight, qzeros, scales, group_size, dtype)).to(dtype)
     assert relative_error(out, own) < TOLERANCE[dtype]
     assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < 4 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("n", [512, 16384])
 @pytest.mark.parametrize("num_rows", [1, 2, 4, 5, 16, 300])
-def test_awq_linear_dispatch(num_rows: int) -> None:
-    """AWQLinear on CUDA: tinygemm at TINYGEMM_ROWS rows of the model dtype, our kernels otherwise; same numbers."""
+def test_awq_linear_dispatch(num_rows: int, n: int) -> None:
+    """AWQLinear on CUDA: tinygemm where prefers_tinygemm for a bfloat16 model, our kernels otherwise; same numbers."""
     from lmserve.layers.quant import AWQLinear
 
-    k, n, group_size = 1024, 512, 128
+    k, group_size = 1024, 128
     layer = AWQLinear(k, n, bias=True, group_size=group_size).cuda()
     qweight, qzeros, scales = random_awq(k, n, group_size)
     for name, value in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
@@ -215,11 +216,12 @@ def test_awq_linear_dispatch(num_rows: int) -> None:
     layer.prepare_for_inference(torch.bfloat16)
     assert layer.tinygemm is not None and layer.w4 is not None
     x = torch.randn(num_rows, 1, k, device="cuda").to(torch.bfloat16)
-    assert layer._takes_tinygemm(x) == (num_rows in TINYGEMM_ROWS)
+    assert layer._takes_tinygemm(x) == (1 < num_rows <= 4 or (num_rows == 1 and n < 16384))
+    assert layer._takes_tinygemm(x) == prefers_tinygemm(num_rows, n)
     ref = (
         awq_gemm_ref(x.reshape(num_rows, k), qweight, qzeros, scales, group_size).float() + layer.bias.float()
     )
     out = layer(x)
     assert out.shape == (num_rows, 1, n)
     assert relative_error(out.reshape(num_rows, n), ref.to(torch.bfloat16)) < 4 * TOLERANCE[torch.bfloat16]
-    assert not layer._takes_tinygemm(x.half())  # packed for bf16: fp16 activations take our kernels
+    assert not layer._takes_tinygemm(x.half())  # tinygemm takes bf16 only: fp16 activations take ours
