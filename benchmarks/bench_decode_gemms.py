@@ -9,7 +9,7 @@ each timed call on its own copy of the weights (more than twice the L2), from be
   same integer weights (AutoAWQ's integer zeros as its float zeros (8 - z) * s);
 - FP8 e4m3 per channel: fp8_gemv (M <= 16) and per-token quantization + torch._scaled_mm (what ran before).
 Each kernel's output is checked against a float32 reference first. --sweep also times launch options of
-fp8_gemv and of the W4A16 GEMV at M = 1 and 16.
+fp8_gemv and of the W4A16 kernels at the row counts in W4_SWEEP / FP8_SWEEP.
 """
 
 from __future__ import annotations
@@ -24,25 +24,15 @@ from bench_kernels import copy_bandwidth
 from bench_quant_kernels import GROUP_SIZE, LAYER, awq_weights, graph_us, num_sets_for
 
 from lmserve.kernels import w4a16
-from lmserve.kernels.awq_dequant import awq_gemm_ref, unpack_awq
+from lmserve.kernels.awq_dequant import awq_gemm_ref
 from lmserve.kernels.fp8 import FP8, fp8_gemv, per_token_quant_fp8, quantize_rows_fp8
 from lmserve.kernels.testing import relative_error
 
 BATCHES = (1, 2, 4, 8, 16, 64)
 
 
-def tinygemm_pack(
-    awq: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """AutoAWQ tensors -> (int4pack weight, scales_and_zeros [K / g, N, 2]) for torch._weight_int4pack_mm.
-
-    tinygemm computes w = (q - 8) * s + zero; AutoAWQ's w = (q - z) * s, so zero = (8 - z) * s.
-    """
-    q = unpack_awq(awq["qweight"]).to(torch.int32).t().contiguous()  # [N, K]
-    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-    scales = awq["scales"].to(dtype)
-    zeros = ((8 - unpack_awq(awq["qzeros"]).float()) * scales.float()).to(dtype)
-    return packed, torch.stack([scales, zeros], dim=-1).contiguous()
+def tinygemm_weight(awq: dict[str, torch.Tensor]) -> w4a16.TinyGemmWeight:
+    return w4a16.tinygemm_pack(**awq, group_size=GROUP_SIZE)
 
 
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -85,16 +75,16 @@ def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
         [lambda w=w: w4a16.w4a16_matmul(x, w) for w in ours],
         lambda w=ours[0]: relative_error(w4a16.w4a16_matmul(x, w), awq_ref),
     )
-    if sweep and m in (1, 16):
+    if sweep and m in W4_SWEEP:
         for options in W4_SWEEP[m]:
             label = "awq " + json.dumps(options)
             row |= timed(label, [lambda w=w, o=options: w4a16.w4a16_matmul(x, w, **o) for w in ours], None)
     del ours
-    packs = [tinygemm_pack(a) for a in awq]
+    packs = [tinygemm_weight(a) for a in awq]
     row |= timed(
         "tinygemm",
-        [lambda p=p: torch._weight_int4pack_mm(x, p[0], GROUP_SIZE, p[1]) for p in packs],
-        lambda p=packs[0]: relative_error(torch._weight_int4pack_mm(x, p[0], GROUP_SIZE, p[1]), awq_ref),
+        [lambda p=p: w4a16.tinygemm_matmul(x, p) for p in packs],
+        lambda p=packs[0]: relative_error(w4a16.tinygemm_matmul(x, p), awq_ref),
     )
     del awq, packs
     sets = num_sets_for(k * n)
@@ -112,7 +102,7 @@ def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
             [lambda w=w, s=s: fp8_gemv(x, w, s, None) for w, s in fp8],
             lambda: relative_error(fp8_gemv(x, w0, s0, None), fp8_ref),
         )
-        if sweep and m in (1, 16):
+        if sweep and m in FP8_SWEEP:
             for options in FP8_SWEEP[m]:
                 label = "fp8_gemv " + json.dumps(options)
                 row |= timed(
@@ -122,17 +112,24 @@ def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
     return row
 
 
+_W4_DOT_SWEEP = [
+    {"kernel": "dot", "block_m": 16, "block_n": bn, "num_warps": 4, "programs_per_sm": pp, "num_stages": st}
+    for bn in (64, 128) for pp in (4, 8) for st in (2, 3, 4)
+]  # fmt: skip
 W4_SWEEP = {
-    1: [{"kernel": "gemv", "block_n": 64, "num_warps": 4, "programs_per_sm": 4, "num_stages": st} for st in (2, 3)]
-       + [{"kernel": "dot", "block_m": 16, "block_n": 128, "num_warps": 4, "programs_per_sm": 4, "num_stages": 3}],
-    16: [{"kernel": "dot", "block_m": 16, "block_n": bn, "num_warps": nw, "programs_per_sm": 4, "num_stages": 3}
-         for bn, nw in [(64, 4), (128, 4), (256, 8)]] + [{"kernel": "dot", "wide": 0}],
+    1: [{"kernel": "gemv", "block_n": bn, "num_warps": nw, "programs_per_sm": pp, "prefetch": pf, "num_stages": 1}
+        for bn in (64, 128) for nw in (4, 8) for pf in (0, 1) for pp in (4, 8, 16)]
+       + [{"kernel": "gemv", "block_n": 64, "num_warps": 4, "programs_per_sm": 8, "num_stages": st} for st in (2, 3)],
+    2: _W4_DOT_SWEEP,
+    4: _W4_DOT_SWEEP,
+    16: _W4_DOT_SWEEP + [{"kernel": "dot", "block_m": 16, "block_n": 256, "num_warps": 8, "num_stages": 3}],
 }  # fmt: skip
 FP8_SWEEP = {
-    1: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "use_dot": 0}
-        for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 8), (64, 256, 8)] for st in (2, 4)],
-    16: [{"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": 3}
-         for bn, bk in [(16, 256), (32, 512), (64, 128)]],
+    1: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": 3, "programs_per_sm": pp, "use_dot": 0}
+        for bn, bk in [(16, 512), (32, 256), (32, 512), (64, 256), (16, 1024)] for nw in (4, 8) for pp in (4, 8)]
+       + [{"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4, "programs_per_sm": pp} for pp in (4, 8)],
+    16: [{"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": 3, "programs_per_sm": pp}
+         for bn, bk in [(16, 256), (32, 256), (32, 512), (64, 128)] for pp in (4, 8)],
 }  # fmt: skip
 
 
@@ -149,7 +146,7 @@ def layer_sums(rows: list[dict]) -> dict[int, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows here")
-    parser.add_argument("--sweep", action="store_true", help="also time launch options at M = 1 and 16")
+    parser.add_argument("--sweep", action="store_true", help="also time launch options (W4_SWEEP, FP8_SWEEP)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     args = parser.parse_args()
     copy_tb_s = copy_bandwidth() / 1e12

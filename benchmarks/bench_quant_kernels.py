@@ -133,11 +133,11 @@ def awq_choice(m: int, k: int, n: int) -> str:
     """Which W4A16 kernel and split the default dispatch takes, for the table."""
     num_blocks = math.ceil(k / w4a16.BLOCK_ROWS)
     if m <= w4a16.GEMV_MAX_ROWS:
-        opts = w4a16.gemv_options()
+        opts = w4a16.gemv_options(n)
         tiles = math.ceil(n / opts["block_n"])
         kernel = "gemv"
     elif m <= w4a16.DOT_MAX_ROWS:
-        opts = w4a16.dot_options(m)
+        opts = w4a16.dot_options(m, n)
         tiles = math.ceil(m / opts["block_m"]) * math.ceil(n / opts["block_n"])
         kernel = f"dot bm={opts['block_m']}"
     else:

@@ -183,7 +183,7 @@ def quant_sweep(
         base_format, dot_override = VARIANTS.get(fmt, (fmt, None))
         if dot_override:  # a kernel variant of a format: the W4A16 tensor-core kernel with other options
             default_dot_options = w4a16.dot_options
-            w4a16.dot_options = lambda rows, d=default_dot_options, o=dot_override: d(rows) | o  # type: ignore[misc]
+            w4a16.dot_options = lambda *shape, d=default_dot_options, o=dot_override: d(*shape) | o  # type: ignore[misc]
         config = EngineConfig(device="cuda", model_format=base_format, max_batch_size=max_batch_size)
         engine = LLMEngine.from_random_weights(CONFIG, config)
         lat = latency(engine, input_len=128, output_len=128, iterations=3)

@@ -132,27 +132,29 @@ def _fp8_gemv_kernel(
         if split == 0:
             total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if num_splits == 1:
-        tl.store(
-            out_ptr + rows[:, None] * stride_om + cols[None, :],
-            total.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
+    finish_split(
+        total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_n, split, num_splits,
+        stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+
+
+WIDE_N = 16384
+"""Output widths from which a one-row program takes 16 channels instead of 8."""
+
+
+def gemv_options(num_rows: int, out_features: int) -> dict[str, int]:
+    """Launch settings by row count (H200 sweeps, benchmarks/RESULTS.md): one row multiply-adds on the CUDA
+    cores in narrow programs, 8 channels (16 from WIDE_N) x 256 bytes of K, 8 programs per SM (Llama-3-8B layer
+    ~79 against 83 us with 32 channels and 4 per SM); more rows take the tensor-core dot over 32 channels."""
+    if num_rows == 1:
+        block_n, programs_per_sm = (16 if out_features >= WIDE_N else 8), 8
     else:
-        finish_split(
-            total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_n, split, num_splits,
-            stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
-
-
-def gemv_options(num_rows: int) -> dict[str, int]:
-    """Launch settings by row count (H200 sweep, benchmarks/RESULTS.md): one row multiply-adds on the CUDA
-    cores, more rows take the tensor-core dot."""
+        block_n, programs_per_sm = 32, 4
     return {
-        "block_n": 32,
+        "block_n": block_n,
         "block_k": 256,
         "num_warps": 4,
-        "programs_per_sm": 4,
+        "programs_per_sm": programs_per_sm,
         "use_dot": int(num_rows != 1),
         "num_stages": 3,
     }
@@ -176,7 +178,7 @@ def fp8_gemv(
     n = weight.shape[0]
     if num_rows > GEMV_MAX_ROWS:
         raise ValueError(f"fp8_gemv takes at most {GEMV_MAX_ROWS} rows, got {num_rows}")
-    opts = gemv_options(num_rows) | options
+    opts = gemv_options(num_rows, n) | options
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert weight.is_contiguous() and (weight_scale is None or weight_scale.is_contiguous())

@@ -20,28 +20,29 @@ def finish_split(
     total, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits, stride_pm, stride_om,
     N, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Write this split's float32 partial; the tile's last program sums all splits in order and stores them."""
-    split_stride = M * stride_pm
-    tl.store(
-        part_ptr + split * split_stride + rows[:, None] * stride_pm + cols[None, :], total, mask=out_mask
-    )
-    tl.debug_barrier()
-    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for s in range(num_splits):
-            acc += tl.load(
-                part_ptr + s * split_stride + rows[:, None] * stride_pm + cols[None, :],
-                mask=out_mask,
-                other=0.0,
-                cache_modifier=".cg",
-            )
+    """Store the tile's output: directly when K is not split; otherwise write this split's float32 partial, and
+    the tile's last program sums all splits in order and stores them."""
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    if num_splits == 1:
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        split_stride = M * stride_pm
         tl.store(
-            out_ptr + rows[:, None] * stride_om + cols[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
+            part_ptr + split * split_stride + rows[:, None] * stride_pm + cols[None, :], total, mask=out_mask
         )
-        tl.atomic_xchg(lock_ptr + tile, 0)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(num_splits):
+                acc += tl.load(
+                    part_ptr + s * split_stride + rows[:, None] * stride_pm + cols[None, :],
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}

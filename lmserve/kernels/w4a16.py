@@ -119,6 +119,71 @@ def w4a16_matmul_ref(x: torch.Tensor, weight: W4Weight) -> torch.Tensor:
     return (x.float() @ dequantize_w4_ref(weight)).to(x.dtype)
 
 
+TINYGEMM_MAX_ROWS = 4
+WIDE_N = 16384
+"""Output widths from which a one-row GEMV streams faster through our kernel with more programs per SM."""
+TINYGEMM_INNER_K_TILES = 8
+
+
+def prefers_tinygemm(num_rows: int, out_features: int) -> bool:
+    """Where tinygemm beats our kernels (H200, Llama-3-8B layer, benchmarks/RESULTS.md): 2-4 rows by 1.5-1.9x
+    (our tensor-core tiles are 16 rows); one row for outputs narrower than WIDE_N (10.1 / 7.3 / 20.1 us against
+    11.7 / 9.0 / 20.7 for qkv / o / down; gate_up 32.4 ours against 35.6)."""
+    if num_rows == 1:
+        return out_features < WIDE_N
+    return 1 < num_rows <= TINYGEMM_MAX_ROWS
+
+
+@dataclass(frozen=True)
+class TinyGemmWeight:
+    """The same 4-bit weight in torch's tinygemm layout (`torch.ops.aten._weight_int4pack_mm`, gpt-fast's kernel),
+    for bfloat16 activations (the only dtype its CUDA kernel takes).
+
+    A second copy beside W4Weight: K * N / 2 bytes plus 4 bytes per group and column (about 3.7 GB more for a
+    Llama-3-8B). tinygemm computes w = (q - 8) * s + zero, so AutoAWQ's integer zero z becomes the float
+    zero (8 - z) * s, rounded once to the activations' dtype.
+    """
+
+    packed: torch.Tensor  # tinygemm's int4pack of q [N, K]
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2], bfloat16
+    group_size: int
+
+
+def tinygemm_supported(in_features: int, out_features: int, group_size: int) -> bool:
+    """tinygemm's shape rules (inner K tiles of 16 x 8, groups of 32..256 rows, N a multiple of 8)."""
+    return (
+        group_size in (32, 64, 128, 256)
+        and in_features % group_size == 0
+        and in_features % (TINYGEMM_INNER_K_TILES * 16) == 0
+        and out_features % 8 == 0
+    )
+
+
+def tinygemm_zeros(qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """AutoAWQ's packed integer zeros [K / g, N / 8] -> tinygemm's float zeros (8 - z) * s in dtype."""
+    return ((8 - unpack_awq(qzeros).float()) * scales.float()).to(dtype)
+
+
+def tinygemm_pack(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> TinyGemmWeight:
+    """AutoAWQ GEMM tensors (on CUDA) -> TinyGemmWeight."""
+    dtype = torch.bfloat16
+    q = unpack_awq(qweight).to(torch.int32).t().contiguous()  # [N, K]
+    packed = torch._convert_weight_to_int4pack(
+        (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), TINYGEMM_INNER_K_TILES
+    )
+    zeros = tinygemm_zeros(qzeros, scales, dtype)
+    return TinyGemmWeight(packed, torch.stack([scales.to(dtype), zeros], dim=-1).contiguous(), group_size)
+
+
+def tinygemm_matmul(x: torch.Tensor, weight: TinyGemmWeight) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ w through tinygemm (x bfloat16)."""
+    return torch.ops.aten._weight_int4pack_mm(
+        x.contiguous(), weight.packed, weight.group_size, weight.scales_and_zeros
+    )
+
+
 # -- kernels ------------------------------------------------------------------------------------------
 
 
@@ -208,13 +273,10 @@ def _w4_gemv_kernel(
             )
     total = tl.sum(acc, 0)[None, :]
     out_mask = col_mask[None, :]
-    if num_splits == 1:
-        tl.store(out_ptr + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        finish_split(
-            total, part_ptr, lock_ptr, out_ptr, tl.arange(0, 1), cols, out_mask, pid_n, split, num_splits,
-            stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
+    finish_split(
+        total, part_ptr, lock_ptr, out_ptr, tl.arange(0, 1), cols, out_mask, pid_n, split, num_splits,
+        stride_pm, stride_om, N, 1, BLOCK_M=1, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
 
 
 @jit
@@ -268,38 +330,43 @@ def _w4_dot_kernel(
                     row_sum += tl.sum(a.to(tl.float32), 1)
             acc += (part - row_sum[:, None] * (zero + BIAS)[None, :]) * scale[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if num_splits == 1:
-        tl.store(
-            out_ptr + rows[:, None] * stride_om + cols[None, :],
-            acc.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
-    else:
-        tile = pid_m * tl.num_programs(1) + pid_n
-        finish_split(
-            acc, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, tile, split, num_splits,
-            stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
+    finish_split(
+        acc, part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_m * tl.num_programs(1) + pid_n, split,
+        num_splits, stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
 
 
 # -- launchers ----------------------------------------------------------------------------------------
 
 
-def gemv_options() -> dict[str, int]:
-    """The GEMV's launch settings (H100 sweeps in benchmarks/RESULTS.md: 64-column tiles, 4 warps, no prefetch)."""
-    return {"block_n": 64, "num_warps": 4, "programs_per_sm": 4, "prefetch": 0, "num_stages": 1}
+def gemv_options(out_features: int) -> dict[str, int]:
+    """The GEMV's launch settings (H100 and H200 sweeps in benchmarks/RESULTS.md: 64-column tiles, 4 warps, no
+    prefetch; 16 programs per SM from WIDE_N columns, gate_up 32.4 against 34.4 us with 4)."""
+    programs_per_sm = 16 if out_features >= WIDE_N else 4
+    return {"block_n": 64, "num_warps": 4, "programs_per_sm": programs_per_sm, "prefetch": 0, "num_stages": 1}
 
 
-def dot_options(num_rows: int) -> dict[str, int]:
-    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64.
+def dot_options(num_rows: int, out_features: int) -> dict[str, int]:
+    """Tiles by row count (H100 sweep, benchmarks/RESULTS.md): 16-row tiles up to 16 rows, then 64. With 16-row
+    tiles (H200 sweep at 16 rows): 2 stages, and 8 programs per SM from WIDE_N columns (gate_up 68.6 against
+    73.8 us).
 
     wide (one dot per group instead of one per 16-row plane) by the H200 measurements in benchmarks/RESULTS.md:
     with 64-row tiles it cut the batch-64 decode step from 12.6 to 10.1 ms; with 16-row tiles it made the layer's
     GEMMs at 16 rows 1.6x slower (241 against 153 us).
     """
-    block_m = 16 if num_rows <= 16 else 64
-    return {"block_m": block_m, "block_n": 128, "num_warps": 4, "programs_per_sm": 4 if block_m == 16 else 2,
-            "num_stages": 3 if block_m == 16 else 2, "wide": int(block_m == 64)}  # fmt: skip
+    if num_rows > 16:
+        return {
+            "block_m": 64,
+            "block_n": 128,
+            "num_warps": 4,
+            "programs_per_sm": 2,
+            "num_stages": 2,
+            "wide": 1,
+        }
+    programs_per_sm = 8 if out_features >= WIDE_N else 4
+    return {"block_m": 16, "block_n": 128, "num_warps": 4, "programs_per_sm": programs_per_sm, "num_stages": 2,
+            "wide": 0}  # fmt: skip
 
 
 def w4a16_matmul(
@@ -331,8 +398,8 @@ def w4a16_matmul(
 
 
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
-    opts = gemv_options() | options
     n, num_blocks = out.shape[1], weight.num_blocks
+    opts = gemv_options(n) | options
     for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps "gemv" usable in tests
         tiles = math.ceil(n / opts["block_n"])
         per_split = opts.get("blocks_per_split") or choose_splits(
@@ -352,7 +419,7 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
 
 def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     num_rows, n = out.shape
-    opts = dot_options(num_rows) | options
+    opts = dot_options(num_rows, n) | options
     num_blocks = weight.num_blocks
     tiles = (math.ceil(num_rows / opts["block_m"]), math.ceil(n / opts["block_n"]))
     per_split = opts.get("blocks_per_split") or choose_splits(

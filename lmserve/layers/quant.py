@@ -11,7 +11,16 @@ from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.awq_dequant import PACK_NUM
 from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_rows_int8
-from lmserve.kernels.w4a16 import dequantize_w4, repack_awq, supports_group_size, w4a16_matmul
+from lmserve.kernels.w4a16 import (
+    dequantize_w4,
+    prefers_tinygemm,
+    repack_awq,
+    supports_group_size,
+    tinygemm_matmul,
+    tinygemm_pack,
+    tinygemm_supported,
+    w4a16_matmul,
+)
 from lmserve.layers.fp8 import Fp8Linear, fp8_layout
 from lmserve.layers.quant_formats import awq_dequantize, check_group_size, quant_method
 
@@ -40,12 +49,21 @@ class AWQLinear(nn.Module):
 
         self.w4: Any = None
         """The weight repacked for the CUDA kernels (lmserve/kernels/w4a16.py), set by prepare_for_inference."""
+        self.tinygemm: Any = None
+        """A second copy in tinygemm's layout for bfloat16 models, where prefers_tinygemm (lmserve/kernels/w4a16.py)."""
 
-    def prepare_for_inference(self) -> None:
-        """On CUDA: repack into the kernels' K-interleaved layout once, and free the AutoAWQ tensors."""
+    def prepare_for_inference(self, activation_dtype: torch.dtype | None = None) -> None:
+        """On CUDA: repack into the kernels' K-interleaved layout (and tinygemm's, for a bfloat16
+        activation_dtype) once, and free the AutoAWQ tensors."""
         if not (self.qweight.is_cuda and HAS_TRITON):
             return
         if self.w4 is None and supports_group_size(self.group_size):
+            if activation_dtype == torch.bfloat16 and tinygemm_supported(
+                self.in_features, self.out_features, self.group_size
+            ):
+                self.tinygemm = tinygemm_pack(
+                    self.qweight.data, self.qzeros.data, self.scales.data, self.group_size
+                )
             self.w4 = repack_awq(self.qweight.data, self.qzeros.data, self.scales.data, self.group_size)
             for name in ("qweight", "qzeros", "scales"):
                 getattr(self, name).data = torch.empty(0, dtype=getattr(self, name).dtype, device="cuda")
@@ -57,13 +75,23 @@ class AWQLinear(nn.Module):
         return awq_dequantize(self.qweight, self.qzeros, self.scales.to(dtype), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w4 is not None:  # dequantize in registers (lmserve/kernels/w4a16.py)
+        if self._takes_tinygemm(x):
+            out = tinygemm_matmul(x.reshape(-1, x.shape[-1]), self.tinygemm).view(*x.shape[:-1], -1)
+        elif self.w4 is not None:  # dequantize in registers (lmserve/kernels/w4a16.py)
             out = w4a16_matmul(x, self.w4)
         elif x.is_cuda and HAS_TRITON:  # group sizes the repacked kernels don't take: dense weight, cuBLAS
             out = x @ awq_dequantize_cuda(self.qweight, self.qzeros, self.scales, self.group_size, x.dtype)
         else:
             out = x @ self.dequantized_weight(x.dtype)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+    def _takes_tinygemm(self, x: torch.Tensor) -> bool:
+        tiny = self.tinygemm
+        return (
+            tiny is not None
+            and x.dtype == torch.bfloat16
+            and prefers_tinygemm(x.numel() // max(1, x.shape[-1]), self.out_features)
+        )
 
 
 class W8A8Linear(nn.Module):
@@ -124,9 +152,22 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def prepare_for_inference(model: nn.Module) -> None:
     """Once the weights are in: let each quantized layer convert them for its device's kernels."""
+    dtype = activation_dtype(model)
     for module in model.modules():
-        if isinstance(module, AWQLinear | Fp8Linear):
+        if isinstance(module, AWQLinear):
+            module.prepare_for_inference(dtype)
+        elif isinstance(module, Fp8Linear):
             module.prepare_for_inference()
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The model's compute dtype: that of its first floating parameter outside the quantized layers."""
+    quantized = {
+        id(p) for m in model.modules() if isinstance(m, AWQLinear | Fp8Linear) for p in m.parameters()
+    }
+    return next(
+        (p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in quantized), None
+    )
 
 
 def make_quantized_linear(

@@ -14,7 +14,17 @@ import torch
 from lmserve.kernels.awq_dequant import awq_dequantize, awq_dequantize_ref, awq_gemm_ref
 from lmserve.kernels.int8_gemm import int8_gemm, int8_gemm_ref, per_token_quant_int8, per_token_quant_int8_ref
 from lmserve.kernels.testing import relative_error
-from lmserve.kernels.w4a16 import DOT_MAX_ROWS, dequantize_w4, dequantize_w4_ref, repack_awq, w4a16_matmul
+from lmserve.kernels.w4a16 import (
+    DOT_MAX_ROWS,
+    dequantize_w4,
+    dequantize_w4_ref,
+    prefers_tinygemm,
+    repack_awq,
+    tinygemm_matmul,
+    tinygemm_pack,
+    tinygemm_zeros,
+    w4a16_matmul,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -162,3 +172,56 @@ def test_w4_dequantize_matches_reference_exactly(group_size: int) -> None:
     assert torch.equal(
         dequantize_w4(weight, torch.float16), awq_dequantize_ref(qweight, qzeros, scales, group_size)
     )
+
+
+def tinygemm_weight_ref(qweight, qzeros, scales, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [K, N] float32 weight as tinygemm defines it: (q - 8) * s + zero, zero = (8 - z) * s in dtype."""
+    q = awq_dequantize_ref(
+        qweight, torch.zeros_like(qzeros), torch.ones_like(scales), group_size, torch.float32
+    )
+    s = scales.to(dtype).float().repeat_interleave(group_size, 0)
+    zero = tinygemm_zeros(qzeros, scales, dtype).float().repeat_interleave(group_size, 0)
+    return (q - 8) * s + zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (512, 1000)])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4])
+def test_tinygemm_matches_its_weight_and_the_awq_weight(
+    num_rows: int, k: int, n: int, dtype: torch.dtype
+) -> None:
+    """tinygemm over AutoAWQ tensors: one output rounding from its own dense weight; from the AWQ weight it differs
+    by the zeros' rounding to bfloat16 ((8 - z) * s needs up to 15 significant bits; bf16 keeps 8)."""
+    group_size, dtype = 128, torch.bfloat16
+    qweight, qzeros, scales = random_awq(k, n, group_size)
+    x = torch.randn(num_rows, k, device="cuda").to(dtype)
+    out = tinygemm_matmul(x, tinygemm_pack(qweight, qzeros, scales, group_size))
+    own = (x.float() @ tinygemm_weight_ref(qweight, qzeros, scales, group_size, dtype)).to(dtype)
+    assert relative_error(out, own) < TOLERANCE[dtype]
+    assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < 4 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("n", [512, 16384])
+@pytest.mark.parametrize("num_rows", [1, 2, 4, 5, 16, 300])
+def test_awq_linear_dispatch(num_rows: int, n: int) -> None:
+    """AWQLinear on CUDA: tinygemm where prefers_tinygemm for a bfloat16 model, our kernels otherwise; same numbers."""
+    from lmserve.layers.quant import AWQLinear
+
+    k, group_size = 1024, 128
+    layer = AWQLinear(k, n, bias=True, group_size=group_size).cuda()
+    qweight, qzeros, scales = random_awq(k, n, group_size)
+    for name, value in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        getattr(layer, name).data = value
+    layer.bias.data = torch.randn(n, device="cuda")
+    layer.prepare_for_inference(torch.bfloat16)
+    assert layer.tinygemm is not None and layer.w4 is not None
+    x = torch.randn(num_rows, 1, k, device="cuda").to(torch.bfloat16)
+    assert layer._takes_tinygemm(x) == (1 < num_rows <= 4 or (num_rows == 1 and n < 16384))
+    assert layer._takes_tinygemm(x) == prefers_tinygemm(num_rows, n)
+    ref = (
+        awq_gemm_ref(x.reshape(num_rows, k), qweight, qzeros, scales, group_size).float() + layer.bias.float()
+    )
+    out = layer(x)
+    assert out.shape == (num_rows, 1, n)
+    assert relative_error(out.reshape(num_rows, n), ref.to(torch.bfloat16)) < 4 * TOLERANCE[torch.bfloat16]
+    assert not layer._takes_tinygemm(x.half())  # tinygemm takes bf16 only: fp16 activations take ours
