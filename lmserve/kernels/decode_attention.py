@@ -41,8 +41,13 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WRITE_OUTPUT: tl.constexpr,
+    WIDEN_KV: tl.constexpr,
 ):
-    """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once."""
+    """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once.
+
+    WIDEN_KV (an FP8 cache): keys and values are widened to q's dtype in registers as they are loaded;
+    otherwise q is cast to the cache's dtype (the same one for a bf16/fp16 model).
+    """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -59,7 +64,8 @@ def _decode_split_kernel(
     head_mask = group < GROUP
     q_mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not WIDEN_KV:
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -72,8 +78,8 @@ def _decode_split_kernel(
         rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
         offsets = rows[:, None] + kv_head * stride_cache_head + dims[None, :]
         kv_mask = token_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k)) * scale_log2
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -182,7 +188,7 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        WRITE_OUTPUT=num_splits == 1, num_warps=num_warps, num_stages=num_stages,
+        WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
@@ -191,6 +197,11 @@ def paged_decode_attention(
             num_warps=4,
         )  # fmt: skip
     return out
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    """An FP8 (e4m3) KV cache: the attention kernels widen it to the query's dtype as they read it."""
+    return cache.dtype == torch.float8_e4m3fn
 
 
 def paged_decode_attention_ref(
