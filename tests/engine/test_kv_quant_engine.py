@@ -70,3 +70,15 @@ def test_int8_batch_equals_each_request_alone(hf_model: PreTrainedModel) -> None
         for p in prompts
     ]
     assert together == alone
+
+
+def test_fp8_prefix_cache_hits_give_the_same_tokens(hf_model: PreTrainedModel) -> None:
+    """Prompts sharing whole blocks read the e4m3 blocks an earlier request stored instead of recomputing them."""
+    config = dict(cache_block_seq_len=8, session_len=128)
+    shared = random_prompts(1, hf_model.config.vocab_size, seed=6)[0][:8] * 3
+    prompts = [shared + tail for tail in random_prompts(3, hf_model.config.vocab_size, seed=7)]
+    plain = run_all(make_engine(hf_model, "fp8", **config), prompts, GREEDY)
+    cached = make_engine(hf_model, "fp8", enable_prefix_caching=True, **config)
+    first = run_all(cached, prompts[:1], GREEDY)
+    assert first + run_all(cached, prompts[1:], GREEDY) == plain
+    assert cached.stats().prefix_cache_hits > 0

@@ -211,13 +211,14 @@ def test_decode_in_cuda_graph_replays_with_new_lengths(bits: int) -> None:
     assert torch.equal(cache.codes, eager_cache.codes) and torch.equal(cache.params, eager_cache.params)
 
 
-def make_engine(hf_model: PreTrainedModel, quant_policy: int, eager_mode: bool = False) -> LLMEngine:
+def make_engine(hf_model: PreTrainedModel, quant_policy: int | str, **config_fields: Any) -> LLMEngine:
+    """A bf16 engine over hf_model's weights; config_fields (eager_mode, enable_prefix_caching...) pass on."""
     model_config = ModelConfig.from_hf_config(hf_config_dict(hf_model))
     net: Any = build_model(model_config, get_attention_backend(CUDA, quant_policy), torch.bfloat16, CUDA)
     net.load_weights(hf_model.state_dict().items())
     config = EngineConfig(
         dtype="bfloat16", device="cuda", cache_max_entry_count=4096, max_batch_size=8,
-        quant_policy=quant_policy, eager_mode=eager_mode,
+        quant_policy=quant_policy, **config_fields,
     )  # fmt: skip
     return LLMEngine.build(config, model_config, net)
 

@@ -16,7 +16,7 @@ from lmserve.config import EngineConfig
 from lmserve.engine import builder
 from lmserve.kernels.testing import backend_step, make_paged_batch, reference_forward, relative_error
 from lmserve.models.config import ModelConfig
-from tests.unit.test_kv_quant import BATCHES, LLAMA3_8B, SMOLLM2, attention_over
+from tests.unit.test_kv_quant import BATCHES, LLAMA3_8B, SMOLLM2
 
 CPU = torch.device("cpu")
 
