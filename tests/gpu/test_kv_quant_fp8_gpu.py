@@ -185,7 +185,8 @@ def test_engine_graphs_prefix_caching_and_bf16_agree() -> None:
     tokens = run_all(graphs, prompts, greedy)
     eager = run_all(make_engine("fp8", eager_mode=True), prompts, greedy)
     assert sum(a == b for a, b in zip(tokens, eager, strict=True)) >= 5  # of 6 (split sums: near ties)
-    shared = [prompts[0][:64] + p for p in prompts]  # 64 tokens = a whole block shared by all six
+    prefix = (prompts[0] * 30)[:128]  # two whole 64-token blocks shared by all six
+    shared = [prefix + p for p in prompts]
     cached = make_engine("fp8", enable_prefix_caching=True)
     first = run_all(cached, shared[:1], greedy)
     rest = run_all(cached, shared[1:], greedy)
