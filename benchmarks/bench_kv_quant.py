@@ -27,6 +27,7 @@ from lmserve.attention.kv_quant import QuantizedKVCache, TritonQuantKVBackend, c
 from lmserve.attention.metadata import AttentionMetadata, SequenceChunk, build_step_batch
 from lmserve.attention.triton_backend import TritonAttentionBackend, TritonFP8KVBackend
 from lmserve.cli.engine_args import parse_quant_policy
+from lmserve.kernels.decode_attention import paged_decode_attention
 from lmserve.kernels.kv_quant import dequantize_blocks, paged_decode_attention_quant, quantize_kv_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention
 
@@ -93,14 +94,22 @@ def bench_decode_backend(batch: int, policy: int | str, context: int = CONTEXT_L
             "us": us, "kv_tb_s": bytes_per_set / (us * 1e-6) / 1e12}  # fmt: skip
 
 
-def bench_decode_kernel(batch: int, bits: int, block_n: int, num_warps: int) -> dict[str, Any]:
-    metas, cache, bytes_per_set = decode_sets(batch, bits)
+def bench_decode_kernel(
+    batch: int, bits: int | str, block_n: int, num_warps: int, context: int = CONTEXT_LEN
+) -> dict[str, Any]:
+    """One decode-kernel config: the int8 / int4 kernel, or the plain one over a bf16 (0) or e4m3 (fp8) cache."""
+    metas, cache, bytes_per_set = decode_sets(batch, bits, context)
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16)
     out = torch.empty_like(q)
 
     def call(meta: AttentionMetadata) -> Callable[[], Any]:
+        if bits in (0, "fp8"):
+            return lambda: paged_decode_attention(
+                q, cache[0], cache[1], meta.block_tables, meta.seq_lens, SCALE, out=out, block_n=block_n,
+                num_warps=num_warps,
+            )  # fmt: skip
         return lambda: paged_decode_attention_quant(
-            q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, SCALE, bits, out=out,
+            q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, SCALE, int(bits), out=out,
             block_n=block_n, num_warps=num_warps,
         )  # fmt: skip
 
@@ -156,6 +165,12 @@ def main() -> None:
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--no-sweep", action="store_true", help="skip the int8 decode-kernel config sweep")
     parser.add_argument("--no-prefill", action="store_true", help="decode rows only")
+    parser.add_argument(
+        "--sweep-policy",
+        type=parse_quant_policy,
+        default=8,
+        help="the decode kernel the sweep tunes (8, 4, fp8, 0)",
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="decode batch sizes")
     parser.add_argument("--context", type=int, default=CONTEXT_LEN, help="decode context length (tokens)")
     parser.add_argument(
@@ -168,7 +183,11 @@ def main() -> None:
         for row in decode:
             row["speedup_vs_bf16"] = decode[0]["us"] / row["us"]
         if not args.no_sweep:
-            sweep = [bench_decode_kernel(batch, 8, n, w) for n in (32, 64, 128) for w in (2, 4, 8)]
+            sweep = [
+                bench_decode_kernel(batch, args.sweep_policy, n, w, args.context)
+                for n in (32, 64, 128)
+                for w in (2, 4, 8)
+            ]
             decode += [*sweep, {**min(sweep, key=lambda row: row["us"]), "kind": "decode_kernel_best"}]
         print_table(decode)
         rows += decode

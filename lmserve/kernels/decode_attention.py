@@ -45,8 +45,9 @@ def _decode_split_kernel(
 ):
     """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once.
 
-    WIDEN_KV (an FP8 cache): keys and values are widened to q's dtype in registers as they are loaded;
-    otherwise q is cast to the cache's dtype (the same one for a bf16/fp16 model).
+    WIDEN_KV (an FP8 cache): q is cast to float16 and keys and values are widened to float16 in registers as they
+    are loaded (e4m3 -> f16 is one exact cvt on sm_90, -> bf16 takes more; f16 also keeps more of q and p than
+    bf16); otherwise q is cast to the cache's dtype (the same one for a bf16/fp16 model).
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -64,7 +65,9 @@ def _decode_split_kernel(
     head_mask = group < GROUP
     q_mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
-    if not WIDEN_KV:
+    if WIDEN_KV:
+        q = q.to(tl.float16)
+    else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)

@@ -69,7 +69,7 @@ def _prefill_kernel(
     WIDEN_KV: tl.constexpr,
 ):
     """One program = BLOCK_M query tokens of one sequence x one query head; K/V come from the cache (an FP8
-    cache, WIDEN_KV, is widened to q's dtype tile by tile)."""
+    cache, WIDEN_KV, is widened to float16 tile by tile, q cast to it: see _decode_split_kernel)."""
     seq = first_seq + tl.program_id(0)
     query_block = tl.program_id(1)
     head = tl.program_id(2)
@@ -87,7 +87,9 @@ def _prefill_kernel(
     dim_mask = dims[None, :] < HEAD_DIM
     q_offsets = (query_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None] & dim_mask, other=0.0)
-    if not WIDEN_KV:
+    if WIDEN_KV:
+        q = q.to(tl.float16)
+    else:
         q = q.to(k_cache_ptr.dtype.element_ty)
     query_positions = context_offset + rows
 
