@@ -9,6 +9,10 @@ import torch
 from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
 
 _MIN_TOKENS_PER_SPLIT = 128
+DECODE_TILES = {"default": (64, 4), "fp8": (128, 2)}
+"""(block_n, num_warps) of the decode kernel by cache dtype. e4m3 at the bf16 tile (64, 4) ran at 0.73x bf16
+(batch 64 x 4,096 tokens, Llama-3-8B heads, H200); (128, 2) ran at 1.41x (benchmarks/bench_kv_quant.py
+--sweep-policy fp8; RESULTS.md)."""
 NO_WINDOW = 2**30
 """The window the kernels are given when a layer has none: longer than any context."""
 
@@ -158,8 +162,8 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     sliding_window: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
@@ -168,7 +172,10 @@ def paged_decode_attention(
     seq_lens: [>=B] int32 (context length including the query token, already in the cache).
     sliding_window W: the query (at position seq_len - 1) reads only the last W keys.
     The grid depends only on B and block_tables.shape[1], never on GPU values: safe to capture in a CUDA graph.
+    block_n / num_warps default to the tile measured fastest for the cache's dtype (DECODE_TILES).
     """
+    default_block_n, default_warps = DECODE_TILES["fp8" if is_fp8(k_cache) else "default"]
+    block_n, num_warps = block_n or default_block_n, num_warps or default_warps
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out

@@ -42,7 +42,7 @@ def fp8_batch(
 
 def check_decode(
     device: torch.device, dtype: torch.dtype, layout: tuple[int, int, int], block_size: int, seq_lens: list[int],
-    num_splits: int | None, block_n: int,
+    num_splits: int | None, block_n: int | None,
 ) -> None:  # fmt: skip
     """Decode attention reading e4m3 equals the float32 reference over the same e4m3 values."""
     batch, cache = fp8_batch(
@@ -142,8 +142,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("num_splits", [None, 1])
-def test_decode_matches_reference(dtype: torch.dtype, layout: str, num_splits: int | None) -> None:
-    check_decode(CUDA, dtype, HEAD_LAYOUTS[layout], 64, BATCHES["decode_only"][1], num_splits, 64)
+@pytest.mark.parametrize("block_n", [None, 64])  # None: the shipped fp8 tile (DECODE_TILES)
+def test_decode_matches_reference(
+    dtype: torch.dtype, layout: str, num_splits: int | None, block_n: int | None
+) -> None:
+    check_decode(CUDA, dtype, HEAD_LAYOUTS[layout], 64, BATCHES["decode_only"][1], num_splits, block_n)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

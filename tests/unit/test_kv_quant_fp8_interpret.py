@@ -27,8 +27,9 @@ def test_fp8_kernels_match_references_under_interpreter() -> None:
 
 @child_only
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_reads_e4m3(num_splits: int) -> None:
-    check_decode(CPU, DTYPE, LAYOUT, 8, [1, 17, 40], num_splits, 16)
+@pytest.mark.parametrize("block_n", [16, None])  # None: the fp8 default tile (128 keys)
+def test_decode_reads_e4m3(num_splits: int, block_n: int | None) -> None:
+    check_decode(CPU, DTYPE, LAYOUT, 8, [1, 17, 40, 300], num_splits, block_n)
 
 
 @child_only
