@@ -81,7 +81,7 @@ def check_prefill(
 
 def check_backend(
     device: torch.device, dtype: torch.dtype, layout: tuple[int, int, int], block_size: int,
-    query_lens: list[int], seq_lens: list[int], representable: bool = False,
+    query_lens: list[int], seq_lens: list[int], representable: bool = False, sliding_window: int | None = None,
 ) -> None:  # fmt: skip
     """TritonFP8KVBackend == TorchFP8KVBackend on one step: the same e4m3 bytes stored, the same output.
 
@@ -94,9 +94,18 @@ def check_backend(
     if representable:
         batch = dataclasses.replace(batch, k=to_fp8(batch.k).to(dtype), v=to_fp8(batch.v).to(dtype))
     ref_cache, meta = cache.cpu().clone(), _on_cpu(batch.meta)
-    out = backend_step(TritonFP8KVBackend(), batch.q, batch.k, batch.v, cache, batch.meta, 0.25)
+    out = backend_step(
+        TritonFP8KVBackend(), batch.q, batch.k, batch.v, cache, batch.meta, 0.25, sliding_window
+    )
     ref = backend_step(
-        TorchFP8KVBackend(), batch.q.cpu(), batch.k.cpu(), batch.v.cpu(), ref_cache, meta, 0.25
+        TorchFP8KVBackend(),
+        batch.q.cpu(),
+        batch.k.cpu(),
+        batch.v.cpu(),
+        ref_cache,
+        meta,
+        0.25,
+        sliding_window,
     )
     rows = batch.meta.num_tokens
     assert relative_error(out[:rows].cpu(), ref[:rows]) < TOLERANCE[dtype]

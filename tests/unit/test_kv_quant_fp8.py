@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,22 +49,25 @@ def test_store_writes_rounded_values_and_skips_padding() -> None:
 
 @pytest.mark.parametrize("name", list(BATCHES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_backend_matches_references_over_the_e4m3_cache(name: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("window", [None, 16])
+def test_torch_backend_matches_references_over_the_e4m3_cache(
+    name: str, dtype: torch.dtype, window: int | None
+) -> None:
     """Chunked prefill over an e4m3 prefix, decodes and fresh prompts: the backend attends over exactly what
     the cache holds (the new K/V rounded to e4m3 too)."""
     batch = make_paged_batch(*BATCHES[name], 6, 2, 32, 8, dtype, CPU, num_padding_tokens=1)
     cache = to_fp8(batch.layer_cache)
-    out = backend_step(TorchFP8KVBackend(), batch.q, batch.k, batch.v, cache, batch.meta, 0.2)
+    out = backend_step(TorchFP8KVBackend(), batch.q, batch.k, batch.v, cache, batch.meta, 0.2, window)
     rows = batch.meta.num_tokens
     assert out.dtype == dtype and not out[rows:].any()
     rounded = dataclasses.replace(
         batch, layer_cache=cache.to(dtype), k=to_fp8(batch.k).to(dtype), v=to_fp8(batch.v).to(dtype)
     )
-    ref, stored = reference_forward(rounded, 0.2)
+    ref, stored = reference_forward(rounded, 0.2, window)
     assert torch.equal(cache.to(dtype), stored)
     assert relative_error(out[:rows], ref[:rows]) < (1e-5 if dtype == torch.float32 else 1.5e-2)
     # the rounding is really there: against the unrounded cache the error is e4m3's, not float noise
-    error = relative_error(out[:rows], reference_forward(batch, 0.2)[0][:rows])
+    error = relative_error(out[:rows], reference_forward(batch, 0.2, window)[0][:rows])
     assert 1e-3 < error < 0.06
 
 
@@ -111,3 +115,19 @@ def test_same_memory_holds_2x_the_tokens_of_bf16(
     )[0]
     allocated = cache.numel() * cache.element_size() * model_config.num_hidden_layers
     assert allocated == builder.kv_bytes_per_token(model_config, torch.bfloat16, "fp8")
+
+
+def test_eval_ppl_with_fp8_kv_moves_perplexity_a_little(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`lmserve eval ppl --quant-policy fp8` runs the engine over the e4m3 cache: near plain KV, not equal to it."""
+    from lmserve.quant.evaluate import evaluate_perplexity
+    from tests.unit.test_quant_tiny import _tiny_model
+
+    tiny = _tiny_model(tmp_path / "model")
+    plain = evaluate_perplexity(str(tiny), "kjv", 300, 128, 96, quant_policy=0)
+    args = ["eval", "ppl", str(tiny), "--quant-policy", "fp8", "--num-tokens", "300", "--window", "128"]
+    assert main([*args, "--stride", "96"]) == 0
+    fp8 = float(capsys.readouterr().out.split()[1])
+    assert fp8 != pytest.approx(plain.perplexity, rel=1e-7)
+    assert fp8 == pytest.approx(plain.perplexity, rel=3e-2)

@@ -38,8 +38,9 @@ def test_prefill_reads_e4m3() -> None:
 
 
 @child_only
-def test_triton_backend_matches_torch_backend() -> None:
-    check_backend(CPU, DTYPE, LAYOUT, 16, [1, 1, 12, 5], [3, 33, 12, 21], representable=True)
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_triton_backend_matches_torch_backend(sliding_window: int | None) -> None:
+    check_backend(CPU, DTYPE, LAYOUT, 16, [1, 1, 12, 5], [3, 33, 12, 21], True, sliding_window)
 
 
 # The fused rotary store is checked on CUDA only (tests/gpu): its rotated keys are not e4m3 values, and the
