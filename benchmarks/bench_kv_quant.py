@@ -1,6 +1,7 @@
-"""Quantized (int8 / int4) vs bf16 KV attention on one GPU: decode and prefill, one layer of Llama-3-8B heads.
+"""Quantized (int8 / int4 / fp8) vs bf16 KV attention on one GPU: decode and prefill, one layer of Llama-3-8B heads.
 
     PYTHONPATH=. python benchmarks/bench_kv_quant.py [--json OUT] [--no-sweep]
+        [--batches 64 --context 4096 --policies 0 fp8 8 --no-prefill]   # long contexts, FP8 beside bf16
 
 Decode: batch 32 / 128 / 256 sequences with a ~600-token context (512 prompt + a mid-generation 88), one
 backend forward each (store of the new token + attention, what the engine runs per layer; int4 includes its
@@ -21,9 +22,12 @@ from typing import Any
 import torch
 
 from benchmarks.bench_kernels import graph_of, time_ms
+from lmserve.attention.kv_fp8 import to_fp8
 from lmserve.attention.kv_quant import QuantizedKVCache, TritonQuantKVBackend, compact_block_tables
 from lmserve.attention.metadata import AttentionMetadata, SequenceChunk, build_step_batch
-from lmserve.attention.triton_backend import TritonAttentionBackend
+from lmserve.attention.triton_backend import TritonAttentionBackend, TritonFP8KVBackend
+from lmserve.cli.engine_args import parse_quant_policy
+from lmserve.kernels.decode_attention import paged_decode_attention
 from lmserve.kernels.kv_quant import dequantize_blocks, paged_decode_attention_quant, quantize_kv_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention
 
@@ -35,19 +39,25 @@ SCALE = HEAD_DIM**-0.5
 CUDA = torch.device("cuda")
 
 
-def kv_bytes_per_token(policy: int) -> float:
-    """K + V bytes of one token and layer, the float16 (scale, zero) pairs included."""
-    per_head = HEAD_DIM * 2 if policy == 0 else HEAD_DIM * policy // 8 + 4
+def kv_bytes_per_token(policy: int | str) -> float:
+    """K + V bytes of one token and layer, the float16 (scale, zero) pairs of int8 / int4 included."""
+    if policy == "fp8":
+        return 2 * NUM_KV_HEADS * HEAD_DIM
+    per_head = HEAD_DIM * 2 if policy == 0 else HEAD_DIM * int(policy) // 8 + 4
     return 2 * NUM_KV_HEADS * per_head
 
 
-def make_cache(policy: int, num_blocks: int) -> Any:
+def make_cache(policy: int | str, num_blocks: int) -> Any:
     plain = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16)
-    return plain if policy == 0 else QuantizedKVCache(*quantize_kv_ref(plain, policy), policy)
+    if policy == "fp8":
+        return to_fp8(plain)
+    return plain if policy == 0 else QuantizedKVCache(*quantize_kv_ref(plain, int(policy)), int(policy))
 
 
-def backend_of(policy: int) -> Any:
-    return TritonAttentionBackend() if policy == 0 else TritonQuantKVBackend(policy)
+def backend_of(policy: int | str) -> Any:
+    if policy == "fp8":
+        return TritonFP8KVBackend()
+    return TritonAttentionBackend() if policy == 0 else TritonQuantKVBackend(int(policy))
 
 
 def decode_metadata(tables: torch.Tensor, seq_len: int) -> AttentionMetadata:
@@ -55,14 +65,16 @@ def decode_metadata(tables: torch.Tensor, seq_len: int) -> AttentionMetadata:
     return build_step_batch(chunks, BLOCK_SIZE, CUDA).metadata
 
 
-def decode_sets(batch: int, policy: int) -> tuple[list[AttentionMetadata], Any, int]:
+def decode_sets(
+    batch: int, policy: int | str, context: int = CONTEXT_LEN
+) -> tuple[list[AttentionMetadata], Any, int]:
     """Disjoint block tables, enough of them that one pass over all sets reads > 2x L2."""
-    blocks_per_seq = math.ceil(CONTEXT_LEN / BLOCK_SIZE)
-    bytes_per_set = batch * CONTEXT_LEN * kv_bytes_per_token(policy)
+    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
+    bytes_per_set = int(batch * context * kv_bytes_per_token(policy))
     num_sets = max(1, math.ceil(2 * L2_BYTES / bytes_per_set))
     num_blocks = num_sets * batch * blocks_per_seq
     tables = torch.randperm(num_blocks, device=CUDA).to(torch.int32).view(num_sets, batch, blocks_per_seq)
-    metas = [decode_metadata(tables[i], CONTEXT_LEN) for i in range(num_sets)]
+    metas = [decode_metadata(tables[i], context) for i in range(num_sets)]
     return metas, make_cache(policy, num_blocks), bytes_per_set
 
 
@@ -71,25 +83,33 @@ def graph_us(calls: list[Callable[[], Any]]) -> float:
     return time_ms(graph.replay, iterations=30) / len(calls) * 1e3
 
 
-def bench_decode_backend(batch: int, policy: int) -> dict[str, Any]:
-    metas, cache, bytes_per_set = decode_sets(batch, policy)
+def bench_decode_backend(batch: int, policy: int | str, context: int = CONTEXT_LEN) -> dict[str, Any]:
+    metas, cache, bytes_per_set = decode_sets(batch, policy, context)
     backend = backend_of(policy)
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16)
     k, v = (torch.randn(batch, NUM_KV_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16) for _ in "kv")
     plans = [backend.prepare(meta) for meta in metas]
     us = graph_us([lambda plan=plan: backend.forward(q, k, v, cache, plan, SCALE) for plan in plans])
-    return {"kind": "decode_backend", "policy": policy, "batch": batch, "context": CONTEXT_LEN,
+    return {"kind": "decode_backend", "policy": policy, "batch": batch, "context": context,
             "us": us, "kv_tb_s": bytes_per_set / (us * 1e-6) / 1e12}  # fmt: skip
 
 
-def bench_decode_kernel(batch: int, bits: int, block_n: int, num_warps: int) -> dict[str, Any]:
-    metas, cache, bytes_per_set = decode_sets(batch, bits)
+def bench_decode_kernel(
+    batch: int, bits: int | str, block_n: int, num_warps: int, context: int = CONTEXT_LEN
+) -> dict[str, Any]:
+    """One decode-kernel config: the int8 / int4 kernel, or the plain one over a bf16 (0) or e4m3 (fp8) cache."""
+    metas, cache, bytes_per_set = decode_sets(batch, bits, context)
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device=CUDA, dtype=torch.bfloat16)
     out = torch.empty_like(q)
 
     def call(meta: AttentionMetadata) -> Callable[[], Any]:
+        if bits in (0, "fp8"):
+            return lambda: paged_decode_attention(
+                q, cache[0], cache[1], meta.block_tables, meta.seq_lens, SCALE, out=out, block_n=block_n,
+                num_warps=num_warps,
+            )  # fmt: skip
         return lambda: paged_decode_attention_quant(
-            q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, SCALE, bits, out=out,
+            q, cache.codes, cache.params, meta.block_tables, meta.seq_lens, SCALE, int(bits), out=out,
             block_n=block_n, num_warps=num_warps,
         )  # fmt: skip
 
@@ -117,7 +137,7 @@ def old_int8_prefill(q: torch.Tensor, cache: Any, meta: AttentionMetadata, out: 
     )  # fmt: skip
 
 
-def bench_prefill(policy: int, old_path: bool = False) -> dict[str, Any]:
+def bench_prefill(policy: int | str, old_path: bool = False) -> dict[str, Any]:
     meta = prefill_metadata()
     num_tokens = NUM_PROMPTS * PROMPT_LEN
     cache, backend = make_cache(policy, NUM_PROMPTS * PROMPT_LEN // BLOCK_SIZE), backend_of(policy)
@@ -144,22 +164,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--no-sweep", action="store_true", help="skip the int8 decode-kernel config sweep")
+    parser.add_argument("--no-prefill", action="store_true", help="decode rows only")
+    parser.add_argument(
+        "--sweep-policy",
+        type=parse_quant_policy,
+        default=8,
+        help="the decode kernel the sweep tunes (8, 4, fp8, 0)",
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="decode batch sizes")
+    parser.add_argument("--context", type=int, default=CONTEXT_LEN, help="decode context length (tokens)")
+    parser.add_argument(
+        "--policies", nargs="+", type=parse_quant_policy, default=[0, 8, 4, "fp8"], help="0 (bf16) first"
+    )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    for batch in BATCHES:
-        decode = [bench_decode_backend(batch, policy) for policy in (0, 8, 4)]
+    for batch in args.batches:
+        decode = [bench_decode_backend(batch, policy, args.context) for policy in args.policies]
         for row in decode:
             row["speedup_vs_bf16"] = decode[0]["us"] / row["us"]
         if not args.no_sweep:
-            sweep = [bench_decode_kernel(batch, 8, n, w) for n in (32, 64, 128) for w in (2, 4, 8)]
+            sweep = [
+                bench_decode_kernel(batch, args.sweep_policy, n, w, args.context)
+                for n in (32, 64, 128)
+                for w in (2, 4, 8)
+            ]
             decode += [*sweep, {**min(sweep, key=lambda row: row["us"]), "kind": "decode_kernel_best"}]
         print_table(decode)
         rows += decode
-    prefill = [bench_prefill(0), bench_prefill(8), bench_prefill(4), bench_prefill(8, old_path=True)]
-    for row in prefill:
-        row["speedup_vs_bf16"] = prefill[0]["us"] / row["us"]
-    print_table(prefill)
-    rows += prefill
+    if not args.no_prefill:
+        prefill = [bench_prefill(policy) for policy in args.policies]
+        if not args.no_sweep:
+            prefill.append(bench_prefill(8, old_path=True))
+        for row in prefill:
+            row["speedup_vs_bf16"] = prefill[0]["us"] / row["us"]
+        print_table(prefill)
+        rows += prefill
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)

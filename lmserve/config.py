@@ -8,7 +8,8 @@ from typing import Literal
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-QUANT_POLICIES = (0, 4, 8)
+QUANT_POLICIES: tuple[int | str, ...] = (0, 4, 8, "fp8")
+"""KV cache formats: LMDeploy's 0 (the model's dtype), 8 (int8), 4 (int4); ours: fp8 (e4m3, vLLM's fp8)."""
 MODEL_FORMATS = ("auto", "hf", "gguf", "awq", "w8a8", "fp8")
 ROUTING_STRATEGIES = ("min_expected_latency", "random", "min_observed_latency")
 EXECUTOR_BACKENDS = ("mp", "ray")
@@ -44,8 +45,8 @@ class EngineConfig:
     """Reuse KV blocks of identical prompt prefixes across requests."""
     max_prefill_token_num: int = 8192
     """Token budget of one engine step (decodes + prefill chunk); longer prompts are chunked."""
-    quant_policy: int = 0
-    """KV cache quantization: 0 off, 8 int8, 4 int4."""
+    quant_policy: int | str = 0
+    """KV cache quantization: 0 off, 8 int8, 4 int4, `fp8` float8 e4m3 (one byte per element, no scales)."""
     model_format: str = "auto"
     """Checkpoint format: auto (detect), hf, gguf, awq, w8a8, fp8 (an FP8 checkpoint, or a float one quantized to
     FP8 W8A8 at load time)."""
@@ -102,7 +103,7 @@ class EngineConfig:
         )
         _check(
             self.quant_policy in QUANT_POLICIES,
-            f"quant_policy={self.quant_policy} must be one of {QUANT_POLICIES}",
+            f"quant_policy={self.quant_policy!r} must be one of {QUANT_POLICIES}",
         )
         _check(
             self.model_format in MODEL_FORMATS,

@@ -123,11 +123,16 @@ class DecodeGraphInputs:
             self.seq_lens[n:batch_size].fill_(0)
 
 
-def get_attention_backend(device: torch.device, quant_policy: int = 0) -> AttentionBackend:
+def get_attention_backend(device: torch.device, quant_policy: int | str = 0) -> AttentionBackend:
     """The Triton backend on CUDA when it is installed, else the plain-torch reference.
 
-    quant_policy 8 / 4 (LMDeploy's flag) gives the int8 / int4 KV cache variant of the same choice.
+    quant_policy 8 / 4 (LMDeploy's flag) gives the int8 / int4 KV cache variant of the same choice, `fp8` the
+    float8 e4m3 one.
     """
+    if quant_policy == "fp8":
+        from lmserve.attention.kv_fp8 import fp8_kv_backend
+
+        return fp8_kv_backend(device)
     if quant_policy:
         from lmserve.attention.kv_quant import quantized_kv_backend
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmserve.attention.backend import AttentionBackend
+from lmserve.attention.kv_fp8 import allocate_fp8_kv_cache
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.decode_attention import paged_decode_attention
@@ -85,3 +86,21 @@ class TritonAttentionBackend(AttentionBackend):
                 sliding_window=sliding_window,
             )  # fmt: skip
         return out
+
+
+class TritonFP8KVBackend(TritonAttentionBackend):
+    """`--quant-policy fp8` on CUDA: the same kernels over an e4m3 cache. Stores cast to e4m3 (saturating), and
+    decode / prefill attention widen each K/V tile to the query's dtype in registers (WIDEN_KV): no dequantized
+    copy, CUDA graphs, sliding windows and the fused rotary store as for bf16."""
+
+    def allocate_kv_cache(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        return allocate_fp8_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, device)

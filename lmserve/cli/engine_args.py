@@ -59,10 +59,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--quant-policy",
-        type=int,
-        choices=QUANT_POLICIES,
+        type=parse_quant_policy,
         default=0,
-        help="KV cache quantization: 0, 8 (int8), 4 (int4)",
+        help="KV cache quantization: 0, 8 (int8), 4 (int4), fp8 (float8 e4m3)",
     )
     group.add_argument("--model-format", choices=MODEL_FORMATS, default="auto", help="checkpoint format")
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
@@ -80,6 +79,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default="last",
         help="how /v1/embeddings pools the last hidden states (L2-normalized)",
     )
+
+
+def parse_quant_policy(text: str) -> int | str:
+    """`--quant-policy` value: LMDeploy's integers 0 / 8 / 4, or fp8; a bad one names the allowed values."""
+    value: int | str = int(text) if text.lstrip("-").isdigit() else text
+    if value not in QUANT_POLICIES:
+        allowed = ", ".join(str(policy) for policy in QUANT_POLICIES)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a KV cache policy; choose one of {allowed}")
+    return value
 
 
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:

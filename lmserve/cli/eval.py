@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lmserve.cli.engine_args import parse_quant_policy
 from lmserve.config import MODEL_FORMATS
 from lmserve.quant.corpus import DEFAULT_DATASET
 
@@ -26,10 +27,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--stride", type=int, default=512, help="step between windows (default 512)")
     parser.add_argument(
         "--quant-policy",
-        type=int,
-        choices=(0, 4, 8),
+        type=parse_quant_policy,
         default=None,
-        help="run through lmserve's engine (float32) with this KV cache: 0 plain, 8 int8, 4 int4; "
+        help="run through lmserve's engine (float32) with this KV cache: 0 plain, 8 int8, 4 int4, fp8 e4m3; "
         "without it, transformers' model runs (the reference)",
     )
     parser.add_argument(

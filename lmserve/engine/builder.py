@@ -36,8 +36,8 @@ class ResolvedConfig:
     dtype: torch.dtype
     session_len: int
     max_batch_size: int
-    quant_policy: int = 0
-    """KV cache quantization: 0 off, 8 int8, 4 int4 (EngineConfig.quant_policy)."""
+    quant_policy: int | str = 0
+    """KV cache quantization: 0 off, 8 int8, 4 int4, fp8 (EngineConfig.quant_policy)."""
 
 
 def resolve_device(name: str, gpus_needed: int = 1, index: int = 0) -> torch.device:
@@ -191,15 +191,12 @@ def random_quantization_config(model_format: str) -> dict[str, Any] | None:
     return None
 
 
-def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, quant_policy: int = 0) -> float:
+def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, quant_policy: int | str = 0) -> float:
     """Cache bytes one token takes over all layers (K and V) on one tp rank; quantized caches count their
     scales and zeros."""
-    if quant_policy:
-        from lmserve.attention.kv_quant import bits_of, quantized_bytes_per_element
+    from lmserve.attention.kv_quant import kv_bytes_per_element
 
-        element_size = quantized_bytes_per_element(model_config.head_dim, bits_of(quant_policy))
-    else:
-        element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = kv_bytes_per_element(quant_policy, model_config.head_dim, dtype)
     return (
         2
         * model_config.num_hidden_layers

@@ -9,6 +9,10 @@ import torch
 from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
 
 _MIN_TOKENS_PER_SPLIT = 128
+DECODE_TILES = {"default": (64, 4), "fp8": (128, 2)}
+"""(block_n, num_warps) of the decode kernel by cache dtype. e4m3 at the bf16 tile (64, 4) ran at 0.73x bf16
+(batch 64 x 4,096 tokens, Llama-3-8B heads, H200); (128, 2) ran at 1.41x (benchmarks/bench_kv_quant.py
+--sweep-policy fp8; RESULTS.md)."""
 NO_WINDOW = 2**30
 """The window the kernels are given when a layer has none: longer than any context."""
 
@@ -41,8 +45,14 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WRITE_OUTPUT: tl.constexpr,
+    WIDEN_KV: tl.constexpr,
 ):
-    """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once."""
+    """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once.
+
+    WIDEN_KV (an FP8 cache): q is cast to float16 and keys and values are widened to float16 in registers as they
+    are loaded (e4m3 -> f16 is one exact cvt on sm_90, -> bf16 takes more; f16 also keeps more of q and p than
+    bf16); otherwise q is cast to the cache's dtype (the same one for a bf16/fp16 model).
+    """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -59,7 +69,10 @@ def _decode_split_kernel(
     head_mask = group < GROUP
     q_mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if WIDEN_KV:
+        q = q.to(tl.float16)
+    else:
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -72,8 +85,8 @@ def _decode_split_kernel(
         rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
         offsets = rows[:, None] + kv_head * stride_cache_head + dims[None, :]
         kv_mask = token_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k)) * scale_log2
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -149,8 +162,8 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     sliding_window: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
@@ -159,7 +172,10 @@ def paged_decode_attention(
     seq_lens: [>=B] int32 (context length including the query token, already in the cache).
     sliding_window W: the query (at position seq_len - 1) reads only the last W keys.
     The grid depends only on B and block_tables.shape[1], never on GPU values: safe to capture in a CUDA graph.
+    block_n / num_warps default to the tile measured fastest for the cache's dtype (DECODE_TILES).
     """
+    default_block_n, default_warps = DECODE_TILES["fp8" if is_fp8(k_cache) else "default"]
+    block_n, num_warps = block_n or default_block_n, num_warps or default_warps
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -182,7 +198,7 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        WRITE_OUTPUT=num_splits == 1, num_warps=num_warps, num_stages=num_stages,
+        WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
@@ -191,6 +207,11 @@ def paged_decode_attention(
             num_warps=4,
         )  # fmt: skip
     return out
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    """An FP8 (e4m3) KV cache: the attention kernels widen it to the query's dtype as they read it."""
+    return cache.dtype == torch.float8_e4m3fn
 
 
 def paged_decode_attention_ref(

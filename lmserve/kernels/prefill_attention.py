@@ -7,7 +7,7 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, tl
-from lmserve.kernels.decode_attention import NO_WINDOW, attend, gather_context
+from lmserve.kernels.decode_attention import NO_WINDOW, attend, gather_context, is_fp8
 
 
 @jit
@@ -23,8 +23,8 @@ def _attend_tile(
     cache_rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
     offsets = cache_rows[:, None] + kv_head * stride_cache_head + dims[None, :]
     kv_mask = token_mask[:, None] & dim_mask
-    k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+    k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)  # FP8 widens here
+    v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
     scores = tl.dot(q, tl.trans(k)) * scale_log2
     if MASKED:
         visible = token_mask[None, :] & (tokens[None, :] <= query_positions[:, None])
@@ -66,8 +66,10 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOWED: tl.constexpr,
+    WIDEN_KV: tl.constexpr,
 ):
-    """One program = BLOCK_M query tokens of one sequence x one query head; K/V come from the cache."""
+    """One program = BLOCK_M query tokens of one sequence x one query head; K/V come from the cache (an FP8
+    cache, WIDEN_KV, is widened to float16 tile by tile, q cast to it: see _decode_split_kernel)."""
     seq = first_seq + tl.program_id(0)
     query_block = tl.program_id(1)
     head = tl.program_id(2)
@@ -85,7 +87,10 @@ def _prefill_kernel(
     dim_mask = dims[None, :] < HEAD_DIM
     q_offsets = (query_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None] & dim_mask, other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if WIDEN_KV:
+        q = q.to(tl.float16)
+    else:
+        q = q.to(k_cache_ptr.dtype.element_ty)
     query_positions = context_offset + rows
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -156,7 +161,7 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, WINDOWED=sliding_window is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        WIDEN_KV=is_fp8(k_cache), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 

@@ -21,8 +21,6 @@ from lmserve.quant.checkpoint import load_quantized_model
 from lmserve.quant.corpus import evaluation_tokens
 from lmserve.quant.perplexity import LogitsFn, PerplexityResult, perplexity
 
-QUANT_POLICIES = (0, 4, 8)
-
 
 def load_eval_model(model: str | None) -> tuple[nn.Module, object]:
     """(HF module in float32, tokenizer): quantized checkpoints run on lmserve's quantized linears."""
@@ -39,7 +37,7 @@ def evaluate_perplexity(
     num_tokens: int = 20000,
     window: int = 512,
     stride: int = 512,
-    quant_policy: int | None = None,
+    quant_policy: int | str | None = None,
     model_format: str = "auto",
 ) -> PerplexityResult:
     """Perplexity with transformers' module, or lmserve's engine when a KV cache policy or a model format other
@@ -61,10 +59,10 @@ def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def engine_logits_fn(
-    model: str | None, quant_policy: int, window: int, model_format: str = "auto"
+    model: str | None, quant_policy: int | str, window: int, model_format: str = "auto"
 ) -> tuple[LogitsFn, Any]:
     """(window scorer, tokenizer) over lmserve's float32 engine model with a KV cache of `quant_policy`."""
-    from lmserve.config import EngineConfig
+    from lmserve.config import QUANT_POLICIES, EngineConfig
     from lmserve.engine.engine import LLMEngine
 
     if quant_policy not in QUANT_POLICIES:

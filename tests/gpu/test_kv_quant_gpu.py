@@ -211,13 +211,14 @@ def test_decode_in_cuda_graph_replays_with_new_lengths(bits: int) -> None:
     assert torch.equal(cache.codes, eager_cache.codes) and torch.equal(cache.params, eager_cache.params)
 
 
-def make_engine(hf_model: PreTrainedModel, quant_policy: int, eager_mode: bool = False) -> LLMEngine:
+def make_engine(hf_model: PreTrainedModel, quant_policy: int | str, **config_fields: Any) -> LLMEngine:
+    """A bf16 engine over hf_model's weights; config_fields (eager_mode, enable_prefix_caching...) pass on."""
     model_config = ModelConfig.from_hf_config(hf_config_dict(hf_model))
     net: Any = build_model(model_config, get_attention_backend(CUDA, quant_policy), torch.bfloat16, CUDA)
     net.load_weights(hf_model.state_dict().items())
     config = EngineConfig(
         dtype="bfloat16", device="cuda", cache_max_entry_count=4096, max_batch_size=8,
-        quant_policy=quant_policy, eager_mode=eager_mode,
+        quant_policy=quant_policy, **config_fields,
     )  # fmt: skip
     return LLMEngine.build(config, model_config, net)
 
@@ -241,6 +242,24 @@ def near_tie(chosen: Any, other_token: int, margin: float = 0.02) -> bool:
     return other_token in alternatives and chosen.logprob - alternatives[other_token] < margin
 
 
+def assert_divergences_are_near_ties(
+    graph_tokens: list[list[int]], eager_tokens: list[list[int]], graph_logprobs: list[list[Any]],
+    eager_logprobs: list[list[Any]],
+) -> None:  # fmt: skip
+    """A replay pads the batch and sees the static block-table width, so the decode kernel may split the
+    sequence into other parts than eagerly: the sums differ in the last bits (measured on the H200: one
+    position of 144 where eager's top two logprobs were 0.004 apart). Any divergence must be such a near tie."""
+    for graph_seq, eager_seq, graph_lps, eager_lps in zip(
+        graph_tokens, eager_tokens, graph_logprobs, eager_logprobs, strict=True
+    ):
+        position = next(
+            (i for i, (a, b) in enumerate(zip(graph_seq, eager_seq, strict=True)) if a != b), None
+        )
+        if position is not None:
+            assert near_tie(eager_lps[position], graph_seq[position]), (position, eager_lps[position])
+            assert near_tie(graph_lps[position], eager_seq[position]), (position, graph_lps[position])
+
+
 @pytest.mark.parametrize("quant_policy", [8, 4])
 def test_engine_graphs_and_eager_agree_and_int8_tracks_bf16(quant_policy: int) -> None:
     shape = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -252,18 +271,7 @@ def test_engine_graphs_and_eager_agree_and_int8_tracks_bf16(quant_policy: int) -
     eager_tokens, eager_logprobs = run_with_logprobs(
         make_engine(hf_model, quant_policy, eager_mode=True), prompts
     )
-    # A replay pads the batch and sees the static block-table width, so the decode kernel may split the
-    # sequence into other parts than eagerly: the sums differ in the last bits (measured on the H200: one
-    # position of 144 where eager's top two logprobs were 0.004 apart). Any divergence must be such a near tie.
-    for graph_seq, eager_seq, graph_lps, eager_lps in zip(
-        tokens, eager_tokens, graph_logprobs, eager_logprobs, strict=True
-    ):
-        position = next(
-            (i for i, (a, b) in enumerate(zip(graph_seq, eager_seq, strict=True)) if a != b), None
-        )
-        if position is not None:
-            assert near_tie(eager_lps[position], graph_seq[position]), (position, eager_lps[position])
-            assert near_tie(graph_lps[position], eager_seq[position]), (position, graph_lps[position])
+    assert_divergences_are_near_ties(tokens, eager_tokens, graph_logprobs, eager_logprobs)
     assert sum(a == b for a, b in zip(tokens, eager_tokens, strict=True)) >= 5  # of 6
     if quant_policy == 8:
         reference = run_all(make_engine(hf_model, 0), prompts, GREEDY)
