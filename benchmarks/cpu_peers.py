@@ -44,15 +44,23 @@ def with_load(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
 
 
 def ratio(
-    results: dict[str, Any], numerator: str, denominator: str, key: str = "decode_tok_s"
+    results: dict[str, Any],
+    numerator: str,
+    denominator: str,
+    key: str = "decode_tok_s",
+    denominator_key: str | None = None,
 ) -> float | None:
-    """numerator / denominator, or None when the load average moved by more than MAX_LOAD_CHANGE across them."""
-    loads = [
-        results[name][when] for name in (numerator, denominator) for when in ("load_before", "load_after")
-    ]
-    if max(loads) - min(loads) > MAX_LOAD_CHANGE:
-        return None
-    return float(results[numerator][key] / results[denominator]["decode_tok_s"])
+    """numerator / denominator, or None when the machine was not the same for both figures.
+
+    Each figure raises the load average itself (its own threads), so like is compared with like: the loads
+    before the two figures, and the loads after them, must each agree within MAX_LOAD_CHANGE; another
+    process starting or stopping during the run breaks one of the two.
+    """
+    first, second = results[numerator], results[denominator]
+    for when in ("load_before", "load_after"):
+        if abs(first[when] - second[when]) > MAX_LOAD_CHANGE:
+            return None
+    return float(first[key] / second[denominator_key or key])
 
 
 def smollm2_gguf() -> str:
@@ -242,7 +250,7 @@ def print_report(results: dict[str, Any], rows: list[tuple[str, dict[str, float]
         numerator = "ours_bf16_concurrent" if key == "output_tok_s" else "ours_bf16"
         if numerator not in results:
             continue
-        value = ratio(results, numerator, peer, key)
+        value = ratio(results, numerator, peer, key, "decode_tok_s")
         results["ratios"][label] = value
         print(f"  {label:<48} {_ratio_text(value, results[numerator], results[peer])}")
 
