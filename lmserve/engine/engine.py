@@ -23,6 +23,7 @@ from lmserve.distributed.parallel_state import destroy_tensor_parallel, tp_group
 from lmserve.distributed.step_channel import StepChannel
 from lmserve.distributed.worker import WorkerSpec
 from lmserve.engine import builder
+from lmserve.engine.cpu_memory import available_memory_bytes
 from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.detokenizer import TextStream
 from lmserve.engine.kv_cache import BlockManager
@@ -35,6 +36,7 @@ from lmserve.engine.runner import ModelRunner, PendingTokens
 from lmserve.engine.sampler import DeviceSample, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import FinishReason, GenerationConfig, RequestOutput, TokenLogprob
+from lmserve.layers.cpu_gemm import pack_cpu_linears
 from lmserve.lora.manager import adapter_slot, attach_adapters
 from lmserve.models.config import ModelConfig
 from lmserve.structured import make_backend
@@ -517,6 +519,9 @@ def build_runner(
     """(runner, number of KV blocks) over the model (one tp rank's shard): the cache sized and allocated,
     CUDA graphs captured. Every tp rank calls it in the same order (sizing and capture are collective)."""
     backend = net.attention_backend
+    if resolved.device.type == "cpu":  # before the KV cache is sized from the memory left
+        with loading_phase("packed the CPU linears for oneDNN"):
+            pack_cpu_linears(net, available_memory_bytes())
     num_blocks = builder.num_kv_blocks(config, resolved, model_config)
     block_size = config.cache_block_seq_len
     with loading_phase(f"allocated the KV cache ({num_blocks * block_size} tokens)"):

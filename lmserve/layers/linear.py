@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels.int8_gemm import quantize_rows_int8
+from lmserve.layers.cpu_gemm import packed_linear
 from lmserve.layers.quant import make_quantized_linear
 
 INT4_GROUP_SIZE = 32
@@ -31,12 +32,16 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # (packed uint8 weight, [K / group, N, 2] scales and zeros): set by keep_int4_if_exact
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        # CPU: oneDNN's blocked copy of the weight (layers/cpu_gemm.py), set by pack_cpu_linears
+        self.onednn: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP_SIZE, scales_zeros)
             return out if self.bias is None else out + self.bias
+        if self.onednn is not None:
+            return packed_linear(x, self.onednn, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def keep_int4_if_exact(self, weight: torch.Tensor) -> bool:

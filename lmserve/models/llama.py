@@ -14,6 +14,7 @@ from lmserve.attention.backend import AttentionBackend
 from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
 from lmserve.layers.activation import gated_activation
+from lmserve.layers.cpu_gemm import pack_weight, packable, packed_linear
 from lmserve.layers.embedding import VocabEmbedding
 from lmserve.layers.linear import (
     INT4_MAX_ROWS,
@@ -235,6 +236,8 @@ class LlamaForCausalLM(nn.Module):
             )
         # CPU bfloat16 decode: an int8 copy of the lm_head for few-row batches (set by load_weights)
         self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        # CPU: oneDNN's blocked copy of a tied lm_head (the embedding) for more rows (set by pack_lm_head)
+        self.lm_head_onednn: torch.Tensor | None = None
 
     def forward(
         self,
@@ -257,6 +260,10 @@ class LlamaForCausalLM(nn.Module):
         """
         if self.lm_head_int8 is not None and hidden.shape[0] <= INT4_MAX_ROWS:
             logits = int8_linear(hidden, self.lm_head_int8)
+        elif self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        elif self.lm_head_onednn is not None:
+            logits = packed_linear(hidden, self.lm_head_onednn)
         else:
             logits = F.linear(hidden, self.lm_head_weight())
         if tp_size() == 1:
@@ -265,6 +272,12 @@ class LlamaForCausalLM(nn.Module):
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def pack_lm_head(self) -> None:
+        """A tied lm_head's oneDNN copy (layers/cpu_gemm.py; an untied one is a Linear, packed with the rest)."""
+        weight = self.lm_head_weight()
+        if self.lm_head is None and packable(weight):
+            self.lm_head_onednn = pack_weight(weight)
 
     def weight_loader(self) -> WeightLoader:
         """What routes checkpoint tensors onto the parameters (MoE models also route expert tensors)."""

@@ -1,10 +1,20 @@
-"""The CPU decode fast paths: lossless 4-bit copies of exactly-4-bit weights, and the int8 lm_head copy."""
+"""The CPU fast paths: lossless 4-bit copies of exactly-4-bit weights, the int8 lm_head copy, oneDNN's packed GEMM."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lmserve.layers.linear import INT4_GROUP_SIZE, Linear, int8_linear, pack_int4_if_exact, pack_int8
+from lmserve.layers import linear as linear_module
+from lmserve.layers.cpu_gemm import ONEDNN_ENV, onednn_available, pack_cpu_linears, pack_weight, packed_linear
+from lmserve.layers.linear import (
+    INT4_GROUP_SIZE,
+    INT4_MAX_ROWS,
+    Linear,
+    int8_linear,
+    pack_int4_if_exact,
+    pack_int8,
+)
 
 
 def exactly_4bit_weight(num_out: int, num_in: int, seed: int = 0) -> torch.Tensor:
@@ -66,3 +76,50 @@ def test_int8_lm_head_packing_keeps_its_floor_for_tiny_rows() -> None:
     packed_codes, packed_scales = pack_int8(weight, torch.float32)
     assert torch.equal(packed_codes, codes) and torch.equal(packed_scales, scales)
     assert packed_codes[2].abs().max() == 127  # a 1e-7 row still spans all levels
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch lacks oneDNN's packed linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 96), (1, 96), (16, 96), (2, 5, 96)])
+def test_onednn_packed_linear_matches_float64_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(80, 96, generator=generator).to(dtype)
+    bias = torch.randn(80, generator=generator).to(dtype)
+    x = torch.randn(*shape, generator=generator).to(dtype)
+    out = packed_linear(x, pack_weight(weight), bias)
+    truth = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    assert out.shape == truth.shape and out.dtype == dtype
+    if truth.numel():
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (out.double() - truth).abs().max() <= tolerance * truth.abs().max()
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch lacks oneDNN's packed linear")
+def test_pack_cpu_linears_routes_many_rows_to_onednn_and_few_to_int4(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = exactly_4bit_weight(64, 128)
+    model = torch.nn.Sequential(linear_with(weight))
+    layer = model[0]
+    assert layer.keep_int4_if_exact(weight)
+    assert pack_cpu_linears(model, available_bytes=None) == 1 and layer.onednn is not None
+    calls: list[int] = []
+    real = packed_linear
+
+    def counting(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(linear_module, "packed_linear", counting)
+    many = torch.randn(INT4_MAX_ROWS + 4, 128).to(torch.bfloat16)
+    out = layer(many)
+    layer(many[:INT4_MAX_ROWS])  # the 4-bit kernel keeps few rows
+    assert calls == [INT4_MAX_ROWS + 4]
+    truth = many.double() @ weight.double().t()
+    assert (out.double() - truth).abs().max() <= 2e-2 * truth.abs().max()
+
+
+def test_pack_cpu_linears_respects_the_switch_and_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Sequential(linear_with(torch.randn(64, 128)))
+    assert pack_cpu_linears(model, available_bytes=4 * 64 * 128 * 2 - 1) == 0  # the copy would not fit
+    monkeypatch.setenv(ONEDNN_ENV, "0")
+    assert pack_cpu_linears(model, available_bytes=None) == 0
+    assert model[0].onednn is None
