@@ -124,7 +124,8 @@ class DecodeGraphInputs:
 
 
 def get_attention_backend(device: torch.device, quant_policy: int | str = 0) -> AttentionBackend:
-    """The Triton backend on CUDA when it is installed, else the plain-torch reference.
+    """The Triton backend on CUDA when it is installed, the heads-first torch backend on the CPU, else the
+    plain-torch reference.
 
     quant_policy 8 / 4 (LMDeploy's flag) gives the int8 / int4 KV cache variant of the same choice, `fp8` the
     float8 e4m3 one.
@@ -144,6 +145,10 @@ def get_attention_backend(device: torch.device, quant_policy: int | str = 0) -> 
             pass
         else:
             return TritonAttentionBackend()
+    if device.type == "cpu":
+        from lmserve.attention.torch_backend import CPUAttentionBackend
+
+        return CPUAttentionBackend()
     from lmserve.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()

@@ -27,10 +27,16 @@ class TorchAttentionBackend(AttentionBackend):
 
     Decodes of a batch run as one padded SDPA call; prefill chunks run one SDPA call per sequence.
     It slices by the host lengths, so it cannot run under CUDA graphs. With a sliding window, blocks wholly
-    before every query's window are not gathered.
+    before every query's window are not gathered. This layout is the Triton kernels' too: the reference
+    the GPU backends are tested against (CPUAttentionBackend below stores heads first).
     """
 
     supports_sliding_window = True
+
+    def cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     def allocate_kv_cache(
         self,
@@ -42,7 +48,7 @@ class TorchAttentionBackend(AttentionBackend):
         dtype: torch.dtype,
         device: torch.device,
     ) -> list[torch.Tensor]:
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = self.cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         return [lazily_zeroed(shape, dtype, device) for _ in range(num_layers)]
 
     def prepare(self, meta: AttentionMetadata) -> TorchPlan:
@@ -52,6 +58,16 @@ class TorchAttentionBackend(AttentionBackend):
         has_padding = bool((slot_mapping < 0).any())
         kept_rows = (slot_mapping >= 0).nonzero().squeeze(1) if has_padding else None
         return TorchPlan(meta, query_lens, seq_lens, kept_rows)
+
+    def store(
+        self, layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """k/v [T, Hkv, D] into the cache at their flat slots (every slot valid)."""
+        write_kv_cache(layer_cache, k, v, slot_mapping)
+
+    def gather(self, layer_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """K/V of the given blocks, heads before tokens: block_ids [..., n] -> [2, ..., Hkv, n * block_size, D]."""
+        return gather_kv(layer_cache, block_ids).transpose(-3, -2)
 
     def forward(
         self,
@@ -64,33 +80,171 @@ class TorchAttentionBackend(AttentionBackend):
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         meta = plan.meta
-        write_kv_cache(layer_cache, k, v, meta.slot_mapping, plan.kept_rows)
-        num_decodes = meta.num_decodes
-        if num_decodes == meta.num_seqs:
-            return decode_attention(q, layer_cache, plan, scale, sliding_window)
-        out = torch.empty_like(q)
+        slot_mapping = meta.slot_mapping
+        if plan.kept_rows is not None:
+            kept = plan.kept_rows
+            self.store(layer_cache, k[kept], v[kept], slot_mapping[kept])
+        else:
+            self.store(layer_cache, k, v, slot_mapping)
+        num_decodes, has_padding = meta.num_decodes, q.shape[0] > meta.num_tokens
+        if num_decodes == meta.num_seqs and not has_padding:
+            return self.decode(q, layer_cache, plan, scale, sliding_window)
+        out = q.new_zeros(q.shape) if has_padding else torch.empty_like(q)  # padding rows read as zeros
         if num_decodes:
-            out[:num_decodes] = decode_attention(q[:num_decodes], layer_cache, plan, scale, sliding_window)
+            out[:num_decodes] = self.decode(q[:num_decodes], layer_cache, plan, scale, sliding_window)
         start = num_decodes
         for i in range(num_decodes, meta.num_seqs):
             end = start + plan.query_lens[i]
-            out[start:end] = prefill_attention(
+            out[start:end] = self.prefill(
                 q[start:end], k[start:end], v[start:end], layer_cache, plan, i, scale, sliding_window
             )
             start = end
         return out
 
+    def decode(
+        self,
+        q: torch.Tensor,
+        layer_cache: torch.Tensor,
+        plan: TorchPlan,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """The first len(q) sequences each have one new query: q [B, Hq, D] -> [B, Hq, D], in one SDPA call."""
+        num_seqs, num_heads, head_dim = q.shape
+        meta, seq_lens_cpu = plan.meta, plan.seq_lens[:num_seqs]
+        block_size, max_len = meta.block_size, max(seq_lens_cpu)
+        # keys before the shortest sequence's window are seen by no query of the batch
+        first_block = first_visible_key(min(seq_lens_cpu) - 1, sliding_window) // block_size
+        key_start, num_blocks = first_block * block_size, -(-max_len // block_size)
+        kv = self.gather(layer_cache, meta.block_tables[:num_seqs, first_block:num_blocks])
+        keys, values = (
+            kv[0, ..., : max_len - key_start, :],
+            kv[1, ..., : max_len - key_start, :],
+        )  # [B, Hkv, L, D]
+        num_kv_heads = keys.shape[1]
+        # GQA without repeating K/V: the query heads of one KV head form that head's "query length"
+        queries = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        mask = None
+        cut_by_window = first_visible_key(max_len - 1, sliding_window) > key_start
+        if min(seq_lens_cpu) != max_len or cut_by_window:
+            seq_lens = meta.seq_lens[:num_seqs, None].to(q.device)
+            positions = torch.arange(key_start, max_len, device=q.device)[None, :]
+            mask = positions < seq_lens
+            if sliding_window is not None:
+                mask &= positions >= seq_lens - sliding_window
+            mask = mask[:, None, None, :]
+        out = self.decode_sdpa(queries, keys, values, mask, scale)
+        return out.reshape(num_seqs, num_heads, head_dim)
+
+    def decode_sdpa(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """queries [B, Hkv, G, D] over keys/values [B, Hkv, L, D] (mask [B, 1, 1, L]) -> [B, Hkv, G, D]."""
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_cache: torch.Tensor,
+        plan: TorchPlan,
+        seq_index: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """One sequence's chunk of new queries q [n, Hq, D] attends causally to its cached and new tokens."""
+        query_len, seq_len = q.shape[0], plan.seq_lens[seq_index]
+        window_fits = sliding_window is None or query_len <= sliding_window
+        if query_len == seq_len:  # nothing cached: the new K/V are the whole context
+            keys, values, key_start = k.transpose(0, 1), v.transpose(0, 1), 0
+        else:
+            block_size = plan.meta.block_size
+            first_block = first_visible_key(seq_len - query_len, sliding_window) // block_size
+            key_start = first_block * block_size
+            block_ids = plan.meta.block_tables[seq_index, first_block : -(-seq_len // block_size)]
+            kv = self.gather(layer_cache, block_ids)[..., : seq_len - key_start, :]
+            keys, values = kv[0], kv[1]  # [Hkv, L, D]
+        mask, causal = None, True
+        if query_len != seq_len or not window_fits:
+            mask = causal_mask_with_offset(query_len, seq_len, q.device, sliding_window, key_start)
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=q.shape[1] != keys.shape[0],
+        )
+        return out.transpose(0, 1)
+
+
+HEADS_AS_BATCH_MIN_SEQS = 4
+"""Decode batches of at least this many sequences run SDPA with the KV heads as its batch (CPUAttentionBackend)."""
+
+
+class CPUAttentionBackend(TorchAttentionBackend):
+    """The CPU production path: the same attention over a heads-first cache, per layer
+    [2, num_kv_heads, num_blocks, block_size, head_dim].
+
+    Gathering a batch's blocks from it gives each head's keys as one contiguous [B, L, D] run, which SDPA reads
+    as is; the reference layout's gather is token-major and SDPA reads it transposed (on the 2-core box the
+    16-sequence decode attention of SmolLM2 takes about half the time this way: benchmarks/RESULTS.md, "CPU
+    attention"). With four or more sequences the decode runs with the KV heads as SDPA's batch and the sequences
+    as its heads, which keeps each head's K/V one strided tensor.
+    """
+
+    def cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+    def store(
+        self, layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        flat = layer_cache.view(2, layer_cache.shape[1], -1, layer_cache.shape[-1])
+        flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(layer_cache.dtype))
+        flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(layer_cache.dtype))
+
+    def gather(self, layer_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        gathered = layer_cache.index_select(2, block_ids.reshape(-1))
+        num_kv_heads, block_size, head_dim = layer_cache.shape[1], layer_cache.shape[3], layer_cache.shape[4]
+        num_tokens = block_ids.shape[-1] * block_size
+        gathered = gathered.view(2, num_kv_heads, *block_ids.shape[:-1], num_tokens, head_dim)
+        return gathered.movedim(1, -3)  # [2, ..., Hkv, L, D], a view
+
+    def decode_sdpa(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        if queries.shape[0] < HEADS_AS_BATCH_MIN_SEQS:
+            return super().decode_sdpa(queries, keys, values, mask, scale)
+        # [Hkv, B, ...]: for SDPA the KV heads are the batch and the sequences its heads (contiguous K/V)
+        out = F.scaled_dot_product_attention(
+            queries.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=None if mask is None else mask.transpose(0, 1),
+            scale=scale,
+        )
+        return out.transpose(0, 1)
+
 
 def write_kv_cache(
-    layer_cache: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    kept_rows: torch.Tensor | None = None,
+    layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store each new token's K/V at its flat slot; only kept_rows are written when given (the rest are -1)."""
-    if kept_rows is not None:
-        slot_mapping, k, v = slot_mapping[kept_rows], k[kept_rows], v[kept_rows]
+    """Store each new token's K/V at its flat slot (a reference-layout cache; every slot valid)."""
     num_kv_heads, head_dim = layer_cache.shape[-2:]
     flat = layer_cache.view(2, -1, num_kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k.to(layer_cache.dtype))
@@ -104,77 +258,6 @@ def gather_kv(layer_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tenso
     block_size, num_kv_heads, head_dim = layer_cache.shape[2:]
     num_tokens = block_ids.shape[-1] * block_size
     return gathered.view(2, *block_ids.shape[:-1], num_tokens, num_kv_heads, head_dim)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    layer_cache: torch.Tensor,
-    plan: TorchPlan,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """The first len(q) sequences each have one new query: q [B, Hq, D] -> [B, Hq, D], in one SDPA call."""
-    num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = layer_cache.shape[2], layer_cache.shape[3]
-    meta, seq_lens_cpu = plan.meta, plan.seq_lens[:num_seqs]
-    max_len = max(seq_lens_cpu)
-    # keys before the shortest sequence's window are seen by no query of the batch
-    first_block = first_visible_key(min(seq_lens_cpu) - 1, sliding_window) // block_size
-    key_start, num_blocks = first_block * block_size, -(-max_len // block_size)
-    block_ids = meta.block_tables[:num_seqs, first_block:num_blocks]
-    kv = gather_kv(layer_cache, block_ids)[:, :, : max_len - key_start]
-    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, Hkv, L, D]
-    # GQA without repeating K/V: the query heads of one KV head form that head's "query length"
-    queries = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    mask = None
-    cut_by_window = first_visible_key(max_len - 1, sliding_window) > key_start
-    if min(seq_lens_cpu) != max_len or cut_by_window:
-        seq_lens = meta.seq_lens[:num_seqs, None].to(q.device)
-        positions = torch.arange(key_start, max_len, device=q.device)[None, :]
-        mask = positions < seq_lens
-        if sliding_window is not None:
-            mask &= positions >= seq_lens - sliding_window
-        mask = mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(num_seqs, num_heads, head_dim)
-
-
-def prefill_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer_cache: torch.Tensor,
-    plan: TorchPlan,
-    seq_index: int,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """One sequence's chunk of new queries q [n, Hq, D] attends causally to its cached and new tokens."""
-    query_len, seq_len = q.shape[0], plan.seq_lens[seq_index]
-    window_fits = sliding_window is None or query_len <= sliding_window
-    if query_len == seq_len:  # nothing cached: the new K/V are the whole context
-        keys, values, key_start = k, v, 0
-    else:
-        block_size = layer_cache.shape[2]
-        first_block = first_visible_key(seq_len - query_len, sliding_window) // block_size
-        key_start = first_block * block_size
-        block_ids = plan.meta.block_tables[seq_index, first_block : -(-seq_len // block_size)]
-        kv = gather_kv(layer_cache, block_ids)[:, : seq_len - key_start]
-        keys, values = kv[0], kv[1]
-    mask, causal = None, True
-    if query_len != seq_len or not window_fits:
-        mask = causal_mask_with_offset(query_len, seq_len, q.device, sliding_window, key_start)
-        causal = False
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        keys.transpose(0, 1),
-        values.transpose(0, 1),
-        attn_mask=mask,
-        is_causal=causal,
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
-    )
-    return out.transpose(0, 1)
 
 
 def first_visible_key(position: int, sliding_window: int | None) -> int:

@@ -8,6 +8,7 @@ leaves when told to, or when its parent process is gone (no orphans after a kill
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -84,6 +85,9 @@ def run_engine_core(spec: CoreSpec) -> None:
     inputs.bind(spec.addresses.input)
     ready = CoreReady(None, engine.limits, engine.default_generation_config, engine.stats())
     _send_all(outputs, encoder.encode(ready))
+    # the model, tokenizer and cache live as long as this process: later collections need not walk them
+    gc.collect()
+    gc.freeze()
     try:
         CoreLoop(engine, inputs, outputs, spec.parent_pid).run()
     finally:
