@@ -133,19 +133,8 @@ class TorchAttentionBackend(AttentionBackend):
             if sliding_window is not None:
                 mask &= positions >= seq_lens - sliding_window
             mask = mask[:, None, None, :]
-        out = self.decode_sdpa(queries, keys, values, mask, scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
         return out.reshape(num_seqs, num_heads, head_dim)
-
-    def decode_sdpa(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-        scale: float,
-    ) -> torch.Tensor:
-        """queries [B, Hkv, G, D] over keys/values [B, Hkv, L, D] (mask [B, 1, 1, L]) -> [B, Hkv, G, D]."""
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
 
     def prefill(
         self,
@@ -186,19 +175,14 @@ class TorchAttentionBackend(AttentionBackend):
         return out.transpose(0, 1)
 
 
-HEADS_AS_BATCH_MIN_SEQS = 4
-"""Decode batches of at least this many sequences run SDPA with the KV heads as its batch (CPUAttentionBackend)."""
-
-
 class CPUAttentionBackend(TorchAttentionBackend):
     """The CPU production path: the same attention over a heads-first cache, per layer
     [2, num_kv_heads, num_blocks, block_size, head_dim].
 
-    Gathering a batch's blocks from it gives each head's keys as one contiguous [B, L, D] run, which SDPA reads
-    as is; the reference layout's gather is token-major and SDPA reads it transposed (on the 2-core box the
-    16-sequence decode attention of SmolLM2 takes about half the time this way: benchmarks/RESULTS.md, "CPU
-    attention"). With four or more sequences the decode runs with the KV heads as SDPA's batch and the sequences
-    as its heads, which keeps each head's K/V one strided tensor.
+    Gathering a batch's blocks from it gives each (sequence, head) its keys as one contiguous [L, D] run, which
+    SDPA reads in place; the reference layout's gather interleaves the heads of a token, and SDPA reads it
+    strided. On the 2-core box the decode attention of SmolLM2 (9 query / 3 KV heads) takes 10–35 % less time
+    this way at 1–16 sequences (benchmarks/RESULTS.md, "CPU attention").
     """
 
     def cache_shape(
@@ -219,26 +203,6 @@ class CPUAttentionBackend(TorchAttentionBackend):
         num_tokens = block_ids.shape[-1] * block_size
         gathered = gathered.view(2, num_kv_heads, *block_ids.shape[:-1], num_tokens, head_dim)
         return gathered.movedim(1, -3)  # [2, ..., Hkv, L, D], a view
-
-    def decode_sdpa(
-        self,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-        scale: float,
-    ) -> torch.Tensor:
-        if queries.shape[0] < HEADS_AS_BATCH_MIN_SEQS:
-            return super().decode_sdpa(queries, keys, values, mask, scale)
-        # [Hkv, B, ...]: for SDPA the KV heads are the batch and the sequences its heads (contiguous K/V)
-        out = F.scaled_dot_product_attention(
-            queries.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            attn_mask=None if mask is None else mask.transpose(0, 1),
-            scale=scale,
-        )
-        return out.transpose(0, 1)
 
 
 def write_kv_cache(
