@@ -6,9 +6,12 @@ Measures, back to back in one process:
 - llama.cpp single-stream decode (llama-cpp-python, same GGUF, greedy, fixed token count),
 - HF transformers `generate` at batch 1 (float32 and bfloat16, loaded from the same GGUF).
 Every single-stream number is the median over --repeats runs; decode tok/s excludes the prefill.
-The 1-minute load average is recorded before and after each figure; a ratio between two figures is refused
-(printed as such, stored as null) when the load moved by more than MAX_LOAD_CHANGE across them: on a shared
-machine the peers would not have had the same CPU.
+The 1-minute load average is recorded before and after each figure, with the cores other work took during it
+(the machine's busy time from /proc/stat, hypervisor steal included, less this benchmark's own processes'). A
+ratio between two figures is refused (printed as such, stored as null) when the loads before them differ by more
+than MAX_LOAD_CHANGE or other work took more than MAX_OTHER_CORES during either: on a shared machine the peers
+would not have had the same CPU. (A figure's own threads raise the load average after it, the more the longer
+it runs, so the loads after two figures of different length are not compared.)
 
     python benchmarks/cpu_peers.py --json benchmarks/cpu_peers.json
 """
@@ -27,20 +30,79 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 MAX_LOAD_CHANGE = 0.5
-"""A ratio is reported only when the load average stayed within this band over both of its figures."""
+"""A ratio is reported only when the load averages before its two figures agree within this band."""
+MAX_OTHER_CORES = 0.5
+"""... and when, during each figure, work other than the benchmark's own took at most this many cores."""
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def with_load(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """The figure with the 1-minute load average before and after it."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat; steal is the hypervisor
+    running other guests on our CPUs (a shared VM's neighbours). Zeros where /proc/stat is missing."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / TICKS, steal / TICKS
+
+
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU-seconds (user + system) the live processes `roots` and all their descendants have used."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, list(roots)
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def own_cpu_seconds(extra_roots: list[int]) -> float:
+    """This process and its live descendants, the children it has waited for, and extra process trees."""
+    times = os.times()
+    return tree_cpu_seconds([os.getpid(), *extra_roots]) + times.children_user + times.children_system
+
+
+def with_load(measure: Callable[[], dict[str, float]], roots: Callable[[], list[int]] = list) -> dict[str, float]:
+    """The figure with the 1-minute load average before and after it, and the cores that other work took
+    meanwhile: the machine's busy time (steal included) less this benchmark's own processes' (this one, its
+    children, and the process trees `roots()`, e.g. a server under test)."""
     before = os.getloadavg()[0]
+    busy, steal = machine_busy_seconds()
+    own, start = own_cpu_seconds(roots()), time.monotonic()
     figure = measure()
-    return {**figure, "load_before": before, "load_after": os.getloadavg()[0]}
+    wall = time.monotonic() - start
+    own = own_cpu_seconds(roots()) - own
+    busy_after, steal_after = machine_busy_seconds()
+    return {
+        **figure,
+        "load_before": before,
+        "load_after": os.getloadavg()[0],
+        "other_cores": max(0.0, busy_after - busy - own) / wall,
+        "steal_cores": (steal_after - steal) / wall,
+    }
 
 
 def ratio(
@@ -52,14 +114,16 @@ def ratio(
 ) -> float | None:
     """numerator / denominator, or None when the machine was not the same for both figures.
 
-    Each figure raises the load average itself (its own threads), so like is compared with like: the loads
-    before the two figures, and the loads after them, must each agree within MAX_LOAD_CHANGE; another
-    process starting or stopping during the run breaks one of the two.
+    Each figure raises the load average itself (its own threads, the longer the run the more), so the load
+    average after a figure says little about neighbours; the loads before the two figures must agree within
+    MAX_LOAD_CHANGE, and during each figure other work (other processes, the hypervisor's steal) must have
+    taken at most MAX_OTHER_CORES.
     """
     first, second = results[numerator], results[denominator]
-    for when in ("load_before", "load_after"):
-        if abs(first[when] - second[when]) > MAX_LOAD_CHANGE:
-            return None
+    if abs(first["load_before"] - second["load_before"]) > MAX_LOAD_CHANGE:
+        return None
+    if max(first.get("other_cores", 0.0), second.get("other_cores", 0.0)) > MAX_OTHER_CORES:
+        return None
     return float(first[key] / second[denominator_key or key])
 
 
@@ -237,7 +301,10 @@ def save(results: dict[str, Any], args: argparse.Namespace) -> None:
 def print_report(results: dict[str, Any], rows: list[tuple[str, dict[str, float], str]]) -> None:
     print(f"\n{results['model']}  ({results['machine']})")
     for name, figure, field in rows:
-        loads = f"load average {figure['load_before']:.2f} -> {figure['load_after']:.2f}"
+        loads = (
+            f"load average {figure['load_before']:.2f} -> {figure['load_after']:.2f}, "
+            f"other work {figure['other_cores']:.2f} cores"
+        )
         print(f"  {name:<48} {figure[field]:8.1f}   ({loads})")
     if "ours_bf16" not in results:
         return
@@ -259,7 +326,11 @@ def _ratio_text(value: float | None, first: dict[str, float], second: dict[str, 
     if value is not None:
         return f"{value:8.2f}x"
     loads = ", ".join(f"{f['load_before']:.2f} -> {f['load_after']:.2f}" for f in (first, second))
-    return f"  refused: load average moved by more than {MAX_LOAD_CHANGE} ({loads})"
+    others = ", ".join(f"{f.get('other_cores', 0.0):.2f}" for f in (first, second))
+    return (
+        f"  refused: loads before differ by more than {MAX_LOAD_CHANGE} ({loads}) or other work took more than "
+        f"{MAX_OTHER_CORES} cores ({others})"
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Same GGUF (the embedded SmolLM2-135M Q4_1), same load generator (`lmserve bench serving`: 128 in / 128 out,
 greedy, ignore_eos), one run. llama-server gets 4 continuous-batching slots and 2 threads (`-np 4 -t 2`, issue 18);
-build it with `benchmarks/build_llama_server.sh`. The 1-minute load average is recorded before and after each
-figure; a ratio is refused when the two figures' loads differ by more than MAX_LOAD_CHANGE (cpu_peers.ratio).
+build it with `benchmarks/build_llama_server.sh`. Each figure starts once the 1-minute load average is below 0.4;
+the load average before and after it and the cores other work took meanwhile (the machine's busy time less the
+benchmark's own processes', steal included) are recorded, and a ratio is refused when the loads before differ by
+more than MAX_LOAD_CHANGE or other work took more than MAX_OTHER_CORES (cpu_peers.ratio).
 
     PYTHONPATH=. python benchmarks/serving_cpu_peers.py --llama-server PATH [--peer-python PY] [--json OUT]
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_peers import MAX_LOAD_CHANGE, ratio, with_load  # noqa: E402
+from cpu_peers import MAX_LOAD_CHANGE, MAX_OTHER_CORES, ratio, with_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +48,7 @@ def wait_up(url: str, process: subprocess.Popen[bytes], seconds: float = 180) ->
     raise RuntimeError(f"{url} did not answer within {seconds} s")
 
 
-def settle(max_load: float = 0.8, seconds: float = 90) -> None:
+def settle(max_load: float = 0.4, seconds: float = 180) -> None:
     """Wait (up to `seconds`) for the 1-minute load average to fall below max_load: each figure starts quiet."""
     deadline = time.monotonic() + seconds
     while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
@@ -73,7 +75,7 @@ def serve_and_bench(command: list[str], port: int, args: argparse.Namespace, nam
                 "tpot_ms_median": 1000 * report["tpot_s"]["p50"],
             }
 
-        return with_load(bench)
+        return with_load(bench, roots=lambda: [process.pid])
     finally:
         process.terminate()
         process.wait(30)
@@ -121,10 +123,11 @@ def main() -> None:
             r = results[name]
             assert isinstance(r, dict)
             print(f"{name:<26} {r['output_tok_s']:8.1f} output tok/s  TPOT p50 {r['tpot_ms_median']:.1f} ms  "
-                  f"(load {r['load_before']:.2f} -> {r['load_after']:.2f})")  # fmt: skip
+                  f"(load {r['load_before']:.2f} -> {r['load_after']:.2f}, other work {r['other_cores']:.2f} cores)")  # fmt: skip
     if value is None:
         print(
-            f"lmserve / llama-server: refused, the load moved by more than {MAX_LOAD_CHANGE} across the figures"
+            f"lmserve / llama-server: refused, the loads before differ by more than {MAX_LOAD_CHANGE} or other "
+            f"work took more than {MAX_OTHER_CORES} cores"
         )
     else:
         print(f"lmserve / llama-server: {value:.2f}x (goal >= 2.5x)")
