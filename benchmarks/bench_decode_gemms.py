@@ -143,6 +143,11 @@ BF16_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "programs_per_sm": pp, "use_dot": 0}
     for bn in (8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8) for st in (2, 4) for pp in (4, 8, 16)
     if bn * bk <= 16384
+] + [  # second H200 call: fewer programs per SM (no split-K at all) and 4-channel programs
+    {"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": st, "programs_per_sm": pp, "use_dot": 0}
+    for bn, bk, pps in [(4, 256, (1, 2, 4, 8)), (4, 512, (1, 2, 4, 8)), (4, 1024, (2, 4)), (8, 256, (1, 2)),
+                        (8, 512, (1, 2)), (16, 256, (2,))]
+    for pp in pps for st in (2, 4)
 ]  # fmt: skip
 
 
