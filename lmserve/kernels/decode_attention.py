@@ -7,7 +7,6 @@ import math
 import torch
 
 from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
-from lmserve.kernels.split_k import tile_locks
 
 _MIN_TOKENS_PER_SPLIT = 128
 DECODE_TILES = {"default": (64, 4), "fp8": (128, 2)}
@@ -28,7 +27,6 @@ def _decode_split_kernel(
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
-    lock_ptr,
     scale_log2,
     num_splits,
     sliding_window,
@@ -50,9 +48,6 @@ def _decode_split_kernel(
     WIDEN_KV: tl.constexpr,
 ):
     """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once.
-
-    With several splits, the programs whose split holds keys write a partial (output, log-sum-exp), and the last
-    program of the (sequence, KV head) to arrive combines them (_combine_splits): no second launch.
 
     WIDEN_KV (an FP8 cache): q is cast to float16 and keys and values are widened to float16 in registers as they
     are loaded (e4m3 -> f16 is one exact cvt on sm_90, -> bf16 takes more; f16 also keeps more of q and p than
@@ -103,49 +98,14 @@ def _decode_split_kernel(
 
     empty = l_i == 0.0  # a split past the end of a short sequence, or a zero-length padding sequence
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    out = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     if WRITE_OUTPUT:
+        out = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        rows = (seq * GROUP * tl.num_programs(1) + heads) * num_splits  # split 0 of each query head
-        if start < end:
-            lse = m_i + tl.log2(tl.where(empty, 1.0, l_i))
-            tl.store(partial_lse_ptr + rows + split, lse, mask=head_mask)
-            tl.store(partial_out_ptr + (rows + split)[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
-        tl.debug_barrier()
-        lock = lock_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(lock, 1, sem="acq_rel") == num_splits - 1:
-            used = tl.cdiv(seq_len - window_start, tl.maximum(tokens_per_split, 1))
-            combined = _combine_splits(
-                partial_out_ptr, partial_lse_ptr, rows, used, dims, head_mask, q_mask, HEAD_DIM, GROUP_PAD, DIM_PAD
-            )  # fmt: skip
-            tl.store(out, combined.to(out_ptr.dtype.element_ty), mask=q_mask)
-            tl.atomic_xchg(lock, 0)
-
-
-@jit
-def _combine_splits(
-    partial_out_ptr, partial_lse_ptr, rows, used, dims, head_mask, q_mask,
-    HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
-):  # fmt: skip
-    """The attention output [GROUP_PAD, DIM_PAD] from the first `used` splits' partials (the splits that hold
-    keys, each with a finite log-sum-exp), weighted online by their log-sum-exp (base 2); zeros when none."""
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for s in range(0, used):
-        lse = tl.load(partial_lse_ptr + rows + s, mask=head_mask, other=0.0, cache_modifier=".cg")
-        part = tl.load(
-            partial_out_ptr + (rows + s)[:, None] * HEAD_DIM + dims[None, :], mask=q_mask, other=0.0,
-            cache_modifier=".cg",
-        )  # fmt: skip
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        weight = tl.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + part * weight[:, None]
-        total = total * alpha + weight
-        m = m_new
-    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
 
 
 @jit
@@ -232,7 +192,7 @@ def paged_decode_attention(
         )
         partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, tile_locks(q.device),
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
         scale * math.log2(math.e), num_splits, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -240,6 +200,12 @@ def paged_decode_attention(
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), SPLITS_PAD=next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
     return out
 
 

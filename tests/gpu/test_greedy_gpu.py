@@ -11,8 +11,8 @@ from lmserve.attention.backend import get_attention_backend
 from lmserve.engine.engine import LLMEngine
 from lmserve.generation import GenerationConfig
 from lmserve.kernels.argmax import greedy_argmax
-from lmserve.kernels.fp8 import fp8_gemv
-from lmserve.kernels.testing import relative_error
+from lmserve.kernels.gemv import one_row_gemv_options, one_row_linear
+from lmserve.kernels.testing import TOLERANCE, relative_error
 from lmserve.layers.linear import Linear
 
 CUDA = torch.device("cuda")
@@ -54,24 +54,34 @@ def test_greedy_argmax_of_masked_rows_and_in_a_cuda_graph() -> None:
     assert torch.equal(out, logits.argmax(-1))
 
 
-@pytest.mark.parametrize("k,n", [(4096, 49152), (4096, 6144), (14336, 4096), (576, 49152), (64, 97)])
+@pytest.mark.parametrize(
+    "k,n",
+    [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256), (576, 49152), (4608, 4099)],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_of_16bit_weights_writes_float32(k: int, n: int, dtype: torch.dtype, bias: bool) -> None:
+def test_gemv_of_16bit_weights_with_the_dispatched_options(
+    k: int, n: int, dtype: torch.dtype, bias: bool
+) -> None:
+    """The options one_row_gemv_options gives each shape (Llama-3-8B's, and uneven ones): float32 logits, and the
+    16-bit output a Linear returns."""
+    options = one_row_gemv_options(k, n)
+    assert options is not None
     x = torch.randn(1, k, device="cuda", dtype=dtype)
     weight = (torch.randn(n, k, device="cuda") * 0.02).to(dtype)
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    out = fp8_gemv(x, weight, None, b, out_dtype=torch.float32)
     ref = x.float() @ weight.float().t() + (0 if b is None else b.float())
+    out = one_row_linear(x, weight, b, options, torch.float32)
     assert out.dtype == torch.float32 and out.shape == (1, n)
     # float32 sums of exact products, in another order than torch's: no output rounding to 16 bits
     assert relative_error(out, ref) < 1e-5
+    assert relative_error(one_row_linear(x, weight, b, options), ref) < TOLERANCE[dtype] / 4  # one rounding
 
 
-# every GEMV bracket of kernels/gemv.py at batch 1: qkv 4096 -> 4608, o 4096 -> 4096, gate_up 4096 -> 16384,
-# lm_head 4096 -> 8192 (down, 8192 -> 4096, stays on cuBLAS)
+# every linear on the GEMV at batch 1: qkv 4096 -> 4608, o 4096 -> 4096, gate_up 4096 -> 16384, down 8192 ->
+# 4096, and the lm_head 4096 -> 32768 (kernels/gemv.py's vocabulary programs)
 GEMV_SHAPE = dict(
-    vocab_size=8192, hidden_size=4096, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+    vocab_size=32768, hidden_size=4096, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
     num_key_value_heads=2, head_dim=128,
 )  # fmt: skip
 
@@ -94,7 +104,7 @@ def gemv_engine(hf_model: torch.nn.Module, use_gemv: bool, **config: object) -> 
     net = build_model(model_config, get_attention_backend(CUDA), torch.bfloat16, CUDA)
     net.load_weights(hf_model.state_dict().items())
     linears = [m for m in net.modules() if isinstance(m, Linear)]
-    assert sum(m.gemv_options is not None for m in linears) == 3 * GEMV_SHAPE["num_hidden_layers"] + 1
+    assert sum(m.gemv_options is not None for m in linears) == 4 * GEMV_SHAPE["num_hidden_layers"] + 1
     if not use_gemv:
         for m in linears:
             m.gemv_options = None
@@ -128,7 +138,7 @@ def test_one_row_gemv_keeps_greedy_tokens(gemv_model: torch.nn.Module) -> None:
     from tests.gpu.test_kv_quant_gpu import assert_divergences_are_near_ties, run_with_logprobs
 
     rng = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 8192, (n,), generator=rng).tolist() for n in (1, 9, 40)]
+    prompts = [torch.randint(0, GEMV_SHAPE["vocab_size"], (n,), generator=rng).tolist() for n in (1, 9, 40)]
     runs = []
     for use_gemv in (True, False):
         engine = gemv_engine(gemv_model, use_gemv)
