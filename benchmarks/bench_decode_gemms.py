@@ -1,6 +1,6 @@
 """Decode-sized GEMMs of one Llama-3-8B layer per weight format and kernel, against cuBLAS bf16, on one GPU.
 
-    PYTHONPATH=. python benchmarks/bench_decode_gemms.py [--json results.json] [--sweep]
+    PYTHONPATH=. python benchmarks/bench_decode_gemms.py [--json results.json] [--sweep] [--bf16-sweep]
 
 Per format, microseconds per layer (qkv + o + gate_up + down) at M = 1, 2, 4, 8, 16, 64 as CUDA-graph replays,
 each timed call on its own copy of the weights (more than twice the L2), from bench_quant_kernels' helpers:
@@ -9,7 +9,10 @@ each timed call on its own copy of the weights (more than twice the L2), from be
   same integer weights (AutoAWQ's integer zeros as its float zeros (8 - z) * s);
 - FP8 e4m3 per channel: fp8_gemv (M <= 16) and per-token quantization + torch._scaled_mm (what ran before).
 Each kernel's output is checked against a float32 reference first. --sweep also times launch options of
-fp8_gemv and of the W4A16 kernels at the row counts in W4_SWEEP / FP8_SWEEP.
+fp8_gemv and of the W4A16 kernels at the row counts in W4_SWEEP / FP8_SWEEP. --bf16-sweep times, at one row, the
+Triton GEMV over bf16 weights with the launch options of BF16_SWEEP against cuBLAS on the layer's GEMMs and the
+lm_head (vocab 49152 and 128256), and the lm_head + greedy argmax as the sampler runs them (cuBLAS, widen, torch
+argmax against the GEMV writing float32 logits and greedy_argmax).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from bench_kernels import copy_bandwidth
 from bench_quant_kernels import GROUP_SIZE, LAYER, awq_weights, graph_us, num_sets_for
 
 from lmserve.kernels import w4a16
+from lmserve.kernels.argmax import greedy_argmax
 from lmserve.kernels.awq_dequant import awq_gemm_ref
 from lmserve.kernels.fp8 import FP8, fp8_gemv, per_token_quant_fp8, quantize_rows_fp8
 from lmserve.kernels.testing import relative_error
@@ -133,6 +137,80 @@ FP8_SWEEP = {
 }  # fmt: skip
 
 
+LM_HEADS = {"lm_head": (4096, 49152), "lm_head_128k": (4096, 128256)}
+"""Llama-3-8B-shaped lm_heads (K, vocab): the benchmark's 49152 (SmolLM2's tokenizer) and Llama-3's own."""
+BF16_SWEEP = [
+    {"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "programs_per_sm": pp, "use_dot": 0}
+    for bn in (8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8) for st in (2, 4) for pp in (4, 8, 16)
+    if bn * bk <= 16384
+] + [  # second H200 call: fewer programs per SM (no split-K at all) and 4-channel programs
+    {"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": st, "programs_per_sm": pp, "use_dot": 0}
+    for bn, bk, pps in [(4, 256, (1, 2, 4, 8)), (4, 512, (1, 2, 4, 8)), (4, 1024, (2, 4)), (8, 256, (1, 2)),
+                        (8, 512, (1, 2)), (16, 256, (2,))]
+    for pp in pps for st in (2, 4)
+]  # fmt: skip
+
+
+def bench_bf16_one_row(k: int, n: int) -> dict:
+    """One row: cuBLAS against the Triton GEMV over the same bf16 weights, its defaults and BF16_SWEEP."""
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    row: dict = {"k": k, "n": n, "m": 1}
+    dense = [
+        torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(num_sets_for(k * n * 2))
+    ]
+    ref = x.float() @ dense[0].float().t()
+    row |= timed("bf16", [lambda w=w: F.linear(x, w) for w in dense], None)
+    row |= timed(
+        "bf16_triton",
+        [lambda w=w: fp8_gemv(x, w, None, None) for w in dense],
+        lambda: relative_error(fp8_gemv(x, dense[0], None, None), ref),
+    )
+    for options in BF16_SWEEP:
+        label = "bf16_triton " + json.dumps(options)
+        row |= timed(label, [lambda w=w, o=options: fp8_gemv(x, w, None, None, **o) for w in dense], None)
+    if n in (n for _, n in LM_HEADS.values()):
+        row |= bench_lm_head(x, dense, ref)
+    return row
+
+
+def bench_lm_head(x: torch.Tensor, dense: list[torch.Tensor], ref: torch.Tensor) -> dict:
+    """The greedy step after the model: logits, float32 logits, argmax; each way, then the argmax alone."""
+    expected = ref.argmax(-1)
+    row = timed(
+        "lm_head_cublas_argmax",
+        [lambda w=w: F.linear(x, w).float().argmax(-1) for w in dense],
+        lambda: float(not torch.equal(F.linear(x, dense[0]).float().argmax(-1), expected)),
+    )
+    row |= timed(
+        "lm_head_gemv_argmax",
+        [lambda w=w: greedy_argmax(fp8_gemv(x, w, None, None, out_dtype=torch.float32)) for w in dense],
+        lambda: float(
+            not torch.equal(greedy_argmax(fp8_gemv(x, dense[0], None, None, torch.float32)), expected)
+        ),
+    )
+    logits = [torch.randn(1, ref.shape[1], device="cuda") for _ in range(16)]
+    row |= timed("argmax_torch", [lambda t=t: t.argmax(-1) for t in logits], None)
+    row |= timed(
+        "argmax_triton",
+        [lambda t=t: greedy_argmax(t) for t in logits],
+        lambda: float(not all(torch.equal(greedy_argmax(t), t.argmax(-1)) for t in logits)),
+    )
+    return row
+
+
+def bf16_sweep() -> list[dict]:
+    rows = []
+    for name, (k, n) in (LAYER | LM_HEADS).items():
+        row = {"name": name, **bench_bf16_one_row(k, n)}
+        rows.append(row)
+        swept = sorted((v, lab) for lab, v in row.items() if lab.endswith("_us") and " " in lab)
+        plain = {lab: round(v, 1) for lab, v in row.items() if lab.endswith("_us") and " " not in lab}
+        print(f"{name:12s} {plain}  errors {[f'{v:.1e}' for lab, v in row.items() if lab.endswith('_err')]}")
+        for v, lab in swept[:5]:
+            print(f"    sweep best: {v:7.1f} us  {lab}", flush=True)
+    return rows
+
+
 def layer_sums(rows: list[dict]) -> dict[int, dict[str, float]]:
     """Per M, each timed label summed over the layer's four GEMMs (labels missing for any GEMM are left out)."""
     sums: dict[int, dict[str, float]] = {}
@@ -148,12 +226,23 @@ def main() -> None:
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--sweep", action="store_true", help="also time launch options (W4_SWEEP, FP8_SWEEP)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--bf16-sweep", action="store_true", help="only the one-row bf16 GEMV sweep")
     args = parser.parse_args()
     copy_tb_s = copy_bandwidth() / 1e12
     print(
         f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_tb_s:.2f} TB/s",
         flush=True,
     )
+    if args.bf16_sweep:
+        rows = bf16_sweep()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows},
+                    f,
+                    indent=1,
+                )
+        return
     rows = []
     for m in args.batches:
         for name, (k, n) in LAYER.items():

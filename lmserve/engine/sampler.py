@@ -8,6 +8,7 @@ import torch
 
 from lmserve.attention.metadata import upload
 from lmserve.generation import GenerationConfig, PromptThenOutput, TokenLogprob
+from lmserve.kernels.argmax import greedy_argmax
 from lmserve.structured.backend import GrammarBackend
 from lmserve.structured.sequence import SequenceGrammar
 
@@ -342,8 +343,8 @@ class Sampler:
 
     def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.all_greedy:
-            return logits.argmax(dim=-1)
-        greedy_ids = logits.argmax(dim=-1) if batch.any_greedy else None
+            return greedy_argmax(logits)
+        greedy_ids = greedy_argmax(logits) if batch.any_greedy else None
         sampled_ids = sample_from_logits(logits, batch)
         if greedy_ids is None:
             return sampled_ids
@@ -384,7 +385,7 @@ def sample_from_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tens
     if batch.top_k is not None or batch.top_p is not None:
         logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
     probs = logits.softmax(dim=-1)
-    return probs.div_(_exponential_noise(probs, batch.seeded_rows)).argmax(dim=-1)
+    return greedy_argmax(probs.div_(_exponential_noise(probs, batch.seeded_rows)))
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -165,9 +165,11 @@ def fp8_gemv(
     weight: torch.Tensor,
     weight_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
     **options: int,
 ) -> torch.Tensor:
-    """x [M <= 16, K] (bf16/fp16) @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, in x's dtype, one launch.
+    """x [M <= 16, K] (bf16/fp16) @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, one launch; the output in
+    out_dtype (default x's: float32 spares the lm_head's logits a widening copy, the sums are float32 anyway).
 
     A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
     against cuBLAS).
@@ -182,7 +184,7 @@ def fp8_gemv(
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert weight.is_contiguous() and (weight_scale is None or weight_scale.is_contiguous())
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(num_rows, n, dtype=out_dtype or x.dtype, device=x.device)
     if num_rows == 0:
         return out
     block_n, block_k = opts["block_n"], opts["block_k"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels.gemv import one_row_gemv_options, one_row_linear, runs_one_row_gemv
 from lmserve.kernels.int8_gemm import quantize_rows_int8
 from lmserve.layers.cpu_gemm import packed_linear
 from lmserve.layers.quant import make_quantized_linear
@@ -34,8 +35,13 @@ class Linear(nn.Module):
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         # CPU: oneDNN's blocked copy of the weight (layers/cpu_gemm.py), set by pack_cpu_linears
         self.onednn: torch.Tensor | None = None
+        # CUDA, one 16-bit row: the Triton GEMV's options where it measured faster than cuBLAS (kernels/gemv.py)
+        self.gemv_options = one_row_gemv_options(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_one_row_gemv(x, self.weight, self.gemv_options):
+            assert self.gemv_options is not None
+            return one_row_linear(x, self.weight, self.bias, self.gemv_options)
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP_SIZE, scales_zeros)

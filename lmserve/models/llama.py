@@ -13,6 +13,7 @@ from torch import nn
 from lmserve.attention.backend import AttentionBackend
 from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
+from lmserve.kernels.gemv import one_row_logits
 from lmserve.layers.activation import gated_activation
 from lmserve.layers.cpu_gemm import pack_weight, packable, packed_linear
 from lmserve.layers.embedding import VocabEmbedding
@@ -258,7 +259,10 @@ class LlamaForCausalLM(nn.Module):
         Under tp (vocabulary-parallel lm_head) every rank computes its rows' logits and rank 0, which
         samples, gathers them; the other ranks get their own rows back and drop them.
         """
-        if self.lm_head_int8 is not None and hidden.shape[0] <= INT4_MAX_ROWS:
+        gemv_logits = one_row_logits(hidden, self.lm_head_weight()) if hidden.is_cuda else None
+        if gemv_logits is not None:  # CUDA, one row: float32 logits straight from the GEMV
+            logits = gemv_logits
+        elif self.lm_head_int8 is not None and hidden.shape[0] <= INT4_MAX_ROWS:
             logits = int8_linear(hidden, self.lm_head_int8)
         elif self.lm_head is not None:
             logits = self.lm_head(hidden)

@@ -185,10 +185,6 @@ def make_engine(quant_policy: int | str, **config: Any) -> LLMEngine:
     return make_tiny_engine(hf_model, quant_policy, **config)
 
 
-@pytest.mark.xfail(
-    reason="failed on the H200 at 40f3d12 (graph vs eager agreement with fp8 KV); not yet investigated",
-    strict=False,
-)
 def test_engine_graphs_prefix_caching_and_bf16_agree() -> None:
     """CUDA graphs and eager read the same e4m3 cache; a prefix hit reads the blocks another request stored;
     greedy tokens track the bf16 cache's."""
@@ -201,9 +197,9 @@ def test_engine_graphs_prefix_caching_and_bf16_agree() -> None:
     assert graphs.runner.kv_caches[0].dtype == FP8_KV_DTYPE
     tokens, graph_logprobs = run_with_logprobs(graphs, prompts)
     eager, eager_logprobs = run_with_logprobs(make_engine("fp8", eager_mode=True), prompts)
-    # measured on the H200: 4 of 6 identical, each divergence a near tie
+    # both read the same e4m3 bytes; the replay's decode splits differ (measured on the H200: 6 of 6 identical)
     assert_divergences_are_near_ties(tokens, eager, graph_logprobs, eager_logprobs)
-    assert sum(a == b for a, b in zip(tokens, eager, strict=True)) >= 3
+    assert sum(a == b for a, b in zip(tokens, eager, strict=True)) >= 5
     prefix = (prompts[0] * 30)[:128]  # two whole 64-token blocks shared by all six
     shared = [prefix + p for p in prompts]
     cached = make_engine("fp8", enable_prefix_caching=True)
@@ -212,9 +208,14 @@ def test_engine_graphs_prefix_caching_and_bf16_agree() -> None:
     assert cached.stats().prefix_cache_hits > 0
     uncached = run_all(make_engine("fp8", enable_prefix_caching=False), shared, greedy)
     # a hit's chunk tiles its queries from another position than a full prefill: float sums in another order
+    # (measured on the H200: 6 of 6 identical)
     assert sum(a == b for a, b in zip(first + rest, uncached, strict=True)) >= 4
-    reference = run_all(make_engine(0), prompts, greedy)
-    identical = sum(a == b for a, b in zip(tokens, reference, strict=True))
-    first_tokens = sum(a[0] == b[0] for a, b in zip(tokens, reference, strict=True))
-    print(f"fp8 vs bf16: {identical} of 6 sequences identical, {first_tokens} of 6 first tokens")
-    assert identical >= 2 and first_tokens >= 4
+    reference, reference_logprobs = run_with_logprobs(make_engine(0), prompts)
+    # e4m3 keeps 3 mantissa bits: before the runs part, the fp8 cache moved each chosen logprob by up to
+    # 0.019 nats (H200), and this random model's top two tokens are often closer than that: 5 of 6 sequences
+    # parted (at positions 2-14), each where the two tokens were 0-0.008 nats apart in the fp8 run and
+    # 0-0.023 in the bf16 one (logits 0-2 bf16 ulps apart). So no count of identical sequences is asserted
+    # (it measured 1 of 6, while the xfail'd count asked for 2), but every divergence must be a tie within
+    # 0.05 nats (2.5x the largest shift) in both runs, and the first tokens agree (6 of 6 measured).
+    assert_divergences_are_near_ties(tokens, reference, graph_logprobs, reference_logprobs, margin=0.05)
+    assert sum(a[0] == b[0] for a, b in zip(tokens, reference, strict=True)) >= 5

@@ -244,11 +244,12 @@ def near_tie(chosen: Any, other_token: int, margin: float = 0.02) -> bool:
 
 def assert_divergences_are_near_ties(
     graph_tokens: list[list[int]], eager_tokens: list[list[int]], graph_logprobs: list[list[Any]],
-    eager_logprobs: list[list[Any]],
+    eager_logprobs: list[list[Any]], margin: float = 0.02,
 ) -> None:  # fmt: skip
     """A replay pads the batch and sees the static block-table width, so the decode kernel may split the
     sequence into other parts than eagerly: the sums differ in the last bits (measured on the H200: one
-    position of 144 where eager's top two logprobs were 0.004 apart). Any divergence must be such a near tie."""
+    position of 144 where eager's top two logprobs were 0.004 apart). Any divergence must be such a near tie
+    (within `margin` nats, in both runs)."""
     for graph_seq, eager_seq, graph_lps, eager_lps in zip(
         graph_tokens, eager_tokens, graph_logprobs, eager_logprobs, strict=True
     ):
@@ -256,8 +257,8 @@ def assert_divergences_are_near_ties(
             (i for i, (a, b) in enumerate(zip(graph_seq, eager_seq, strict=True)) if a != b), None
         )
         if position is not None:
-            assert near_tie(eager_lps[position], graph_seq[position]), (position, eager_lps[position])
-            assert near_tie(graph_lps[position], eager_seq[position]), (position, graph_lps[position])
+            assert near_tie(eager_lps[position], graph_seq[position], margin), (position, eager_lps[position])
+            assert near_tie(graph_lps[position], eager_seq[position], margin), (position, graph_lps[position])
 
 
 @pytest.mark.parametrize("quant_policy", [8, 4])

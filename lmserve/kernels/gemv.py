@@ -1,0 +1,82 @@
+"""One-row GEMV over 16-bit weights (bf16/fp16 decode at batch 1): fp8_gemv's kernel without scales, used only
+for the shapes where it measured faster than cuBLAS.
+
+At one row cuBLAS runs Llama-3-8B's o and down projections as split-K GEMMs with a second reduce kernel each; the
+GEMV streams each weight once with its split-K finished in the same launch, and writes the lm_head's logits in
+float32 (no widening copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmserve.kernels._triton import HAS_TRITON
+from lmserve.kernels.fp8 import fp8_gemv
+
+MAX_IN_FEATURES = 14336
+"""Measured up to this K (Llama-3-8B's down projection); larger inputs were not measured and stay on cuBLAS."""
+MIN_OUT_FEATURES = 4096
+"""Smaller outputs were not measured: they stay on cuBLAS."""
+VOCAB_OUT_FEATURES = 32768
+"""From this many outputs (an lm_head) wider programs: 16 channels x 256 inputs."""
+
+
+def one_row_gemv_options(in_features: int, out_features: int) -> dict[str, int] | None:
+    """fp8_gemv's launch options for x [1, in_features] @ W [out_features, in_features]^T, or None where cuBLAS
+    stays. From two H200 sweeps of 126 settings (benchmarks/bench_decode_gemms.py --bf16-sweep, RESULTS.md "H200,
+    2026-12-03 (helper g3)"): 4 channels x 1024 inputs per program, 4 programs per SM, for every Llama-3-8B layer
+    GEMM (qkv 16.3, o 12.0, gate_up 60.0, down 33.7 us against cuBLAS 17.4, 14.0, 64.9, 35.3 in the same call);
+    16 x 256 for the 128256-row lm_head (238.5 against 283.6 us)."""
+    if in_features > MAX_IN_FEATURES or out_features < MIN_OUT_FEATURES:
+        return None
+    if out_features >= VOCAB_OUT_FEATURES:
+        return {
+            "block_n": 16,
+            "block_k": 256,
+            "num_warps": 4,
+            "num_stages": 2,
+            "programs_per_sm": 4,
+            "use_dot": 0,
+        }
+    return {
+        "block_n": 4,
+        "block_k": 1024,
+        "num_warps": 4,
+        "num_stages": 4,
+        "programs_per_sm": 4,
+        "use_dot": 0,
+    }
+
+
+def runs_one_row_gemv(x: torch.Tensor, weight: torch.Tensor, options: dict[str, int] | None) -> bool:
+    """x is one 16-bit row on CUDA, the weight a contiguous matrix of its dtype whose shape has GEMV options."""
+    return (
+        options is not None
+        and x.is_cuda
+        and HAS_TRITON
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.is_contiguous()
+    )
+
+
+def one_row_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: dict[str, int],
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T + bias in one launch (out_dtype: x's by default)."""
+    return fp8_gemv(x, weight, None, bias, out_dtype, **options)
+
+
+def one_row_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """float32 logits [1, V] of one hidden row through the GEMV, or None where it does not run (cuBLAS then)."""
+    options = one_row_gemv_options(weight.shape[1], weight.shape[0])
+    if not runs_one_row_gemv(hidden, weight, options):
+        return None
+    assert options is not None
+    return one_row_linear(hidden, weight, None, options, torch.float32)
