@@ -181,8 +181,8 @@ class CPUAttentionBackend(TorchAttentionBackend):
 
     Gathering a batch's blocks from it gives each (sequence, head) its keys as one contiguous [L, D] run, which
     SDPA reads in place; the reference layout's gather interleaves the heads of a token, and SDPA reads it
-    strided. On the 2-core box the decode attention of SmolLM2 (9 query / 3 KV heads) takes 10–35 % less time
-    this way at 1–16 sequences (benchmarks/RESULTS.md, "CPU attention").
+    strided. On the 2-core box the decode attention of SmolLM2 (9 query / 3 KV heads) takes 5–30 % less time
+    this way at 1–16 sequences (`benchmarks/cpu_kernels.py`; benchmarks/RESULTS.md, "CPU attention").
     """
 
     def cache_shape(

@@ -1,10 +1,10 @@
-"""oneDNN's prepacked GEMM for the CPU linears: the same product as F.linear, 1.2-2.5x faster on this project's CPU.
+"""oneDNN's prepacked GEMM for the CPU linears: the same product as F.linear, 1.1-1.8x faster on this project's CPU.
 
 `F.linear` on a CPU tensor hands the plain [N, K] weight to MKL at every call. oneDNN can instead reorder the
 weight once, at load time, into the blocked layout its AVX512 micro-kernels read (`torch.ops.mkldnn.
 _reorder_linear_weight`, what inductor's CPU freezing pass uses). Measured on the 2-core AVX512-BF16 EPYC,
-SmolLM2-135M shapes, bf16 (benchmarks/RESULTS.md, "CPU GEMMs"): 2-2.5x F.linear's FLOP rate at 8-32 rows (the
-decode batches of a busy server), 1.2x at 128-256 (prefill), and ~3x in float32. At 1-3 rows torch's int4 and
+SmolLM2-135M shapes, bf16 (`benchmarks/cpu_kernels.py`; benchmarks/RESULTS.md, "CPU GEMMs"): 1.3-1.8x F.linear
+at 8-32 rows (the decode batches of a busy server), 1.0-1.1x at 128-256 (prefill). At 1-3 rows torch's int4 and
 int8 weight-only kernels, which read 4x / 2x fewer bytes, stay faster, so they keep those rows.
 
 The packed copy sits beside the dense weight (the embedding, the weight cache, LoRA's fused shrink and tp read
