@@ -22,7 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from lmserve.attention.metadata import AttentionMetadata
+from lmserve.attention.metadata import SequenceChunk, build_step_batch
 from lmserve.attention.torch_backend import CPUAttentionBackend, TorchAttentionBackend, TorchPlan
 from lmserve.layers.cpu_gemm import onednn_available, pack_weight, packed_linear
 from lmserve.layers.linear import INT4_GROUP_SIZE, int8_linear, pack_int4_if_exact, pack_int8
@@ -92,29 +92,9 @@ def gemm_rows(rows: list[int]) -> dict[str, dict[str, float]]:
 def decode_plan(seq_lens: list[int], num_blocks: int) -> TorchPlan:
     """A decode-only step: one new token per sequence, blocks scattered over the cache."""
     per_seq = -(-max(seq_lens) // BLOCK_SIZE)
-    tables = (
-        torch.randperm(num_blocks)[: len(seq_lens) * per_seq].view(len(seq_lens), per_seq).to(torch.int32)
-    )
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    slots = (
-        tables[torch.arange(len(seq_lens)), (lens - 1) // BLOCK_SIZE].long() * BLOCK_SIZE
-        + (lens - 1) % BLOCK_SIZE
-    )
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
-        seq_lens=lens,
-        block_tables=tables,
-        block_size=BLOCK_SIZE,
-        num_seqs=len(seq_lens),
-        num_tokens=len(seq_lens),
-        num_decodes=len(seq_lens),
-        max_query_len=1,
-        max_seq_len=max(seq_lens),
-        query_lens_cpu=[1] * len(seq_lens),
-        seq_lens_cpu=seq_lens,
-    )
-    return TorchPlan(meta, [1] * len(seq_lens), seq_lens, None)
+    tables = torch.randperm(num_blocks)[: len(seq_lens) * per_seq].view(len(seq_lens), per_seq).tolist()
+    chunks = [SequenceChunk([0], n - 1, table) for n, table in zip(seq_lens, tables, strict=True)]
+    return TorchAttentionBackend().prepare(build_step_batch(chunks, BLOCK_SIZE, "cpu").metadata)
 
 
 def attention(batches: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
