@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lmserve.attention.torch_backend import TorchAttentionBackend
 from lmserve.distributed import parallel_state
 from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from lmserve.distributed.sharding import num_local_kv_heads
@@ -100,7 +99,7 @@ def model_logits(folder: Path) -> tuple[torch.Tensor, int]:
     source = resolve_model(str(folder))
     config = load_model_config(source)
     model = builder.load_model(source, config, RESOLVED)
-    caches = TorchAttentionBackend().allocate_kv_cache(
+    caches = model.attention_backend.allocate_kv_cache(
         config.num_hidden_layers,
         32,
         BLOCK_SIZE,
