@@ -117,10 +117,7 @@ class TorchAttentionBackend(AttentionBackend):
         first_block = first_visible_key(min(seq_lens_cpu) - 1, sliding_window) // block_size
         key_start, num_blocks = first_block * block_size, -(-max_len // block_size)
         kv = self.gather(layer_cache, meta.block_tables[:num_seqs, first_block:num_blocks])
-        keys, values = (
-            kv[0, ..., : max_len - key_start, :],
-            kv[1, ..., : max_len - key_start, :],
-        )  # [B, Hkv, L, D]
+        keys, values = kv[..., : max_len - key_start, :].unbind(0)  # [B, Hkv, L, D]
         num_kv_heads = keys.shape[1]
         # GQA without repeating K/V: the query heads of one KV head form that head's "query length"
         queries = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)

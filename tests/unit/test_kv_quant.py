@@ -173,7 +173,7 @@ def test_torch_backend_is_plain_attention_over_the_dequantized_cache(bits: int, 
     ref = rotate(ref) if backend.rotate_values else ref
     assert relative_error(out[:rows], ref) < 1e-5
     # 3: and close to the unquantized backend on the original data
-    # (the plain backend's decode-only path takes no padding rows: cut them off)
+    # (the real rows; the padding rows must read as zeros, below)
     plain_meta = dataclasses.replace(batch.meta, slot_mapping=batch.meta.slot_mapping[:rows])
     plain_out = backend_step(
         TorchAttentionBackend(),
