@@ -82,7 +82,11 @@ def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
     if sweep and m in W4_SWEEP:
         for options in W4_SWEEP[m]:
             label = "awq " + json.dumps(options)
-            row |= timed(label, [lambda w=w, o=options: w4a16.w4a16_matmul(x, w, **o) for w in ours], None)
+            row |= timed(
+                label,
+                [lambda w=w, o=options: w4a16.w4a16_matmul(x, w, **o) for w in ours],
+                lambda o=options, w0=ours[0]: relative_error(w4a16.w4a16_matmul(x, w0, **o), awq_ref),
+            )
     del ours
     packs = [tinygemm_weight(a) for a in awq]
     row |= timed(
@@ -110,7 +114,9 @@ def bench_shape(k: int, n: int, m: int, sweep: bool) -> dict:
             for options in FP8_SWEEP[m]:
                 label = "fp8_gemv " + json.dumps(options)
                 row |= timed(
-                    label, [lambda w=w, s=s, o=options: fp8_gemv(x, w, s, None, **o) for w, s in fp8], None
+                    label,
+                    [lambda w=w, s=s, o=options: fp8_gemv(x, w, s, None, **o) for w, s in fp8],
+                    lambda o=options: relative_error(fp8_gemv(x, w0, s0, None, **o), fp8_ref),
                 )
     assert fp8[0][0].dtype == FP8
     return row
@@ -134,6 +140,22 @@ FP8_SWEEP = {
        + [{"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 4, "programs_per_sm": pp} for pp in (4, 8)],
     16: [{"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": 3, "programs_per_sm": pp}
          for bn, bk in [(16, 256), (32, 256), (32, 512), (64, 128)] for pp in (4, 8)],
+}  # fmt: skip
+
+_SWAP_FULL = [(64, 4), (128, 4), (128, 8)]
+W4_SWAP_SWEEP = {
+    m: [{"kernel": "swap", "block_n": bn, "num_warps": nw, "num_stages": st, "wide": wide, "programs_per_sm": pp}
+        for bn, nw in (_SWAP_FULL if m in (1, 16) else _SWAP_FULL[:2]) for st in ((1, 2, 3) if m in (1, 16) else (2, 3))
+        for wide in (0, 1) for pp in ((2, 4, 8, 16) if m in (1, 16) else (4, 8))]
+    for m in (1, 2, 4, 8, 16)
+}  # fmt: skip
+"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand): full grid at 1 and 16 rows."""
+FP8_SWAP_SWEEP = {
+    m: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "programs_per_sm": pp, "use_dot": 1,
+         "swap": 1}
+        for bn, nw in (_SWAP_FULL if m in (1, 16) else _SWAP_FULL[:2]) for bk in (64, 128, 256)
+        for st in ((2, 3, 4) if m in (1, 16) else (3,)) for pp in ((2, 4, 8) if m in (1, 16) else (4, 8))]
+    for m in (1, 2, 4, 8, 16)
 }  # fmt: skip
 
 
@@ -227,7 +249,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch options (W4_SWEEP, FP8_SWEEP)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--bf16-sweep", action="store_true", help="only the one-row bf16 GEMV sweep")
+    parser.add_argument(
+        "--swap-sweep", action="store_true", help="--sweep over the transposed tensor-core kernels' options"
+    )
     args = parser.parse_args()
+    if args.swap_sweep:
+        args.sweep = True
+        W4_SWEEP.clear()
+        W4_SWEEP.update(W4_SWAP_SWEEP)
+        FP8_SWEEP.clear()
+        FP8_SWEEP.update(FP8_SWAP_SWEEP)
     copy_tb_s = copy_bandwidth() / 1e12
     print(
         f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_tb_s:.2f} TB/s",
@@ -251,6 +282,26 @@ def main() -> None:
             errors = {key: f"{v:.1e}" for key, v in row.items() if key.endswith("_err")}
             failures = {key: v for key, v in row.items() if key.endswith("_error")}
             print(f"M={m:3d} {name:8s} errors {errors} {failures or ''}", flush=True)
+            plain = {
+                lab[:-3]: round(v, 1) for lab, v in row.items() if lab.endswith("_us") and " " not in lab
+            }
+            print(f"    {plain}")
+            for prefix in ("awq", "fp8_gemv"):
+                swept = sorted(
+                    (v, lab) for lab, v in row.items() if lab.startswith(prefix + " ") and lab.endswith("_us")
+                )
+                for v, lab in swept[:3]:
+                    print(
+                        f"    best {v:7.1f} us  {lab[:-3]}  err {row.get(lab[:-3] + '_err', -1):.1e}",
+                        flush=True,
+                    )
+            worst = (
+                max((v, lab) for lab, v in row.items() if lab.endswith("_err") and " " in lab)
+                if any(lab.endswith("_err") and " " in lab for lab in row)
+                else None
+            )
+            if worst:
+                print(f"    worst sweep error {worst[0]:.1e} {worst[1]}")
     sums = layer_sums(rows)
     for m, per_label in sums.items():
         bf16 = per_label["bf16_us"]

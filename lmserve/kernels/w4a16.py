@@ -336,6 +336,65 @@ def _w4_dot_kernel(
     )  # fmt: skip
 
 
+@jit
+def _w4_swap_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
+    MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """The transposed product out^T [BLOCK_N, BLOCK_M] = W^T x^T on tensor cores: the unpacked weights are the
+    dot's first operand (BLOCK_N >= 64 output columns as its rows, so Hopper's wgmma can take them from
+    registers), the activations, padded to BLOCK_M >= 16 rows, its second. One program = one tile x one split."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    lanes = tl.arange(0, 16)
+    dtype = x_ptr.dtype.element_ty
+    APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
+    PLANES: tl.constexpr = APPLY // 16
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    kb_start = split * blocks_per_split
+    kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
+    w_tile = w_ptr + _strip_offsets(cols, stride_w, BLOCK_N)[:, None] + lanes[None, :] * 64
+    s_cols = _strip_offsets(cols, stride_s, BLOCK_N)
+    x_cols = x_ptr + rows[None, :] * stride_xm
+    for kb in range(kb_start, kb_end):
+        words = tl.load(w_tile + kb * 1024, mask=col_mask[:, None], other=0)  # [BLOCK_N, 16 packed rows]
+        for sub in tl.static_range(128 // APPLY):
+            group = (kb * 128 + sub * APPLY) // GROUP
+            scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
+            if WIDE:  # the group's planes side by side: one [BLOCK_N, APPLY] operand, one dot
+                shifts = 4 * (sub * PLANES + tl.arange(0, PLANES))
+                planes = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | MAGIC
+                a = tl.reshape(planes, [BLOCK_N, APPLY]).to(tl.int16).to(dtype, bitcast=True)
+                ks = kb * 128 + sub * APPLY + tl.arange(0, APPLY)
+                b = tl.load(x_cols + ks[:, None], mask=(ks < K)[:, None] & row_mask[None, :], other=0.0)
+                part = tl.dot(a, b)
+                row_sum = tl.sum(b.to(tl.float32), 0)
+            else:
+                part = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                row_sum = tl.zeros([BLOCK_M], tl.float32)
+                for plane in tl.static_range(PLANES):
+                    j = sub * PLANES + plane
+                    ks = kb * 128 + j * 16 + lanes
+                    b = tl.load(x_cols + ks[:, None], mask=(ks < K)[:, None] & row_mask[None, :], other=0.0)
+                    a = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+                    part = tl.dot(a, b, part)
+                    row_sum += tl.sum(b.to(tl.float32), 0)
+            acc += (part - (zero + BIAS)[:, None] * row_sum[None, :]) * scale[:, None]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    finish_split(
+        tl.trans(acc), part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_m * tl.num_programs(0) + pid_n,
+        split, num_splits, stride_pm, stride_om, N, M, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+
+
 # -- launchers ----------------------------------------------------------------------------------------
 
 
@@ -374,7 +433,8 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w, in x's dtype (float16 or bfloat16).
 
-    kernel: "gemv" (one row), "dot" (up to DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by
+    kernel: "gemv" (one row), "dot" (up to DOT_MAX_ROWS rows), "swap" (the transposed tensor-core kernel) or
+    "dense" (dequantize, then cuBLAS); default by
     row count. options override block_n, block_m, num_warps, num_stages, programs_per_sm, blocks_per_split.
     """
     if x.shape[-1] != weight.in_features:
@@ -393,7 +453,8 @@ def w4a16_matmul(
     else:
         out = torch.empty(num_rows, weight.out_features, dtype=x.dtype, device=x.device)
         if num_rows:
-            (_launch_gemv if kernel == "gemv" else _launch_dot)(flat, weight, out, **options)
+            launch = {"gemv": _launch_gemv, "dot": _launch_dot, "swap": _launch_swap}[kernel]
+            launch(flat, weight, out, **options)
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
@@ -429,6 +490,31 @@ def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options:
     partial = split_partials(num_splits, num_rows, n, x.device)
     magic, bias = _MAGIC_16[x.dtype]
     _w4_dot_kernel[(*tiles, num_splits)](
+        x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
+        num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
+        weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
+        MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
+        WIDE=bool(opts["wide"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+    )  # fmt: skip
+
+
+def swap_options(num_rows: int, out_features: int) -> dict[str, int]:
+    """Launch settings of the transposed tensor-core kernel (not yet measured: the defaults of the sweep)."""
+    return {"block_m": 16, "block_n": 64, "num_warps": 4, "programs_per_sm": 4, "num_stages": 2, "wide": 0}
+
+
+def _launch_swap(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
+    num_rows, n = out.shape
+    opts = swap_options(num_rows, n) | options
+    num_blocks = weight.num_blocks
+    tiles = (math.ceil(n / opts["block_n"]), math.ceil(num_rows / opts["block_m"]))
+    per_split = opts.get("blocks_per_split") or choose_splits(
+        tiles[0] * tiles[1], num_blocks, opts["programs_per_sm"], x.device
+    )
+    num_splits = math.ceil(num_blocks / per_split)
+    partial = split_partials(num_splits, num_rows, n, x.device)
+    magic, bias = _MAGIC_16[x.dtype]
+    _w4_swap_kernel[(tiles[0], num_splits, tiles[1])](
         x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
         num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
         weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),

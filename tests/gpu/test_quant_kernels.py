@@ -143,14 +143,34 @@ def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, d
         assert relative_error(out[row], ref[row]) < TOLERANCE[dtype], f"{row=}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [*SHAPES, (576, 1536)])
+@pytest.mark.parametrize("num_rows", [1, 2, 16, 33])
+@pytest.mark.parametrize(
+    "options", [{}, {"block_n": 128, "num_warps": 8, "wide": 1}, {"block_n": 128, "num_stages": 3}]
+)
+def test_w4a16_transposed_kernel(num_rows: int, k: int, n: int, options: dict, dtype: torch.dtype) -> None:
+    """The transposed tensor-core kernel ("swap": the weights as the dot's first operand) against the float32
+    reference, every row on its own (33 rows: three row tiles, the last one partial)."""
+    qweight, qzeros, scales = random_awq(k, n, 128)
+    weight = repack_awq(qweight, qzeros, scales, 128)
+    x = torch.randn(num_rows, k, device="cuda").to(dtype)
+    poison_cache_allocator()
+    out = w4a16_matmul(x, weight, kernel="swap", **options)
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, 128)
+    for row in range(num_rows):
+        assert relative_error(out[row], ref[row]) < TOLERANCE[dtype], f"{row=}"
+
+
 @pytest.mark.parametrize("kernel,options", [("gemv", {"blocks_per_split": 1}), ("gemv", {"blocks_per_split": 3}),
-                                            ("dot", {"blocks_per_split": 1}), ("dot", {"blocks_per_split": 2})])  # fmt: skip
+                                            ("dot", {"blocks_per_split": 1}), ("dot", {"blocks_per_split": 2}),
+                                            ("swap", {"blocks_per_split": 3})])  # fmt: skip
 def test_w4a16_split_counters_survive_graph_replays(kernel: str, options: dict) -> None:
     """Split-K tiles finish through per-tile counters that must be back at zero after every launch."""
     k, n, group_size = 4096, 6144, 128
     qweight, qzeros, scales = random_awq(k, n, group_size)
     weight = repack_awq(qweight, qzeros, scales, group_size)
-    x = torch.randn(1 if kernel == "gemv" else 16, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1 if kernel != "dot" else 16, k, device="cuda", dtype=torch.bfloat16)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
     w4a16_matmul(x, weight, kernel=kernel, **options)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -77,6 +77,14 @@ def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int
         (70, "dot", {"block_m": 64, "block_n": 16}),  # 64-row tiles: one dot per group by default
         (20, "dot", {"block_m": 16, "block_n": 32, "blocks_per_split": 1}),
         (3, "dense", {}),
+        (1, "swap", {"block_n": 16}),  # the transposed tensor-core kernel, split by the heuristic
+        (5, "swap", {"block_n": 32, "blocks_per_split": 1}),
+        (16, "swap", {"block_n": 16, "wide": 1}),
+        (
+            20,
+            "swap",
+            {"block_n": 16, "blocks_per_split": 2},
+        ),  # two row tiles, counters per (row, column) tile
     ],
 )
 @pytest.mark.parametrize("k,n,group_size", [(256, 40, 32), (576, 48, 64)])  # 576: K padded, a partial block
@@ -117,6 +125,8 @@ def test_int8_gemm(blocks_per_split: int | None) -> None:
         (1, 200, 48, {"block_n": 32, "block_k": 64, "use_dot": 0, "k_per_split": 64}),  # masked, 4 splits
         (1, 256, 64, {"block_n": 32, "block_k": 64, "use_dot": 1}),
         (5, 200, 48, {"block_n": 32, "block_k": 64, "k_per_split": 128}),  # tensor cores, 2 splits
+        (1, 200, 48, {"block_n": 32, "block_k": 64, "use_dot": 1, "swap": 1}),  # transposed, masked
+        (5, 256, 64, {"block_n": 32, "block_k": 64, "swap": 1, "k_per_split": 128}),
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
