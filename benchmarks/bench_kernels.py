@@ -18,7 +18,6 @@ import torch
 
 from lmserve.attention.metadata import SequenceChunk, build_step_batch
 from lmserve.attention.torch_backend import TorchAttentionBackend
-from lmserve.attention.torch_backend import decode_attention as torch_decode_attention
 from lmserve.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from lmserve.kernels.prefill_attention import paged_prefill_attention
 
@@ -111,8 +110,9 @@ def bench_torch_reference(batch: int, block_size: int) -> float:
     )
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     chunks = [SequenceChunk([0], CONTEXT_LEN - 1, table) for table in tables[0].tolist()]
-    plan = TorchAttentionBackend().prepare(build_step_batch(chunks, block_size, "cuda").metadata)
-    return time_ms(lambda: torch_decode_attention(q, cache, plan, HEAD_DIM**-0.5), iterations=20) * 1e3
+    backend = TorchAttentionBackend()
+    plan = backend.prepare(build_step_batch(chunks, block_size, "cuda").metadata)
+    return time_ms(lambda: backend.decode(q, cache, plan, HEAD_DIM**-0.5), iterations=20) * 1e3
 
 
 def bench_prefill(prompt_len: int = 2048, block_size: int = 64, **kernel_options) -> dict:

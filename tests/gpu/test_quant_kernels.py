@@ -152,12 +152,13 @@ def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, d
 def test_w4a16_transposed_kernel(num_rows: int, k: int, n: int, options: dict, dtype: torch.dtype) -> None:
     """The transposed tensor-core kernel ("swap": the weights as the dot's first operand) against the float32
     reference, every row on its own (33 rows: three row tiles, the last one partial)."""
-    qweight, qzeros, scales = random_awq(k, n, 128)
-    weight = repack_awq(qweight, qzeros, scales, 128)
+    group_size = 128 if k % 128 == 0 else 64  # 576: groups of 64, K padded to a partial 128-row block
+    qweight, qzeros, scales = random_awq(k, n, group_size)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(num_rows, k, device="cuda").to(dtype)
     poison_cache_allocator()
     out = w4a16_matmul(x, weight, kernel="swap", **options)
-    ref = awq_gemm_ref(x, qweight, qzeros, scales, 128)
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
     for row in range(num_rows):
         assert relative_error(out[row], ref[row]) < TOLERANCE[dtype], f"{row=}"
 
