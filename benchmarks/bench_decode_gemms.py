@@ -144,19 +144,13 @@ FP8_SWEEP = {
 
 _SWAP_FULL = [(64, 4), (128, 4), (128, 8)]
 W4_SWAP_SWEEP = {
-    m: [{"kernel": "swap", "block_n": bn, "num_warps": nw, "num_stages": st, "wide": wide, "programs_per_sm": pp}
-        for bn, nw in (_SWAP_FULL if m in (1, 16) else _SWAP_FULL[:2]) for st in ((1, 2, 3) if m in (1, 16) else (2, 3))
-        for wide in (0, 1) for pp in ((2, 4, 8, 16) if m in (1, 16) else (4, 8))]
+    m: [{"kernel": "swap", "block_n": bn, "num_warps": 4, "num_stages": st, "programs_per_sm": pp, "asm": asm,
+         "fold": fold}
+        for bn, pp in ((64, 4), (128, 4), (128, 8)) for st in (2, 3) for asm, fold in ((0, 0), (1, 0), (0, 1))]
     for m in (1, 2, 4, 8, 16)
 }  # fmt: skip
-"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand): full grid at 1 and 16 rows."""
-FP8_SWAP_SWEEP = {
-    m: [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": st, "programs_per_sm": pp, "use_dot": 1,
-         "swap": 1}
-        for bn, nw in (_SWAP_FULL if m in (1, 16) else _SWAP_FULL[:2]) for bk in (64, 128, 256)
-        for st in ((2, 3, 4) if m in (1, 16) else (3,)) for pp in ((2, 4, 8) if m in (1, 16) else (4, 8))]
-    for m in (1, 2, 4, 8, 16)
-}  # fmt: skip
+"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand): its unpack variants."""
+FP8_SWAP_SWEEP: dict[int, list[dict]] = {}  # the transposed FP8 dot lost to fp8_gemv everywhere (RESULTS)
 
 
 LM_HEADS = {"lm_head": (4096, 49152), "lm_head_128k": (4096, 128256)}

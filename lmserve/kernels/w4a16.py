@@ -19,6 +19,7 @@ Split-K is finished inside the launch (lmserve/kernels/split_k.py): no second la
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,12 @@ BLOCK_ROWS = 128
 """K rows per packed block (16 packed rows x 8 nibbles)."""
 PACKED_ROWS = BLOCK_ROWS // 8
 GEMV_MAX_ROWS = 1
+SWAP_MAX_ROWS = 16
+"""Rows up to which the transposed tensor-core kernel runs (one 16-row tile of the dot's second operand)."""
 DOT_MAX_ROWS = 128
 """Rows up to which the tensor-core kernel runs; more rows dequantize once and call cuBLAS (prefill)."""
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's CPU interpreter runs no inline assembly: the kernels take their plain unpack there."""
 _MAGIC_16 = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 """16-bit float whose mantissa's low bits take a nibble exactly: (bit pattern, its value)."""
 
@@ -336,12 +341,62 @@ def _w4_dot_kernel(
     )  # fmt: skip
 
 
+_UNPACK_ASM = """{
+.reg .b32 lo, hi, t;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 4;
+lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 8;
+lop3.b32 $2, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 12;
+lop3.b32 $3, t, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $4, hi, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 4;
+lop3.b32 $5, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 8;
+lop3.b32 $6, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 12;
+lop3.b32 $7, t, 0x000F000F, MAGIC, 0xEA;
+}"""
+"""Two packed words in, their eight nibble planes out as 16-bit pairs MAGIC + q (one PRMT gathers the two words'
+low or high halves into one register, then one LOP3 per plane, (t & 0x000F000F) | MAGIC, after a shift): about
+one instruction per weight where the plain Triton unpack takes three to four."""
+_UNPACK_ASM_FOR = {
+    torch.float16: _UNPACK_ASM.replace("MAGIC", "0x64006400"),
+    torch.bfloat16: _UNPACK_ASM.replace("MAGIC", "0x43004300"),
+}
+
+
+@jit
+def _pick_plane(j: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    """Plane j of eight (a tuple from inline asm cannot be indexed inside a loop)."""
+    if j == 0:
+        return p0
+    elif j == 1:
+        return p1
+    elif j == 2:
+        return p2
+    elif j == 3:
+        return p3
+    elif j == 4:
+        return p4
+    elif j == 5:
+        return p5
+    elif j == 6:
+        return p6
+    else:
+        return p7
+
+
 @jit
 def _w4_swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
     MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr, ASM: tl.constexpr, UNPACK_ASM: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """The transposed product out^T [BLOCK_N, BLOCK_M] = W^T x^T on tensor cores: the unpacked weights are the
     dot's first operand (BLOCK_N >= 64 output columns as its rows, so Hopper's wgmma can take them from
@@ -365,11 +420,37 @@ def _w4_swap_kernel(
     x_cols = x_ptr + rows[None, :] * stride_xm
     for kb in range(kb_start, kb_end):
         words = tl.load(w_tile + kb * 1024, mask=col_mask[:, None], other=0)  # [BLOCK_N, 16 packed rows]
+        if ASM:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(  # planes as MAGIC + q (_UNPACK_ASM)
+                UNPACK_ASM,
+                "=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+                [words],
+                (
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                    x_ptr.dtype.element_ty,
+                ),
+                is_pure=True,
+                pack=2,
+            )
         for sub in tl.static_range(128 // APPLY):
             group = (kb * 128 + sub * APPLY) // GROUP
             scale = tl.load(s_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + s_cols + group * 64, mask=col_mask, other=0.0).to(tl.float32)
-            if WIDE:  # the group's planes side by side: one [BLOCK_N, APPLY] operand, one dot
+            if FOLD:  # (q - z) * s rounded once to x's dtype, straight into the loop's accumulator
+                offset = (zero + 8388608.0)[:, None]
+                for plane in tl.static_range(PLANES):
+                    j = sub * PLANES + plane
+                    ks = kb * 128 + j * 16 + lanes
+                    b = tl.load(x_cols + ks[:, None], mask=(ks < K)[:, None] & row_mask[None, :], other=0.0)
+                    q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                    acc = tl.dot(((q - offset) * scale[:, None]).to(dtype), b, acc)
+            elif WIDE:  # the group's planes side by side: one [BLOCK_N, APPLY] operand, one dot
                 shifts = 4 * (sub * PLANES + tl.arange(0, PLANES))
                 planes = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | MAGIC
                 a = tl.reshape(planes, [BLOCK_N, APPLY]).to(tl.int16).to(dtype, bitcast=True)
@@ -384,10 +465,14 @@ def _w4_swap_kernel(
                     j = sub * PLANES + plane
                     ks = kb * 128 + j * 16 + lanes
                     b = tl.load(x_cols + ks[:, None], mask=(ks < K)[:, None] & row_mask[None, :], other=0.0)
-                    a = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
+                    if ASM:
+                        a = _pick_plane(j, p0, p1, p2, p3, p4, p5, p6, p7)
+                    else:
+                        a = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
                     part = tl.dot(a, b, part)
                     row_sum += tl.sum(b.to(tl.float32), 0)
-            acc += (part - (zero + BIAS)[:, None] * row_sum[None, :]) * scale[:, None]
+            if not FOLD:
+                acc += (part - (zero + BIAS)[:, None] * row_sum[None, :]) * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
     finish_split(
         tl.trans(acc), part_ptr, lock_ptr, out_ptr, rows, cols, out_mask, pid_m * tl.num_programs(0) + pid_n,
@@ -433,9 +518,8 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w, in x's dtype (float16 or bfloat16).
 
-    kernel: "gemv" (one row), "dot" (up to DOT_MAX_ROWS rows), "swap" (the transposed tensor-core kernel) or
-    "dense" (dequantize, then cuBLAS); default by
-    row count. options override block_n, block_m, num_warps, num_stages, programs_per_sm, blocks_per_split.
+    kernel: "gemv" (one row), "swap" (the transposed tensor-core kernel, up to SWAP_MAX_ROWS rows), "dot" (up to
+    DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by row count. options override block_n, block_m, num_warps, num_stages, programs_per_sm, blocks_per_split.
     """
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the W4 weight takes {weight.in_features}")
@@ -446,7 +530,13 @@ def w4a16_matmul(
         flat = flat.contiguous()
     num_rows = flat.shape[0]
     kernel = kernel or (
-        "gemv" if num_rows <= GEMV_MAX_ROWS else "dot" if num_rows <= DOT_MAX_ROWS else "dense"
+        "gemv"
+        if num_rows <= GEMV_MAX_ROWS
+        else "swap"
+        if num_rows <= SWAP_MAX_ROWS
+        else "dot"
+        if num_rows <= DOT_MAX_ROWS
+        else "dense"
     )
     if kernel == "dense":
         out = flat @ dequantize_w4(weight, x.dtype)
@@ -499,8 +589,20 @@ def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options:
 
 
 def swap_options(num_rows: int, out_features: int) -> dict[str, int]:
-    """Launch settings of the transposed tensor-core kernel (not yet measured: the defaults of the sweep)."""
-    return {"block_m": 16, "block_n": 64, "num_warps": 4, "programs_per_sm": 4, "num_stages": 2, "wide": 0}
+    """Launch settings of the transposed kernel (H200 sweep at 16 rows, benchmarks/RESULTS.md): 128-column tiles
+    (64 up to 4096 columns), 4 warps, 2 stages, one dot per 16-row plane, 8 programs per SM from WIDE_N columns.
+    asm: unpack the nibbles with inline PTX (ignored under the interpreter); fold: round (q - z) * s to x's dtype
+    and accumulate across blocks in one dot (the weight rounded once, as the dense path does)."""
+    return {
+        "block_m": 16,
+        "block_n": 64 if out_features <= 4096 else 128,
+        "num_warps": 4,
+        "programs_per_sm": 8 if out_features >= WIDE_N else 4,
+        "num_stages": 2,
+        "wide": 0,
+        "asm": 0,
+        "fold": 0,
+    }
 
 
 def _launch_swap(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
@@ -519,7 +621,8 @@ def _launch_swap(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
         num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
         weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
         MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
-        WIDE=bool(opts["wide"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        WIDE=bool(opts["wide"]), ASM=bool(opts["asm"]) and not INTERPRETED, UNPACK_ASM=_UNPACK_ASM_FOR[x.dtype],
+        FOLD=bool(opts["fold"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
 
 

@@ -147,7 +147,14 @@ def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, d
 @pytest.mark.parametrize("k,n", [*SHAPES, (576, 1536)])
 @pytest.mark.parametrize("num_rows", [1, 2, 16, 33])
 @pytest.mark.parametrize(
-    "options", [{}, {"block_n": 128, "num_warps": 8, "wide": 1}, {"block_n": 128, "num_stages": 3}]
+    "options",
+    [
+        {},
+        {"block_n": 128, "num_warps": 8, "wide": 1},
+        {"block_n": 128, "num_stages": 3},
+        {"asm": 1},
+        {"fold": 1},
+    ],
 )
 def test_w4a16_transposed_kernel(num_rows: int, k: int, n: int, options: dict, dtype: torch.dtype) -> None:
     """The transposed tensor-core kernel ("swap": the weights as the dot's first operand) against the float32
@@ -159,6 +166,8 @@ def test_w4a16_transposed_kernel(num_rows: int, k: int, n: int, options: dict, d
     poison_cache_allocator()
     out = w4a16_matmul(x, weight, kernel="swap", **options)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+    if options.get("fold"):  # the weights rounded once to x's dtype, as the dense path (see the test above)
+        ref = (x.float() @ dequantize_w4_ref(weight, dtype).float()).to(dtype)
     for row in range(num_rows):
         assert relative_error(out[row], ref[row]) < TOLERANCE[dtype], f"{row=}"
 

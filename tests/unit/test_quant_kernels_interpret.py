@@ -80,11 +80,9 @@ def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int
         (1, "swap", {"block_n": 16}),  # the transposed tensor-core kernel, split by the heuristic
         (5, "swap", {"block_n": 32, "blocks_per_split": 1}),
         (16, "swap", {"block_n": 16, "wide": 1}),
-        (
-            20,
-            "swap",
-            {"block_n": 16, "blocks_per_split": 2},
-        ),  # two row tiles, counters per (row, column) tile
+        (20, "swap", {"block_n": 16, "blocks_per_split": 2}),  # two row tiles: counters per tile
+        (1, "swap", {"block_n": 16, "fold": 1}),  # weights rounded once to x's dtype, one running dot
+        (20, "swap", {"block_n": 32, "fold": 1, "blocks_per_split": 1}),
     ],
 )
 @pytest.mark.parametrize("k,n,group_size", [(256, 40, 32), (576, 48, 64)])  # 576: K padded, a partial block
