@@ -144,12 +144,11 @@ FP8_SWEEP = {
 
 _SWAP_FULL = [(64, 4), (128, 4), (128, 8)]
 W4_SWAP_SWEEP = {
-    m: [{"kernel": "swap", "block_n": bn, "num_warps": 4, "num_stages": st, "programs_per_sm": pp, "asm": asm,
-         "fold": fold}
-        for bn, pp in ((64, 4), (128, 4), (128, 8)) for st in (2, 3) for asm, fold in ((0, 0), (1, 0), (0, 1))]
+    m: [{"kernel": "swap", "block_n": bn, "num_warps": 4, "num_stages": st, "programs_per_sm": pp, "fold": fold}
+        for bn, pp in ((64, 4), (128, 4), (128, 8)) for st in (2, 3) for fold in (0, 1)]
     for m in (1, 2, 4, 8, 16)
 }  # fmt: skip
-"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand): its unpack variants."""
+"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand), exact and folded."""
 FP8_SWAP_SWEEP: dict[int, list[dict]] = {}  # the transposed FP8 dot lost to fp8_gemv everywhere (RESULTS)
 
 

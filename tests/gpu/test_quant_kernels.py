@@ -16,6 +16,7 @@ from lmserve.kernels.int8_gemm import int8_gemm, int8_gemm_ref, per_token_quant_
 from lmserve.kernels.testing import relative_error
 from lmserve.kernels.w4a16 import (
     DOT_MAX_ROWS,
+    SWAP_MAX_ROWS,
     dequantize_w4,
     dequantize_w4_ref,
     prefers_tinygemm,
@@ -130,8 +131,8 @@ def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, d
     poison_cache_allocator()
     out = w4a16_matmul(x, weight)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
-    if num_rows > DOT_MAX_ROWS:
-        # The dense path dequantizes to x's dtype, then one cuBLAS GEMM (as AutoAWQ and vLLM do): the weights
+    if num_rows > DOT_MAX_ROWS or 1 < num_rows <= SWAP_MAX_ROWS:
+        # The dense path (and the transposed kernel's default fold, 2..16 rows) dequantizes to x's dtype, then one cuBLAS GEMM (as AutoAWQ and vLLM do): the weights
         # are rounded once too, which the GEMV and tensor-core kernels never do (their 16-bit BIAS + q is exact,
         # scales apply in float32). Measured on the H200 for K=256, N=72, bf16: the whole row error (up to
         # 0.0048) is that weight rounding, cuBLAS adds < 1e-6. So its truth is the float32 product of the weights
@@ -149,11 +150,10 @@ def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, d
 @pytest.mark.parametrize(
     "options",
     [
-        {},
-        {"block_n": 128, "num_warps": 8, "wide": 1},
-        {"block_n": 128, "num_stages": 3},
-        {"asm": 1},
-        {"fold": 1},
+        {},  # the defaults: fold
+        {"fold": 0},  # exact weights, the per-group correction
+        {"fold": 0, "block_n": 128, "num_warps": 8, "wide": 1},
+        {"block_n": 128, "num_stages": 2, "programs_per_sm": 8},
     ],
 )
 def test_w4a16_transposed_kernel(num_rows: int, k: int, n: int, options: dict, dtype: torch.dtype) -> None:
@@ -166,7 +166,9 @@ def test_w4a16_transposed_kernel(num_rows: int, k: int, n: int, options: dict, d
     poison_cache_allocator()
     out = w4a16_matmul(x, weight, kernel="swap", **options)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
-    if options.get("fold"):  # the weights rounded once to x's dtype, as the dense path (see the test above)
+    if options.get(
+        "fold", 1
+    ):  # the weights rounded once to x's dtype, as the dense path (see the test above)
         ref = (x.float() @ dequantize_w4_ref(weight, dtype).float()).to(dtype)
     for row in range(num_rows):
         assert relative_error(out[row], ref[row]) < TOLERANCE[dtype], f"{row=}"
