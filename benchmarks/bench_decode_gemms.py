@@ -144,14 +144,16 @@ FP8_SWEEP = {
 
 _SWAP_FULL = [(64, 4), (128, 4), (128, 8)]
 W4_SWAP_SWEEP = {
-    m: [{"kernel": "swap", "block_n": bn, "num_warps": 4, "num_stages": st, "programs_per_sm": pp, "fold": fold}
-        for bn, pp in ((64, 4), (128, 4), (128, 8)) for st in (2, 3) for fold in (0, 1)]
+    m: [{"kernel": "swap", "block_n": bn, "num_warps": nw, "num_stages": st, "programs_per_sm": pp, "fold": 1}
+        for bn, nw in ((32, 1), (64, 1), (64, 2), (128, 2)) for st in (2, 3) for pp in (4, 8, 16)]
+       + [{"kernel": "swap", "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "fold": 1}]
     for m in (1, 2, 4, 8, 16)
 } | {
     64: [{"kernel": "swap", "block_m": bm, "block_n": bn, "num_warps": 4, "num_stages": st, "programs_per_sm": 4,
           "fold": fold} for bm in (32, 64) for bn in (64, 128) for st in (2, 3) for fold in (0, 1)]
 }  # fmt: skip
-"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand), exact and folded."""
+"""The transposed tensor-core W4A16 kernel (weights as the dot's first operand), folded: with 1-2 warps Triton
+builds it on Ampere-style mma.sync (both operands in registers, no wgmma waits), with 4 on Hopper's wgmma."""
 FP8_SWAP_SWEEP: dict[int, list[dict]] = {}  # the transposed FP8 dot lost to fp8_gemv everywhere (RESULTS)
 
 
