@@ -286,6 +286,16 @@ def _w4_gemv_kernel(
 
 
 @jit
+def _program_tile(pid_m, pid_n, split, M, N, num_blocks, blocks_per_split,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """A tensor-core program's rows, columns, their masks and its split's range of 128-row blocks."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kb_start = split * blocks_per_split
+    return rows, cols, rows < M, cols < N, kb_start, tl.minimum(kb_start + blocks_per_split, num_blocks)
+
+
+@jit
 def _w4_dot_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
@@ -296,17 +306,14 @@ def _w4_dot_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    rows, cols, row_mask, col_mask, kb_start, kb_end = _program_tile(
+        pid_m, pid_n, split, M, N, num_blocks, blocks_per_split, BLOCK_M, BLOCK_N
+    )
     lanes = tl.arange(0, 16)
     dtype = x_ptr.dtype.element_ty
     APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
     PLANES: tl.constexpr = APPLY // 16
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    kb_start = split * blocks_per_split
-    kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
     w_tile = w_ptr + _strip_offsets(cols, stride_w, BLOCK_N)[None, :] + lanes[:, None] * 64
     s_cols = _strip_offsets(cols, stride_s, BLOCK_N)
     x_rows = x_ptr + rows[:, None] * stride_xm
@@ -355,17 +362,14 @@ def _w4_swap_kernel(
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    rows, cols, row_mask, col_mask, kb_start, kb_end = _program_tile(
+        pid_m, pid_n, split, M, N, num_blocks, blocks_per_split, BLOCK_M, BLOCK_N
+    )
     lanes = tl.arange(0, 16)
     dtype = x_ptr.dtype.element_ty
     APPLY: tl.constexpr = GROUP if GROUP < 128 else 128
     PLANES: tl.constexpr = APPLY // 16
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    kb_start = split * blocks_per_split
-    kb_end = tl.minimum(kb_start + blocks_per_split, num_blocks)
     w_tile = w_ptr + _strip_offsets(cols, stride_w, BLOCK_N)[:, None] + lanes[None, :] * 64
     s_cols = _strip_offsets(cols, stride_s, BLOCK_N)
     x_cols = x_ptr + rows[None, :] * stride_xm
