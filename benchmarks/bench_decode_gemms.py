@@ -155,12 +155,6 @@ W4_SWAP_SWEEP = {
 """The transposed tensor-core W4A16 kernel (weights as the dot's first operand), folded: with 1-2 warps Triton
 builds it on Ampere-style mma.sync (both operands in registers, no wgmma waits), with 4 on Hopper's wgmma."""
 FP8_SWAP_SWEEP: dict[int, list[dict]] = {}  # the transposed FP8 dot lost to fp8_gemv everywhere (RESULTS)
-FP8_ROW_SWEEP = {
-    1: [{"block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": 3, "programs_per_sm": pp, "use_dot": 0,
-         "x_tile": xt, "prefetch": pf}
-        for bn, bk in ((8, 256), (16, 256), (16, 512), (32, 256)) for pp in (4, 8) for xt in (0, 1) for pf in (0, 1)]
-}  # fmt: skip
-"""One-row fp8_gemv: x in the weight tile's layout (no shared-memory shuffle per step) and the next tile prefetched."""
 
 
 LM_HEADS = {"lm_head": (4096, 49152), "lm_head_128k": (4096, 128256)}
@@ -256,13 +250,7 @@ def main() -> None:
     parser.add_argument(
         "--swap-sweep", action="store_true", help="--sweep over the transposed tensor-core kernels' options"
     )
-    parser.add_argument("--fp8-row-sweep", action="store_true", help="--sweep over FP8_ROW_SWEEP only")
     args = parser.parse_args()
-    if args.fp8_row_sweep:
-        args.sweep = True
-        W4_SWEEP.clear()
-        FP8_SWEEP.clear()
-        FP8_SWEEP.update(FP8_ROW_SWEEP)
     if args.swap_sweep:
         args.sweep = True
         W4_SWEEP.clear()

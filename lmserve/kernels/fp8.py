@@ -83,8 +83,7 @@ def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr, X_TILE: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    USE_DOT: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """One program = BLOCK_N output channels x one K split, for all M (<= BLOCK_M) rows.
 
@@ -110,54 +109,32 @@ def _fp8_gemv_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if PREFETCH:  # one row, whole tiles: the next tile's weights load while this one is multiplied
-        w_next = tl.load(w_rows + (k_start + lanes)[None, :])
-        for k0 in range(k_start, k_end, BLOCK_K):
-            w = w_next
-            # the last step reloads its own tile (an unused, in-bounds load): no mask, full-width loads
-            w_next = tl.load(w_rows + (tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) + lanes)[None, :])
-            ks = k0 + lanes
-            if X_TILE:
-                xw = tl.load(x_ptr + ks[None, :] + cols[:, None] * 0).to(tl.float32)
-            else:
-                xw = tl.load(x_ptr + ks).to(tl.float32)[None, :]
-            acc2 += w.to(tl.float32) * xw
-    if not PREFETCH:
-        for k0 in range(k_start, k_end, BLOCK_K):
-            ks = k0 + lanes
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + lanes
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+        if USE_DOT and SWAP:
+            b = tl.load(
+                x_ptr + rows[None, :] * stride_xm + ks[:, None],
+                mask=row_mask[None, :] & (ks < k_end)[:, None],
+                other=0.0,
+            )
+            acc_t = tl.dot(w.to(b.dtype), b, acc_t)
+        elif USE_DOT:
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                mask=row_mask[:, None] & (ks < k_end)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        else:
             if EVEN:
-                w = tl.load(w_rows + ks[None, :])
+                xk = tl.load(x_ptr + ks)
             else:
-                w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
-            if USE_DOT and SWAP:
-                b = tl.load(
-                    x_ptr + rows[None, :] * stride_xm + ks[:, None],
-                    mask=row_mask[None, :] & (ks < k_end)[:, None],
-                    other=0.0,
-                )
-                acc_t = tl.dot(w.to(b.dtype), b, acc_t)
-            elif USE_DOT:
-                a = tl.load(
-                    x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=row_mask[:, None] & (ks < k_end)[None, :],
-                    other=0.0,
-                )
-                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
-            else:
-                # X_TILE: x loaded as a [BLOCK_N, BLOCK_K] tile (L1 hits) in w's own layout, no per-step shuffle
-                if X_TILE:
-                    x_tile = x_ptr + ks[None, :] + cols[:, None] * 0
-                    if EVEN:
-                        xt = tl.load(x_tile)
-                    else:
-                        xt = tl.load(x_tile, mask=(ks < k_end)[None, :], other=0.0)
-                    acc2 += w.to(tl.float32) * xt.to(tl.float32)
-                else:
-                    if EVEN:
-                        xk = tl.load(x_ptr + ks)
-                    else:
-                        xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
-                    acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+                xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
+            acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
     if USE_DOT and SWAP:
         acc = tl.trans(acc_t)
     elif not USE_DOT:
@@ -194,8 +171,6 @@ def gemv_options(num_rows: int, out_features: int) -> dict[str, int]:
         "programs_per_sm": programs_per_sm,
         "use_dot": int(num_rows != 1),
         "swap": 0,
-        "x_tile": 0,
-        "prefetch": 0,
         "num_stages": 3,
     }
 
@@ -214,9 +189,7 @@ def fp8_gemv(
     A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
     against cuBLAS).
     options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot, swap (the transposed
-    tensor-core product, with use_dot), x_tile and prefetch (one row: x loaded in the weight tile's own layout;
-    the next weight tile loaded before this one is used, whole tiles only) and k_per_split (a multiple of
-    block_k).
+    tensor-core product, with use_dot) and k_per_split (a multiple of block_k).
     """
     num_rows, k = x.shape
     n = weight.shape[0]
@@ -238,14 +211,12 @@ def fp8_gemv(
     num_splits = math.ceil(num_blocks / per_split)
     partial = split_partials(num_splits, num_rows, n, x.device)
     use_dot = bool(opts["use_dot"]) or num_rows > 1
-    even = k % block_k == 0 and n % block_n == 0
     _fp8_gemv_kernel[(tiles, num_splits)](
         x, weight, out if weight_scale is None else weight_scale, out if bias is None else bias, out, partial,
         tile_locks(x.device), num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0),
         partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        SWAP=use_dot and bool(opts["swap"]), EVEN=even, X_TILE=not use_dot and bool(opts["x_tile"]),
-        PREFETCH=not use_dot and even and bool(opts["prefetch"]),
+        SWAP=use_dot and bool(opts["swap"]), EVEN=k % block_k == 0 and n % block_n == 0,
         num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
     return out
