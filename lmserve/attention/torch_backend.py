@@ -223,7 +223,13 @@ class CPUAttentionBackend(TorchAttentionBackend):
     def store(
         self, layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
-        flat = layer_cache.view(2, layer_cache.shape[1], -1, layer_cache.shape[-1])
+        num_kv_heads, head_dim = layer_cache.shape[1], layer_cache.shape[-1]
+        if k.dtype == layer_cache.dtype and v_follows_k(k, v):
+            # the usual case (k and v side by side in the fused qkv output): one copy for both
+            kv = k.as_strided((k.shape[0], 2 * num_kv_heads, head_dim), (k.stride(0), head_dim, 1))
+            layer_cache.view(2 * num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, kv.transpose(0, 1))
+            return
+        flat = layer_cache.view(2, num_kv_heads, -1, head_dim)
         flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(layer_cache.dtype))
         flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(layer_cache.dtype))
 
@@ -233,6 +239,19 @@ class CPUAttentionBackend(TorchAttentionBackend):
         num_tokens = block_ids.shape[-1] * block_size
         gathered = gathered.view(2, num_kv_heads, *block_ids.shape[:-1], num_tokens, head_dim)
         return gathered.movedim(1, -3)  # [2, ..., Hkv, L, D], a view
+
+
+def v_follows_k(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether k and v [T, Hkv, D] are one [T, 2 * Hkv, D] run of memory: same rows, contiguous heads, v right
+    after k in each row (as LlamaAttention slices them from the fused qkv projection)."""
+    head_dim = k.shape[-1]
+    return (
+        k.shape == v.shape
+        and (k.shape[0] == 1 or k.stride(0) == v.stride(0))  # a lone row's stride is arbitrary
+        and k.stride()[1:] == v.stride()[1:] == (head_dim, 1)
+        and v.data_ptr() == k.data_ptr() + k.shape[1] * head_dim * k.element_size()
+        and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    )
 
 
 def write_kv_cache(

@@ -45,7 +45,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict[str, Any]) -> to
 
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables [max_positions, head_dim] for the NeoX (rotate-half) layout of HF Llama: cos
-    repeated over both halves, sin negated over the first (so `apply_rotary` is 4 torch ops instead of 7)."""
+    repeated over both halves, sin negated over the first (so `rotate_in_place` is 4 torch ops instead of 7)."""
 
     cos_cache: torch.Tensor
     sin_cache: torch.Tensor
@@ -89,7 +89,8 @@ class RopeInputs(NamedTuple):
 
 
 def rotate_qk(qk: torch.Tensor, num_q_heads: int, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k, given as qk [T, Hq + Hkv, D] (a view into the fused qkv output)."""
+    """Rotate q and k in place, given as qk [T, Hq + Hkv, D] (a view into the fused qkv output): k stays beside
+    v there, so the CPU backend stores both with one copy."""
     if rope.cos_sin_cache is not None:
         from lmserve.kernels.rotary import apply_rotary as triton_apply_rotary
 
@@ -97,16 +98,16 @@ def rotate_qk(qk: torch.Tensor, num_q_heads: int, rope: RopeInputs) -> tuple[tor
         triton_apply_rotary(q, k, rope.positions, rope.cos_sin_cache)
         return q, k
     assert rope.cos is not None and rope.sin is not None
-    rotated = apply_rotary(qk, rope.cos, rope.sin)
-    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
+    rotate_in_place(qk, rope.cos, rope.sin)
+    return qk[:, :num_q_heads], qk[:, num_q_heads:]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by the tables' cos/sin [T, 1, head_dim]; returns a new contiguous tensor.
+def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [T, heads, head_dim] in place by the tables' cos/sin [T, 1, head_dim].
 
     x * cos + swap_halves(x) * sin is (x1 cos - x2 sin, x2 cos + x1 sin) rounded exactly as HF's rotate-half
-    form rounds it (negating a product is exact).
+    form rounds it (negating a product is exact), in 4 ops instead of 7 and one allocation (the swapped copy).
     """
     num_tokens, num_heads, head_dim = x.shape
     swapped = x.view(num_tokens, num_heads, 2, head_dim // 2).flip(2).view(num_tokens, num_heads, head_dim)
-    return x * cos + swapped * sin
+    x.mul_(cos).add_(swapped.mul_(sin))

@@ -7,7 +7,7 @@ import torch
 
 from lmserve.attention.backend import get_attention_backend
 from lmserve.attention.metadata import SequenceChunk, build_step_batch
-from lmserve.attention.torch_backend import CPUAttentionBackend
+from lmserve.attention.torch_backend import CPUAttentionBackend, v_follows_k
 from lmserve.kernels.decode_attention import paged_decode_attention_ref
 from lmserve.kernels.prefill_attention import paged_prefill_attention_ref
 from lmserve.kernels.testing import PagedBatch, backend_step, make_paged_batch, relative_error
@@ -96,3 +96,20 @@ def test_one_stream_on_a_run_of_blocks_reads_a_view(table: list[int], window: in
     expected_cache = with_new_kv(one)
     assert torch.equal(heads_first_cache, heads_first(expected_cache))
     assert relative_error(out, reference_out(expected_cache, one, scale, window)) < 1e-5
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_store_of_k_and_v_side_by_side_in_the_fused_projection(num_tokens: int) -> None:
+    """K and V as LlamaAttention slices them from the fused qkv output take the one-copy store; the cache ends
+    up as with K and V stored apart."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    qkv = torch.randn(num_tokens, (6 + 2 * 2) * 32, generator=generator)
+    k = qkv[:, : 8 * 32].view(num_tokens, 8, 32)[:, 6:]
+    v = qkv[:, 8 * 32 :].view(num_tokens, 2, 32)
+    assert v_follows_k(k, v) and not v_follows_k(k, v.clone())
+    slots = torch.randperm(4 * 8, generator=generator)[:num_tokens]
+    backend = CPUAttentionBackend()
+    fused, apart = (torch.zeros(backend.cache_shape(4, 8, 2, 32)) for _ in range(2))
+    backend.store(fused, k, v, slots)
+    backend.store(apart, k.clone(), v.clone(), slots)
+    assert torch.equal(fused, apart) and apart.any()
