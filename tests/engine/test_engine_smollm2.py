@@ -177,5 +177,4 @@ def test_bfloat16_default_runs_few_row_batches() -> None:
     together = bf16(prompts, config)
     alone = [bf16(p, config) for p in prompts]
     for batched, single in zip(together, alone, strict=True):  # type: ignore[arg-type]
-        assert batched.token_ids[:8] == single.token_ids[:8]
-    assert "Paris" in alone[0].text
+        assert len(single.token_ids) >= 8 and batched.token_ids[:8] == single.token_ids[:8]
