@@ -44,6 +44,8 @@ class Linear(nn.Module):
             return one_row_linear(x, self.weight, self.bias, self.gemv_options)
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4
+            if not x.is_contiguous():  # the kernel refuses strided rows
+                x = x.contiguous()
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP_SIZE, scales_zeros)
             return out if self.bias is None else out + self.bias
         if self.onednn is not None:

@@ -44,7 +44,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict[str, Any]) -> to
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables [max_positions, head_dim // 2]; NeoX (rotate-half) layout like HF Llama."""
+    """Precomputed cos/sin tables [max_positions, head_dim] for the NeoX (rotate-half) layout of HF Llama: cos
+    repeated over both halves, sin negated over the first (so `rotate_in_place` is 4 torch ops instead of 7)."""
 
     cos_cache: torch.Tensor
     sin_cache: torch.Tensor
@@ -58,8 +59,9 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         # HF computes cos/sin in float32 and rounds them to the activation dtype
         dtype = torch.get_default_dtype()
-        self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        self.register_buffer("cos_cache", torch.cat([cos, cos], dim=-1), persistent=False)
+        self.register_buffer("sin_cache", torch.cat([-sin, sin], dim=-1), persistent=False)
         # CUDA rotates in place with the Triton kernel, from one float32 [max_positions, head_dim] table
         self.cos_sin_cache: torch.Tensor | None = None
         if inv_freq.is_cuda:
@@ -73,21 +75,22 @@ class RotaryEmbedding(nn.Module):
         return RopeInputs(positions, cos, sin, None)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_dim // 2] for the tokens at `positions`, ready to broadcast over heads."""
+        """cos, sin [T, 1, head_dim] (the tables' layout) at `positions`, ready to broadcast over heads."""
         return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
 
 
 class RopeInputs(NamedTuple):
     positions: torch.Tensor
     cos: torch.Tensor | None
-    """[T, 1, head_dim // 2] (torch path) or None (Triton path)."""
+    """[T, 1, head_dim] (torch path: cos over both halves, sin negated over the first) or None (Triton path)."""
     sin: torch.Tensor | None
     cos_sin_cache: torch.Tensor | None
     """float32 [max_positions, head_dim] for the Triton kernel, or None."""
 
 
 def rotate_qk(qk: torch.Tensor, num_q_heads: int, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k, given as qk [T, Hq + Hkv, D] (a view into the fused qkv output)."""
+    """Rotate q and k in place, given as qk [T, Hq + Hkv, D] (a view into the fused qkv output): k stays beside
+    v there, so the CPU backend stores both with one copy."""
     if rope.cos_sin_cache is not None:
         from lmserve.kernels.rotary import apply_rotary as triton_apply_rotary
 
@@ -95,12 +98,16 @@ def rotate_qk(qk: torch.Tensor, num_q_heads: int, rope: RopeInputs) -> tuple[tor
         triton_apply_rotary(q, k, rope.positions, rope.cos_sin_cache)
         return q, k
     assert rope.cos is not None and rope.sin is not None
-    rotated = apply_rotary(qk, rope.cos, rope.sin)
-    return rotated[:, :num_q_heads], rotated[:, num_q_heads:]
+    rotate_in_place(qk, rope.cos, rope.sin)
+    return qk[:, :num_q_heads], qk[:, num_q_heads:]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos/sin [T, 1, head_dim // 2]; returns a new contiguous tensor."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [T, heads, head_dim] in place by the tables' cos/sin [T, 1, head_dim].
+
+    x * cos + swap_halves(x) * sin is (x1 cos - x2 sin, x2 cos + x1 sin) rounded exactly as HF's rotate-half
+    form rounds it (negating a product is exact), in 4 ops instead of 7 and one allocation (the swapped copy).
+    """
+    num_tokens, num_heads, head_dim = x.shape
+    swapped = x.view(num_tokens, num_heads, 2, head_dim // 2).flip(2).view(num_tokens, num_heads, head_dim)
+    x.mul_(cos).add_(swapped.mul_(sin))

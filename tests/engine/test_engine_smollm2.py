@@ -165,3 +165,16 @@ async def _wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def test_bfloat16_default_runs_few_row_batches() -> None:
+    """The CPU default (bf16: int4 / int8 kernels at <= 4 rows, oneDNN above, the in-place rotary) on batches
+    of 2-3 rows, against each request alone (1 row, its K/V read as a cache view). bf16 is not batch-invariant
+    (rounding can flip a near-tie later on), so only a prefix must agree."""
+    bf16 = pipeline(None, backend_config=EngineConfig(dtype="bfloat16", session_len=1024, max_batch_size=4))
+    prompts = PROMPTS[:3]
+    config = GenerationConfig(max_new_tokens=24)
+    together = bf16(prompts, config)
+    alone = [bf16(p, config) for p in prompts]
+    for batched, single in zip(together, alone, strict=True):  # type: ignore[arg-type]
+        assert len(single.token_ids) >= 8 and batched.token_ids[:8] == single.token_ids[:8]

@@ -42,6 +42,8 @@ def test_exact_4bit_weight_is_packed_and_matches_dense_bf16() -> None:
     dense = torch.nn.functional.linear(x.float(), weight)  # float32 truth
     packed = layer(x).float()
     assert (packed - dense).abs().max() <= 0.02 * dense.abs().max()
+    strided = torch.cat([x, x], dim=-1)[:, :128]  # strided rows: the kernel itself refuses them
+    assert torch.equal(layer(strided), layer(x))
     # many rows take the dense path, which must agree too
     many = torch.randn(8, 128).to(torch.bfloat16)
     assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight))
