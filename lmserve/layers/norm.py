@@ -29,13 +29,31 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place."""
+        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place.
+
+        On the CPU the residual stream is carried in float32 whatever the model's dtype (as llama.cpp carries its
+        activations): each sublayer's 16-bit output is added to it exactly and the norm rounds once to x's dtype
+        for the next matmul. A bf16 residual rounds the running sum 2 x 30 times per token; with the embedded
+        SmolLM2 that flipped "What is the capital of France?" from float32's "The capital of France is Paris." to
+        "L'Etoile, ..." (RESULTS.md, about 3 % of a decode step). A float32 model computes exactly as before.
+        """
         if x.is_cuda and HAS_TRITON:
             from lmserve.kernels.rmsnorm import fused_add_rms_norm
 
             return fused_add_rms_norm(x, residual, self.weight, self.eps)
-        residual = x + residual
-        return self.forward(residual), residual
+        residual = residual.float() + x
+        if self.weight.dtype == torch.float32:
+            return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual
+        normed = F.rms_norm(residual, (x.shape[-1],), self._float_weight(), self.eps)
+        return normed.to(x.dtype), residual
+
+    def _float_weight(self) -> torch.Tensor:
+        """The weight in float32 for the float32 residual stream (made once, after the weights are loaded)."""
+        key = (self.weight.data_ptr(), self.weight._version)  # a load (copy_) or a swap of the weight: again
+        cached = self.__dict__.get("_weight_f32")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_weight_f32"] = (key, self.weight.detach().float())
+        return cached[1]
 
 
 class GemmaRMSNorm(nn.Module):
