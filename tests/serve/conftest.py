@@ -6,6 +6,7 @@ the browser tests (tests/e2e) serve through the in-process AsyncEngine, so both 
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -38,9 +39,28 @@ class RunningServer:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free TCP port below the kernel's ephemeral range: a port the OS hands out itself (bind to 0, as this
+    used to) can be handed again to a socket the OS numbers (a client's, gloo's pair connections of a tp=2 server
+    starting meanwhile) before the server binds it; CI once failed that way ("address already in use")."""
+    low = ephemeral_port_low()
+    for port in random.sample(range(max(1024, low - 16384), low), 256):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # nothing free below the range: let the OS choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def ephemeral_port_low() -> int:
+    """The lowest port of the kernel's ephemeral range (Linux's default 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def start_server(engine: Any, config: ServeConfig) -> RunningServer:
