@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -354,7 +355,7 @@ def _w4_swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, num_blocks, blocks_per_split, num_splits, stride_xm, stride_w, stride_s, stride_pm, stride_om,
     MAGIC: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr, FOLD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
     """The transposed product out^T [BLOCK_N, BLOCK_M] = W^T x^T on tensor cores: the unpacked weights are the
     dot's first operand (BLOCK_N >= 64 output columns as its rows, so Hopper's wgmma can take them from
@@ -387,15 +388,7 @@ def _w4_swap_kernel(
                     b = tl.load(x_cols + ks[:, None], mask=(ks < K)[:, None] & row_mask[None, :], other=0.0)
                     q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
                     acc = tl.dot(((q - offset) * scale[:, None]).to(dtype), b, acc)
-            elif WIDE:  # the group's planes side by side: one [BLOCK_N, APPLY] operand, one dot
-                shifts = 4 * (sub * PLANES + tl.arange(0, PLANES))
-                planes = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | MAGIC
-                a = tl.reshape(planes, [BLOCK_N, APPLY]).to(tl.int16).to(dtype, bitcast=True)
-                ks = kb * 128 + sub * APPLY + tl.arange(0, APPLY)
-                b = tl.load(x_cols + ks[:, None], mask=(ks < K)[:, None] & row_mask[None, :], other=0.0)
-                part = tl.dot(a, b)
-                row_sum = tl.sum(b.to(tl.float32), 0)
-            else:
+            else:  # exact: MAGIC + q per plane, the group's zero and scale applied to the plane sums
                 part = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
                 row_sum = tl.zeros([BLOCK_M], tl.float32)
                 for plane in tl.static_range(PLANES):
@@ -405,7 +398,6 @@ def _w4_swap_kernel(
                     a = (((words >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
                     part = tl.dot(a, b, part)
                     row_sum += tl.sum(b.to(tl.float32), 0)
-            if not FOLD:
                 acc += (part - (zero + BIAS)[:, None] * row_sum[None, :]) * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
     finish_split(
@@ -453,7 +445,8 @@ def w4a16_matmul(
     """y [..., N] = x [..., K] @ w, in x's dtype (float16 or bfloat16).
 
     kernel: "gemv" (one row), "swap" (the transposed tensor-core kernel, up to SWAP_MAX_ROWS rows), "dot" (up to
-    DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by row count. options override block_n, block_m, num_warps, num_stages, programs_per_sm, blocks_per_split.
+    DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by row count. options override block_n,
+    block_m, num_warps, num_stages, programs_per_sm, blocks_per_split (and wide for "dot", fold for "swap").
     """
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the W4 weight takes {weight.in_features}")
@@ -503,55 +496,54 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
 
 
 def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
-    num_rows, n = out.shape
-    opts = dot_options(num_rows, n) | options
-    num_blocks = weight.num_blocks
-    tiles = (math.ceil(num_rows / opts["block_m"]), math.ceil(n / opts["block_n"]))
-    per_split = opts.get("blocks_per_split") or choose_splits(
-        tiles[0] * tiles[1], num_blocks, opts["programs_per_sm"], x.device
-    )
-    num_splits = math.ceil(num_blocks / per_split)
-    partial = split_partials(num_splits, num_rows, n, x.device)
-    magic, bias = _MAGIC_16[x.dtype]
-    _w4_dot_kernel[(*tiles, num_splits)](
-        x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
-        num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
-        weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
-        MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
-        WIDE=bool(opts["wide"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
-    )  # fmt: skip
+    opts = dot_options(*out.shape) | options
+    _launch_tensor_cores(_w4_dot_kernel, x, weight, out, opts, transposed=False, WIDE=bool(opts["wide"]))
 
 
-def swap_options(num_rows: int, out_features: int) -> dict[str, int]:
-    """Launch settings of the transposed kernel (H200 sweeps at 1 and 16 rows, benchmarks/RESULTS.md): 64-column
-    tiles, 4 warps, 3 stages, 4 programs per SM, fold on (the Llama-3-8B layer at 16 rows 117.8 us against 128.6
-    with the exact per-group correction and 131.6 for cuBLAS bf16).
+SWAP_OPTIONS = {
+    "block_m": 16,
+    "block_n": 64,
+    "num_warps": 4,
+    "programs_per_sm": 4,
+    "num_stages": 3,
+    "fold": 1,
+}
+"""Launch settings of the transposed kernel (H200 sweeps at 1 and 16 rows, benchmarks/RESULTS.md): 64-column
+tiles, 4 warps, 3 stages, 4 programs per SM, fold on (the Llama-3-8B layer at 16 rows 117.8 us against 128.6 with
+the exact per-group correction and 131.6 for cuBLAS bf16).
 
-    fold: each weight becomes (q - z) * s rounded once to x's dtype, and one dot per 16-row plane accumulates
-    across all blocks (what the dense path, tinygemm and Marlin do to their weights; relative error ~2.5e-3 in
-    bf16 against 7e-5 exact). fold 0 keeps the weights exact: MAGIC + q per plane, the group's scale and zero
-    applied to the plane sums (one more accumulator and its correction per group)."""
-    return {"block_m": 16, "block_n": 64, "num_warps": 4, "programs_per_sm": 4, "num_stages": 3, "wide": 0,
-            "fold": 1}  # fmt: skip
+fold: each weight becomes (q - z) * s rounded once to x's dtype, and one dot per 16-row plane accumulates across
+all blocks (what the dense path, tinygemm and Marlin do to their weights; relative error ~2.5e-3 in bf16 against
+7e-5 exact). fold 0 keeps the weights exact: MAGIC + q per plane, the group's scale and zero applied to the plane
+sums (one more accumulator and its correction per group)."""
 
 
 def _launch_swap(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
+    opts = SWAP_OPTIONS | options
+    _launch_tensor_cores(_w4_swap_kernel, x, weight, out, opts, transposed=True, FOLD=bool(opts["fold"]))
+
+
+def _launch_tensor_cores(
+    kernel: Any, x: torch.Tensor, weight: W4Weight, out: torch.Tensor, opts: dict[str, int], transposed: bool,
+    **flags: bool,
+) -> None:  # fmt: skip
+    """Split-K plan and launch of a tensor-core kernel; the transposed one's grid puts the column tiles first."""
     num_rows, n = out.shape
-    opts = swap_options(num_rows, n) | options
     num_blocks = weight.num_blocks
-    tiles = (math.ceil(n / opts["block_n"]), math.ceil(num_rows / opts["block_m"]))
+    row_tiles, col_tiles = math.ceil(num_rows / opts["block_m"]), math.ceil(n / opts["block_n"])
     per_split = opts.get("blocks_per_split") or choose_splits(
-        tiles[0] * tiles[1], num_blocks, opts["programs_per_sm"], x.device
+        row_tiles * col_tiles, num_blocks, opts["programs_per_sm"], x.device
     )
     num_splits = math.ceil(num_blocks / per_split)
     partial = split_partials(num_splits, num_rows, n, x.device)
     magic, bias = _MAGIC_16[x.dtype]
-    _w4_swap_kernel[(tiles[0], num_splits, tiles[1])](
+    grid = (col_tiles, num_splits, row_tiles) if transposed else (row_tiles, col_tiles, num_splits)
+    kernel[grid](
         x, weight.qweight, weight.scales, weight.zeros, out, partial, tile_locks(x.device),
         num_rows, n, weight.in_features, num_blocks, per_split, num_splits, x.stride(0),
         weight.qweight.stride(0), weight.scales.stride(0), partial.stride(0), out.stride(0),
         MAGIC=magic, BIAS=bias, GROUP=weight.group_size, BLOCK_M=opts["block_m"], BLOCK_N=opts["block_n"],
-        WIDE=bool(opts["wide"]), FOLD=bool(opts["fold"]), num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        num_warps=opts["num_warps"], num_stages=opts["num_stages"], **flags,
     )  # fmt: skip
 
 

@@ -152,7 +152,7 @@ def test_w4a16_matmul_repacked(num_rows: int, k: int, n: int, group_size: int, d
     [
         {},  # the defaults: fold
         {"fold": 0},  # exact weights, the per-group correction
-        {"fold": 0, "block_n": 128, "num_warps": 8, "wide": 1},
+        {"fold": 0, "block_n": 128, "num_warps": 8},
         {"block_n": 128, "num_stages": 2, "programs_per_sm": 8},
     ],
 )

@@ -79,7 +79,7 @@ def test_w4_repack_dequantizes_to_the_awq_weight(k: int, n: int, group_size: int
         (3, "dense", {}),
         (1, "swap", {"block_n": 16}),  # the transposed tensor-core kernel, split by the heuristic
         (5, "swap", {"block_n": 32, "blocks_per_split": 1}),
-        (16, "swap", {"block_n": 16, "wide": 1}),
+        (16, "swap", {"block_n": 16, "fold": 0}),  # exact weights, the per-group correction
         (20, "swap", {"block_n": 16, "blocks_per_split": 2}),  # two row tiles: counters per tile
         (1, "swap", {"block_n": 16, "fold": 1}),  # weights rounded once to x's dtype, one running dot
         (20, "swap", {"block_n": 32, "fold": 1, "blocks_per_split": 1}),
