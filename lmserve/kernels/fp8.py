@@ -83,14 +83,12 @@ def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
+    USE_DOT: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """One program = BLOCK_N output channels x one K split, for all M (<= BLOCK_M) rows.
 
     USE_DOT: e4m3 -> x's dtype (exact) and a tensor-core dot with the rows padded to BLOCK_M; otherwise (one row)
-    e4m3 -> float32 and multiply-adds on the CUDA cores, one sum over K at the end. SWAP (with USE_DOT): the
-    transposed product, the widened weight as the dot's first operand (BLOCK_N >= 64 rows: Hopper's wgmma takes
-    it from registers) and the padded activations as its second.
+    e4m3 -> float32 and multiply-adds on the CUDA cores, one sum over K at the end.
     """
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -103,10 +101,7 @@ def _fp8_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     if USE_DOT:
-        if SWAP:
-            acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -115,14 +110,7 @@ def _fp8_gemv_kernel(
             w = tl.load(w_rows + ks[None, :])
         else:
             w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
-        if USE_DOT and SWAP:
-            b = tl.load(
-                x_ptr + rows[None, :] * stride_xm + ks[:, None],
-                mask=row_mask[None, :] & (ks < k_end)[:, None],
-                other=0.0,
-            )
-            acc_t = tl.dot(w.to(b.dtype), b, acc_t)
-        elif USE_DOT:
+        if USE_DOT:
             a = tl.load(
                 x_ptr + rows[:, None] * stride_xm + ks[None, :],
                 mask=row_mask[:, None] & (ks < k_end)[None, :],
@@ -135,9 +123,7 @@ def _fp8_gemv_kernel(
             else:
                 xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
             acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
-    if USE_DOT and SWAP:
-        acc = tl.trans(acc_t)
-    elif not USE_DOT:
+    if not USE_DOT:
         acc = tl.sum(acc2, 1)[None, :]
     total = acc
     if HAS_SCALE:
@@ -170,7 +156,6 @@ def gemv_options(num_rows: int, out_features: int) -> dict[str, int]:
         "num_warps": 4,
         "programs_per_sm": programs_per_sm,
         "use_dot": int(num_rows != 1),
-        "swap": 0,
         "num_stages": 3,
     }
 
@@ -188,8 +173,8 @@ def fp8_gemv(
 
     A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
     against cuBLAS).
-    options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot, swap (the transposed
-    tensor-core product, with use_dot) and k_per_split (a multiple of block_k).
+    options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot and k_per_split (a
+    multiple of block_k).
     """
     num_rows, k = x.shape
     n = weight.shape[0]
@@ -216,8 +201,7 @@ def fp8_gemv(
         tile_locks(x.device), num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0),
         partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        SWAP=use_dot and bool(opts["swap"]), EVEN=k % block_k == 0 and n % block_n == 0,
-        num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )  # fmt: skip
     return out
 
