@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ class TorchAttentionBackend(AttentionBackend):
         # keys before the shortest sequence's window are seen by no query of the batch
         first_block = first_visible_key(min(seq_lens_cpu) - 1, sliding_window) // block_size
         key_start, num_blocks = first_block * block_size, -(-max_len // block_size)
-        kv = self.decode_kv(layer_cache, plan, first_block, num_blocks)
+        kv = self.decode_kv(layer_cache, plan, num_seqs, first_block, num_blocks)
         keys, values = kv[..., : max_len - key_start, :].unbind(0)  # [B, Hkv, L, D]
         num_kv_heads = keys.shape[1]
         # GQA without repeating K/V: the query heads of one KV head form that head's "query length"
@@ -136,12 +136,10 @@ class TorchAttentionBackend(AttentionBackend):
         return out.reshape(num_seqs, num_heads, head_dim)
 
     def decode_kv(
-        self, layer_cache: torch.Tensor, plan: TorchPlan, first_block: int, num_blocks: int
+        self, layer_cache: torch.Tensor, plan: TorchPlan, num_seqs: int, first_block: int, num_blocks: int
     ) -> torch.Tensor:
-        """K/V of blocks first_block..num_blocks - 1 of the decoding sequences: [2, B, Hkv, L, D]."""
-        return self.gather(
-            layer_cache, plan.meta.block_tables[: plan.meta.num_decodes, first_block:num_blocks]
-        )
+        """K/V of blocks first_block..num_blocks - 1 of the first num_seqs sequences: [2, B, Hkv, L, D]."""
+        return self.gather(layer_cache, plan.meta.block_tables[:num_seqs, first_block:num_blocks])
 
     def prefill(
         self,
@@ -206,15 +204,15 @@ class CPUAttentionBackend(TorchAttentionBackend):
         first = block_ids[0] if block_ids else 0
         if block_ids != list(range(first, first + len(block_ids))):
             return plan
-        return TorchPlan(plan.meta, plan.query_lens, plan.seq_lens, plan.kept_rows, first)
+        return replace(plan, first_block_of_run=first)
 
     def decode_kv(
-        self, layer_cache: torch.Tensor, plan: TorchPlan, first_block: int, num_blocks: int
+        self, layer_cache: torch.Tensor, plan: TorchPlan, num_seqs: int, first_block: int, num_blocks: int
     ) -> torch.Tensor:
         """One sequence on one run of blocks (a lone stream, the usual case): a view of the cache, no copy
         (the gather took ~10-15 us a layer at 200 tokens on the 2-core box)."""
-        if plan.first_block_of_run is None or plan.meta.num_decodes != 1:
-            return super().decode_kv(layer_cache, plan, first_block, num_blocks)
+        if plan.first_block_of_run is None or num_seqs != 1:
+            return super().decode_kv(layer_cache, plan, num_seqs, first_block, num_blocks)
         start = plan.first_block_of_run + first_block
         run = layer_cache[:, :, start : start + num_blocks - first_block]
         num_kv_heads, head_dim = layer_cache.shape[1], layer_cache.shape[-1]
