@@ -1,14 +1,17 @@
-"""One-stream CPU decode, before vs after the 2026-12-03 afternoon changes, interleaved in one process.
+"""One-stream CPU decode, before vs after a change, interleaved in one process.
 
 This VM drifts by ±20 % over minutes, so two processes run minutes apart compare little. Here one engine (the
-embedded SmolLM2 Q4_1 GGUF, bf16, 2 threads) alternates between the current code ("after") and the previous
-implementations swapped back in ("before", commit f4c0664): the half-width rotary tables and the out-of-place
-rotate-half rotary, two `index_copy_` calls per KV store, and the block gather for a lone sequence. Per round each
-variant decodes one request (128-token prompt, --output-len tokens, EOS ignored); printed: the median decode step
-per round, the median over rounds of after/before, the rounds after won, prefill (first step) times, and
-whether both produced the same tokens.
+embedded SmolLM2 Q4_1 GGUF, bf16, 2 threads) alternates between the current code ("after") and a previous
+implementation swapped back in ("before"). `--compare`:
+- `q4` (default): the 4-bit linears on the C kernel (kernels/cpu_q4.py) vs torch's int4 kernel, the same
+  Q4_1 values packed for it (as before 2026-12-03 evening);
+- `afternoon`: the 2026-12-03 afternoon changes vs commit f4c0664: the half-width rotary tables and the
+  out-of-place rotate-half rotary, two `index_copy_` calls per KV store, and the block gather for a lone sequence.
+Per round each variant decodes one request (128-token prompt, --output-len tokens, EOS ignored); printed: the
+median decode step per round, the median over rounds of after/before, the rounds after won, prefill (first
+step) times, and whether both produced the same tokens.
 
-    PYTHONPATH=. python benchmarks/cpu_one_stream_ab.py --rounds 16 --output-len 64
+    PYTHONPATH=. python benchmarks/cpu_one_stream_ab.py --rounds 16 --output-len 64 [--compare afternoon]
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lmserve.attention.torch_backend import CPUAttentionBackend, TorchAttentionB
 from lmserve.bench.offline import fixed_length_config, random_prompts
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
+from lmserve.kernels.cpu_q4 import dequantize_q4
+from lmserve.layers.linear import Linear, pack_int4_if_exact
 
 
 def rotate_qk_before(qk: torch.Tensor, num_q_heads: int, rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +49,7 @@ def store_before(
     flat[1].index_copy_(1, slots, v.transpose(0, 1).to(layer_cache.dtype))
 
 
-class Variants:
+class AfternoonVariants:
     """Swaps the model between the current code and the previous pieces (class and module attributes)."""
 
     def __init__(self, engine: LLMEngine) -> None:
@@ -69,6 +74,27 @@ class Variants:
         CPUAttentionBackend.decode_kv = decode_kv  # type: ignore[method-assign]
 
 
+class Q4Variants:
+    """Swaps every 4-bit linear between the C kernel's layout and torch's int4 kernel's (the same values)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.linears = [
+            m for m in engine.runner.model.modules() if isinstance(m, Linear) and m.q4 is not None
+        ]
+        if not self.linears:
+            raise SystemExit(
+                "no linear runs the C kernel here (kernels/cpu_q4.py: kernel_available() is False)"
+            )
+        self.layouts = {
+            id(m): (m.q4, pack_int4_if_exact(dequantize_q4(*m.q4), m.weight.dtype)) for m in self.linears
+        }
+
+    def use(self, name: str) -> None:
+        for module in self.linears:
+            q4, int4 = self.layouts[id(module)]
+            module.q4, module.int4 = (q4, None) if name == "after" else (None, int4)
+
+
 def one_request(
     engine: LLMEngine, prompt: list[int], output_len: int
 ) -> tuple[float, list[float], list[int]]:
@@ -91,11 +117,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", choices=("q4", "afternoon"), default="q4")
     args = parser.parse_args()
     config = EngineConfig(dtype="bfloat16", device="cpu", session_len=512, num_cpu_threads=args.threads)
     engine = LLMEngine.from_pretrained(None, config)
     prompt = random_prompts(1, 128, engine.model_config.vocab_size)[0]
-    variants = Variants(engine)
+    variants = Q4Variants(engine) if args.compare == "q4" else AfternoonVariants(engine)
     steps: dict[str, list[float]] = {"before": [], "after": []}
     prefills: dict[str, list[float]] = {"before": [], "after": []}
     tokens: dict[str, list[int]] = {}

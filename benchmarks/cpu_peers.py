@@ -85,7 +85,9 @@ def own_cpu_seconds(extra_roots: list[int]) -> float:
     return tree_cpu_seconds([os.getpid(), *extra_roots]) + times.children_user + times.children_system
 
 
-def with_load(measure: Callable[[], dict[str, float]], roots: Callable[[], list[int]] = list) -> dict[str, float]:
+def with_load(
+    measure: Callable[[], dict[str, float]], roots: Callable[[], list[int]] = list
+) -> dict[str, float]:
     """The figure with the 1-minute load average before and after it, and the cores that other work took
     meanwhile: the machine's busy time (steal included) less this benchmark's own processes' (this one, its
     children, and the process trees `roots()`, e.g. a server under test)."""

@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels import cpu_q4
 from lmserve.kernels.gemv import one_row_gemv_options, one_row_linear, runs_one_row_gemv
 from lmserve.kernels.int8_gemm import quantize_rows_int8
 from lmserve.layers.cpu_gemm import packed_linear
 from lmserve.layers.quant import make_quantized_linear
 
 INT4_GROUP_SIZE = 32
-INT4_MAX_ROWS = 4
-"""Up to this many rows the CPU int4 kernel wins (it reads 4x fewer bytes than bf16); above, the bf16 GEMM's
+INT4_MAX_ROWS = cpu_q4.MAX_ROWS
+"""Up to this many rows the CPU 4-bit kernels win (they read 4x fewer bytes than bf16); above, the bf16 GEMM's
 compute wins (measured on SmolLM2 shapes on an AVX512-BF16 CPU: int4 is 4x faster at 1 row, 2x slower at 16)."""
 
 
@@ -31,7 +32,9 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        # (packed uint8 weight, [K / group, N, 2] scales and zeros): set by keep_int4_if_exact
+        # CPU, few bf16 rows, a 4-bit exact weight (set by keep_int4_if_exact; at most one of the two):
+        # the C kernel's (qs, ds, lo) (kernels/cpu_q4.py), or torch's int4 kernel's (packed, scales_zeros)
+        self.q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         # CPU: oneDNN's blocked copy of the weight (layers/cpu_gemm.py), set by pack_cpu_linears
         self.onednn: torch.Tensor | None = None
@@ -42,6 +45,9 @@ class Linear(nn.Module):
         if runs_one_row_gemv(x, self.weight, self.gemv_options):
             assert self.gemv_options is not None
             return one_row_linear(x, self.weight, self.bias, self.gemv_options)
+        if self.q4 is not None and x.shape[0] <= INT4_MAX_ROWS:
+            out = cpu_q4.q4_linear(x, *self.q4)
+            return out if self.bias is None else out + self.bias
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4
             if not x.is_contiguous():  # the kernel refuses strided rows
@@ -52,16 +58,28 @@ class Linear(nn.Module):
             return packed_linear(x, self.onednn, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    @property
+    def has_4bit_copy(self) -> bool:
+        return self.q4 is not None or self.int4 is not None
+
     def keep_int4_if_exact(self, weight: torch.Tensor) -> bool:
         """Keep a 4-bit copy of `weight` for few-row inputs when it is exactly 4-bit (GGUF Q4_1, say): lossless.
 
         Only for bfloat16 weights on the CPU; the dense weight stays for many-row inputs (prefill, big batches).
+        The copy is for the C kernel where it runs (`cpu_q4.kernel_available()`), else for torch's int4 kernel.
         Call it after the weight is loaded: the copy is not refreshed when the dense weight changes later.
         """
+        self.q4 = self.int4 = None
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.bfloat16:
             return False
-        self.int4 = pack_int4_if_exact(weight, self.weight.dtype)
-        return self.int4 is not None
+        exact = exact_int4(weight)
+        if exact is None:
+            return False
+        if cpu_q4.kernel_available() and cpu_q4.shape_supported(*weight.shape):
+            self.q4 = cpu_q4.pack_q4(*exact)
+        else:
+            self.int4 = pack_int4(*exact, self.weight.dtype)
+        return True
 
 
 def pack_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,11 +94,11 @@ def int8_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> t
     return torch.ops.aten._weight_int8pack_mm(x, packed[0], packed[1])
 
 
-def pack_int4_if_exact(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """weight [N, K] -> (packed, scales_zeros) for torch's CPU int4 kernel, or None when not 4-bit exact.
+def exact_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> (codes [N, K] uint8, scale, low [N, K / 32] float32), or None when not 4-bit exact.
 
     Exact means: every group of INT4_GROUP_SIZE inputs holds at most 16 evenly spaced values spanning its
-    min..max (asymmetric 4-bit, as llama.cpp's Q4_1 stores them), so the groups' codes are recovered exactly.
+    min..max (asymmetric 4-bit, as llama.cpp's Q4_1 stores them), so weight = scale * code + low recovers them.
     """
     num_out, num_in = weight.shape
     if num_in % INT4_GROUP_SIZE or num_out % 16:
@@ -91,10 +109,23 @@ def pack_int4_if_exact(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.
     codes = ((groups - low) / scale.clamp_min(1e-30)).round_().clamp_(0, 15)
     if bool(((codes * scale + low - groups).abs() > 1e-3 * scale + 1e-7).any()):
         return None
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(num_out, num_in).int(), 1)
-    # the kernel computes (code - 8) * scale + zero
-    scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).squeeze(2).transpose(0, 1)
+    return codes.reshape(num_out, num_in).to(torch.uint8), scale.squeeze(2), low.squeeze(2)
+
+
+def pack_int4(
+    codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exact_int4's codes, scale and low -> (packed, scales_zeros) for torch's CPU int4 kernel."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    # the kernel computes (code - 8) * scale + zero, with scale and zero in the activations' dtype
+    scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
     return packed, scales_zeros.to(dtype).contiguous()
+
+
+def pack_int4_if_exact(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] -> torch's CPU int4 kernel's (packed, scales_zeros), or None when not 4-bit exact."""
+    exact = exact_int4(weight)
+    return None if exact is None else pack_int4(*exact, dtype)
 
 
 def make_linear(

@@ -86,7 +86,7 @@ class LoRALinear(nn.Module):
     def _fuse_shrink(self, base: Linear, a: torch.Tensor) -> None:
         """Append every adapter's A to the base weight, so one GEMM gives the base output and the shrink: on the
         CPU a small GEMM costs ~40 us whatever its size (SmolLM2, batch 16), as much as the work of the update.
-        The base weight becomes a view of the first rows (no second copy; its few-row int4 path is unchanged)."""
+        The base weight becomes a view of the first rows (no second copy; its few-row 4-bit path is unchanged)."""
         out_features = base.weight.shape[0]
         fused = torch.cat([base.weight.detach(), a.flatten(0, 1)])
         base.weight.data = fused[:out_features]
@@ -98,7 +98,7 @@ class LoRALinear(nn.Module):
         if not self.context.active:
             return self.base(x)
         fused = self.fused_weight
-        if fused is not None and (self.base.int4 is None or x.shape[0] > INT4_MAX_ROWS):
+        if fused is not None and (not self.base.has_4bit_copy or x.shape[0] > INT4_MAX_ROWS):
             out = torch.nn.functional.linear(x, fused, self.fused_bias)
             y = out[:, : self.num_base_outputs]
             self.context.expand(y, out[:, self.num_base_outputs :], self.lora_bt)

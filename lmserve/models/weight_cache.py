@@ -15,15 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmserve.kernels import cpu_q4
 from lmserve.models.loader import ModelSource
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 """Bump when what load_weights derives changes (dequantization, int4/int8 packing, parameter layout)."""
 
 DISABLE_ENV = "LMSERVE_NO_WEIGHT_CACHE"
-_ATTRIBUTE_MARK = "@"  # "qkv_proj@int4.0": element 0 of the module's `int4` tuple, not a state-dict entry
+_ATTRIBUTE_MARK = "@"  # "qkv_proj@q4.0": element 0 of the module's `q4` tuple, not a state-dict entry
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class WeightCacheKey:
     dtype: str
     model_config: str
     torch_version: str
+    cpu_4bit_layout: str
+    """Which few-row 4-bit layout the linears keep: kernels/cpu_q4.py's LAYOUT for its C kernel, or "torch"."""
     format_version: int = CACHE_FORMAT_VERSION
 
     def digest(self) -> str:
@@ -113,6 +116,7 @@ def weight_cache_for(
         dtype=str(dtype),
         model_config=repr(model_config),
         torch_version=torch.__version__,
+        cpu_4bit_layout=cpu_q4.LAYOUT if cpu_q4.kernel_available() else "torch",
     )
     # entries of the same checkpoint, dtype and config share the prefix; a newer file state replaces the older
     model = hashlib.sha256(f"{checkpoint}:{dtype}:{model_config!r}".encode()).hexdigest()[:16]
@@ -147,7 +151,7 @@ def _stored_key(path: Path) -> dict[str, Any]:
 
 
 def _collect(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict plus the derived tensor tuples modules keep as plain attributes (Linear.int4, lm_head_int8)."""
+    """The state dict plus the derived tensor tuples modules keep as plain attributes (Linear.q4 / int4, lm_head_int8)."""
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     for module_name, module in model.named_modules():
         for attribute, value in _tensor_tuples(module):

@@ -14,6 +14,7 @@ import torch
 
 from lmserve.config import EngineConfig
 from lmserve.engine import builder
+from lmserve.kernels import cpu_q4
 from lmserve.models import loader
 from lmserve.models.loader import ModelSource, load_model_config
 from lmserve.models.weight_cache import weight_cache_for
@@ -40,7 +41,7 @@ def first_build(smollm2_gguf_path: Path, tmp_path_factory: pytest.TempPathFactor
         patch.delenv("LMSERVE_NO_WEIGHT_CACHE", raising=False)
         model = build(source)
         assert len(cache_files()) == 1
-        assert any(module.int4 is not None for module in model.modules() if hasattr(module, "int4"))
+        assert any(module.has_4bit_copy for module in model.modules() if hasattr(module, "has_4bit_copy"))
         yield FirstBuild(source, prompt_logits(model), model.state_dict())
 
 
@@ -87,7 +88,7 @@ def test_second_build_reads_the_cache_and_gives_identical_logits(
     for name, tensor in cached.state_dict().items():
         assert torch.equal(tensor, first_build.state[name]), name
     assert cached.lm_head_int8 is not None  # the derived copies came back too, not only the state dict
-    assert all(module.int4 is not None for module in cached.modules() if hasattr(module, "int4"))
+    assert all(module.has_4bit_copy for module in cached.modules() if hasattr(module, "has_4bit_copy"))
 
 
 def test_corrupt_entry_is_rebuilt(first_build: FirstBuild) -> None:
@@ -131,3 +132,20 @@ def test_only_bfloat16_gguf_on_the_cpu_is_cached(first_build: FirstBuild) -> Non
     assert weight_cache_for(source, config, torch.bfloat16, torch.device("cpu")) is not None
     assert weight_cache_for(source, config, torch.float32, torch.device("cpu")) is None
     assert weight_cache_for(source, config, torch.bfloat16, torch.device("cuda")) is None
+
+
+def test_another_4bit_layout_gets_another_entry(
+    first_build: FirstBuild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry holds the linears' few-row 4-bit copies in one kernel's layout: a build for the other kernel (no
+    AVX512-BF16 or compiler, LMSERVE_CPU_NATIVE=0, a new layout version) must not restore them."""
+    source, config = first_build.source, load_model_config(first_build.source)
+    current = weight_cache_for(source, config, torch.bfloat16, torch.device("cpu"))
+    native = cpu_q4.kernel_available()
+    monkeypatch.setattr(cpu_q4, "kernel_available", lambda: not native)
+    other = weight_cache_for(source, config, torch.bfloat16, torch.device("cpu"))
+    assert current is not None and other is not None and other.path != current.path
+    model = build(source)
+    linears = [m for m in model.modules() if hasattr(m, "has_4bit_copy") and m.has_4bit_copy]
+    assert linears and all((m.q4 is not None) == (not native) for m in linears)
+    assert all((m.int4 is not None) == native for m in linears)

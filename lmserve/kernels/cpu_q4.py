@@ -1,0 +1,188 @@
+"""The CPU's few-row 4-bit GEMV: a small C kernel (kernels/cpu/q4_gemv.c) built with the machine's C compiler.
+
+torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) is compute-bound at decode shapes (SmolLM2: ~22 G
+weights/s, hardly faster on 2 threads than on 1), so a one-stream decode step spent ~5 ms in it against the
+~1.6 ms its 4-bit weights take to stream. The C kernel turns 64 nibbles into bf16 words with three vector ops
+and multiplies them with AVX512-BF16's dot product (see the C file), keeps llama.cpp's Q4_1 values exactly
+(scales and minimums in float32: torch's kernel took them rounded to bf16) and splits the rows over torch's
+own OpenMP threads.
+
+The library is compiled once per source, compiler and flag set into `$LMSERVE_CACHE_DIR/native` (else
+~/.cache/lmserve/native; about a second) and loaded with ctypes: no torch headers, no build step at install.
+It is used only where it can run: x86-64 with AVX512-BF16 in /proc/cpuinfo and a working `cc`; anywhere
+else (or with LMSERVE_CPU_NATIVE=0, or if compiling fails, logged once) the linears keep torch's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NATIVE_ENV = "LMSERVE_CPU_NATIVE"
+"""Set to 0 to keep the CPU's 4-bit linears on torch's int4 kernel."""
+SOURCE = Path(__file__).with_name("cpu") / "q4_gemv.c"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
+COMPILE_FLAGS = (
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512dq",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vbmi2",
+    "-mfma",
+    "-fopenmp",
+    "-fPIC",
+)
+GROUP_SIZE = 32
+CHUNK = 64
+"""Inputs per packed chunk: two groups, 32 bytes (the kernel's K must be a multiple of it)."""
+ROW_BLOCK = 4
+MAX_IN_FEATURES = 16384
+MAX_ROWS = 4
+LAYOUT = "q4-native-1"
+"""Names pack_q4's layout in the weight cache's key: change it with the layout."""
+"""Rows of x the kernel takes (the linears' INT4_MAX_ROWS); more rows go to oneDNN's bf16 GEMM."""
+
+
+def native_enabled() -> bool:
+    return os.environ.get(NATIVE_ENV, "1") != "0"
+
+
+def cpu_supports_kernel() -> bool:
+    """x86-64 Linux whose /proc/cpuinfo lists the AVX512 subsets the kernel uses."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
+        )
+    except OSError:
+        return False
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def native_cache_dir() -> Path:
+    root = os.environ.get("LMSERVE_CACHE_DIR") or Path.home() / ".cache" / "lmserve"
+    return Path(root) / "native"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not native_enabled() or not cpu_supports_kernel():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler found: the CPU's 4-bit linears stay on torch's int4 kernel")
+        return None
+    try:
+        path = _build(compiler)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("the CPU 4-bit kernel did not build (%s): using torch's int4 kernel", error)
+        return None
+    function = library.lmserve_q4_gemv
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
+    return library
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel into the cache (atomically: concurrent starts each write their own temp file)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + " ".join(COMPILE_FLAGS).encode()
+    ).hexdigest()[:16]
+    path = native_cache_dir() / f"q4_gemv-{key}.so"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".", suffix=".so", delete=False) as tmp:
+        temp_path = Path(tmp.name)
+    try:
+        subprocess.run(
+            [compiler, *COMPILE_FLAGS, "-shared", "-o", str(temp_path), str(SOURCE)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(temp_path, path)
+    except subprocess.CalledProcessError as error:
+        raise OSError(error.stderr.decode(errors="replace").strip()[-500:]) from error
+    finally:
+        temp_path.unlink(missing_ok=True)
+    return path
+
+
+def kernel_available() -> bool:
+    """Whether the C kernel is built and loaded (building it on the first call)."""
+    return _library() is not None
+
+
+def shape_supported(out_features: int, in_features: int) -> bool:
+    return in_features % CHUNK == 0 and out_features % ROW_BLOCK == 0 and in_features <= MAX_IN_FEATURES
+
+
+def pack_q4(
+    codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K] (0..15), scale and low [N, K / 32] (w = scale * code + low) -> the kernel's (qs, d, m).
+
+    qs [N / 4, 2 K] uint8: per block of 4 rows, per 64 inputs, the 4 rows' 32 bytes in turn, byte i holding
+    input i (low nibble) and input 32 + i (high nibble). d and m [N, K / 32] in float16, as Q4_1 stores them
+    (torch's int4 kernel takes them in the activations' dtype: bf16 keeps 3 bits fewer).
+    """
+    num_out, num_in = codes.shape
+    halves = codes.to(torch.uint8).reshape(num_out, num_in // CHUNK, 2, CHUNK // 2)
+    rows = halves[:, :, 0] | (halves[:, :, 1] << 4)  # [N, chunk, 32]
+    qs = rows.reshape(num_out // ROW_BLOCK, ROW_BLOCK, num_in // CHUNK, CHUNK // 2).transpose(1, 2)
+    groups = num_in // GROUP_SIZE
+    d = scale.reshape(num_out, groups).to(torch.float16)
+    m = low.reshape(num_out, groups).to(torch.float16)
+    return qs.reshape(num_out // ROW_BLOCK, 2 * num_in).contiguous(), d.contiguous(), m.contiguous()
+
+
+def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 (1 <= M <= MAX_ROWS) @ the packed 4-bit weight^T (pack_q4's layout) -> [M, N] bf16."""
+    library = _library()
+    assert library is not None, "q4_linear needs the C kernel (check kernel_available() first)"
+    if not x.is_contiguous():
+        x = x.contiguous()
+    num_rows, num_in = x.shape
+    num_out = d.shape[0]
+    out = torch.empty(num_rows, num_out, dtype=torch.bfloat16)
+    status = library.lmserve_q4_gemv(
+        x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(), num_rows, num_out, num_in
+    )
+    if status:
+        raise ValueError(
+            f"q4_linear: unsupported shapes x {tuple(x.shape)}, weight {tuple(qs.shape)} (packed)"
+        )
+    return out
+
+
+def q4_linear_ref(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The same product in float32 torch from the packed layout (tests): unpack, dequantize, matmul."""
+    return (x.float() @ dequantize_q4(qs, d, m).t()).to(x.dtype)
+
+
+def dequantize_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """pack_q4's inverse: the float32 weight [N, K]."""
+    num_out, groups = d.shape
+    num_in = groups * GROUP_SIZE
+    blocks = qs.reshape(num_out // ROW_BLOCK, num_in // CHUNK, ROW_BLOCK, 1, CHUNK // 2).transpose(1, 2)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=3).reshape(num_out, groups, GROUP_SIZE)
+    weight = codes.float() * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
+    return weight.reshape(num_out, num_in)

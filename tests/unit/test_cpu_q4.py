@@ -1,0 +1,105 @@
+"""The CPU's few-row 4-bit C kernel (kernels/cpu_q4.py) against float32 products of the exact 4-bit weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.kernels import cpu_q4
+from lmserve.layers.linear import Linear, exact_int4, pack_int4
+
+needs_kernel = pytest.mark.skipif(not cpu_q4.kernel_available(), reason="no AVX512-BF16 CPU or C compiler")
+
+
+def q4_1_weight(num_out: int, num_in: int, seed: int = 0) -> torch.Tensor:
+    """A weight with llama.cpp's Q4_1 structure: per 32 inputs, d * q + m with q spanning 0..15, d and m float16."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = num_in // 32
+    codes = torch.randint(0, 16, (num_out, groups, 32), generator=generator)
+    codes[..., 0], codes[..., 1] = 0, 15  # Q4_1 maps each group's min and max to 0 and 15
+    d = (torch.rand(num_out, groups, 1, generator=generator) * 0.01 + 1e-4).half().float()
+    m = (-torch.rand(num_out, groups, 1, generator=generator) * 0.08).half().float()
+    return (codes * d + m).reshape(num_out, num_in)
+
+
+def test_pack_round_trip_is_exact() -> None:
+    weight = q4_1_weight(64, 256)
+    exact = exact_int4(weight)
+    assert exact is not None
+    assert torch.equal(cpu_q4.dequantize_q4(*cpu_q4.pack_q4(*exact)), weight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576), (16, 64), (32, 4096)])
+def test_kernel_matches_float32_product(num_rows: int, shape: tuple[int, int]) -> None:
+    num_out, num_in = shape
+    weight = q4_1_weight(num_out, num_in, seed=num_rows)
+    exact = exact_int4(weight)
+    assert exact is not None
+    packed = cpu_q4.pack_q4(*exact)
+    x = torch.randn(num_rows, num_in, generator=torch.Generator().manual_seed(7)).bfloat16()
+    out = cpu_q4.q4_linear(x, *packed)
+    truth = x.float() @ weight.t()
+    assert out.dtype == torch.bfloat16 and out.shape == (num_rows, num_out)
+    # float32 accumulation in another order, then one rounding to bf16: within a bf16 step of the truth
+    scale = x.float().abs() @ weight.abs().t()
+    assert bool(((out.float() - truth).abs() <= truth.abs() * 2**-8 + scale * 1e-5).all())
+
+
+@needs_kernel
+def test_kernel_no_further_from_the_truth_than_torchs_int4_kernel() -> None:
+    """torch's kernel takes the scales rounded to bf16; the C kernel keeps Q4_1's float16 ones."""
+    weight = q4_1_weight(1024, 1024, seed=3)
+    exact = exact_int4(weight)
+    assert exact is not None
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(1)).bfloat16()
+    truth = x.float() @ weight.t()
+    ours = cpu_q4.q4_linear(x, *cpu_q4.pack_q4(*exact)).float()
+    packed, scales_zeros = pack_int4(*exact, torch.bfloat16)
+    torchs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros).float()
+    rounded = truth.bfloat16().float()  # the best a bf16 output can do
+    assert torch.equal(ours, rounded) or (ours - truth).norm() <= 1.01 * (rounded - truth).norm()
+    assert (ours - truth).norm() < (torchs - truth).norm()
+
+
+@needs_kernel
+def test_strided_rows_and_bad_shapes() -> None:
+    weight = q4_1_weight(16, 128)
+    exact = exact_int4(weight)
+    assert exact is not None
+    packed = cpu_q4.pack_q4(*exact)
+    wide = torch.randn(2, 256).bfloat16()
+    x = wide[:, :128]  # rows with a stride (a slice of a fused output)
+    assert torch.equal(cpu_q4.q4_linear(x, *packed), cpu_q4.q4_linear(x.contiguous(), *packed))
+    with pytest.raises(ValueError, match="unsupported shapes"):
+        cpu_q4.q4_linear(torch.randn(5, 128).bfloat16(), *packed)
+
+
+def test_linear_uses_the_kernel_where_it_runs_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = q4_1_weight(64, 128)
+    linear = Linear(128, 64, bias=False).bfloat16()
+    linear.weight.data.copy_(weight)
+    assert linear.keep_int4_if_exact(weight)
+    assert (linear.q4 is not None) == cpu_q4.kernel_available() and linear.has_4bit_copy
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
+    truth = x.float() @ weight.t()
+    tolerance = (
+        truth.abs() * 2**-7 + (x.float().abs() @ weight.abs().t()) * 2**-8
+    )  # bf16 scales on torch's path
+    assert bool(((linear(x).float() - truth).abs() <= tolerance).all())
+
+    monkeypatch.setattr(cpu_q4, "kernel_available", lambda: False)  # no AVX512-BF16, no compiler, or disabled
+    assert linear.keep_int4_if_exact(weight)
+    assert linear.q4 is None and linear.int4 is not None
+    assert bool(((linear(x).float() - truth).abs() <= tolerance).all())
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_q4.NATIVE_ENV, "0")
+    cpu_q4._library.cache_clear()
+    try:
+        assert not cpu_q4.kernel_available()
+    finally:
+        monkeypatch.delenv(cpu_q4.NATIVE_ENV)
+        cpu_q4._library.cache_clear()
