@@ -4,7 +4,7 @@
 it never measures the few-row 4-bit kernels a decode step uses. Here each held-out token is fed as its own
 one-token step (the KV cache holding the window so far), exactly as decoding runs, and scored. Variants, one
 engine each (the embedded SmolLM2 Q4_1 GGUF): float32 (dense float32 weights: the reference), bf16 with the
-4-bit linears on the C kernel (kernels/cpu_q4.py, the default where it builds), and bf16 on torch's int4
+4-bit linears on the C kernel (kernels/cpu_native.py, the default where it builds), and bf16 on torch's int4
 kernel (the same values packed for it, as before 2026-12-03 evening). Printed: perplexity and the mean
 |log p - log p_float32| of the target tokens.
 
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lmserve.attention.metadata import SequenceChunk, build_step_batch
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.kernels.cpu_q4 import dequantize_q4
+from lmserve.kernels.cpu_native import dequantize_q4
 from lmserve.layers.linear import Linear, pack_int4_if_exact
 from lmserve.quant.corpus import evaluation_tokens
 

@@ -3,7 +3,7 @@
 This VM drifts by ±20 % over minutes, so two processes run minutes apart compare little. Here one engine (the
 embedded SmolLM2 Q4_1 GGUF, bf16, 2 threads) alternates between the current code ("after") and a previous
 implementation swapped back in ("before"). `--compare`:
-- `q4` (default): the 4-bit linears on the C kernel (kernels/cpu_q4.py) vs torch's int4 kernel, the same
+- `q4` (default): the 4-bit linears on the C kernel (kernels/cpu_native.py) vs torch's int4 kernel, the same
   Q4_1 values packed for it (as before 2026-12-03 evening);
 - `afternoon`: the 2026-12-03 afternoon changes vs commit f4c0664: the half-width rotary tables and the
   out-of-place rotate-half rotary, two `index_copy_` calls per KV store, and the block gather for a lone sequence.
@@ -29,7 +29,7 @@ from lmserve.attention.torch_backend import CPUAttentionBackend, TorchAttentionB
 from lmserve.bench.offline import fixed_length_config, random_prompts
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.kernels.cpu_q4 import dequantize_q4
+from lmserve.kernels.cpu_native import dequantize_q4
 from lmserve.layers.linear import Linear, pack_int4_if_exact
 
 
@@ -83,7 +83,7 @@ class Q4Variants:
         ]
         if not self.linears:
             raise SystemExit(
-                "no linear runs the C kernel here (kernels/cpu_q4.py: kernel_available() is False)"
+                "no linear runs the C kernel here (kernels/cpu_native.py: kernel_available() is False)"
             )
         self.layouts = {
             id(m): (m.q4, pack_int4_if_exact(dequantize_q4(*m.q4), m.weight.dtype)) for m in self.linears

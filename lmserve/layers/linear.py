@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.kernels import cpu_q4
+from lmserve.kernels import cpu_native
 from lmserve.kernels.gemv import one_row_gemv_options, one_row_linear, runs_one_row_gemv
 from lmserve.kernels.int8_gemm import quantize_rows_int8
 from lmserve.layers.cpu_gemm import packed_linear
 from lmserve.layers.quant import make_quantized_linear
 
 INT4_GROUP_SIZE = 32
-INT4_MAX_ROWS = cpu_q4.MAX_ROWS
+INT4_MAX_ROWS = cpu_native.MAX_ROWS
 """Up to this many rows the CPU 4-bit kernels win (they read 4x fewer bytes than bf16); above, the bf16 GEMM's
 compute wins (measured on SmolLM2 shapes on an AVX512-BF16 CPU: int4 is 4x faster at 1 row, 2x slower at 16)."""
 
@@ -33,7 +33,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # CPU, few bf16 rows, a 4-bit exact weight (set by keep_int4_if_exact; at most one of the two):
-        # the C kernel's (qs, ds, lo) (kernels/cpu_q4.py), or torch's int4 kernel's (packed, scales_zeros)
+        # the C kernel's (qs, ds, lo) (kernels/cpu_native.py), or torch's int4 kernel's (packed, scales_zeros)
         self.q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         # CPU: oneDNN's blocked copy of the weight (layers/cpu_gemm.py), set by pack_cpu_linears
@@ -46,7 +46,7 @@ class Linear(nn.Module):
             assert self.gemv_options is not None
             return one_row_linear(x, self.weight, self.bias, self.gemv_options)
         if self.q4 is not None and x.shape[0] <= INT4_MAX_ROWS:
-            out = cpu_q4.q4_linear(x, *self.q4)
+            out = cpu_native.q4_linear(x, *self.q4)
             return out if self.bias is None else out + self.bias
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4
@@ -66,7 +66,7 @@ class Linear(nn.Module):
         """Keep a 4-bit copy of `weight` for few-row inputs when it is exactly 4-bit (GGUF Q4_1, say): lossless.
 
         Only for bfloat16 weights on the CPU; the dense weight stays for many-row inputs (prefill, big batches).
-        The copy is for the C kernel where it runs (`cpu_q4.kernel_available()`), else for torch's int4 kernel.
+        The copy is for the C kernel where it runs (`cpu_native.kernel_available()`), else for torch's int4 kernel.
         Call it after the weight is loaded: the copy is not refreshed when the dense weight changes later.
         """
         self.q4 = self.int4 = None
@@ -75,8 +75,8 @@ class Linear(nn.Module):
         exact = exact_int4(weight)
         if exact is None:
             return False
-        if cpu_q4.kernel_available() and cpu_q4.shape_supported(*weight.shape):
-            self.q4 = cpu_q4.pack_q4(*exact)
+        if cpu_native.kernel_available() and cpu_native.shape_supported(*weight.shape):
+            self.q4 = cpu_native.pack_q4(*exact)
         else:
             self.int4 = pack_int4(*exact, self.weight.dtype)
         return True

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels import cpu_native
 from lmserve.kernels._triton import HAS_TRITON
 
 
@@ -36,11 +37,19 @@ class RMSNorm(nn.Module):
         for the next matmul. A bf16 residual rounds the running sum 2 x 30 times per token; with the embedded
         SmolLM2 that flipped "What is the capital of France?" from float32's "The capital of France is Paris." to
         "L'Etoile, ..." (RESULTS.md, about 3 % of a decode step). A float32 model computes exactly as before.
+        With the CPU's C kernels (kernels/cpu_native.py) a bf16 model's add and norm are one call, the float32
+        residual updated in place.
         """
         if x.is_cuda and HAS_TRITON:
             from lmserve.kernels.rmsnorm import fused_add_rms_norm
 
             return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if (
+            x.dtype == torch.bfloat16
+            and self.weight.dtype == torch.bfloat16
+            and cpu_native.kernel_available()
+        ):
+            return cpu_native.add_rms_norm(x, residual, self._float_weight(), self.eps)
         residual = residual.float() + x
         if self.weight.dtype == torch.float32:
             return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmserve.kernels import cpu_q4
+from lmserve.kernels import cpu_native
 from lmserve.models.loader import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class WeightCacheKey:
     model_config: str
     torch_version: str
     cpu_4bit_layout: str
-    """Which few-row 4-bit layout the linears keep: kernels/cpu_q4.py's LAYOUT for its C kernel, or "torch"."""
+    """Which few-row 4-bit layout the linears keep: kernels/cpu_native.py's LAYOUT for its C kernel, or "torch"."""
     format_version: int = CACHE_FORMAT_VERSION
 
     def digest(self) -> str:
@@ -116,7 +116,7 @@ def weight_cache_for(
         dtype=str(dtype),
         model_config=repr(model_config),
         torch_version=torch.__version__,
-        cpu_4bit_layout=cpu_q4.LAYOUT if cpu_q4.kernel_available() else "torch",
+        cpu_4bit_layout=cpu_native.LAYOUT if cpu_native.kernel_available() else "torch",
     )
     # entries of the same checkpoint, dtype and config share the prefix; a newer file state replaces the older
     model = hashlib.sha256(f"{checkpoint}:{dtype}:{model_config!r}".encode()).hexdigest()[:16]

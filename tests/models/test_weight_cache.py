@@ -14,7 +14,7 @@ import torch
 
 from lmserve.config import EngineConfig
 from lmserve.engine import builder
-from lmserve.kernels import cpu_q4
+from lmserve.kernels import cpu_native
 from lmserve.models import loader
 from lmserve.models.loader import ModelSource, load_model_config
 from lmserve.models.weight_cache import weight_cache_for
@@ -141,8 +141,8 @@ def test_another_4bit_layout_gets_another_entry(
     AVX512-BF16 or compiler, LMSERVE_CPU_NATIVE=0, a new layout version) must not restore them."""
     source, config = first_build.source, load_model_config(first_build.source)
     current = weight_cache_for(source, config, torch.bfloat16, torch.device("cpu"))
-    native = cpu_q4.kernel_available()
-    monkeypatch.setattr(cpu_q4, "kernel_available", lambda: not native)
+    native = cpu_native.kernel_available()
+    monkeypatch.setattr(cpu_native, "kernel_available", lambda: not native)
     other = weight_cache_for(source, config, torch.bfloat16, torch.device("cpu"))
     assert current is not None and other is not None and other.path != current.path
     model = build(source)

@@ -3,7 +3,7 @@
    y[m, n] = sum_k x[m, k] * w[n, k],  w[n, k] = d[n, g] * q[n, k] + l[n, g],  g = k / 32, q in 0..15
    (llama.cpp's Q4_1 values; d and l in float16, as Q4_1 stores them).
 
-   Layout (lmserve/kernels/cpu_q4.py: pack_q4 writes it), 0.625 bytes per weight like torch's int4 kernel:
+   Layout (lmserve/kernels/cpu_native.py: pack_q4 writes it), 0.625 bytes per weight like torch's int4 kernel:
    - qs: rows in blocks of 4; per block, per 64 inputs (groups A and B), the 4 rows' 32 bytes one after the
      other (one sequential stream per block), byte i = q[A, i] | q[B, i] << 4;
    - d, l: [n, k / 32] float16.

@@ -1,4 +1,4 @@
-"""The CPU's few-row 4-bit GEMV: a small C kernel (kernels/cpu/q4_gemv.c) built with the machine's C compiler.
+"""CPU kernels in C (kernels/cpu/*.c) built with the machine's C compiler: the few-row 4-bit GEMV, add + RMSNorm.
 
 torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) is compute-bound at decode shapes (SmolLM2: ~22 G
 weights/s, hardly faster on 2 threads than on 1), so a one-stream decode step spent ~5 ms in it against the
@@ -6,6 +6,9 @@ weights/s, hardly faster on 2 threads than on 1), so a one-stream decode step sp
 and multiplies them with AVX512-BF16's dot product (see the C file), keeps llama.cpp's Q4_1 values exactly
 (scales and minimums in float32: torch's kernel took them rounded to bf16) and splits the rows over torch's
 own OpenMP threads.
+
+A decode step of a small model is mostly small ops (~1,100 torch dispatches for SmolLM2, 3-8 us each), so the
+float32 residual add + RMSNorm (~8 dispatches in torch) is one call here too (`add_rms_norm`).
 
 The library is compiled once per source, compiler and flag set into `$LMSERVE_CACHE_DIR/native` (else
 ~/.cache/lmserve/native; about a second) and loaded with ctypes: no torch headers, no build step at install.
@@ -32,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 NATIVE_ENV = "LMSERVE_CPU_NATIVE"
 """Set to 0 to keep the CPU's 4-bit linears on torch's int4 kernel."""
-SOURCE = Path(__file__).with_name("cpu") / "q4_gemv.c"
+SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("q4_gemv.c", "norm.c"))
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
 COMPILE_FLAGS = (
     "-O3",
@@ -45,6 +48,7 @@ COMPILE_FLAGS = (
     "-mfma",
     "-fopenmp",
     "-fPIC",
+    "-shared",
 )
 GROUP_SIZE = 32
 CHUNK = 64
@@ -85,27 +89,30 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler found: the CPU's 4-bit linears stay on torch's int4 kernel")
+        logger.info("no C compiler found: the CPU keeps torch's kernels (int4, RMSNorm)")
         return None
     try:
         path = _build(compiler)
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("the CPU 4-bit kernel did not build (%s): using torch's int4 kernel", error)
+        logger.warning("the CPU kernels did not build (%s): using torch's (int4, RMSNorm)", error)
         return None
-    function = library.lmserve_q4_gemv
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
+    gemv = library.lmserve_q4_gemv
+    gemv.restype = ctypes.c_int
+    gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
+    norm = library.lmserve_add_rms_norm
+    norm.restype = None
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    norm.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, integer, integer, ctypes.c_float]
     return library
 
 
 def _build(compiler: str) -> Path:
     """Compile the kernel into the cache (atomically: concurrent starts each write their own temp file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + " ".join(COMPILE_FLAGS).encode()
-    ).hexdigest()[:16]
-    path = native_cache_dir() / f"q4_gemv-{key}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + version.encode() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    path = native_cache_dir() / f"lmserve_cpu-{key}.so"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,7 @@ def _build(compiler: str) -> Path:
         temp_path = Path(tmp.name)
     try:
         subprocess.run(
-            [compiler, *COMPILE_FLAGS, "-shared", "-o", str(temp_path), str(SOURCE)],
+            [compiler, *COMPILE_FLAGS, "-o", str(temp_path), *map(str, SOURCES), "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -127,7 +134,7 @@ def _build(compiler: str) -> Path:
 
 
 def kernel_available() -> bool:
-    """Whether the C kernel is built and loaded (building it on the first call)."""
+    """Whether the C kernels are built and loaded (building them on the first call)."""
     return _library() is not None
 
 
@@ -186,3 +193,36 @@ def dequantize_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.T
     codes = torch.cat([blocks & 15, blocks >> 4], dim=3).reshape(num_out, groups, GROUP_SIZE)
     weight = codes.float() * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
     return weight.reshape(num_out, num_in)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 rms_norm(residual + x) * weight, the float32 sum) for x bf16 [T, H], residual [T, H] float32
+    (updated in place) or bf16, weight float32 [H]: F.rms_norm's float32 numbers, rounded once.
+
+    Written for a decode step's ~60 calls: each torch op here costs 1-4 us, as much as the kernel.
+    """
+    library = _library()
+    assert library is not None, "add_rms_norm needs the C kernels (check kernel_available() first)"
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if residual.dtype != torch.float32 or not residual.is_contiguous():
+        source = residual.contiguous() if residual.dtype == torch.bfloat16 else residual.float().contiguous()
+        residual = torch.empty(x.shape, dtype=torch.float32)
+    else:
+        source = residual
+    out = torch.empty_like(x)
+    num_rows, hidden = x.shape
+    library.lmserve_add_rms_norm(
+        x.data_ptr(),
+        source.data_ptr(),
+        source.dtype == torch.float32,
+        residual.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        num_rows,
+        hidden,
+        eps,
+    )
+    return out, residual

@@ -1,14 +1,16 @@
-"""The CPU's few-row 4-bit C kernel (kernels/cpu_q4.py) against float32 products of the exact 4-bit weights."""
+"""The CPU's few-row 4-bit C kernel (kernels/cpu_native.py) against float32 products of the exact 4-bit weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmserve.kernels import cpu_q4
+from lmserve.kernels import cpu_native
 from lmserve.layers.linear import Linear, exact_int4, pack_int4
 
-needs_kernel = pytest.mark.skipif(not cpu_q4.kernel_available(), reason="no AVX512-BF16 CPU or C compiler")
+needs_kernel = pytest.mark.skipif(
+    not cpu_native.kernel_available(), reason="no AVX512-BF16 CPU or C compiler"
+)
 
 
 def q4_1_weight(num_out: int, num_in: int, seed: int = 0) -> torch.Tensor:
@@ -26,7 +28,7 @@ def test_pack_round_trip_is_exact() -> None:
     weight = q4_1_weight(64, 256)
     exact = exact_int4(weight)
     assert exact is not None
-    assert torch.equal(cpu_q4.dequantize_q4(*cpu_q4.pack_q4(*exact)), weight)
+    assert torch.equal(cpu_native.dequantize_q4(*cpu_native.pack_q4(*exact)), weight)
 
 
 @needs_kernel
@@ -37,9 +39,9 @@ def test_kernel_matches_float32_product(num_rows: int, shape: tuple[int, int]) -
     weight = q4_1_weight(num_out, num_in, seed=num_rows)
     exact = exact_int4(weight)
     assert exact is not None
-    packed = cpu_q4.pack_q4(*exact)
+    packed = cpu_native.pack_q4(*exact)
     x = torch.randn(num_rows, num_in, generator=torch.Generator().manual_seed(7)).bfloat16()
-    out = cpu_q4.q4_linear(x, *packed)
+    out = cpu_native.q4_linear(x, *packed)
     truth = x.float() @ weight.t()
     assert out.dtype == torch.bfloat16 and out.shape == (num_rows, num_out)
     # float32 accumulation in another order, then one rounding to bf16: within a bf16 step of the truth
@@ -55,7 +57,7 @@ def test_kernel_no_further_from_the_truth_than_torchs_int4_kernel() -> None:
     assert exact is not None
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(1)).bfloat16()
     truth = x.float() @ weight.t()
-    ours = cpu_q4.q4_linear(x, *cpu_q4.pack_q4(*exact)).float()
+    ours = cpu_native.q4_linear(x, *cpu_native.pack_q4(*exact)).float()
     packed, scales_zeros = pack_int4(*exact, torch.bfloat16)
     torchs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros).float()
     rounded = truth.bfloat16().float()  # the best a bf16 output can do
@@ -68,12 +70,12 @@ def test_strided_rows_and_bad_shapes() -> None:
     weight = q4_1_weight(16, 128)
     exact = exact_int4(weight)
     assert exact is not None
-    packed = cpu_q4.pack_q4(*exact)
+    packed = cpu_native.pack_q4(*exact)
     wide = torch.randn(2, 256).bfloat16()
     x = wide[:, :128]  # rows with a stride (a slice of a fused output)
-    assert torch.equal(cpu_q4.q4_linear(x, *packed), cpu_q4.q4_linear(x.contiguous(), *packed))
+    assert torch.equal(cpu_native.q4_linear(x, *packed), cpu_native.q4_linear(x.contiguous(), *packed))
     with pytest.raises(ValueError, match="unsupported shapes"):
-        cpu_q4.q4_linear(torch.randn(5, 128).bfloat16(), *packed)
+        cpu_native.q4_linear(torch.randn(5, 128).bfloat16(), *packed)
 
 
 def test_linear_uses_the_kernel_where_it_runs_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +83,7 @@ def test_linear_uses_the_kernel_where_it_runs_and_torch_elsewhere(monkeypatch: p
     linear = Linear(128, 64, bias=False).bfloat16()
     linear.weight.data.copy_(weight)
     assert linear.keep_int4_if_exact(weight)
-    assert (linear.q4 is not None) == cpu_q4.kernel_available() and linear.has_4bit_copy
+    assert (linear.q4 is not None) == cpu_native.kernel_available() and linear.has_4bit_copy
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
     truth = x.float() @ weight.t()
     tolerance = (
@@ -89,17 +91,40 @@ def test_linear_uses_the_kernel_where_it_runs_and_torch_elsewhere(monkeypatch: p
     )  # bf16 scales on torch's path
     assert bool(((linear(x).float() - truth).abs() <= tolerance).all())
 
-    monkeypatch.setattr(cpu_q4, "kernel_available", lambda: False)  # no AVX512-BF16, no compiler, or disabled
+    monkeypatch.setattr(
+        cpu_native, "kernel_available", lambda: False
+    )  # no AVX512-BF16, no compiler, or disabled
     assert linear.keep_int4_if_exact(weight)
     assert linear.q4 is None and linear.int4 is not None
     assert bool(((linear(x).float() - truth).abs() <= tolerance).all())
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cpu_q4.NATIVE_ENV, "0")
-    cpu_q4._library.cache_clear()
+    monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")
+    cpu_native._library.cache_clear()
     try:
-        assert not cpu_q4.kernel_available()
+        assert not cpu_native.kernel_available()
     finally:
-        monkeypatch.delenv(cpu_q4.NATIVE_ENV)
-        cpu_q4._library.cache_clear()
+        monkeypatch.delenv(cpu_native.NATIVE_ENV)
+        cpu_native._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 576), (3, 576), (128, 576), (2, 100), (1, 4096)])
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_torch(shape: tuple[int, int], residual_dtype: torch.dtype) -> None:
+    """The sum exactly, the norm as F.rms_norm in float32 rounded once to bf16 (at most a last bit apart)."""
+    generator = torch.Generator().manual_seed(shape[0])
+    x = torch.randn(shape, generator=generator).bfloat16()
+    residual = (torch.randn(shape, generator=generator) * 4).to(residual_dtype)
+    weight = torch.rand(shape[1], generator=generator) + 0.5
+    truth_sum = residual.float() + x.float()
+    truth = torch.nn.functional.rms_norm(truth_sum, (shape[1],), weight, 1e-5)
+    given = residual.clone()
+    normed, summed = cpu_native.add_rms_norm(x, given, weight, 1e-5)
+    assert summed.dtype == torch.float32 and torch.equal(summed, truth_sum)
+    if residual_dtype == torch.float32:
+        assert summed.data_ptr() == given.data_ptr()  # the float32 stream is updated in place
+    assert normed.dtype == torch.bfloat16
+    assert bool(((normed.float() - truth).abs() <= truth.abs() * 2**-8).all())
+    assert (normed != truth.bfloat16()).float().mean() < 0.01
