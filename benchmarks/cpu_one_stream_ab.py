@@ -3,8 +3,9 @@
 This VM drifts by ±20 % over minutes, so two processes run minutes apart compare little. Here one engine (the
 embedded SmolLM2 Q4_1 GGUF, bf16, 2 threads) alternates between the current code ("after") and a previous
 implementation swapped back in ("before"). `--compare`:
-- `q4` (default): the 4-bit linears on the C kernel (kernels/cpu_native.py) vs torch's int4 kernel, the same
-  Q4_1 values packed for it (as before 2026-12-03 evening);
+- `native` (default): the C kernels (kernels/cpu_native.py: 4-bit linears, add + RMSNorm, decode attention)
+  vs torch's (int4 kernel with the same Q4_1 values, F.rms_norm, SDPA), as before 2026-12-03 evening;
+- `q4`: only the 4-bit linears, C kernel vs torch's int4 kernel;
 - `afternoon`: the 2026-12-03 afternoon changes vs commit f4c0664: the half-width rotary tables and the
   out-of-place rotate-half rotary, two `index_copy_` calls per KV store, and the block gather for a lone sequence.
 Per round each variant decodes one request (128-token prompt, --output-len tokens, EOS ignored); printed: the
@@ -29,6 +30,7 @@ from lmserve.attention.torch_backend import CPUAttentionBackend, TorchAttentionB
 from lmserve.bench.offline import fixed_length_config, random_prompts
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
+from lmserve.kernels import cpu_native
 from lmserve.kernels.cpu_native import dequantize_q4
 from lmserve.layers.linear import Linear, pack_int4_if_exact
 
@@ -95,6 +97,22 @@ class Q4Variants:
             module.q4, module.int4 = (q4, None) if name == "after" else (None, int4)
 
 
+class NativeVariants(Q4Variants):
+    """Q4Variants, and the C add + RMSNorm and decode attention switched off for "before"."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__(engine)
+        self.checks = (cpu_native.kernel_available, cpu_native.decode_attention_supported)
+
+    def use(self, name: str) -> None:
+        super().use(name)
+        if name == "after":
+            cpu_native.kernel_available, cpu_native.decode_attention_supported = self.checks  # type: ignore[assignment]
+        else:
+            cpu_native.kernel_available = lambda: False  # type: ignore[assignment]
+            cpu_native.decode_attention_supported = lambda *args: False  # type: ignore[assignment]
+
+
 def one_request(
     engine: LLMEngine, prompt: list[int], output_len: int
 ) -> tuple[float, list[float], list[int]]:
@@ -117,12 +135,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compare", choices=("q4", "afternoon"), default="q4")
+    parser.add_argument("--compare", choices=("native", "q4", "afternoon"), default="native")
     args = parser.parse_args()
     config = EngineConfig(dtype="bfloat16", device="cpu", session_len=512, num_cpu_threads=args.threads)
     engine = LLMEngine.from_pretrained(None, config)
     prompt = random_prompts(1, 128, engine.model_config.vocab_size)[0]
-    variants = Q4Variants(engine) if args.compare == "q4" else AfternoonVariants(engine)
+    variants = {"native": NativeVariants, "q4": Q4Variants, "afternoon": AfternoonVariants}[args.compare](
+        engine
+    )
     steps: dict[str, list[float]] = {"before": [], "after": []}
     prefills: dict[str, list[float]] = {"before": [], "after": []}
     tokens: dict[str, list[int]] = {}

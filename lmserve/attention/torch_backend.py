@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.engine.cpu_memory import lazily_zeroed
+from lmserve.kernels import cpu_native
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,24 @@ class CPUAttentionBackend(TorchAttentionBackend):
         if block_ids != list(range(first, first + len(block_ids))):
             return plan
         return replace(plan, first_block_of_run=first)
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        layer_cache: torch.Tensor,
+        plan: TorchPlan,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """bf16: the C kernel (kernels/cpu_native.py: one call reads the blocks through the tables, no gather);
+        other dtypes or shapes: SDPA over the gathered (or viewed) K/V."""
+        meta = plan.meta
+        if meta.block_tables.dtype == torch.int32 and cpu_native.decode_attention_supported(q, layer_cache):
+            num_seqs = q.shape[0]
+            return cpu_native.decode_attention(
+                q, layer_cache, meta.block_tables[:num_seqs], meta.seq_lens[:num_seqs], scale, sliding_window
+            )
+        return super().decode(q, layer_cache, plan, scale, sliding_window)
 
     def decode_kv(
         self, layer_cache: torch.Tensor, plan: TorchPlan, num_seqs: int, first_block: int, num_blocks: int

@@ -1,4 +1,5 @@
-"""CPU kernels in C (kernels/cpu/*.c) built with the machine's C compiler: the few-row 4-bit GEMV, add + RMSNorm.
+"""CPU kernels in C (kernels/cpu/*.c) built with the machine's C compiler: few-row 4-bit GEMV, add + RMSNorm,
+decode attention.
 
 torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) is compute-bound at decode shapes (SmolLM2: ~22 G
 weights/s, hardly faster on 2 threads than on 1), so a one-stream decode step spent ~5 ms in it against the
@@ -8,7 +9,9 @@ and multiplies them with AVX512-BF16's dot product (see the C file), keeps llama
 own OpenMP threads.
 
 A decode step of a small model is mostly small ops (~1,100 torch dispatches for SmolLM2, 3-8 us each), so the
-float32 residual add + RMSNorm (~8 dispatches in torch) is one call here too (`add_rms_norm`).
+float32 residual add + RMSNorm (~8 dispatches in torch) is one call here too (`add_rms_norm`), and so is a
+step's decode attention over the paged cache (`decode_attention`; torch's SDPA took ~50 us a layer for one
+query of 9 heads, most of it overhead).
 
 The library is compiled once per source, compiler and flag set into `$LMSERVE_CACHE_DIR/native` (else
 ~/.cache/lmserve/native; about a second) and loaded with ctypes: no torch headers, no build step at install.
@@ -35,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 NATIVE_ENV = "LMSERVE_CPU_NATIVE"
 """Set to 0 to keep the CPU's 4-bit linears on torch's int4 kernel."""
-SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("q4_gemv.c", "norm.c"))
+SOURCES = tuple(
+    Path(__file__).with_name("cpu") / name for name in ("q4_gemv.c", "norm.c", "decode_attention.c")
+)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
 COMPILE_FLAGS = (
     "-O3",
@@ -104,6 +109,9 @@ def _library() -> ctypes.CDLL | None:
     norm.restype = None
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     norm.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, integer, integer, ctypes.c_float]
+    attention = library.lmserve_decode_attention
+    attention.restype = ctypes.c_int
+    attention.argtypes = [pointer] * 5 + [integer] * 7 + [ctypes.c_float, integer]
     return library
 
 
@@ -226,3 +234,65 @@ def add_rms_norm(
         eps,
     )
     return out, residual
+
+
+def decode_attention_supported(q: torch.Tensor, layer_cache: torch.Tensor) -> bool:
+    """Whether decode_attention takes these: bf16 queries [B, Hq, D] and heads-first cache, D % 32 == 0, <= 256."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = layer_cache.shape[1]
+    return (
+        q.dtype == torch.bfloat16
+        and layer_cache.dtype == torch.bfloat16
+        and head_dim % 32 == 0
+        and head_dim <= 256
+        and num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads <= 16
+        and layer_cache.is_contiguous()
+        and kernel_available()
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over the cache [2, Hkv, blocks, block_size, D] through block_tables
+    [B, n] and seq_lens [B] (int32; keys 0 .. len - 1, the last sliding_window of them) -> [B, Hq, D] bf16."""
+    library = _library()
+    assert library is not None, (
+        "decode_attention needs the C kernels (check decode_attention_supported first)"
+    )
+    if not q.is_contiguous():
+        q = q.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    if not seq_lens.is_contiguous():
+        seq_lens = seq_lens.contiguous()
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_kv_heads, num_blocks, block_size, _ = layer_cache.shape
+    out = torch.empty_like(q)
+    status = library.lmserve_decode_attention(
+        q.data_ptr(),
+        layer_cache.data_ptr(),
+        block_tables.data_ptr(),
+        seq_lens.data_ptr(),
+        out.data_ptr(),
+        num_seqs,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        num_blocks,
+        block_size,
+        block_tables.stride(0),
+        scale,
+        sliding_window or 0,
+    )
+    if status:
+        raise ValueError(
+            f"decode_attention: unsupported shapes q {tuple(q.shape)}, cache {tuple(layer_cache.shape)}"
+        )
+    return out

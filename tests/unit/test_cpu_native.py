@@ -128,3 +128,59 @@ def test_add_rms_norm_matches_torch(shape: tuple[int, int], residual_dtype: torc
     assert normed.dtype == torch.bfloat16
     assert bool(((normed.float() - truth).abs() <= truth.abs() * 2**-8).all())
     assert (normed != truth.bfloat16()).float().mean() < 0.01
+
+
+def attention_truth(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """float32 SDPA per sequence over its keys read one by one through its block table."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = cache.shape[1], cache.shape[3]
+    out = []
+    for s in range(num_seqs):
+        length = int(lens[s])
+        positions = torch.arange(max(0, length - window) if window else 0, length)
+        blocks, offsets = tables[s][positions // block_size].long(), positions % block_size
+        keys, values = cache[0][:, blocks, offsets].float(), cache[1][:, blocks, offsets].float()
+        queries = q[s].float().view(num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out.append(torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=scale))
+    return torch.stack(out).reshape(num_seqs, num_heads, head_dim)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "num_seqs, num_heads, num_kv_heads, head_dim, length, window",
+    [(1, 9, 3, 64, 200, None), (1, 9, 3, 64, 1, None), (4, 9, 3, 64, 513, None), (3, 8, 8, 128, 300, 64),
+     (2, 16, 2, 64, 1000, None), (5, 4, 1, 256, 129, 1000)],
+)  # fmt: skip
+def test_decode_attention_matches_sdpa(
+    num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, length: int, window: int | None
+) -> None:
+    """Ragged lengths over shuffled blocks, GQA groups, sliding windows: within the bf16 rounding of the truth."""
+    generator = torch.Generator().manual_seed(length)
+    num_blocks, block_size = 80, 16
+    cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=generator).bfloat16()
+    tables = torch.stack([torch.randperm(num_blocks, generator=generator).int() for _ in range(num_seqs)])
+    lens = torch.tensor([max(1, length - 7 * s) for s in range(num_seqs)], dtype=torch.int32)
+    q = torch.randn(num_seqs, num_heads, head_dim, generator=generator).bfloat16()
+    out = cpu_native.decode_attention(q, cache, tables, lens, head_dim**-0.5, window)
+    truth = attention_truth(q, cache, tables, lens, head_dim**-0.5, window)
+    assert out.dtype == torch.bfloat16
+    assert bool(((out.float() - truth).abs() <= truth.abs() * 2**-8 + 1e-6).all())
+
+
+@needs_kernel
+def test_decode_attention_rejects_what_it_cannot_run() -> None:
+    q = torch.randn(1, 4, 48).bfloat16()  # head_dim not a multiple of 32
+    cache = torch.randn(2, 2, 4, 16, 48).bfloat16()
+    assert not cpu_native.decode_attention_supported(q, cache)
+    assert not cpu_native.decode_attention_supported(q.float(), cache.float())
+    with pytest.raises(ValueError, match="unsupported shapes"):
+        cpu_native.decode_attention(
+            q, cache, torch.zeros(1, 4, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0, None
+        )

@@ -1,0 +1,136 @@
+/* Decode attention over the CPU's heads-first paged KV cache (attention/torch_backend.py: CPUAttentionBackend).
+
+   One new query per sequence: q [b, hq, d] bf16 attends to keys 0 .. seq_lens[s] - 1 of its sequence (the last
+   `window` of them when window > 0), read through its block table from the cache [2, hkv, blocks, block_size, d]
+   bf16. Grouped-query heads share their KV head's keys, so each (sequence, KV head) pair is one task: the
+   group's scores, an online softmax over chunks of CHUNK keys (running max and sum, float32), and the weighted
+   sum of values in float32, rounded once to bf16. Dot products use AVX512-BF16 (exact bf16 products, float32
+   sums); exp is a degree-6 polynomial after a power-of-two split (about 1 ulp in float32). Tasks are spread
+   over torch's OpenMP threads. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK 128
+#define MAX_GROUP 16    /* query heads per KV head */
+#define MAX_HEAD_DIM 256
+
+/* e^x for x <= 0 (scores minus their max); x below -87 gives 0 */
+static inline __m512 exp_negative(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n); /* p * 2^n */
+}
+
+static inline __m512 widen_bf16(__m256i words) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+}
+
+/* one (sequence, KV head): queries [group, d] bf16 -> out [group, d] bf16 */
+static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, const int32_t *blocks,
+                   int block_size, size_t block_stride, int first, int last, int group, int d, float scale,
+                   uint16_t *out) {
+    float acc[MAX_GROUP][MAX_HEAD_DIM], running_max[MAX_GROUP], running_sum[MAX_GROUP];
+    float scores[MAX_GROUP][CHUNK];
+    const int vectors = d / 32; /* bf16 words per 512-bit register: 32 */
+    for (int g = 0; g < group; g++) {
+        memset(acc[g], 0, sizeof(float) * d);
+        running_max[g] = -INFINITY;
+        running_sum[g] = 0.0f;
+    }
+    for (int start = first; start < last; start += CHUNK) {
+        const int count = last - start < CHUNK ? last - start : CHUNK;
+        /* scores = scale * q . k */
+        for (int t = 0; t < count; t++) {
+            const int position = start + t;
+            const uint16_t *key = keys + (size_t)blocks[position / block_size] * block_stride +
+                                  (size_t)(position % block_size) * d;
+            for (int g = 0; g < group; g++) {
+                __m512 dot = _mm512_setzero_ps();
+                for (int i = 0; i < vectors; i++)
+                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(queries + g * d + 32 * i),
+                                           (__m512bh)_mm512_loadu_si512(key + 32 * i));
+                scores[g][t] = _mm512_reduce_add_ps(dot) * scale;
+            }
+        }
+        for (int g = 0; g < group; g++) {
+            /* online softmax: rescale what came before by e^(old max - new max) */
+            __m512 top = _mm512_set1_ps(running_max[g]);
+            for (int t = 0; t < count; t += 16) {
+                __mmask16 mask = count - t >= 16 ? 0xffff : (__mmask16)((1u << (count - t)) - 1);
+                top = _mm512_mask_max_ps(top, mask, top, _mm512_maskz_loadu_ps(mask, scores[g] + t));
+            }
+            const float new_max = _mm512_reduce_max_ps(top);
+            const float correction = expf(running_max[g] - new_max); /* 0 on the first chunk (-inf) */
+            __m512 total = _mm512_setzero_ps();
+            const __m512 shift = _mm512_set1_ps(new_max);
+            for (int t = 0; t < count; t += 16) {
+                __mmask16 mask = count - t >= 16 ? 0xffff : (__mmask16)((1u << (count - t)) - 1);
+                __m512 p = exp_negative(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores[g] + t), shift));
+                p = _mm512_maskz_mov_ps(mask, p);
+                _mm512_mask_storeu_ps(scores[g] + t, mask, p);
+                total = _mm512_add_ps(total, p);
+            }
+            running_sum[g] = running_sum[g] * correction + _mm512_reduce_add_ps(total);
+            running_max[g] = new_max;
+            if (correction != 1.0f) {
+                const __m512 c = _mm512_set1_ps(correction);
+                for (int i = 0; i < d; i += 16) _mm512_storeu_ps(acc[g] + i, _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), c));
+            }
+        }
+        /* acc += p . v */
+        for (int t = 0; t < count; t++) {
+            const int position = start + t;
+            const uint16_t *value = values + (size_t)blocks[position / block_size] * block_stride +
+                                    (size_t)(position % block_size) * d;
+            for (int i = 0; i < d; i += 16) {
+                __m512 v = widen_bf16(_mm256_loadu_si256((const __m256i *)(value + i)));
+                for (int g = 0; g < group; g++)
+                    _mm512_storeu_ps(acc[g] + i,
+                                     _mm512_fmadd_ps(_mm512_set1_ps(scores[g][t]), v, _mm512_loadu_ps(acc[g] + i)));
+            }
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / running_sum[g]);
+        for (int i = 0; i < d; i += 16)
+            _mm256_storeu_si256((__m256i *)(out + g * d + i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), inv)));
+    }
+}
+
+/* q [b, hq, d] bf16; cache [2, hkv, num_blocks, block_size, d] bf16; block_tables [b, table_stride] int32;
+   seq_lens [b] int32 (>= 1); window 0 = none -> out [b, hq, d] bf16. Needs d % 32 == 0, d <= MAX_HEAD_DIM,
+   hq % hkv == 0, hq / hkv <= MAX_GROUP; returns 0, or -1 when not. */
+int lmserve_decode_attention(const uint16_t *q, const uint16_t *cache, const int32_t *block_tables,
+                             const int32_t *seq_lens, uint16_t *out, int b, int hq, int hkv, int d,
+                             int num_blocks, int block_size, int table_stride, float scale, int window) {
+    if (d % 32 || d > MAX_HEAD_DIM || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP) return -1;
+    const int group = hq / hkv;
+    const size_t block_stride = (size_t)block_size * d, head_stride = (size_t)num_blocks * block_stride;
+    const size_t values_offset = (size_t)hkv * head_stride;
+#pragma omp parallel for schedule(static, 1)
+    for (int task = 0; task < b * hkv; task++) {
+        const int s = task / hkv, h = task % hkv;
+        const int last = seq_lens[s];
+        const int first = window > 0 && last > window ? last - window : 0;
+        const uint16_t *keys = cache + (size_t)h * head_stride;
+        attend(q + ((size_t)s * hq + (size_t)h * group) * d, keys, keys + values_offset,
+               block_tables + (size_t)s * table_stride, block_size, block_stride, first, last, group, d, scale,
+               out + ((size_t)s * hq + (size_t)h * group) * d);
+    }
+    return 0;
+}
