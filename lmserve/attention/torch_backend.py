@@ -11,6 +11,7 @@ from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.engine.cpu_memory import lazily_zeroed
 from lmserve.kernels import cpu_native
+from lmserve.layers.rotary import RopeInputs, rotate_in_place
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,26 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        meta = plan.meta
-        slot_mapping = meta.slot_mapping
+        slot_mapping = plan.meta.slot_mapping
         if plan.kept_rows is not None:
             kept = plan.kept_rows
             self.store(layer_cache, k[kept], v[kept], slot_mapping[kept])
         else:
             self.store(layer_cache, k, v, slot_mapping)
+        return self.attend(q, k, v, layer_cache, plan, scale, sliding_window)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_cache: torch.Tensor,
+        plan: TorchPlan,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """The attention of a step whose new K/V are already stored: decodes in one call, prefills one by one."""
+        meta = plan.meta
         num_decodes, has_padding = meta.num_decodes, q.shape[0] > meta.num_tokens
         if num_decodes == meta.num_seqs and not has_padding:
             return self.decode(q, layer_cache, plan, scale, sliding_window)
@@ -191,10 +205,34 @@ class CPUAttentionBackend(TorchAttentionBackend):
     this way at 1–16 sequences (`benchmarks/cpu_kernels.py`; benchmarks/RESULTS.md, "CPU attention").
     """
 
+    fuses_rotary = True
+
     def cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+    def forward(  # type: ignore[override]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_cache: torch.Tensor,
+        plan: TorchPlan,
+        scale: float,
+        sliding_window: int | None = None,
+        rope: RopeInputs | None = None,
+    ) -> torch.Tensor:
+        """With rope, q and k arrive unrotated: bf16 q/k/v side by side in the fused qkv rows are rotated and
+        stored by one C call (kernels/cpu_native.py); anything else is rotated in torch, then stored as before."""
+        if rope is not None:
+            assert rope.cos is not None and rope.sin is not None
+            if rope.cos.shape[-1] == q.shape[-1] and cpu_native.rotary_store_supported(q, k, v, layer_cache):
+                cpu_native.rotary_store(q, k, layer_cache, rope.cos, rope.sin, plan.meta.slot_mapping)
+                return self.attend(q, k, v, layer_cache, plan, scale, sliding_window)
+            rotate_in_place(q, rope.cos, rope.sin)
+            rotate_in_place(k, rope.cos, rope.sin)
+        return super().forward(q, k, v, layer_cache, plan, scale, sliding_window)
 
     def prepare(self, meta: AttentionMetadata) -> TorchPlan:
         """Also notes whether a lone sequence's blocks are one ascending run (its K/V are then a view)."""

@@ -111,7 +111,10 @@ def _library() -> ctypes.CDLL | None:
     norm.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, integer, integer, ctypes.c_float]
     attention = library.lmserve_decode_attention
     attention.restype = ctypes.c_int
-    attention.argtypes = [pointer] * 5 + [integer] * 7 + [ctypes.c_float, integer]
+    attention.argtypes = [pointer, integer] + [pointer] * 4 + [integer] * 7 + [ctypes.c_float, integer]
+    rotary = library.lmserve_rotary_store
+    rotary.restype = None
+    rotary.argtypes = [pointer] + [integer] * 5 + [pointer] * 4 + [integer] * 2
     return library
 
 
@@ -274,9 +277,10 @@ def decode_attention(
         seq_lens = seq_lens.contiguous()
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, num_blocks, block_size, _ = layer_cache.shape
-    out = torch.empty_like(q)
+    out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype)
     status = library.lmserve_decode_attention(
         q.data_ptr(),
+        q.stride(0),
         layer_cache.data_ptr(),
         block_tables.data_ptr(),
         seq_lens.data_ptr(),
@@ -296,3 +300,56 @@ def decode_attention(
             f"decode_attention: unsupported shapes q {tuple(q.shape)}, cache {tuple(layer_cache.shape)}"
         )
     return out
+
+
+def rotary_store_supported(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor
+) -> bool:
+    """Whether rotary_store takes these: bf16 q, k, v side by side in each row of one fused qkv output
+    ([T, H, D] views with contiguous heads), a bf16 heads-first cache, D % 32 == 0."""
+    head_dim = q.shape[-1]
+    if not (q.dtype == k.dtype == v.dtype == layer_cache.dtype == torch.bfloat16) or head_dim % 32:
+        return False
+    row = q.stride(0)
+    return (
+        q.stride()[1:] == k.stride()[1:] == v.stride()[1:] == (head_dim, 1)
+        and (q.shape[0] == 1 or k.stride(0) == v.stride(0) == row)
+        and k.data_ptr() == q.data_ptr() + 2 * q.shape[1] * head_dim
+        and v.data_ptr() == k.data_ptr() + 2 * k.shape[1] * head_dim
+        and layer_cache.is_contiguous()
+        and kernel_available()
+    )
+
+
+def rotary_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layer_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotate q and k (views into the fused qkv rows, v right after k) in place by cos/sin [T, 1 or none, D]
+    (RotaryEmbedding's layout) and store k and v at their slots (-1: not stored). Checked by
+    rotary_store_supported; HF's roundings, bit for bit."""
+    library = _library()
+    assert library is not None, "rotary_store needs the C kernels (check rotary_store_supported first)"
+    num_tokens, num_heads, head_dim = q.shape
+    _, num_kv_heads, num_blocks, block_size, _ = layer_cache.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        slot_mapping = slot_mapping.long().contiguous()
+    library.lmserve_rotary_store(
+        q.data_ptr(),
+        num_tokens,
+        q.stride(0) if num_tokens > 1 else 0,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        layer_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        num_blocks,
+        block_size,
+    )

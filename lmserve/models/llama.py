@@ -95,8 +95,8 @@ class LlamaAttention(nn.Module):
         qk = self.qk_heads(qkv)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         table = rope.cos_sin_cache
-        if self.backend.fuses_rotary and table is not None and table.shape[1] == self.head_dim:
-            # CUDA: the rotation rides in the KV-cache store (one kernel instead of two)
+        if self.backend.fuses_rotary and (table is None or table.shape[1] == self.head_dim):
+            # the rotation rides in the KV-cache store (CUDA: one Triton kernel; CPU: one C call where it runs)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             out = self.backend.forward(  # type: ignore[call-arg]
                 q, k, v, kv_cache, attn_plan, self.scale, self.sliding_window, rope=rope

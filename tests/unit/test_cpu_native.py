@@ -184,3 +184,47 @@ def test_decode_attention_rejects_what_it_cannot_run() -> None:
         cpu_native.decode_attention(
             q, cache, torch.zeros(1, 4, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0, None
         )
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_rotary_store_is_the_torch_path_bit_for_bit(num_tokens: int) -> None:
+    """Rotating in place inside the fused qkv rows and storing k/v gives the bits of rotate_in_place + the
+    backend's store (HF's rotate-half roundings); a -1 slot is not stored."""
+    from lmserve.attention.torch_backend import CPUAttentionBackend
+    from lmserve.layers.rotary import RotaryEmbedding, rotate_in_place
+
+    num_heads, num_kv_heads, head_dim, num_blocks, block_size = 9, 3, 64, 6, 16
+    generator = torch.Generator().manual_seed(num_tokens)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).bfloat16()
+    with torch.device("cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            rope = RotaryEmbedding(head_dim, 256, 10000.0, None)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    cos, sin = rope.lookup(torch.arange(40, 40 + num_tokens))
+    slots = torch.tensor([17, 3, -1, 60, 95][:num_tokens])
+
+    def split(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = rows.view(num_tokens, -1, head_dim)
+        return (
+            heads[:, :num_heads],
+            heads[:, num_heads : num_heads + num_kv_heads],
+            heads[:, num_heads + num_kv_heads :],
+        )
+
+    backend = CPUAttentionBackend()
+    shape = backend.cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    expected_cache, cache = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
+    expected = qkv.clone()
+    q, k, v = split(expected)
+    rotate_in_place(q, cos, sin)
+    rotate_in_place(k, cos, sin)
+    kept = slots >= 0
+    backend.store(expected_cache, k[kept], v[kept], slots[kept])
+
+    q, k, v = split(qkv)
+    assert cpu_native.rotary_store_supported(q, k, v, cache)
+    cpu_native.rotary_store(q, k, cache, cos, sin, slots)
+    assert torch.equal(qkv, expected) and torch.equal(cache, expected_cache)

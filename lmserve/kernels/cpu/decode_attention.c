@@ -1,4 +1,9 @@
-/* Decode attention over the CPU's heads-first paged KV cache (attention/torch_backend.py: CPUAttentionBackend).
+/* Rotary + KV store, and decode attention, over the CPU's heads-first paged KV cache
+   (attention/torch_backend.py: CPUAttentionBackend).
+
+   lmserve_rotary_store rotates q and k in place in the fused qkv rows (NeoX rotate-half with the tables'
+   layout: cos over both halves, sin negated over the first) with the roundings of the torch path it replaces,
+   bf16(bf16(x * cos) + bf16(swap_halves(x) * sin)), so the bits are HF's, and copies k and v to their slots.
 
    One new query per sequence: q [b, hq, d] bf16 attends to keys 0 .. seq_lens[s] - 1 of its sequence (the last
    `window` of them when window > 0), read through its block table from the cache [2, hkv, blocks, block_size, d]
@@ -112,10 +117,49 @@ static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t
     }
 }
 
-/* q [b, hq, d] bf16; cache [2, hkv, num_blocks, block_size, d] bf16; block_tables [b, table_stride] int32;
-   seq_lens [b] int32 (>= 1); window 0 = none -> out [b, hq, d] bf16. Needs d % 32 == 0, d <= MAX_HEAD_DIM,
-   hq % hkv == 0, hq / hkv <= MAX_GROUP; returns 0, or -1 when not. */
-int lmserve_decode_attention(const uint16_t *q, const uint16_t *cache, const int32_t *block_tables,
+static inline __m512 round_bf16(__m512 x) { return widen_bf16((__m256i)_mm512_cvtneps_pbh(x)); }
+
+/* qkv [t, row_stride] bf16 holding q [hq, d], k [hkv, d], v [hkv, d] at the start of each row; cos, sin [t, d]
+   bf16; slots [t] int64 (-1: a padding row, not stored); cache [2, hkv, num_blocks, block_size, d] bf16.
+   Needs d % 32 == 0 (the caller checks). */
+void lmserve_rotary_store(uint16_t *qkv, int t, int row_stride, int hq, int hkv, int d, const uint16_t *cos,
+                          const uint16_t *sin, uint16_t *cache, const int64_t *slots, int num_blocks,
+                          int block_size) {
+    const int half = d / 2;
+    const size_t head_stride = (size_t)num_blocks * block_size * d;
+    for (int row = 0; row < t; row++) {
+        uint16_t *x = qkv + (size_t)row * row_stride;
+        const uint16_t *c = cos + (size_t)row * d, *s = sin + (size_t)row * d;
+        for (int head = 0; head < hq + hkv; head++) {
+            uint16_t *h = x + (size_t)head * d;
+            for (int j = 0; j < half; j += 16) {
+                __m512 a = widen_bf16(_mm256_loadu_si256((const __m256i *)(h + j)));
+                __m512 b = widen_bf16(_mm256_loadu_si256((const __m256i *)(h + half + j)));
+                __m512 c0 = widen_bf16(_mm256_loadu_si256((const __m256i *)(c + j)));
+                __m512 c1 = widen_bf16(_mm256_loadu_si256((const __m256i *)(c + half + j)));
+                __m512 s0 = widen_bf16(_mm256_loadu_si256((const __m256i *)(s + j)));
+                __m512 s1 = widen_bf16(_mm256_loadu_si256((const __m256i *)(s + half + j)));
+                __m512 first = _mm512_add_ps(round_bf16(_mm512_mul_ps(a, c0)), round_bf16(_mm512_mul_ps(b, s0)));
+                __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(b, c1)), round_bf16(_mm512_mul_ps(a, s1)));
+                _mm256_storeu_si256((__m256i *)(h + j), (__m256i)_mm512_cvtneps_pbh(first));
+                _mm256_storeu_si256((__m256i *)(h + half + j), (__m256i)_mm512_cvtneps_pbh(second));
+            }
+        }
+        const int64_t slot = slots[row];
+        if (slot < 0) continue;
+        const size_t offset = (size_t)(slot / block_size) * block_size * d + (size_t)(slot % block_size) * d;
+        for (int head = 0; head < hkv; head++) {
+            memcpy(cache + head * head_stride + offset, x + (size_t)(hq + head) * d, sizeof(uint16_t) * d);
+            memcpy(cache + (hkv + head) * head_stride + offset, x + (size_t)(hq + hkv + head) * d,
+                   sizeof(uint16_t) * d);
+        }
+    }
+}
+
+/* q [b, hq, d] bf16 with q_stride elements between sequences; cache [2, hkv, num_blocks, block_size, d] bf16;
+   block_tables [b, table_stride] int32; seq_lens [b] int32 (>= 1); window 0 = none -> out [b, hq, d] bf16.
+   Needs d % 32 == 0, d <= MAX_HEAD_DIM, hq % hkv == 0, hq / hkv <= MAX_GROUP; returns 0, or -1 when not. */
+int lmserve_decode_attention(const uint16_t *q, int q_stride, const uint16_t *cache, const int32_t *block_tables,
                              const int32_t *seq_lens, uint16_t *out, int b, int hq, int hkv, int d,
                              int num_blocks, int block_size, int table_stride, float scale, int window) {
     if (d % 32 || d > MAX_HEAD_DIM || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP) return -1;
@@ -128,7 +172,7 @@ int lmserve_decode_attention(const uint16_t *q, const uint16_t *cache, const int
         const int last = seq_lens[s];
         const int first = window > 0 && last > window ? last - window : 0;
         const uint16_t *keys = cache + (size_t)h * head_stride;
-        attend(q + ((size_t)s * hq + (size_t)h * group) * d, keys, keys + values_offset,
+        attend(q + (size_t)s * q_stride + (size_t)h * group * d, keys, keys + values_offset,
                block_tables + (size_t)s * table_stride, block_size, block_stride, first, last, group, d, scale,
                out + ((size_t)s * hq + (size_t)h * group) * d);
     }
