@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,6 +89,16 @@ def native_cache_dir() -> Path:
     return Path(root) / "native"
 
 
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "lmserve_q4_gemv": (_I, [_P] * 5 + [_I] * 3),
+    "lmserve_add_rms_norm": (None, [_P, _P, _I, _P, _P, _P, _I, _I, _F]),
+    "lmserve_decode_attention": (_I, [_P, _I] + [_P] * 4 + [_I] * 7 + [_F, _I]),
+    "lmserve_rotary_store": (None, [_P] + [_I] * 5 + [_P] * 4 + [_I] * 2),
+}
+"""The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if not native_enabled() or not cpu_supports_kernel():
@@ -102,19 +113,9 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("the CPU kernels did not build (%s): using torch's (int4, RMSNorm)", error)
         return None
-    gemv = library.lmserve_q4_gemv
-    gemv.restype = ctypes.c_int
-    gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
-    norm = library.lmserve_add_rms_norm
-    norm.restype = None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
-    norm.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, integer, integer, ctypes.c_float]
-    attention = library.lmserve_decode_attention
-    attention.restype = ctypes.c_int
-    attention.argtypes = [pointer, integer] + [pointer] * 4 + [integer] * 7 + [ctypes.c_float, integer]
-    rotary = library.lmserve_rotary_store
-    rotary.restype = None
-    rotary.argtypes = [pointer] + [integer] * 5 + [pointer] * 4 + [integer] * 2
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
     return library
 
 
