@@ -257,9 +257,9 @@ class CPUAttentionBackend(TorchAttentionBackend):
         other dtypes or shapes: SDPA over the gathered (or viewed) K/V."""
         meta = plan.meta
         if meta.block_tables.dtype == torch.int32 and cpu_native.decode_attention_supported(q, layer_cache):
-            num_seqs = q.shape[0]
+            # the kernel reads the first len(q) rows of the tables and lengths
             return cpu_native.decode_attention(
-                q, layer_cache, meta.block_tables[:num_seqs], meta.seq_lens[:num_seqs], scale, sliding_window
+                q, layer_cache, meta.block_tables, meta.seq_lens, scale, sliding_window
             )
         return super().decode(q, layer_cache, plan, scale, sliding_window)
 

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 NATIVE_ENV = "LMSERVE_CPU_NATIVE"
 """Set to 0 to keep the CPU's 4-bit linears on torch's int4 kernel."""
 SOURCES = tuple(
-    Path(__file__).with_name("cpu") / name for name in ("q4_gemv.c", "norm.c", "decode_attention.c")
+    Path(__file__).with_name("cpu") / name
+    for name in ("q4_gemv.c", "norm.c", "decode_attention.c", "activation.c")
 )
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
 COMPILE_FLAGS = (
@@ -95,6 +96,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lmserve_add_rms_norm": (None, [_P, _P, _I, _P, _P, _P, _I, _I, _F]),
     "lmserve_decode_attention": (_I, [_P, _I] + [_P] * 4 + [_I] * 7 + [_F, _I]),
     "lmserve_rotary_store": (None, [_P] + [_I] * 5 + [_P] * 4 + [_I] * 2),
+    "lmserve_silu_and_mul": (None, [_P, _I, _P, _I, _I]),
 }
 """The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
 
@@ -264,8 +266,9 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], over the cache [2, Hkv, blocks, block_size, D] through block_tables
-    [B, n] and seq_lens [B] (int32; keys 0 .. len - 1, the last sliding_window of them) -> [B, Hq, D] bf16."""
+    """One query per sequence, q [B, Hq, D], over the cache [2, Hkv, blocks, block_size, D] through the first B
+    rows of block_tables [>= B, n] and seq_lens [>= B] (int32; keys 0 .. len - 1, the last sliding_window of
+    them) -> [B, Hq, D] bf16."""
     library = _library()
     assert library is not None, (
         "decode_attention needs the C kernels (check decode_attention_supported first)"
@@ -354,3 +357,18 @@ def rotary_store(
         num_blocks,
         block_size,
     )
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for bf16 gate_up [T, 2 I] (I % 16 == 0, rows contiguous), torch's roundings; None when
+    the C kernels cannot take it (the caller computes it in torch)."""
+    num_tokens, width = gate_up.shape
+    if gate_up.dtype != torch.bfloat16 or width % 32 or gate_up.stride(1) != 1 or not kernel_available():
+        return None
+    library = _library()
+    assert library is not None
+    out = torch.empty((num_tokens, width // 2), dtype=torch.bfloat16)
+    library.lmserve_silu_and_mul(
+        gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), num_tokens, width // 2
+    )
+    return out

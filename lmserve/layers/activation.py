@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lmserve.kernels import cpu_native
 from lmserve.kernels._triton import HAS_TRITON
 
 
@@ -16,6 +17,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         from lmserve.kernels.activation import silu_and_mul as triton_silu_and_mul
 
         return triton_silu_and_mul(gate_up)
+    if gate_up.dim() == 2 and gate_up.dtype == torch.bfloat16:
+        out = cpu_native.silu_and_mul(gate_up)  # the C kernel where it runs (kernels/cpu_native.py)
+        if out is not None:
+            return out
     half = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :half]) * gate_up[..., half:]
 
