@@ -22,7 +22,6 @@ else (or with LMSERVE_CPU_NATIVE=0, or if compiling fails, logged once) the line
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -30,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 """The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
+def _load() -> ctypes.CDLL | None:
     if not native_enabled() or not cpu_supports_kernel():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -119,6 +118,33 @@ def _library() -> ctypes.CDLL | None:
         function = getattr(library, name)
         function.restype, function.argtypes = restype, argtypes
     return library
+
+
+_built: list[ctypes.CDLL | None] = []
+_building = threading.Lock()
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library (built on the first call; later calls, any thread, wait for that one), or None."""
+    if _built:
+        return _built[0]
+    with _building:
+        if not _built:
+            _built.append(_load())
+    return _built[0]
+
+
+def _forget_library() -> None:
+    """Tests: build (or refuse) again on the next call, e.g. after changing LMSERVE_CPU_NATIVE."""
+    with _building:
+        _built.clear()
+
+
+def start_building() -> None:
+    """Compile the library in a background thread (a first start's ~1-2 s of `cc` then overlaps the tokenizer
+    and model set-up); the first caller that needs it waits for it."""
+    if not _built:
+        threading.Thread(target=_library, name="lmserve-cpu-kernels", daemon=True).start()
 
 
 def _build(compiler: str) -> Path:

@@ -101,12 +101,12 @@ def test_linear_uses_the_kernel_where_it_runs_and_torch_elsewhere(monkeypatch: p
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")
-    cpu_native._library.cache_clear()
+    cpu_native._forget_library()
     try:
         assert not cpu_native.kernel_available()
     finally:
         monkeypatch.delenv(cpu_native.NATIVE_ENV)
-        cpu_native._library.cache_clear()
+        cpu_native._forget_library()
 
 
 @needs_kernel
