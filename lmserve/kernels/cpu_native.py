@@ -41,7 +41,7 @@ NATIVE_ENV = "LMSERVE_CPU_NATIVE"
 """Set to 0 to keep the CPU's 4-bit linears on torch's int4 kernel."""
 SOURCES = tuple(
     Path(__file__).with_name("cpu") / name
-    for name in ("q4_gemv.c", "norm.c", "decode_attention.c", "activation.c")
+    for name in ("q4_gemv.c", "int8_gemv.c", "norm.c", "decode_attention.c", "activation.c")
 )
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
 COMPILE_FLAGS = (
@@ -97,6 +97,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lmserve_decode_attention": (_I, [_P, _I] + [_P] * 4 + [_I] * 7 + [_F, _I]),
     "lmserve_rotary_store": (None, [_P] + [_I] * 5 + [_P] * 4 + [_I] * 2),
     "lmserve_silu_and_mul": (None, [_P, _I, _P, _I, _I]),
+    "lmserve_int8_gemv": (_I, [_P] * 4 + [_I] * 3),
 }
 """The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
 
@@ -396,5 +397,30 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty((num_tokens, width // 2), dtype=torch.bfloat16)
     library.lmserve_silu_and_mul(
         gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), num_tokens, width // 2
+    )
+    return out
+
+
+def int8_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """float32 logits x [M, K] bf16 @ (int8 codes [N, K] * bf16 scales [N])^T for 1..MAX_ROWS rows; None when the
+    C kernels cannot take them (the caller runs torch's int8 kernel, whose logits are rounded to bf16)."""
+    num_rows, num_in = x.shape
+    if (
+        x.dtype != torch.bfloat16
+        or not 1 <= num_rows <= MAX_ROWS
+        or num_in % 16
+        or num_in > MAX_IN_FEATURES
+        or codes.shape[0] % ROW_BLOCK
+        or scales.dtype != torch.bfloat16
+        or not kernel_available()
+    ):
+        return None
+    library = _library()
+    assert library is not None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((num_rows, codes.shape[0]), dtype=torch.float32)
+    library.lmserve_int8_gemv(
+        x.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(), num_rows, codes.shape[0], num_in
     )
     return out

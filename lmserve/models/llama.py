@@ -13,6 +13,7 @@ from torch import nn
 from lmserve.attention.backend import AttentionBackend
 from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
+from lmserve.kernels import cpu_native
 from lmserve.kernels.gemv import one_row_logits
 from lmserve.layers.activation import gated_activation
 from lmserve.layers.cpu_gemm import pack_weight, packable, packed_linear
@@ -263,7 +264,9 @@ class LlamaForCausalLM(nn.Module):
         if gemv_logits is not None:  # CUDA, one row: float32 logits straight from the GEMV
             logits = gemv_logits
         elif self.lm_head_int8 is not None and hidden.shape[0] <= INT4_MAX_ROWS:
-            logits = int8_linear(hidden, self.lm_head_int8)
+            # the C kernel's float32 logits where it runs (kernels/cpu_native.py), else torch's bf16 ones
+            native = cpu_native.int8_logits(hidden, *self.lm_head_int8)
+            logits = int8_linear(hidden, self.lm_head_int8) if native is None else native
         elif self.lm_head is not None:
             logits = self.lm_head(hidden)
         elif self.lm_head_onednn is not None:

@@ -243,3 +243,19 @@ def test_silu_and_mul_matches_torch(num_tokens: int) -> None:
     assert (out != truth).float().mean() < 1e-3
     assert bool(((out.float() - truth.float()).abs() <= truth.float().abs() * 2**-7).all())
     assert cpu_native.silu_and_mul(gate_up.float()) is None  # other dtypes stay in torch
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_rows", [1, 3, 4])
+def test_int8_logits_are_the_float32_product(num_rows: int) -> None:
+    """The lm_head's int8 copy: float32 logits of the same codes and scales (torch's kernel rounds to bf16)."""
+    from lmserve.layers.linear import pack_int8
+
+    generator = torch.Generator().manual_seed(num_rows)
+    codes, scales = pack_int8(torch.randn(4096, 576, generator=generator) * 0.05, torch.bfloat16)
+    x = torch.randn(num_rows, 576, generator=generator).bfloat16()
+    truth = x.float() @ (codes.float() * scales.float()[:, None]).t()
+    logits = cpu_native.int8_logits(x, codes, scales)
+    assert logits is not None and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, truth, rtol=1e-5, atol=1e-5 * truth.abs().max().item())
+    assert cpu_native.int8_logits(torch.randn(5, 576).bfloat16(), codes, scales) is None  # > MAX_ROWS: torch
