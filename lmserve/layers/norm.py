@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels._triton import HAS_TRITON
+from lmserve.kernels.fp8 import Fp8Activation
 
 
 class RMSNorm(nn.Module):
@@ -21,15 +22,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activation:
+        """norm(x); with fp8 (CUDA) the rows [T, H] quantized to e4m3 in the same kernel, for an FP8 linear."""
         if x.is_cuda and HAS_TRITON:
             from lmserve.kernels.rmsnorm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, fp8)
+        assert not fp8, "the fused e4m3 output is CUDA's (takes_fp8_activation)"
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place.
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: bool = False
+    ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place (with fp8
+        it also quantizes the normed rows to e4m3 for an FP8 linear, see forward).
 
         On the CPU the residual stream is carried in float32 whatever the model's dtype (as llama.cpp carries its
         activations): each sublayer's 16-bit output is added to it exactly and the norm rounds once to x's dtype
@@ -40,7 +46,8 @@ class RMSNorm(nn.Module):
         if x.is_cuda and HAS_TRITON:
             from lmserve.kernels.rmsnorm import fused_add_rms_norm
 
-            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps, fp8)
+        assert not fp8, "the fused e4m3 output is CUDA's (takes_fp8_activation)"
         residual = residual.float() + x
         if self.weight.dtype == torch.float32:
             return F.rms_norm(residual, (x.shape[-1],), self.weight, self.eps), residual
