@@ -63,8 +63,8 @@ def norm_case(rows: int) -> dict[str, float]:
     return {"unfused_us": bench(unfused), "fused_us": bench(fused), "floor_bytes": floor_bytes}
 
 
-SILU_SETTINGS = [(p, w) for p in (0, 1, 2, 4) for w in (8, 16, 32)]
-"""(programs_per_sm, num_warps) of silu_and_mul_fp8 to time; 0 programs per SM: one program per row."""
+SILU_WARPS = (8, 16, 32)
+"""num_warps of silu_and_mul_fp8 to time beside its default."""
 
 
 def silu_case(rows: int) -> dict[str, float]:
@@ -77,18 +77,17 @@ def silu_case(rows: int) -> dict[str, float]:
         "fused_us": bench(lambda: silu_and_mul_fp8(source())),
         "floor_bytes": rows * INTERMEDIATE * (4 + 1),
     }
-    for p, w in SILU_SETTINGS:
-        result[f"fused_p{p}_w{w}_us"] = bench(lambda p=p, w=w: silu_and_mul_fp8(source(), w, p))
+    for w in SILU_WARPS:
+        result[f"fused_w{w}_us"] = bench(lambda w=w: silu_and_mul_fp8(source(), w))
     return result
 
 
-def best_silu_setting(results: dict[str, Any]) -> tuple[int, int]:
-    """The setting with the least time over the job's calls: per layer 17 prefill chunks of 8192 rows and 256
+def best_silu_warps(results: dict[str, Any]) -> int:
+    """The num_warps with the least time over the job's calls: per layer 17 prefill chunks of 8192 rows and 256
     decode steps of 256 rows."""
     cost = {
-        (p, w): 17 * results["silu_8192"][f"fused_p{p}_w{w}_us"]
-        + 256 * results["silu_256"][f"fused_p{p}_w{w}_us"]
-        for p, w in SILU_SETTINGS
+        w: 17 * results["silu_8192"][f"fused_w{w}_us"] + 256 * results["silu_256"][f"fused_w{w}_us"]
+        for w in SILU_WARPS
     }
     return min(cost, key=cost.__getitem__)
 
@@ -110,8 +109,8 @@ def main() -> None:
             )
             print(f"  (fused {tb_s:.2f} TB/s of the floor bytes)")
     if "silu_256" in results and "silu_8192" in results:
-        results["best_silu_setting"] = best_silu_setting(results)
-        print("best (programs_per_sm, num_warps) over the job:", *results["best_silu_setting"])
+        results["best_silu_warps"] = best_silu_warps(results)
+        print("best num_warps over the job:", results["best_silu_warps"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

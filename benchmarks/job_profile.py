@@ -19,7 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 from lmserve.bench.offline import fixed_length_config, random_prompts, throughput
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.kernels import activation
 from lmserve.layers.fp8 import Fp8Linear
 
 CONFIG = "benchmarks/configs/llama3-8b.json"
@@ -64,17 +63,10 @@ def main() -> None:
     parser.add_argument("--out-dir", default=".")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the job per format")
-    parser.add_argument(
-        "--silu-fp8", type=int, nargs=2, default=None, metavar=("PROGRAMS_PER_SM", "NUM_WARPS"),
-        help="silu_and_mul_fp8's launch setting (default: the module's)",
-    )  # fmt: skip
     args = parser.parse_args()
-    if args.silu_fp8:
-        activation.SILU_FP8_PROGRAMS_PER_SM, activation.SILU_FP8_NUM_WARPS = args.silu_fp8
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "silu_fp8_setting": (activation.SILU_FP8_PROGRAMS_PER_SM, activation.SILU_FP8_NUM_WARPS),
     }
     for fmt in args.formats:
         config = EngineConfig(device="cuda", max_batch_size=256)

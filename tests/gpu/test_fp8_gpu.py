@@ -132,13 +132,13 @@ def test_rms_norm_fp8_is_quantize_rows_of_the_unfused_norm(
 @pytest.mark.parametrize(
     "num_rows,intermediate", [(17, 14336), (256, 14336), (4096, 14336), (40, 7168), (20, 1000)]
 )
-@pytest.mark.parametrize("programs_per_sm", [0, 1, 2])  # 0: one program per row; else programs loop over rows
+@pytest.mark.parametrize("num_warps", [None, 8])  # the default (32 warps at 14336) and narrower programs
 def test_silu_and_mul_fp8_is_quantize_rows_of_the_unfused_activation(
-    num_rows: int, intermediate: int, dtype: torch.dtype, programs_per_sm: int
+    num_rows: int, intermediate: int, dtype: torch.dtype, num_warps: int | None
 ) -> None:
     gate_up = random_rows(num_rows, 2 * intermediate, dtype)
     poison_cache_allocator()
-    assert_quantizes(silu_and_mul_fp8(gate_up, programs_per_sm=programs_per_sm), silu_and_mul(gate_up))
+    assert_quantizes(silu_and_mul_fp8(gate_up, num_warps), silu_and_mul(gate_up))
 
 
 @pytest.mark.parametrize("num_rows", [17, 256, 2048])
