@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ def silu_case(rows: int) -> dict[str, float]:
         "floor_bytes": rows * INTERMEDIATE * (4 + 1),
     }
     for w in SILU_WARPS:
-        result[f"fused_w{w}_us"] = bench(lambda w=w: silu_and_mul_fp8(source(), w))
+        result[f"fused_w{w}_us"] = bench(partial(lambda num_warps: silu_and_mul_fp8(source(), num_warps), w))
     return result
 
 

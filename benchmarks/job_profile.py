@@ -75,7 +75,9 @@ def main() -> None:
                 device="cuda", max_batch_size=256, model_format=fmt.removesuffix("-unfused")
             )
         # "fp8-unfused": FP8 with the per-token quantizer as its own launch (no norm / SiLU fusion), the A/B peer
-        Fp8Linear.takes_fp8_activation = (lambda self, num_rows: False) if fmt.endswith("-unfused") else FUSED
+        Fp8Linear.takes_fp8_activation = (  # type: ignore[method-assign]
+            (lambda self, num_rows: False) if fmt.endswith("-unfused") else FUSED
+        )
         engine = LLMEngine.from_random_weights(CONFIG, config)
         runs = [
             throughput(engine, 256, 512, 256, warmup=1 if r == 0 else 0).as_dict()

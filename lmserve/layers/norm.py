@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
+    @overload
+    def forward(self, x: torch.Tensor, fp8: Literal[False] = False) -> torch.Tensor: ...
+    @overload
+    def forward(self, x: torch.Tensor, fp8: bool) -> torch.Tensor | Fp8Activation: ...
     def forward(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activation:
         """norm(x); with fp8 (CUDA) the rows [T, H] quantized to e4m3 in the same kernel, for an FP8 linear."""
         if x.is_cuda and HAS_TRITON:
@@ -31,6 +37,14 @@ class RMSNorm(nn.Module):
         assert not fp8, "the fused e4m3 output is CUDA's (takes_fp8_activation)"
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
+    @overload
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: Literal[False] = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: bool
+    ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]: ...
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor, fp8: bool = False
     ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
