@@ -43,3 +43,10 @@ def num_sms(device: Any) -> int:
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNTS[index]
+
+
+def triton_dtype(dtype: Any) -> Any:
+    """The Triton dtype of a torch float dtype (a kernel's constexpr: what to round a float32 result to)."""
+    import torch
+
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]

@@ -10,11 +10,16 @@ Up to GEMV_MAX_ROWS rows (decode) cuBLASLt's tensor-core GEMM does not stream th
 quantizer is one more launch per linear: `fp8_gemv` reads the e4m3 weight once, widens it in registers (exact)
 and multiplies the 16-bit activations as they are (W8A16: no activation rounding), scales and bias in the same
 launch, split-K finished in it (lmserve/kernels/split_k.py).
+
+The kernels that make a linear's input (RMSNorm, SiLU-and-mul) can quantize it themselves: they return an
+Fp8Activation, the rows as e4m3 with their scales (the numbers per_token_quant_fp8 gives on the 16-bit output
+they would have written), and fp8_linear takes it straight into torch._scaled_mm.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -50,28 +55,68 @@ def scaled_mm_supported(in_features: int, out_features: int) -> bool:
     return in_features % 16 == 0 and out_features % 16 == 0
 
 
+@dataclass(frozen=True)
+class Fp8Activation:
+    """A linear's input rows quantized per token: e4m3 q [M, K], float32 scale [M, 1]; dtype is that of the
+    activations they were quantized from (and of the linear's output)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def takes_fp8_activation(num_rows: int, in_features: int, out_features: int, device: torch.device) -> bool:
+    """Whether fp8_linear quantizes num_rows activation rows for this weight (and so takes an Fp8Activation
+    made by the kernel before it): CUDA, above GEMV_MAX_ROWS, a shape torch._scaled_mm takes."""
+    return (
+        device.type == "cuda"
+        and HAS_TRITON
+        and num_rows > GEMV_MAX_ROWS
+        and scaled_mm_supported(in_features, out_features)
+    )
+
+
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor | Fp8Activation,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x [M, K] @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, in x's dtype.
 
     Up to GEMV_MAX_ROWS rows of 16-bit activations: fp8_gemv (the activations stay unquantized). cuBLASLt's
-    row-wise scaled FP8 GEMM writes bfloat16 only: other activation dtypes get its output cast.
+    row-wise scaled FP8 GEMM writes bfloat16 only: other activation dtypes get its output cast. An Fp8Activation
+    (x already quantized) goes straight to the GEMM.
     """
+    if isinstance(x, Fp8Activation):
+        return fp8_scaled_mm(x, weight, weight_scale, bias)
     if x.is_cuda and HAS_TRITON and gemv_supported(x):
         return fp8_gemv(x, weight, weight_scale, bias)
     if x.is_cuda and HAS_TRITON and scaled_mm_supported(weight.shape[1], weight.shape[0]):
-        q, x_scale = per_token_quant_fp8(x)
-        out = torch._scaled_mm(
-            q,
-            weight.t(),
-            scale_a=x_scale,
-            scale_b=weight_scale.t(),
-            bias=None if bias is None else bias.to(torch.bfloat16),
-            out_dtype=torch.bfloat16,
-        )
-        return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+        return fp8_scaled_mm(Fp8Activation(*per_token_quant_fp8(x), x.dtype), weight, weight_scale, bias)
     return fp8_linear_ref(x, weight, weight_scale, bias)
+
+
+def fp8_scaled_mm(
+    x: Fp8Activation, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The quantized rows times the e4m3 weight, both scales and the bias in cuBLASLt's epilogue (torch's
+    float32 emulation off CUDA), in x.dtype."""
+    if not x.q.is_cuda:
+        return fp8_scaled_mm_ref(x, weight, weight_scale, bias)
+    out = torch._scaled_mm(
+        x.q,
+        weight.t(),
+        scale_a=x.scale,
+        scale_b=weight_scale.t(),
+        bias=None if bias is None else bias.to(torch.bfloat16),
+        out_dtype=torch.bfloat16,
+    )
+    return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
 
 
 def gemv_supported(x: torch.Tensor) -> bool:
@@ -220,8 +265,14 @@ def fp8_linear_ref(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The same product in float32 (the CPU path and the GPU kernels' reference)."""
-    q, x_scale = quantize_rows_fp8(x)
-    out = (q.float() @ weight.float().t()) * x_scale * weight_scale.float().t()
+    return fp8_scaled_mm_ref(Fp8Activation(*quantize_rows_fp8(x), x.dtype), weight, weight_scale, bias)
+
+
+def fp8_scaled_mm_ref(
+    x: Fp8Activation, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """fp8_scaled_mm in float32: the widened e4m3 operands' product times both scales."""
+    out = (x.q.float() @ weight.float().t()) * x.scale * weight_scale.float().t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

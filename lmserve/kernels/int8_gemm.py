@@ -54,23 +54,30 @@ def split_destination(num_splits: int, out: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @jit
+def quantize_row(x, q_dtype: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """One float32 row (masked lanes 0) -> (q in q_dtype, float32 scale): scale = max(absmax / QMAX, MIN_SCALE);
+    q = x / scale in IEEE division as torch, clamped to +-QMAX and rounded to nearest even into q_dtype (int8;
+    e4m3 by its conversion). Shared by the per-token quantizer and the kernels that fuse it (RMSNorm, SiLU)."""
+    absmax = tl.max(tl.abs(x), 0)
+    scale = tl.maximum(tl.math.div_rn(absmax, absmax * 0.0 + QMAX), MIN_SCALE)
+    scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+    if q_dtype == tl.int8:
+        # adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to an integer, ties to even (torch.round's rule)
+        scaled = (scaled + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(scaled, -QMAX), QMAX).to(q_dtype), scale
+
+
+@jit
 def _per_token_quant_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
     QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row: scale = max(absmax / QMAX, MIN_SCALE); q = x / scale in IEEE division as torch, clamped to
-    +-QMAX and rounded to nearest even into q's type (int8 here; e4m3 by its conversion)."""
+    """One row per program: quantize_row."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), 0)
-    scale = tl.maximum(tl.math.div_rn(absmax, absmax * 0.0 + QMAX), MIN_SCALE)
-    scaled = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-    if q_ptr.dtype.element_ty == tl.int8:
-        # adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to an integer, ties to even (torch.round's rule)
-        scaled = (scaled + 12582912.0) - 12582912.0
-    q = tl.minimum(tl.maximum(scaled, -QMAX), QMAX).to(q_ptr.dtype.element_ty)
+    q, scale = quantize_row(x, q_ptr.dtype.element_ty, QMAX, MIN_SCALE)
     tl.store(q_ptr + row * stride_qm + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lmserve.kernels import cpu_native
 from lmserve.kernels._triton import HAS_TRITON
+from lmserve.kernels.fp8 import Fp8Activation
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,21 @@ _GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu_and_mul,
     "gelu_pytorch_tanh": gelu_tanh_and_mul,
 }
+
+
+def silu_and_mul_fp8(gate_up: torch.Tensor) -> Fp8Activation:
+    """silu_and_mul's rows [T, I] quantized per token to e4m3 in the same kernel (CUDA), for an FP8 linear."""
+    from lmserve.kernels.activation import silu_and_mul_fp8 as triton_silu_and_mul_fp8
+
+    return triton_silu_and_mul_fp8(gate_up)
+
+
+_FP8_GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], Fp8Activation]] = {"silu": silu_and_mul_fp8}
+
+
+def fp8_gated_activation(hidden_act: str) -> Callable[[torch.Tensor], Fp8Activation] | None:
+    """The gated activation that also quantizes its output to e4m3 (None where there is no such kernel)."""
+    return _FP8_GATED_ACTIVATIONS.get(hidden_act)
 
 
 def gated_activation(hidden_act: str) -> Callable[[torch.Tensor], torch.Tensor]:

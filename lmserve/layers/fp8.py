@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.kernels.fp8 import FP8, fp8_linear, quantize_rows_fp8, requantize_blocks_per_channel
+from lmserve.kernels.fp8 import (
+    FP8,
+    Fp8Activation,
+    fp8_linear,
+    quantize_rows_fp8,
+    requantize_blocks_per_channel,
+    takes_fp8_activation,
+)
 
 FP8_LAYOUTS = ("dynamic", "channel", "block")
 QUANTIZE_AT_LOAD = {"quant_method": "fp8", "activation_scheme": "dynamic", "lmserve_layout": "dynamic"}
@@ -82,10 +89,25 @@ class Fp8Linear(nn.Module):
         self.weight_scale = _frozen(scale)
         self.layout = "channel"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_fp8_activation(self, num_rows: int) -> bool:
+        """Whether num_rows input rows are quantized per token here, so the kernel that makes them (a norm,
+        SiLU-and-mul) may hand them over already quantized (an Fp8Activation) and save a launch and a pass."""
+        return self.layout == "channel" and takes_fp8_activation(
+            num_rows, self.in_features, self.out_features, self.weight.device
+        )
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         flat = x.reshape(-1, self.in_features)
         out = fp8_linear(flat, self.weight, self.weight_scale, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def wants_fp8_activation(linear: nn.Module, num_rows: int) -> bool:
+    """Whether linear is an Fp8Linear that takes num_rows rows as an Fp8Activation (any other module: no; a
+    LoRA-wrapped one too, since its update needs the 16-bit input)."""
+    return isinstance(linear, Fp8Linear) and linear.takes_fp8_activation(num_rows)
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels import cpu_native
 from lmserve.kernels._triton import HAS_TRITON
+from lmserve.kernels.fp8 import Fp8Activation
 
 
 class RMSNorm(nn.Module):
@@ -22,15 +25,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def forward(self, x: torch.Tensor, fp8: Literal[False] = False) -> torch.Tensor: ...
+    @overload
+    def forward(self, x: torch.Tensor, fp8: bool) -> torch.Tensor | Fp8Activation: ...
+    def forward(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activation:
+        """norm(x); with fp8 (CUDA) the rows [T, H] quantized to e4m3 in the same kernel, for an FP8 linear."""
         if x.is_cuda and HAS_TRITON:
             from lmserve.kernels.rmsnorm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, fp8)
+        assert not fp8, "the fused e4m3 output is CUDA's (takes_fp8_activation)"
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place.
+    @overload
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: Literal[False] = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: bool
+    ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]: ...
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: bool = False
+    ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+        """(norm(x + residual), x + residual); on CUDA one fused kernel that updates residual in place (with fp8
+        it also quantizes the normed rows to e4m3 for an FP8 linear, see forward).
 
         On the CPU the residual stream is carried in float32 whatever the model's dtype (as llama.cpp carries its
         activations): each sublayer's 16-bit output is added to it exactly and the norm rounds once to x's dtype
@@ -43,7 +63,8 @@ class RMSNorm(nn.Module):
         if x.is_cuda and HAS_TRITON:
             from lmserve.kernels.rmsnorm import fused_add_rms_norm
 
-            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps, fp8)
+        assert not fp8, "the fused e4m3 output is CUDA's (takes_fp8_activation)"
         if (
             x.dtype == torch.bfloat16
             and self.weight.dtype == torch.bfloat16

@@ -14,10 +14,12 @@ from lmserve.attention.backend import AttentionBackend
 from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
 from lmserve.kernels import cpu_native
+from lmserve.kernels.fp8 import Fp8Activation
 from lmserve.kernels.gemv import one_row_logits
-from lmserve.layers.activation import gated_activation
+from lmserve.layers.activation import fp8_gated_activation, gated_activation
 from lmserve.layers.cpu_gemm import pack_weight, packable, packed_linear
 from lmserve.layers.embedding import VocabEmbedding
+from lmserve.layers.fp8 import wants_fp8_activation
 from lmserve.layers.linear import (
     INT4_MAX_ROWS,
     Linear,
@@ -90,7 +92,10 @@ class LlamaAttention(nn.Module):
         check_whole_groups(self.q_size, quant, "o_proj")
         self.o_proj = make_linear(self.q_size, config.hidden_size, config.o_proj_bias, quant)
 
-    def forward(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache: Any, attn_plan: Any) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor | Fp8Activation, rope: RopeInputs, kv_cache: Any, attn_plan: Any
+    ) -> torch.Tensor:
+        """hidden [T, H] normed; an Fp8Activation (already quantized) when wants_fp8_activation(qkv_proj, T)."""
         qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         qk = self.qk_heads(qkv)
@@ -135,9 +140,14 @@ class LlamaMLP(nn.Module):
         check_whole_groups(intermediate, quant, "down_proj")
         self.down_proj = make_linear(intermediate, config.hidden_size, config.mlp_bias, quant)
         self.act_and_mul = gated_activation(config.hidden_act)
+        self.act_and_mul_fp8 = fp8_gated_activation(config.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self.down_proj(self.act_and_mul(self.gate_up_proj(x))))
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        """x [T, H] normed; an Fp8Activation when wants_fp8_activation(gate_up_proj, T)."""
+        gate_up = self.gate_up_proj(x)
+        if self.act_and_mul_fp8 is not None and wants_fp8_activation(self.down_proj, gate_up.shape[0]):
+            return all_reduce(self.down_proj(self.act_and_mul_fp8(gate_up)))
+        return all_reduce(self.down_proj(self.act_and_mul(gate_up)))
 
 
 def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
@@ -183,12 +193,16 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: Any,
         attn_plan: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # an FP8 projection that quantizes its input per token gets it from the norm's kernel, quantized there
+        num_tokens = hidden.shape[0]
+        fp8 = wants_fp8_activation(self.self_attn.qkv_proj, num_tokens)
         if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
+            residual, normed = hidden, self.input_layernorm(hidden, fp8=fp8)
         else:
-            normed, residual = self.input_layernorm.add_forward(hidden, residual)
+            normed, residual = self.input_layernorm.add_forward(hidden, residual, fp8=fp8)
         hidden = self.self_attn(normed, rope, kv_cache, attn_plan)
-        normed, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        fp8 = isinstance(self.mlp, LlamaMLP) and wants_fp8_activation(self.mlp.gate_up_proj, num_tokens)
+        normed, residual = self.post_attention_layernorm.add_forward(hidden, residual, fp8=fp8)
         return self.mlp(normed), residual
 
 

@@ -1,13 +1,18 @@
 """FP8 W8A8 on CUDA: the Triton per-token quantizer against the torch one, torch._scaled_mm against the float32
-reference, and an FP8 engine's greedy text against bf16."""
+reference, the norms and SiLU-and-mul that quantize their output for an FP8 linear against quantize_rows_fp8 of
+the unfused output, and an FP8 engine's greedy text against bf16 and against itself without those fusions."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
 
+from lmserve.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from lmserve.kernels.fp8 import (
     GEMV_MAX_ROWS,
+    Fp8Activation,
     fp8_gemv,
     fp8_gemv_ref,
     fp8_linear,
@@ -15,7 +20,9 @@ from lmserve.kernels.fp8 import (
     per_token_quant_fp8,
     quantize_rows_fp8,
 )
+from lmserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from lmserve.kernels.testing import relative_error
+from lmserve.layers.fp8 import Fp8Linear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -84,42 +91,159 @@ def test_fp8_gemv_split_counters_survive_graph_replays(k_per_split: int) -> None
         assert relative_error(out, ref) < 4e-3
 
 
-def test_fp8_engine_tracks_bf16() -> None:
+def random_rows(num_rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of different magnitudes (so their scales differ), one of them all zeros (the minimum scale)."""
+    x = torch.randn(num_rows, width, device="cuda") * (torch.rand(num_rows, 1, device="cuda") * 8 + 0.01)
+    x[num_rows // 2] = 0
+    return x.to(dtype)
+
+
+def assert_quantizes(fused: Fp8Activation, unfused: torch.Tensor) -> None:
+    """fused holds exactly quantize_rows_fp8 of the 16-bit rows the unfused kernel writes."""
+    q_ref, scale_ref = quantize_rows_fp8(unfused)
+    assert (
+        fused.dtype == unfused.dtype and fused.q.dtype == torch.float8_e4m3fn and fused.shape == unfused.shape
+    )
+    assert torch.equal(fused.scale, scale_ref)
+    assert torch.equal(fused.q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_rows,hidden", [(17, 4096), (300, 4096), (8192, 4096), (33, 2000)])
+@pytest.mark.parametrize("add_residual", [False, True])
+def test_rms_norm_fp8_is_quantize_rows_of_the_unfused_norm(
+    num_rows: int, hidden: int, add_residual: bool, dtype: torch.dtype
+) -> None:
+    x, weight = random_rows(num_rows, hidden, dtype), torch.rand(hidden, device="cuda").to(dtype) + 0.5
+    if not add_residual:
+        poison_cache_allocator()
+        assert_quantizes(rms_norm(x, weight, 1e-5, fp8=True), rms_norm(x, weight, 1e-5))  # type: ignore[arg-type]
+        return
+    residual = random_rows(num_rows, hidden, dtype)
+    fused_residual = residual.clone()
+    unfused, residual = fused_add_rms_norm(x, residual, weight, 1e-5)
+    poison_cache_allocator()
+    fused, fused_residual = fused_add_rms_norm(x, fused_residual, weight, 1e-5, fp8=True)
+    assert torch.equal(fused_residual, residual)
+    assert_quantizes(fused, unfused)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "num_rows,intermediate", [(17, 14336), (256, 14336), (4096, 14336), (40, 7168), (20, 1000)]
+)
+@pytest.mark.parametrize("num_warps", [None, 8])  # the default (32 warps at 14336) and narrower programs
+def test_silu_and_mul_fp8_is_quantize_rows_of_the_unfused_activation(
+    num_rows: int, intermediate: int, dtype: torch.dtype, num_warps: int | None
+) -> None:
+    gate_up = random_rows(num_rows, 2 * intermediate, dtype)
+    poison_cache_allocator()
+    assert_quantizes(silu_and_mul_fp8(gate_up, num_warps), silu_and_mul(gate_up))
+
+
+@pytest.mark.parametrize("num_rows", [17, 256, 2048])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_on_fused_rows_equals_the_unfused_path(num_rows: int, bias: bool) -> None:
+    linear = Fp8Linear(7168, 4096, bias, "dynamic", None).cuda()
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(4096, 7168, device="cuda") * 0.02)
+        if bias:
+            linear.bias.copy_(torch.randn(4096, device="cuda"))
+    linear.prepare_for_inference()
+    gate_up = random_rows(num_rows, 2 * 7168, torch.bfloat16)
+    assert linear.takes_fp8_activation(num_rows) and not linear.takes_fp8_activation(GEMV_MAX_ROWS)
+    fused, unfused = linear(silu_and_mul_fp8(gate_up)), linear(silu_and_mul(gate_up))
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, unfused)  # the same rows into the same GEMM
+
+
+def build_fp8_engine(
+    hf_model: torch.nn.Module, model_format: str, max_batch_size: int, eager_mode: bool = False
+) -> Any:
     from lmserve.attention.backend import get_attention_backend
     from lmserve.config import EngineConfig
     from lmserve.engine.engine import LLMEngine
-    from lmserve.generation import GenerationConfig
     from lmserve.layers.quant import prepare_for_inference
     from lmserve.models.config import ModelConfig
     from lmserve.models.loader import with_load_time_quantization
     from lmserve.models.registry import build_model
-    from tests.engine.test_engine_tiny import random_prompts
-    from tests.models.model_helpers import hf_config_dict, tiny_hf_model
+    from tests.models.model_helpers import hf_config_dict
 
-    hf_model = tiny_hf_model("llama", tie_word_embeddings=False, hidden_size=256, intermediate_size=512)
-    config = GenerationConfig(max_new_tokens=8, ignore_eos=True, do_sample=False, logprobs=0)
-    prompts = random_prompts(4, hf_model.config.vocab_size, seed=1)
     cuda = torch.device("cuda")
+    model_config = with_load_time_quantization(
+        model_format, ModelConfig.from_hf_config(hf_config_dict(hf_model))
+    )
+    net = build_model(model_config, get_attention_backend(cuda, 0), torch.bfloat16, cuda)
+    net.load_weights(hf_model.state_dict().items())  # type: ignore[operator]
+    prepare_for_inference(net)
+    engine_config = EngineConfig(
+        dtype="bfloat16",
+        device="cuda",
+        cache_max_entry_count=4096,
+        max_batch_size=max_batch_size,
+        eager_mode=eager_mode,
+    )
+    return LLMEngine.build(engine_config, model_config, net)
+
+
+def greedy_with_logprobs(
+    engine: Any, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[tuple[int, float]]]:
+    from lmserve.generation import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True, do_sample=False, logprobs=0)
+    ids = [engine.add_request(p, config) for p in prompts]
+    tokens: dict[str, list[tuple[int, float]]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += [(lp.token_id, lp.logprob) for lp in out.logprobs or []]
+    return [tokens[i] for i in ids]
+
+
+def tiny_llama() -> torch.nn.Module:
+    from tests.models.model_helpers import tiny_hf_model
+
+    return tiny_hf_model("llama", tie_word_embeddings=False, hidden_size=256, intermediate_size=512)
+
+
+def test_fp8_engine_tracks_bf16() -> None:
+    from tests.engine.test_engine_tiny import random_prompts
+
+    hf_model = tiny_llama()
+    prompts = random_prompts(4, hf_model.config.vocab_size, seed=1)
 
     def first_logprobs(model_format: str) -> list[float]:
-        model_config = with_load_time_quantization(
-            model_format, ModelConfig.from_hf_config(hf_config_dict(hf_model))
-        )
-        net = build_model(model_config, get_attention_backend(cuda, 0), torch.bfloat16, cuda)
-        net.load_weights(hf_model.state_dict().items())
-        prepare_for_inference(net)
-        engine_config = EngineConfig(
-            dtype="bfloat16", device="cuda", cache_max_entry_count=4096, max_batch_size=8
-        )
-        engine = LLMEngine.build(engine_config, model_config, net)
-        ids = [engine.add_request(p, config) for p in prompts]
-        first: dict[str, float] = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.logprobs and out.request_id not in first:
-                    first[out.request_id] = out.logprobs[0].logprob
-        return [first[i] for i in ids]
+        runs = greedy_with_logprobs(build_fp8_engine(hf_model, model_format, 8), prompts, 8)
+        return [tokens[0][1] for tokens in runs]
 
     bf16, fp8 = first_logprobs("auto"), first_logprobs("fp8")
     assert bf16 != fp8  # it did quantize
     assert max(abs(a - b) for a, b in zip(bf16, fp8, strict=True)) < 0.1
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_fp8_engine_with_fused_quantization_equals_it_without(
+    monkeypatch: pytest.MonkeyPatch, eager_mode: bool
+) -> None:
+    """24 requests: prefill chunks and decode steps of 24 rows (CUDA graphs unless eager) take the norms' and
+    SiLU's e4m3 rows; without the fusion the separate quantizer makes the same rows, so tokens and logprobs agree
+    bit for bit."""
+    from lmserve.kernels import activation
+    from tests.engine.test_engine_tiny import random_prompts
+
+    hf_model = tiny_llama()
+    prompts = random_prompts(24, hf_model.config.vocab_size, seed=2, low=20, high=60)
+    calls = []
+    fused_silu = activation.silu_and_mul_fp8
+    monkeypatch.setattr(activation, "silu_and_mul_fp8", lambda x: calls.append(x.shape[0]) or fused_silu(x))
+
+    def run() -> list[list[tuple[int, float]]]:
+        return greedy_with_logprobs(build_fp8_engine(hf_model, "fp8", 32, eager_mode), prompts, 12)
+
+    fused = run()
+    # decodes of 24 rows (padded to a captured size with graphs) and the prefill ran fused
+    assert any(GEMV_MAX_ROWS < n <= 32 for n in calls) and any(n > 32 for n in calls)
+    monkeypatch.setattr(Fp8Linear, "takes_fp8_activation", lambda self, num_rows: False)
+    calls.clear()
+    unfused = run()
+    assert not calls
+    assert fused == unfused

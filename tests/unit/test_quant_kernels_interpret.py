@@ -6,6 +6,8 @@ over this same file with it set (as test_kernels_interpret.py); the per-kernel t
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -20,14 +22,24 @@ def test_quant_kernels_match_references_under_interpreter() -> None:
 
 
 if IN_CHILD:
+    from lmserve.kernels.activation import silu_and_mul, silu_and_mul_fp8
     from lmserve.kernels.awq_dequant import awq_dequantize, awq_dequantize_ref, awq_gemm_ref, pack_awq
-    from lmserve.kernels.fp8 import fp8_gemv, fp8_gemv_ref, quantize_rows_fp8
+    from lmserve.kernels.fp8 import (
+        Fp8Activation,
+        fp8_gemv,
+        fp8_gemv_ref,
+        fp8_linear,
+        fp8_scaled_mm_ref,
+        per_token_quant_fp8,
+        quantize_rows_fp8,
+    )
     from lmserve.kernels.int8_gemm import (
         int8_gemm,
         int8_gemm_ref,
         per_token_quant_int8,
         per_token_quant_int8_ref,
     )
+    from lmserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
     from lmserve.kernels.testing import relative_error
     from lmserve.kernels.w4a16 import dequantize_w4, dequantize_w4_ref, repack_awq, w4a16_matmul
 
@@ -134,3 +146,56 @@ def test_fp8_gemv(num_rows: int, k: int, n: int, options: dict, bias: bool) -> N
     out = fp8_gemv(x, weight, weight_scale, b, **options)
     assert out.dtype == DTYPE and out.shape == (num_rows, n)
     assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3
+
+
+def assert_same_fp8_rows(fused: Any, unfused: torch.Tensor) -> None:
+    """fused (an Fp8Activation) holds per_token_quant_fp8 of the 16-bit rows the unfused kernel wrote: the scales
+    equal quantize_rows_fp8's exactly, the e4m3 values those of the interpreter's own quantizer (its float ->
+    e4m3 conversion drops the rounding carry now and then, test_kv_quant_fp8_interpret.py; tests/gpu compare with
+    quantize_rows_fp8 bit for bit)."""
+    q_ref, scale_ref = per_token_quant_fp8(unfused)
+    assert fused.dtype == unfused.dtype and fused.q.shape == unfused.shape
+    assert torch.equal(fused.scale, quantize_rows_fp8(unfused)[1]) and torch.equal(fused.scale, scale_ref)
+    assert torch.equal(fused.q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@child_only
+@pytest.mark.parametrize("num_rows,hidden", [(5, 256), (3, 200)])
+@pytest.mark.parametrize("add_residual", [False, True])
+def test_rms_norm_fp8_quantizes_the_unfused_output(num_rows: int, hidden: int, add_residual: bool) -> None:
+    generator = torch.Generator().manual_seed(hidden + add_residual)
+    x = (torch.randn(num_rows, hidden, generator=generator) * 3).to(DTYPE)
+    x[1] = 0  # an all-zero row: the minimum scale
+    weight = (torch.rand(hidden, generator=generator) + 0.5).to(DTYPE)
+    if add_residual:
+        residual = torch.randn(num_rows, hidden, generator=generator).to(DTYPE)
+        residual[1] = 0
+        fused_residual = residual.clone()
+        unfused, residual = fused_add_rms_norm(x, residual, weight, 1e-6)
+        fused, fused_residual = fused_add_rms_norm(x, fused_residual, weight, 1e-6, fp8=True)
+        assert torch.equal(fused_residual, residual)
+    else:
+        unfused, fused = rms_norm(x, weight, 1e-6), rms_norm(x, weight, 1e-6, fp8=True)
+    assert_same_fp8_rows(fused, unfused)
+
+
+@child_only
+@pytest.mark.parametrize("num_rows,intermediate", [(4, 512), (3, 200)])
+def test_silu_and_mul_fp8_quantizes_the_unfused_output(num_rows: int, intermediate: int) -> None:
+    generator = torch.Generator().manual_seed(intermediate)
+    gate_up = (torch.randn(num_rows, 2 * intermediate, generator=generator) * 4).to(DTYPE)
+    gate_up[0, :intermediate] = 0  # silu(0) * up = 0: an all-zero row
+    assert_same_fp8_rows(silu_and_mul_fp8(gate_up), silu_and_mul(gate_up, block=64))
+
+
+@child_only
+def test_fp8_linear_takes_the_quantized_rows() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight, weight_scale = quantize_rows_fp8(torch.randn(48, 400, generator=generator) * 0.05)
+    gate_up = torch.randn(20, 800, generator=generator).to(DTYPE)
+    bias = torch.randn(48, generator=generator).to(DTYPE)
+    out = fp8_linear(silu_and_mul_fp8(gate_up), weight, weight_scale, bias)
+    # the unfused path's GEMM on the rows the interpreter's per-token quantizer makes (see assert_same_fp8_rows)
+    rows = Fp8Activation(*per_token_quant_fp8(silu_and_mul(gate_up)), DTYPE)
+    assert out.dtype == DTYPE and out.shape == (20, 48)
+    assert torch.equal(out, fp8_scaled_mm_ref(rows, weight, weight_scale, bias))
