@@ -96,6 +96,9 @@ def run_engine_core(spec: CoreSpec) -> None:
 
 
 def _load_engine(spec: CoreSpec) -> Any:
+    from lmserve.kernels import cpu_build
+
+    cpu_build.start_building(spec.config.device)  # before torch's import: `cc` runs on another core meanwhile
     from lmserve.engine.engine import LLMEngine
 
     return LLMEngine.from_pretrained(spec.model, spec.config, spec.chat_template, detokenize=False)

@@ -36,7 +36,7 @@ from lmserve.engine.runner import ModelRunner, PendingTokens
 from lmserve.engine.sampler import DeviceSample, make_generator
 from lmserve.engine.scheduler import SampledToken, ScheduledRequest, Scheduler
 from lmserve.generation import FinishReason, GenerationConfig, RequestOutput, TokenLogprob
-from lmserve.kernels import cpu_native
+from lmserve.kernels import cpu_build
 from lmserve.layers.cpu_gemm import pack_cpu_linears
 from lmserve.lora.manager import adapter_slot, attach_adapters
 from lmserve.models.config import ModelConfig
@@ -144,7 +144,7 @@ class LLMEngine:
         resolved = builder.resolve_config(config, model_config)
         apply_torch_settings(config)
         if resolved.device.type == "cpu":
-            cpu_native.start_building()  # overlaps the tokenizer and the model's set-up
+            cpu_build.start_building("cpu")  # unless the core did: overlaps the tokenizer and model set-up
         with loading_phase("loaded the tokenizer"):
             tokenizer = load_tokenizer(source, chat_template)
         workers, resolved = _start_workers(WorkerSpec(model, config, ""), resolved)

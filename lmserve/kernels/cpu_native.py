@@ -1,93 +1,49 @@
-"""CPU kernels in C (kernels/cpu/*.c) built with the machine's C compiler: few-row 4-bit GEMV, add + RMSNorm,
-decode attention.
+"""CPU kernels in C (kernels/cpu/*.c, built by kernels/cpu_build.py) called through ctypes: few-row 4-bit
+GEMV, the lm_head's int8 GEMV, add + RMSNorm, rotary + KV store, decode attention, silu(gate) * up.
 
 torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) is compute-bound at decode shapes (SmolLM2: ~22 G
 weights/s, hardly faster on 2 threads than on 1), so a one-stream decode step spent ~5 ms in it against the
-~1.6 ms its 4-bit weights take to stream. The C kernel turns 64 nibbles into bf16 words with three vector ops
+~2 ms its 4-bit weights take to stream. The C kernel turns 64 nibbles into bf16 words with three vector ops
 and multiplies them with AVX512-BF16's dot product (see the C file), keeps llama.cpp's Q4_1 values exactly
-(scales and minimums in float32: torch's kernel took them rounded to bf16) and splits the rows over torch's
-own OpenMP threads.
+(scales and minimums in float16, as Q4_1 stores them: torch's kernel took them rounded to bf16) and splits
+the rows over torch's own OpenMP threads.
 
-A decode step of a small model is mostly small ops (~1,100 torch dispatches for SmolLM2, 3-8 us each), so the
-float32 residual add + RMSNorm (~8 dispatches in torch) is one call here too (`add_rms_norm`), and so is a
-step's decode attention over the paged cache (`decode_attention`; torch's SDPA took ~50 us a layer for one
-query of 9 heads, most of it overhead).
+A decode step of a small model is otherwise mostly small ops (~1,060 torch dispatches for SmolLM2, 1-8 us
+each), so the float32 residual add + RMSNorm (~8 dispatches in torch) is one call here, and so are rotary +
+KV store, the decode attention over the paged cache (torch's SDPA took ~50 us a layer for one query of 9
+heads, most of it overhead), silu * up and the lm_head (float32 logits). Each wrapper below is written for
+~200 calls a step: every torch op in it costs 1-4 us, as much as the kernel.
 
-The library is compiled once per source, compiler and flag set into `$LMSERVE_CACHE_DIR/native` (else
-~/.cache/lmserve/native; about a second) and loaded with ctypes: no torch headers, no build step at install.
-It is used only where it can run: x86-64 with AVX512-BF16 in /proc/cpuinfo and a working `cc`; anywhere
-else (or with LMSERVE_CPU_NATIVE=0, or if compiling fails, logged once) the linears keep torch's kernel.
+Used only where it can run (cpu_build.py: x86-64 with AVX512-BF16, a C compiler); anywhere else, with
+LMSERVE_CPU_NATIVE=0, or if compiling fails (logged once), every caller keeps its torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmserve.kernels import cpu_build
+from lmserve.kernels.cpu_build import NATIVE_ENV
+
+__all__ = ["NATIVE_ENV", "kernel_available"]
+
 logger = logging.getLogger(__name__)
 
-NATIVE_ENV = "LMSERVE_CPU_NATIVE"
-"""Set to 0 to keep the CPU's 4-bit linears on torch's int4 kernel."""
-SOURCES = tuple(
-    Path(__file__).with_name("cpu") / name
-    for name in ("q4_gemv.c", "int8_gemv.c", "norm.c", "decode_attention.c", "activation.c")
-)
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
-COMPILE_FLAGS = (
-    "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512dq",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mavx512vbmi2",
-    "-mfma",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-)
 GROUP_SIZE = 32
 CHUNK = 64
 """Inputs per packed chunk: two groups, 32 bytes (the kernel's K must be a multiple of it)."""
 ROW_BLOCK = 4
 MAX_IN_FEATURES = 16384
 MAX_ROWS = 4
+"""Rows of x the GEMV kernels take (the linears' INT4_MAX_ROWS); more rows go to oneDNN's bf16 GEMM."""
 LAYOUT = "q4-native-1"
 """Names pack_q4's layout in the weight cache's key: change it with the layout."""
-"""Rows of x the kernel takes (the linears' INT4_MAX_ROWS); more rows go to oneDNN's bf16 GEMM."""
-
-
-def native_enabled() -> bool:
-    return os.environ.get(NATIVE_ENV, "1") != "0"
-
-
-def cpu_supports_kernel() -> bool:
-    """x86-64 Linux whose /proc/cpuinfo lists the AVX512 subsets the kernel uses."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = next(
-            (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
-        )
-    except OSError:
-        return False
-    return all(flag in flags for flag in CPU_FLAGS)
-
-
-def native_cache_dir() -> Path:
-    root = os.environ.get("LMSERVE_CACHE_DIR") or Path.home() / ".cache" / "lmserve"
-    return Path(root) / "native"
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -103,17 +59,13 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 
 
 def _load() -> ctypes.CDLL | None:
-    if not native_enabled() or not cpu_supports_kernel():
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler found: the CPU keeps torch's kernels (int4, RMSNorm)")
-        return None
     try:
-        path = _build(compiler)
+        path = cpu_build.build()
+        if path is None:
+            return None
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("the CPU kernels did not build (%s): using torch's (int4, RMSNorm)", error)
+        logger.warning("the CPU kernels did not build (%s): the CPU keeps torch's kernels", error)
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         function = getattr(library, name)
@@ -139,39 +91,6 @@ def _forget_library() -> None:
     """Tests: build (or refuse) again on the next call, e.g. after changing LMSERVE_CPU_NATIVE."""
     with _building:
         _built.clear()
-
-
-def start_building() -> None:
-    """Compile the library in a background thread (a first start's ~1-2 s of `cc` then overlaps the tokenizer
-    and model set-up); the first caller that needs it waits for it."""
-    if not _built:
-        threading.Thread(target=_library, name="lmserve-cpu-kernels", daemon=True).start()
-
-
-def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (atomically: concurrent starts each write their own temp file)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    sources = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(sources + version.encode() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    path = native_cache_dir() / f"lmserve_cpu-{key}.so"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".", suffix=".so", delete=False) as tmp:
-        temp_path = Path(tmp.name)
-    try:
-        subprocess.run(
-            [compiler, *COMPILE_FLAGS, "-o", str(temp_path), *map(str, SOURCES), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(temp_path, path)
-    except subprocess.CalledProcessError as error:
-        raise OSError(error.stderr.decode(errors="replace").strip()[-500:]) from error
-    finally:
-        temp_path.unlink(missing_ok=True)
-    return path
 
 
 def kernel_available() -> bool:

@@ -1,0 +1,124 @@
+"""Builds the CPU kernels' shared library (kernels/cpu/*.c) with the machine's C compiler; torch-free.
+
+Compiled once per source, compiler and flag set into `$LMSERVE_CACHE_DIR/native` (else
+~/.cache/lmserve/native; 1-3 s on the 2-core box) and loaded by kernels/cpu_native.py with ctypes: no torch
+headers, no build step at install, no runtime dependency. Only where it can run: x86-64 whose /proc/cpuinfo
+lists AVX512-BF16 and the other subsets below, and a `cc` (or $CC); LMSERVE_CPU_NATIVE=0 turns it off.
+
+The engine core calls `start_building()` before it imports torch, so on a first start the compiler runs on the
+other core while the process imports and loads; the first user waits for it (`build`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NATIVE_ENV = "LMSERVE_CPU_NATIVE"
+"""Set to 0 to keep every CPU path on torch's kernels."""
+SOURCES = tuple(
+    Path(__file__).with_name("cpu") / name
+    for name in ("q4_gemv.c", "int8_gemv.c", "norm.c", "decode_attention.c", "activation.c")
+)
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
+COMPILE_FLAGS = (
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512dq",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vbmi2",
+    "-mfma",
+    "-fopenmp",  # the OpenMP runtime the process has: torch's libgomp (same soname), so torch's threads
+    "-fPIC",
+    "-shared",
+)
+
+_lock = threading.Lock()
+_started: list[bool] = []
+
+
+def native_enabled() -> bool:
+    return os.environ.get(NATIVE_ENV, "1") != "0"
+
+
+def cpu_supports_kernels() -> bool:
+    """x86-64 Linux whose /proc/cpuinfo lists the AVX512 subsets the kernels use."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def native_cache_dir() -> Path:
+    root = os.environ.get("LMSERVE_CACHE_DIR") or Path.home() / ".cache" / "lmserve"
+    return Path(root) / "native"
+
+
+def build() -> Path | None:
+    """The library's path, compiling it first if this source/compiler/flags set has none yet; None where the
+    kernels cannot run (another CPU, no compiler, turned off). OSError when compiling fails."""
+    if not native_enabled() or not cpu_supports_kernels():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler found: the CPU keeps torch's kernels")
+        return None
+    with _lock:
+        return _compile(compiler)
+
+
+def start_building(device: str | None = None) -> None:
+    """build() in a background thread, once per process (errors are reported again by the first real user).
+    Skipped for device "cuda", and for "auto" on a machine with an NVIDIA device node (it will run on CUDA)."""
+    if _started or device == "cuda" or (device in (None, "auto") and os.path.exists("/dev/nvidiactl")):
+        return
+    _started.append(True)
+
+    def run() -> None:
+        try:
+            build()
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    threading.Thread(target=run, name="lmserve-cpu-kernels", daemon=True).start()
+
+
+def _compile(compiler: str) -> Path:
+    """Compile into the cache atomically (concurrent starts each write their own temp file, then rename)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + version.encode() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    path = native_cache_dir() / f"lmserve_cpu-{key}.so"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".", suffix=".so", delete=False) as tmp:
+        temp_path = Path(tmp.name)
+    try:
+        subprocess.run(
+            [compiler, *COMPILE_FLAGS, "-o", str(temp_path), *map(str, SOURCES), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        os.replace(temp_path, path)
+    except subprocess.CalledProcessError as error:
+        raise OSError(error.stderr.decode(errors="replace").strip()[-500:]) from error
+    finally:
+        temp_path.unlink(missing_ok=True)
+    return path
