@@ -3,9 +3,10 @@
 `lmserve eval ppl` scores windows as prefills, which on the CPU run the dense bf16 GEMM (more than 4 rows), so
 it never measures the few-row 4-bit kernels a decode step uses. Here each held-out token is fed as its own
 one-token step (the KV cache holding the window so far), exactly as decoding runs, and scored. Variants, one
-engine each (the embedded SmolLM2 Q4_1 GGUF): float32 (dense float32 weights: the reference), bf16 with the
-4-bit linears on the C kernel (kernels/cpu_native.py, the default where it builds), and bf16 on torch's int4
-kernel (the same values packed for it, as before 2026-12-03 evening). Printed: perplexity and the mean
+engine each (the embedded SmolLM2 Q4_1 GGUF): float32 (dense float32 weights: the reference), bf16 on the C
+kernels (kernels/cpu_native.py, the default where they build: 4-bit GEMV, float32 logits, norm, rotary,
+attention), and bf16 on torch's kernels (LMSERVE_CPU_NATIVE=0: torch's int4 kernel with the same Q4_1 values,
+bf16 logits, F.rms_norm, SDPA; as before 2026-12-03 evening). Printed: perplexity and the mean
 |log p - log p_float32| of the target tokens.
 
     PYTHONPATH=. python benchmarks/cpu_decode_quality.py --tokens 2048 --window 256
@@ -25,8 +26,7 @@ from tqdm import tqdm
 from lmserve.attention.metadata import SequenceChunk, build_step_batch
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.kernels.cpu_native import dequantize_q4
-from lmserve.layers.linear import Linear, pack_int4_if_exact
+from lmserve.kernels import cpu_native
 from lmserve.quant.corpus import evaluation_tokens
 
 
@@ -48,15 +48,6 @@ def decode_logprobs(engine: LLMEngine, tokens: torch.Tensor, window: int) -> tor
     return torch.stack(scores)
 
 
-def use_torch_int4(engine: LLMEngine) -> int:
-    """Moves every C-kernel linear onto torch's int4 kernel (the same 4-bit values); returns how many."""
-    linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear) and m.q4 is not None]
-    for module in linears:
-        assert module.q4 is not None
-        module.int4, module.q4 = pack_int4_if_exact(dequantize_q4(*module.q4), module.weight.dtype), None
-    return len(linears)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,13 +58,14 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
     reference: torch.Tensor | None = None
-    for name in ("float32", "bf16, C kernel", "bf16, torch int4"):
+    for name in ("float32", "bf16, C kernels", "bf16, torch kernels"):
+        if name == "bf16, torch kernels":
+            os.environ[cpu_native.NATIVE_ENV] = "0"  # (its weight cache entry holds torch's 4-bit layout)
+            cpu_native._forget_library()
         config = EngineConfig(
             dtype="float32" if name == "float32" else "bfloat16", device="cpu", session_len=args.window
         )
         engine = LLMEngine.from_pretrained(None, config)
-        if name == "bf16, torch int4":
-            print(f"{use_torch_int4(engine)} linears moved to torch's int4 kernel")
         tokens = evaluation_tokens(engine.tokenizer, None, args.tokens)
         logprobs = decode_logprobs(engine, tokens, args.window)
         reference = logprobs if reference is None else reference
