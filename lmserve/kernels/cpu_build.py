@@ -29,6 +29,7 @@ SOURCES = tuple(
     Path(__file__).with_name("cpu") / name
     for name in ("q4_gemv.c", "int8_gemv.c", "norm.c", "decode_attention.c", "activation.c")
 )
+HEADERS = (Path(__file__).with_name("cpu") / "simd.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")
 COMPILE_FLAGS = (
     "-O3",
@@ -101,7 +102,7 @@ def start_building(device: str | None = None) -> None:
 def _compile(compiler: str) -> Path:
     """Compile into the cache atomically (concurrent starts each write their own temp file, then rename)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + version.encode() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
     path = native_cache_dir() / f"lmserve_cpu-{key}.so"
     if path.is_file():

@@ -13,36 +13,14 @@
    sums); exp is a degree-6 polynomial after a power-of-two split (about 1 ulp in float32). Tasks are spread
    over torch's OpenMP threads. */
 
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <string.h>
+
+#include "simd.h"
 
 #define CHUNK 128
 #define MAX_GROUP 16    /* query heads per KV head */
 #define MAX_HEAD_DIM 256
-
-/* e^x for x <= 0 (scores minus their max); x below -87 gives 0 */
-static inline __m512 exp_negative(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n); /* p * 2^n */
-}
-
-static inline __m512 widen_bf16(__m256i words) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
-}
 
 /* one (sequence, KV head): queries [group, d] bf16 -> out [group, d] bf16 */
 static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, const int32_t *blocks,
@@ -75,7 +53,7 @@ static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t
             /* online softmax: rescale what came before by e^(old max - new max) */
             __m512 top = _mm512_set1_ps(running_max[g]);
             for (int t = 0; t < count; t += 16) {
-                __mmask16 mask = count - t >= 16 ? 0xffff : (__mmask16)((1u << (count - t)) - 1);
+                __mmask16 mask = tail_mask(count - t);
                 top = _mm512_mask_max_ps(top, mask, top, _mm512_maskz_loadu_ps(mask, scores[g] + t));
             }
             const float new_max = _mm512_reduce_max_ps(top);
@@ -83,8 +61,8 @@ static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t
             __m512 total = _mm512_setzero_ps();
             const __m512 shift = _mm512_set1_ps(new_max);
             for (int t = 0; t < count; t += 16) {
-                __mmask16 mask = count - t >= 16 ? 0xffff : (__mmask16)((1u << (count - t)) - 1);
-                __m512 p = exp_negative(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores[g] + t), shift));
+                __mmask16 mask = tail_mask(count - t);
+                __m512 p = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores[g] + t), shift));
                 p = _mm512_maskz_mov_ps(mask, p);
                 _mm512_mask_storeu_ps(scores[g] + t, mask, p);
                 total = _mm512_add_ps(total, p);
@@ -116,8 +94,6 @@ static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), inv)));
     }
 }
-
-static inline __m512 round_bf16(__m512 x) { return widen_bf16((__m256i)_mm512_cvtneps_pbh(x)); }
 
 /* qkv [t, row_stride] bf16 holding q [hq, d], k [hkv, d], v [hkv, d] at the start of each row; cos, sin [t, d]
    bf16; slots [t] int64 (-1: a padding row, not stored); cache [2, hkv, num_blocks, block_size, d] bf16.

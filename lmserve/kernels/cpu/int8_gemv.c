@@ -5,25 +5,11 @@
    blocks over torch's OpenMP threads. torch's `_weight_int8pack_mm` computes the same sums but rounds the logits
    to bf16 (which ties often for a small model) and runs at ~12 GB/s of the 28 MB SmolLM2 head. */
 
-#include <immintrin.h>
-#include <stdint.h>
+#include "simd.h"
 
 #define ROWS 4
 #define MAX_M 4
 #define MAX_K 16384
-
-static inline __m128 sum_4(__m512 a, __m512 b, __m512 c, __m512 e) {
-    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 e8 = _mm256_add_ps(_mm512_castps512_ps256(e), _mm512_extractf32x8_ps(e, 1));
-    __m256 all = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, e8));
-    return _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
-}
-
-static inline __m512 widen_bf16(__m256i words) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
-}
 
 #define DEFINE_BLOCK(M)                                                                                     \
     static inline void block_##M(const float *x, const int8_t *q, const uint16_t *scales, float *y, int n,     \

@@ -4,17 +4,12 @@
    inv = 1 / sqrt(mean(residual_out^2) + eps): torch's F.rms_norm in float32, rounded once to bf16 (nearest
    even). The sum of squares runs in 16 float32 lanes, so the last bit of inv can differ from torch's. */
 
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 
-static inline __mmask16 lanes(int remaining) {
-    return remaining >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << remaining) - 1);
-}
+#include "simd.h"
 
 static inline __m512 load_bf16(__mmask16 mask, const uint16_t *p) {
-    __m256i words = _mm256_maskz_loadu_epi16(mask, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+    return widen_bf16(_mm256_maskz_loadu_epi16(mask, p));
 }
 
 /* x [m, h] bf16; residual_in [m, h] float32 (residual_is_f32) or bf16; residual_out [m, h] float32 (may be
@@ -25,7 +20,7 @@ void lmserve_add_rms_norm(const uint16_t *x, const void *residual_in, int residu
         const size_t base = (size_t)row * h;
         __m512 squares = _mm512_setzero_ps();
         for (int i = 0; i < h; i += 16) {
-            __mmask16 mask = lanes(h - i);
+            __mmask16 mask = tail_mask(h - i);
             __m512 r = residual_is_f32 ? _mm512_maskz_loadu_ps(mask, (const float *)residual_in + base + i)
                                        : load_bf16(mask, (const uint16_t *)residual_in + base + i);
             r = _mm512_add_ps(r, load_bf16(mask, x + base + i));
@@ -34,7 +29,7 @@ void lmserve_add_rms_norm(const uint16_t *x, const void *residual_in, int residu
         }
         const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)h + eps));
         for (int i = 0; i < h; i += 16) {
-            __mmask16 mask = lanes(h - i);
+            __mmask16 mask = tail_mask(h - i);
             __m512 r = _mm512_maskz_loadu_ps(mask, residual_out + base + i);
             __m512 normed = _mm512_mul_ps(_mm512_mul_ps(r, inv), _mm512_maskz_loadu_ps(mask, w + i));
             _mm256_mask_storeu_epi16(out + base + i, mask, (__m256i)_mm512_cvtneps_pbh(normed));

@@ -15,8 +15,7 @@
    Row blocks are split over the OpenMP threads of the process (torch's pool: the library binds to the libgomp
    torch already loaded). */
 
-#include <immintrin.h>
-#include <stdint.h>
+#include "simd.h"
 
 #define ROWS 4 /* output rows per block: independent accumulators, one x load for all */
 #define MAX_M 4
@@ -25,45 +24,26 @@
 #define PREFETCH_BYTES 2048 /* how far ahead of the block's weight stream the next lines are requested */
 #endif
 
-static inline __m512 bf16_to_f32(__m256i words) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
-}
-
-static inline __mmask16 tail_mask(int remaining) {
-    return remaining >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << remaining) - 1);
-}
-
 /* S[m, g] = sum of x[m, 32 g .. 32 g + 31] in float32 */
 static void group_sums(const uint16_t *x, float *sums, int m_rows, int k) {
     int groups = k / 32;
     for (int m = 0; m < m_rows; m++) {
         for (int g = 0; g < groups; g++) {
             const uint16_t *p = x + (size_t)m * k + (size_t)g * 32;
-            __m512 lo = bf16_to_f32(_mm256_loadu_si256((const __m256i *)p));
-            __m512 hi = bf16_to_f32(_mm256_loadu_si256((const __m256i *)(p + 16)));
+            __m512 lo = widen_bf16(_mm256_loadu_si256((const __m256i *)p));
+            __m512 hi = widen_bf16(_mm256_loadu_si256((const __m256i *)(p + 16)));
             sums[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
         }
     }
 }
 
 /* float16 [count] -> float32 [count] */
-static inline void widen(const uint16_t *half, float *out, int count) {
+static inline void widen_f16(const uint16_t *half, float *out, int count) {
     for (int i = 0; i < count; i += 16) {
         __mmask16 mask = tail_mask(count - i);
         __m256i h = _mm256_maskz_loadu_epi16(mask, half + i);
         _mm512_mask_storeu_ps(out + i, mask, _mm512_cvtph_ps(h));
     }
-}
-
-/* the sums of 4 vectors, one per row, as 4 lanes */
-static inline __m128 sum_4(__m512 a, __m512 b, __m512 c, __m512 e) {
-    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 e8 = _mm256_add_ps(_mm512_castps512_ps256(e), _mm512_extractf32x8_ps(e, 1));
-    __m256 ab = _mm256_hadd_ps(a8, b8), ce = _mm256_hadd_ps(c8, e8); /* per 128-bit lane: a a b b | ... */
-    __m256 all = _mm256_hadd_ps(ab, ce);                              /* a b c e | a b c e */
-    return _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
 }
 
 #define DEFINE_BLOCK(M)                                                                                     \
@@ -75,8 +55,8 @@ static inline __m128 sum_4(__m512 a, __m512 b, __m512 c, __m512 e) {
         const __m512 zero = _mm512_setzero_ps();                                                            \
         const uint8_t *stream = qs + (size_t)n0 * (k / 2); /* this block's ROWS rows, chunk-interleaved */   \
         float d[ROWS * MAX_K / 32], l[ROWS * MAX_K / 32];                                                   \
-        widen(d16 + (size_t)n0 * groups, d, ROWS * groups);                                                 \
-        widen(l16 + (size_t)n0 * groups, l, ROWS * groups);                                                 \
+        widen_f16(d16 + (size_t)n0 * groups, d, ROWS * groups);                                                 \
+        widen_f16(l16 + (size_t)n0 * groups, l, ROWS * groups);                                                 \
         __m512 acc[ROWS][M];                                                                                \
         for (int r = 0; r < ROWS; r++)                                                                      \
             for (int m = 0; m < M; m++) acc[r][m] = zero;                                                   \
