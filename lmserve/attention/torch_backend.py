@@ -227,11 +227,20 @@ class CPUAttentionBackend(TorchAttentionBackend):
         stored by one C call (kernels/cpu_native.py); anything else is rotated in torch, then stored as before."""
         if rope is not None:
             assert rope.cos is not None and rope.sin is not None
-            if rope.cos.shape[-1] == q.shape[-1] and cpu_native.rotary_store_supported(q, k, v, layer_cache):
+            k_follows_q = heads_follow(q, k)
+            if (
+                k_follows_q
+                and heads_follow(k, v)
+                and rope.cos.shape[-1] == q.shape[-1]
+                and cpu_native.rotary_store_supported(q, k, v, layer_cache)
+            ):
                 cpu_native.rotary_store(q, k, layer_cache, rope.cos, rope.sin, plan.meta.slot_mapping)
                 return self.attend(q, k, v, layer_cache, plan, scale, sliding_window)
-            rotate_in_place(q, rope.cos, rope.sin)
-            rotate_in_place(k, rope.cos, rope.sin)
+            if k_follows_q:  # one pass over q's and k's heads, as rotate_qk does
+                rotate_in_place(side_by_side(q, k), rope.cos, rope.sin)
+            else:
+                rotate_in_place(q, rope.cos, rope.sin)
+                rotate_in_place(k, rope.cos, rope.sin)
         return super().forward(q, k, v, layer_cache, plan, scale, sliding_window)
 
     def prepare(self, meta: AttentionMetadata) -> TorchPlan:
@@ -281,7 +290,7 @@ class CPUAttentionBackend(TorchAttentionBackend):
         num_kv_heads, head_dim = layer_cache.shape[1], layer_cache.shape[-1]
         if k.dtype == layer_cache.dtype and v_follows_k(k, v):
             # the usual case (k and v side by side in the fused qkv output): one copy for both
-            kv = k.as_strided((k.shape[0], 2 * num_kv_heads, head_dim), (k.stride(0), head_dim, 1))
+            kv = side_by_side(k, v)
             layer_cache.view(2 * num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, kv.transpose(0, 1))
             return
         flat = layer_cache.view(2, num_kv_heads, -1, head_dim)
@@ -296,17 +305,29 @@ class CPUAttentionBackend(TorchAttentionBackend):
         return gathered.movedim(1, -3)  # [2, ..., Hkv, L, D], a view
 
 
-def v_follows_k(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether k and v [T, Hkv, D] are one [T, 2 * Hkv, D] run of memory: same rows, contiguous heads, v right
-    after k in each row (as LlamaAttention slices them from the fused qkv projection)."""
-    head_dim = k.shape[-1]
+def heads_follow(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b [T, Hb, D] starts right where a [T, Ha, D] ends in each row of one buffer (as q, k and v are
+    sliced from the fused qkv projection): same rows, contiguous heads, so [a | b] is one [T, Ha + Hb, D] view."""
+    head_dim = a.shape[-1]
     return (
-        k.shape == v.shape
-        and (k.shape[0] == 1 or k.stride(0) == v.stride(0))  # a lone row's stride is arbitrary
-        and k.stride()[1:] == v.stride()[1:] == (head_dim, 1)
-        and v.data_ptr() == k.data_ptr() + k.shape[1] * head_dim * k.element_size()
-        and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        a.shape[0] == b.shape[0]
+        and b.shape[-1] == head_dim
+        and a.dtype == b.dtype
+        and (a.shape[0] == 1 or a.stride(0) == b.stride(0))  # a lone row's stride is arbitrary
+        and a.stride()[1:] == b.stride()[1:] == (head_dim, 1)
+        and b.data_ptr() == a.data_ptr() + a.shape[1] * head_dim * a.element_size()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     )
+
+
+def v_follows_k(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether k and v [T, Hkv, D] are one [T, 2 * Hkv, D] run of memory (heads_follow, same shape)."""
+    return k.shape == v.shape and heads_follow(k, v)
+
+
+def side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[a | b] along the heads as one view, for a and b with heads_follow(a, b)."""
+    return a.as_strided((a.shape[0], a.shape[1] + b.shape[1], a.shape[2]), a.stride())
 
 
 def write_kv_cache(

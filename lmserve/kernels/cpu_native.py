@@ -93,6 +93,13 @@ def _forget_library() -> None:
         _built.clear()
 
 
+def _loaded() -> ctypes.CDLL:
+    """The library, for a caller that checked it can run (kernel_available or a *_supported check)."""
+    library = _library()
+    assert library is not None, "the CPU C kernels are not loaded (check kernel_available() first)"
+    return library
+
+
 def kernel_available() -> bool:
     """Whether the C kernels are built and loaded (building them on the first call)."""
     return _library() is not None
@@ -123,8 +130,7 @@ def pack_q4(
 
 def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 (1 <= M <= MAX_ROWS) @ the packed 4-bit weight^T (pack_q4's layout) -> [M, N] bf16."""
-    library = _library()
-    assert library is not None, "q4_linear needs the C kernel (check kernel_available() first)"
+    library = _loaded()
     if not x.is_contiguous():
         x = x.contiguous()
     num_rows, num_in = x.shape
@@ -138,11 +144,6 @@ def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tenso
             f"q4_linear: unsupported shapes x {tuple(x.shape)}, weight {tuple(qs.shape)} (packed)"
         )
     return out
-
-
-def q4_linear_ref(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The same product in float32 torch from the packed layout (tests): unpack, dequantize, matmul."""
-    return (x.float() @ dequantize_q4(qs, d, m).t()).to(x.dtype)
 
 
 def dequantize_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -163,8 +164,7 @@ def add_rms_norm(
 
     Written for a decode step's ~60 calls: each torch op here costs 1-4 us, as much as the kernel.
     """
-    library = _library()
-    assert library is not None, "add_rms_norm needs the C kernels (check kernel_available() first)"
+    library = _loaded()
     if not x.is_contiguous():
         x = x.contiguous()
     if residual.dtype != torch.float32 or not residual.is_contiguous():
@@ -215,11 +215,8 @@ def decode_attention(
     """One query per sequence, q [B, Hq, D], over the cache [2, Hkv, blocks, block_size, D] through the first B
     rows of block_tables [>= B, n] and seq_lens [>= B] (int32; keys 0 .. len - 1, the last sliding_window of
     them) -> [B, Hq, D] bf16."""
-    library = _library()
-    assert library is not None, (
-        "decode_attention needs the C kernels (check decode_attention_supported first)"
-    )
-    if not q.is_contiguous():
+    library = _loaded()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # rows may be strided (q of the fused qkv output)
         q = q.contiguous()
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
@@ -255,17 +252,12 @@ def decode_attention(
 def rotary_store_supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor
 ) -> bool:
-    """Whether rotary_store takes these: bf16 q, k, v side by side in each row of one fused qkv output
-    ([T, H, D] views with contiguous heads), a bf16 heads-first cache, D % 32 == 0."""
-    head_dim = q.shape[-1]
-    if not (q.dtype == k.dtype == v.dtype == layer_cache.dtype == torch.bfloat16) or head_dim % 32:
-        return False
-    row = q.stride(0)
+    """Whether rotary_store takes these dtypes and sizes: bf16 q, k, v [T, H, D] and heads-first cache,
+    D % 32 == 0. The caller checks the layout: k's heads right after q's, v's after k's, in each row of one
+    fused qkv output (attention/torch_backend.py: heads_follow)."""
     return (
-        q.stride()[1:] == k.stride()[1:] == v.stride()[1:] == (head_dim, 1)
-        and (q.shape[0] == 1 or k.stride(0) == v.stride(0) == row)
-        and k.data_ptr() == q.data_ptr() + 2 * q.shape[1] * head_dim
-        and v.data_ptr() == k.data_ptr() + 2 * k.shape[1] * head_dim
+        q.dtype == k.dtype == v.dtype == layer_cache.dtype == torch.bfloat16
+        and q.shape[-1] % 32 == 0
         and layer_cache.is_contiguous()
         and kernel_available()
     )
@@ -281,9 +273,8 @@ def rotary_store(
 ) -> None:
     """Rotate q and k (views into the fused qkv rows, v right after k) in place by cos/sin [T, 1 or none, D]
     (RotaryEmbedding's layout) and store k and v at their slots (-1: not stored). Checked by
-    rotary_store_supported; HF's roundings, bit for bit."""
-    library = _library()
-    assert library is not None, "rotary_store needs the C kernels (check rotary_store_supported first)"
+    rotary_store_supported and the caller's layout check; HF's roundings, bit for bit."""
+    library = _loaded()
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, num_blocks, block_size, _ = layer_cache.shape
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -311,8 +302,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     num_tokens, width = gate_up.shape
     if gate_up.dtype != torch.bfloat16 or width % 32 or gate_up.stride(1) != 1 or not kernel_available():
         return None
-    library = _library()
-    assert library is not None
+    library = _loaded()
     out = torch.empty((num_tokens, width // 2), dtype=torch.bfloat16)
     library.lmserve_silu_and_mul(
         gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), num_tokens, width // 2
@@ -334,8 +324,7 @@ def int8_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
         or not kernel_available()
     ):
         return None
-    library = _library()
-    assert library is not None
+    library = _loaded()
     if not x.is_contiguous():
         x = x.contiguous()
     out = torch.empty((num_rows, codes.shape[0]), dtype=torch.float32)

@@ -33,7 +33,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # CPU, few bf16 rows, a 4-bit exact weight (set by keep_int4_if_exact; at most one of the two):
-        # the C kernel's (qs, ds, lo) (kernels/cpu_native.py), or torch's int4 kernel's (packed, scales_zeros)
+        # the C kernel's (qs, d, m) (kernels/cpu_native.py), or torch's int4 kernel's (packed, scales_zeros)
         self.q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         # CPU: oneDNN's blocked copy of the weight (layers/cpu_gemm.py), set by pack_cpu_linears
