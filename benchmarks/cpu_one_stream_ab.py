@@ -3,7 +3,9 @@
 This VM drifts by ±20 % over minutes, so two processes run minutes apart compare little. Here one engine (the
 embedded SmolLM2 Q4_1 GGUF, bf16, 2 threads) alternates between the current code ("after") and a previous
 implementation swapped back in ("before"). `--compare`:
-- `native` (default): the C kernels (kernels/cpu_native.py: 4-bit linears, add + RMSNorm, decode attention)
+- `step` (default): all decoder layers of a decode step in one C call (models/cpu_decode.py) vs the same C
+  kernels called op by op from the layers (as before 2026-12-04);
+- `native`: the C kernels (kernels/cpu_native.py: 4-bit linears, add + RMSNorm, decode attention)
   vs torch's (int4 kernel with the same Q4_1 values, F.rms_norm, SDPA), as before 2026-12-03 evening;
 - `q4`: only the 4-bit linears, C kernel vs torch's int4 kernel;
 - `afternoon`: the 2026-12-03 afternoon changes vs commit f4c0664: the half-width rotary tables and the
@@ -76,6 +78,18 @@ class AfternoonVariants:
         CPUAttentionBackend.decode_kv = decode_kv  # type: ignore[method-assign]
 
 
+class StepVariants:
+    """The one-call C decode step (models/cpu_decode.py) on and off."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.decode_step_for = llama_module.decode_step_for
+
+    def use(self, name: str) -> None:
+        llama_module.decode_step_for = (  # type: ignore[assignment]
+            self.decode_step_for if name == "after" else lambda *args: None
+        )
+
+
 class Q4Variants:
     """Swaps every 4-bit linear between the C kernel's layout and torch's int4 kernel's (the same values)."""
 
@@ -135,14 +149,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compare", choices=("native", "q4", "afternoon"), default="native")
+    parser.add_argument("--compare", choices=("step", "native", "q4", "afternoon"), default="step")
     args = parser.parse_args()
     config = EngineConfig(dtype="bfloat16", device="cpu", session_len=512, num_cpu_threads=args.threads)
     engine = LLMEngine.from_pretrained(None, config)
     prompt = random_prompts(1, 128, engine.model_config.vocab_size)[0]
-    variants = {"native": NativeVariants, "q4": Q4Variants, "afternoon": AfternoonVariants}[args.compare](
-        engine
-    )
+    variants = {
+        "step": StepVariants,
+        "native": NativeVariants,
+        "q4": Q4Variants,
+        "afternoon": AfternoonVariants,
+    }[args.compare](engine)
     steps: dict[str, list[float]] = {"before": [], "after": []}
     prefills: dict[str, list[float]] = {"before": [], "after": []}
     tokens: dict[str, list[int]] = {}

@@ -54,6 +54,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lmserve_rotary_store": (None, [_P] + [_I] * 5 + [_P] * 4 + [_I] * 2),
     "lmserve_silu_and_mul": (None, [_P, _I, _P, _I, _I]),
     "lmserve_int8_gemv": (_I, [_P] * 4 + [_I] * 3),
+    "lmserve_decode_step": (_I, [_P, _I, _P] + [_P] * 4 + [_I] + [_P] * 4 + [_I, _P]),
 }
 """The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
 
@@ -331,4 +332,85 @@ def int8_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     library.lmserve_int8_gemv(
         x.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(), num_rows, codes.shape[0], num_in
     )
+    return out
+
+
+class Q4Weight(ctypes.Structure):
+    """decode_step.c's lmserve_q4_weight: pack_q4's (qs, d, m)."""
+
+    _fields_ = [("qs", _P), ("d", _P), ("m", _P)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """decode_step.c's lmserve_layer: one decoder layer's 4-bit linears, float32 norm weights, KV cache."""
+
+    _fields_ = [
+        ("qkv", Q4Weight),
+        ("o", Q4Weight),
+        ("gate_up", Q4Weight),
+        ("down", Q4Weight),
+        ("input_norm", _P),
+        ("post_norm", _P),
+        ("cache", _P),
+        ("window", _I),
+    ]
+
+
+class ModelShape(ctypes.Structure):
+    """decode_step.c's lmserve_model_shape."""
+
+    _fields_ = [
+        ("hidden", _I),
+        ("heads", _I),
+        ("kv_heads", _I),
+        ("head_dim", _I),
+        ("intermediate", _I),
+        ("num_blocks", _I),
+        ("block_size", _I),
+        ("eps", _F),
+        ("scale", _F),
+    ]
+
+
+def q4_weight(packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Q4Weight:
+    qs, d, m = packed
+    return Q4Weight(qs.data_ptr(), d.data_ptr(), m.data_ptr())
+
+
+def decode_step(
+    layers: ctypes.Array[DecodeLayer],
+    shape: ModelShape,
+    normed0: torch.Tensor,
+    hidden0: torch.Tensor,
+    final_norm: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> torch.Tensor:
+    """Every decoder layer and the final norm of a decode step in one call (kernels/cpu/decode_step.c): normed0
+    and hidden0 [B, H] bf16 contiguous (layer 0's input norm, the embeddings), cos/sin [B, D] bf16 contiguous,
+    slots [B] int64, block_tables [>= B, n] int32 (rows contiguous), seq_lens [>= B] int32 -> [B, H] bf16.
+    The caller (models/cpu_decode.py) checks what the kernels need."""
+    library = _loaded()
+    out = torch.empty_like(hidden0)
+    status = library.lmserve_decode_step(
+        ctypes.addressof(layers),
+        len(layers),
+        ctypes.addressof(shape),
+        normed0.data_ptr(),
+        hidden0.data_ptr(),
+        final_norm.data_ptr(),
+        out.data_ptr(),
+        hidden0.shape[0],
+        cos.data_ptr(),
+        sin.data_ptr(),
+        slots.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.stride(0),
+        seq_lens.data_ptr(),
+    )
+    if status:
+        raise ValueError(f"decode_step: {'out of memory' if status == -2 else 'unsupported shapes'}")
     return out

@@ -33,6 +33,7 @@ from lmserve.layers.norm import RMSNorm
 from lmserve.layers.quant_formats import quant_method
 from lmserve.layers.rotary import RopeInputs, RotaryEmbedding, rotate_qk
 from lmserve.models.config import ModelConfig
+from lmserve.models.cpu_decode import decode_step_for
 
 # HF projection name -> (our fused module, shard index, number of shards)
 FUSED_PROJECTIONS = {
@@ -225,6 +226,11 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.prepare(positions)  # once per step, shared by every layer
+        if not hidden.is_cuda:  # CPU: a decode step of few sequences may run all layers in one C call
+            step = decode_step_for(self, kv_caches)
+            out = None if step is None else step.run(hidden, rope, attn_plan)
+            if out is not None:
+                return out
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rope, kv_cache, attn_plan)

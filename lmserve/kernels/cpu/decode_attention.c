@@ -16,6 +16,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #define CHUNK 128
@@ -95,54 +96,69 @@ static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t
     }
 }
 
+/* one row of the fused qkv output: rotate q and k in place, store k and v at slot (< 0: not stored) */
+static void rotary_store_row(uint16_t *x, int hq, int hkv, int d, const uint16_t *c, const uint16_t *s,
+                             uint16_t *cache, int64_t slot, int num_blocks, int block_size) {
+    const int half = d / 2;
+    const size_t head_stride = (size_t)num_blocks * block_size * d;
+    for (int head = 0; head < hq + hkv; head++) {
+        uint16_t *h = x + (size_t)head * d;
+        for (int j = 0; j < half; j += 16) {
+            __m512 a = widen_bf16(_mm256_loadu_si256((const __m256i *)(h + j)));
+            __m512 b = widen_bf16(_mm256_loadu_si256((const __m256i *)(h + half + j)));
+            __m512 c0 = widen_bf16(_mm256_loadu_si256((const __m256i *)(c + j)));
+            __m512 c1 = widen_bf16(_mm256_loadu_si256((const __m256i *)(c + half + j)));
+            __m512 s0 = widen_bf16(_mm256_loadu_si256((const __m256i *)(s + j)));
+            __m512 s1 = widen_bf16(_mm256_loadu_si256((const __m256i *)(s + half + j)));
+            __m512 first = _mm512_add_ps(round_bf16(_mm512_mul_ps(a, c0)), round_bf16(_mm512_mul_ps(b, s0)));
+            __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(b, c1)), round_bf16(_mm512_mul_ps(a, s1)));
+            _mm256_storeu_si256((__m256i *)(h + j), (__m256i)_mm512_cvtneps_pbh(first));
+            _mm256_storeu_si256((__m256i *)(h + half + j), (__m256i)_mm512_cvtneps_pbh(second));
+        }
+    }
+    if (slot < 0) return;
+    const size_t offset = (size_t)(slot / block_size) * block_size * d + (size_t)(slot % block_size) * d;
+    for (int head = 0; head < hkv; head++) {
+        memcpy(cache + head * head_stride + offset, x + (size_t)(hq + head) * d, sizeof(uint16_t) * d);
+        memcpy(cache + (hkv + head) * head_stride + offset, x + (size_t)(hq + hkv + head) * d,
+               sizeof(uint16_t) * d);
+    }
+}
+
+/* Inside a parallel region: the rows split over the team. */
+void lmserve_rotary_store_part(uint16_t *qkv, int t, int row_stride, int hq, int hkv, int d, const uint16_t *cos,
+                               const uint16_t *sin, uint16_t *cache, const int64_t *slots, int num_blocks,
+                               int block_size) {
+#pragma omp for schedule(static)
+    for (int row = 0; row < t; row++)
+        rotary_store_row(qkv + (size_t)row * row_stride, hq, hkv, d, cos + (size_t)row * d, sin + (size_t)row * d,
+                         cache, slots[row], num_blocks, block_size);
+}
+
 /* qkv [t, row_stride] bf16 holding q [hq, d], k [hkv, d], v [hkv, d] at the start of each row; cos, sin [t, d]
    bf16; slots [t] int64 (-1: a padding row, not stored); cache [2, hkv, num_blocks, block_size, d] bf16.
    Needs d % 32 == 0 (the caller checks). */
 void lmserve_rotary_store(uint16_t *qkv, int t, int row_stride, int hq, int hkv, int d, const uint16_t *cos,
                           const uint16_t *sin, uint16_t *cache, const int64_t *slots, int num_blocks,
                           int block_size) {
-    const int half = d / 2;
-    const size_t head_stride = (size_t)num_blocks * block_size * d;
-    for (int row = 0; row < t; row++) {
-        uint16_t *x = qkv + (size_t)row * row_stride;
-        const uint16_t *c = cos + (size_t)row * d, *s = sin + (size_t)row * d;
-        for (int head = 0; head < hq + hkv; head++) {
-            uint16_t *h = x + (size_t)head * d;
-            for (int j = 0; j < half; j += 16) {
-                __m512 a = widen_bf16(_mm256_loadu_si256((const __m256i *)(h + j)));
-                __m512 b = widen_bf16(_mm256_loadu_si256((const __m256i *)(h + half + j)));
-                __m512 c0 = widen_bf16(_mm256_loadu_si256((const __m256i *)(c + j)));
-                __m512 c1 = widen_bf16(_mm256_loadu_si256((const __m256i *)(c + half + j)));
-                __m512 s0 = widen_bf16(_mm256_loadu_si256((const __m256i *)(s + j)));
-                __m512 s1 = widen_bf16(_mm256_loadu_si256((const __m256i *)(s + half + j)));
-                __m512 first = _mm512_add_ps(round_bf16(_mm512_mul_ps(a, c0)), round_bf16(_mm512_mul_ps(b, s0)));
-                __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(b, c1)), round_bf16(_mm512_mul_ps(a, s1)));
-                _mm256_storeu_si256((__m256i *)(h + j), (__m256i)_mm512_cvtneps_pbh(first));
-                _mm256_storeu_si256((__m256i *)(h + half + j), (__m256i)_mm512_cvtneps_pbh(second));
-            }
-        }
-        const int64_t slot = slots[row];
-        if (slot < 0) continue;
-        const size_t offset = (size_t)(slot / block_size) * block_size * d + (size_t)(slot % block_size) * d;
-        for (int head = 0; head < hkv; head++) {
-            memcpy(cache + head * head_stride + offset, x + (size_t)(hq + head) * d, sizeof(uint16_t) * d);
-            memcpy(cache + (hkv + head) * head_stride + offset, x + (size_t)(hq + hkv + head) * d,
-                   sizeof(uint16_t) * d);
-        }
-    }
+    for (int row = 0; row < t; row++)
+        rotary_store_row(qkv + (size_t)row * row_stride, hq, hkv, d, cos + (size_t)row * d, sin + (size_t)row * d,
+                         cache, slots[row], num_blocks, block_size);
 }
 
-/* q [b, hq, d] bf16 with q_stride elements between sequences; cache [2, hkv, num_blocks, block_size, d] bf16;
-   block_tables [b, table_stride] int32; seq_lens [b] int32 (>= 1); window 0 = none -> out [b, hq, d] bf16.
-   Needs d % 32 == 0, d <= MAX_HEAD_DIM, hq % hkv == 0, hq / hkv <= MAX_GROUP; returns 0, or -1 when not. */
-int lmserve_decode_attention(const uint16_t *q, int q_stride, const uint16_t *cache, const int32_t *block_tables,
-                             const int32_t *seq_lens, uint16_t *out, int b, int hq, int hkv, int d,
-                             int num_blocks, int block_size, int table_stride, float scale, int window) {
-    if (d % 32 || d > MAX_HEAD_DIM || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP) return -1;
+int lmserve_decode_attention_shape_ok(int hq, int hkv, int d) {
+    return d % 32 == 0 && d <= MAX_HEAD_DIM && hkv >= 1 && hq % hkv == 0 && hq / hkv <= MAX_GROUP;
+}
+
+/* Inside a parallel region: the (sequence, KV head) tasks split over the team. */
+void lmserve_decode_attention_part(const uint16_t *q, int q_stride, const uint16_t *cache,
+                                   const int32_t *block_tables, const int32_t *seq_lens, uint16_t *out, int b,
+                                   int hq, int hkv, int d, int num_blocks, int block_size, int table_stride,
+                                   float scale, int window) {
     const int group = hq / hkv;
     const size_t block_stride = (size_t)block_size * d, head_stride = (size_t)num_blocks * block_stride;
     const size_t values_offset = (size_t)hkv * head_stride;
-#pragma omp parallel for schedule(static, 1)
+#pragma omp for schedule(static, 1)
     for (int task = 0; task < b * hkv; task++) {
         const int s = task / hkv, h = task % hkv;
         const int last = seq_lens[s];
@@ -152,5 +168,17 @@ int lmserve_decode_attention(const uint16_t *q, int q_stride, const uint16_t *ca
                block_tables + (size_t)s * table_stride, block_size, block_stride, first, last, group, d, scale,
                out + ((size_t)s * hq + (size_t)h * group) * d);
     }
+}
+
+/* q [b, hq, d] bf16 with q_stride elements between sequences; cache [2, hkv, num_blocks, block_size, d] bf16;
+   block_tables [b, table_stride] int32; seq_lens [b] int32 (>= 1); window 0 = none -> out [b, hq, d] bf16.
+   Needs d % 32 == 0, d <= MAX_HEAD_DIM, hq % hkv == 0, hq / hkv <= MAX_GROUP; returns 0, or -1 when not. */
+int lmserve_decode_attention(const uint16_t *q, int q_stride, const uint16_t *cache, const int32_t *block_tables,
+                             const int32_t *seq_lens, uint16_t *out, int b, int hq, int hkv, int d,
+                             int num_blocks, int block_size, int table_stride, float scale, int window) {
+    if (!lmserve_decode_attention_shape_ok(hq, hkv, d)) return -1;
+#pragma omp parallel
+    lmserve_decode_attention_part(q, q_stride, cache, block_tables, seq_lens, out, b, hq, hkv, d, num_blocks,
+                                  block_size, table_stride, scale, window);
     return 0;
 }

@@ -15,11 +15,12 @@
    Row blocks are split over the OpenMP threads of the process (torch's pool: the library binds to the libgomp
    torch already loaded). */
 
+#include "kernels.h"
 #include "simd.h"
 
 #define ROWS 4 /* output rows per block: independent accumulators, one x load for all */
-#define MAX_M 4
-#define MAX_K 16384
+#define MAX_M LMSERVE_MAX_ROWS
+#define MAX_K LMSERVE_MAX_K
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048 /* how far ahead of the block's weight stream the next lines are requested */
 #endif
@@ -107,14 +108,17 @@ DEFINE_BLOCK(2)
 DEFINE_BLOCK(3)
 DEFINE_BLOCK(4)
 
-/* x [m_rows, k] bf16, qs [n / ROWS, 2 k] (pack_q4's order), d and l [n, k / 32] float16 -> y [m_rows, n] bf16.
-   Needs k % 64 == 0, k <= MAX_K, n % ROWS == 0, 1 <= m_rows <= MAX_M (the caller checks); 0, or -1 when not. */
-int lmserve_q4_gemv(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l, uint16_t *y,
-                    int m_rows, int n, int k) {
-    if (k % 64 || k > MAX_K || n % ROWS || m_rows < 1 || m_rows > MAX_M) return -1;
+int lmserve_q4_gemv_shape_ok(int m_rows, int n, int k) {
+    return k % 64 == 0 && k <= MAX_K && n % ROWS == 0 && m_rows >= 1 && m_rows <= MAX_M;
+}
+
+/* Inside a parallel region: each thread sums x's groups itself (k / 32 sums a row, no barrier needed), then
+   the row blocks are split. */
+void lmserve_q4_gemv_part(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l,
+                          uint16_t *y, int m_rows, int n, int k) {
     float sums[MAX_M * MAX_K / 32];
     group_sums(x, sums, m_rows, k);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int n0 = 0; n0 < n; n0 += ROWS) {
         switch (m_rows) {
             case 1: block_1(x, qs, d, l, sums, y, n, k, n0); break;
@@ -123,5 +127,14 @@ int lmserve_q4_gemv(const uint16_t *x, const uint8_t *qs, const uint16_t *d, con
             default: block_4(x, qs, d, l, sums, y, n, k, n0); break;
         }
     }
+}
+
+/* x [m_rows, k] bf16, qs [n / ROWS, 2 k] (pack_q4's order), d and l [n, k / 32] float16 -> y [m_rows, n] bf16.
+   Needs k % 64 == 0, k <= MAX_K, n % ROWS == 0, 1 <= m_rows <= MAX_M (the caller checks); 0, or -1 when not. */
+int lmserve_q4_gemv(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l, uint16_t *y,
+                    int m_rows, int n, int k) {
+    if (!lmserve_q4_gemv_shape_ok(m_rows, n, k)) return -1;
+#pragma omp parallel
+    lmserve_q4_gemv_part(x, qs, d, l, y, m_rows, n, k);
     return 0;
 }
