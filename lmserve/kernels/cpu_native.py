@@ -243,6 +243,8 @@ def decode_attention(
         scale,
         sliding_window or 0,
     )
+    if status == -2:
+        raise MemoryError("decode_attention: no memory for the scratch buffer")
     if status:
         raise ValueError(
             f"decode_attention: unsupported shapes q {tuple(q.shape)}, cache {tuple(layer_cache.shape)}"
@@ -411,6 +413,8 @@ def decode_step(
         block_tables.stride(0),
         seq_lens.data_ptr(),
     )
+    if status == -2:
+        raise MemoryError("decode_step: no memory for the step's buffers")
     if status:
-        raise ValueError(f"decode_step: {'out of memory' if status == -2 else 'unsupported shapes'}")
+        raise ValueError("decode_step: unsupported shapes")
     return out

@@ -14,6 +14,8 @@
    over torch's OpenMP threads. */
 
 #include <math.h>
+#include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -22,32 +24,75 @@
 #define CHUNK 128
 #define MAX_GROUP 16    /* query heads per KV head */
 #define MAX_HEAD_DIM 256
+#define MAX_PARTS LMSERVE_ATTENTION_MAX_PARTS /* key ranges per task when tasks are fewer than threads */
+#define MIN_PART_KEYS 64
 
-/* one (sequence, KV head): queries [group, d] bf16 -> out [group, d] bf16 */
+/* r[i] = the sum of v[i]'s 16 lanes, i < 16 (a transpose-and-add tree: 45 ops for 16 sums) */
+static inline __m512 sums_16(const __m512 *v) {
+    __m512 u[4];
+    for (int q = 0; q < 4; q++) {
+        const __m512 *w = v + 4 * q;
+        __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+        __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+        u[q] = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+    }
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* acc[h] (16 columns, h < H, d apart) += sum over the count keys of p[h * p_stride + t] * value_t's 16 columns */
+#define DEFINE_WEIGH_VALUES(H)                                                                              \
+    static inline void weigh_values_##H(float *acc, int d, const float *p, int p_stride, const uint16_t *values, \
+                                        const size_t *rows, int count) {                                    \
+        __m512 a[H];                                                                                        \
+        for (int h = 0; h < H; h++) a[h] = _mm512_loadu_ps(acc + h * d);                                    \
+        for (int t = 0; t < count; t++) {                                                                   \
+            __m512 v = widen_bf16(_mm256_loadu_si256((const __m256i *)(values + rows[t])));                 \
+            for (int h = 0; h < H; h++) a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * p_stride + t]), v, a[h]); \
+        }                                                                                                   \
+        for (int h = 0; h < H; h++) _mm512_storeu_ps(acc + h * d, a[h]);                                    \
+    }
+
+DEFINE_WEIGH_VALUES(1)
+DEFINE_WEIGH_VALUES(2)
+DEFINE_WEIGH_VALUES(3)
+DEFINE_WEIGH_VALUES(4)
+
+/* keys first .. last - 1 of one (sequence, KV head): queries [group, d] bf16 -> the unnormalized float32
+   acc [group, d] (sum of e^(score - max) v), each head's running max and sum of e^(score - max) */
 static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t *values, const int32_t *blocks,
                    int block_size, size_t block_stride, int first, int last, int group, int d, float scale,
-                   uint16_t *out) {
-    float acc[MAX_GROUP][MAX_HEAD_DIM], running_max[MAX_GROUP], running_sum[MAX_GROUP];
+                   float *acc, float *running_max, float *running_sum) {
     float scores[MAX_GROUP][CHUNK];
+    size_t rows[CHUNK]; /* each key's offset in the cache (keys and values alike) */
     const int vectors = d / 32; /* bf16 words per 512-bit register: 32 */
-    for (int g = 0; g < group; g++) {
-        memset(acc[g], 0, sizeof(float) * d);
-        running_max[g] = -INFINITY;
-        running_sum[g] = 0.0f;
-    }
+    memset(acc, 0, sizeof(float) * group * d);
+    for (int g = 0; g < group; g++) running_max[g] = -INFINITY, running_sum[g] = 0.0f;
+    const __m512 scale_v = _mm512_set1_ps(scale);
     for (int start = first; start < last; start += CHUNK) {
         const int count = last - start < CHUNK ? last - start : CHUNK;
-        /* scores = scale * q . k */
         for (int t = 0; t < count; t++) {
             const int position = start + t;
-            const uint16_t *key = keys + (size_t)blocks[position / block_size] * block_stride +
-                                  (size_t)(position % block_size) * d;
-            for (int g = 0; g < group; g++) {
-                __m512 dot = _mm512_setzero_ps();
-                for (int i = 0; i < vectors; i++)
-                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(queries + g * d + 32 * i),
-                                           (__m512bh)_mm512_loadu_si512(key + 32 * i));
-                scores[g][t] = _mm512_reduce_add_ps(dot) * scale;
+            rows[t] = (size_t)blocks[position / block_size] * block_stride + (size_t)(position % block_size) * d;
+        }
+        /* scores = scale * q . k, 16 keys at a time into one register */
+        for (int g = 0; g < group; g++) {
+            __m512bh q[MAX_HEAD_DIM / 32];
+            for (int i = 0; i < vectors; i++) q[i] = (__m512bh)_mm512_loadu_si512(queries + g * d + 32 * i);
+            for (int t0 = 0; t0 < count; t0 += 16) {
+                const int n = count - t0 < 16 ? count - t0 : 16;
+                __m512 dots[16];
+                for (int j = 0; j < 16; j++) {
+                    __m512 dot = _mm512_setzero_ps();
+                    if (j < n) {
+                        const uint16_t *key = keys + rows[t0 + j];
+                        for (int i = 0; i < vectors; i++)
+                            dot = _mm512_dpbf16_ps(dot, q[i], (__m512bh)_mm512_loadu_si512(key + 32 * i));
+                    }
+                    dots[j] = dot;
+                }
+                _mm512_mask_storeu_ps(scores[g] + t0, tail_mask(n), _mm512_mul_ps(sums_16(dots), scale_v));
             }
         }
         for (int g = 0; g < group; g++) {
@@ -72,27 +117,44 @@ static void attend(const uint16_t *queries, const uint16_t *keys, const uint16_t
             running_max[g] = new_max;
             if (correction != 1.0f) {
                 const __m512 c = _mm512_set1_ps(correction);
-                for (int i = 0; i < d; i += 16) _mm512_storeu_ps(acc[g] + i, _mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), c));
+                for (int i = 0; i < d; i += 16)
+                    _mm512_storeu_ps(acc + g * d + i, _mm512_mul_ps(_mm512_loadu_ps(acc + g * d + i), c));
             }
         }
-        /* acc += p . v */
-        for (int t = 0; t < count; t++) {
-            const int position = start + t;
-            const uint16_t *value = values + (size_t)blocks[position / block_size] * block_stride +
-                                    (size_t)(position % block_size) * d;
-            for (int i = 0; i < d; i += 16) {
-                __m512 v = widen_bf16(_mm256_loadu_si256((const __m256i *)(value + i)));
-                for (int g = 0; g < group; g++)
-                    _mm512_storeu_ps(acc[g] + i,
-                                     _mm512_fmadd_ps(_mm512_set1_ps(scores[g][t]), v, _mm512_loadu_ps(acc[g] + i)));
+        /* acc += p . v: per 16 columns and up to 4 heads, the sums stay in registers over the chunk's keys */
+        for (int i = 0; i < d; i += 16) {
+            for (int g0 = 0; g0 < group; g0 += 4) {
+                float *a = acc + g0 * d + i;
+                switch (group - g0 < 4 ? group - g0 : 4) {
+                    case 1: weigh_values_1(a, d, scores[g0], CHUNK, values + i, rows, count); break;
+                    case 2: weigh_values_2(a, d, scores[g0], CHUNK, values + i, rows, count); break;
+                    case 3: weigh_values_3(a, d, scores[g0], CHUNK, values + i, rows, count); break;
+                    default: weigh_values_4(a, d, scores[g0], CHUNK, values + i, rows, count); break;
+                }
             }
         }
     }
+}
+
+/* out [group, d] bf16 from the parts' (acc, max, sum) of one task, in float32, rounded once */
+static void merge_parts(const float *acc, const float *maxes, const float *sums, int parts, int group, int d,
+                        size_t part_stride, uint16_t *out) {
     for (int g = 0; g < group; g++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / running_sum[g]);
-        for (int i = 0; i < d; i += 16)
+        float top = -INFINITY;
+        for (int p = 0; p < parts; p++) top = maxes[p * part_stride + g] > top ? maxes[p * part_stride + g] : top;
+        float weights[MAX_PARTS], total = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            weights[p] = sums[p * part_stride + g] > 0.0f ? expf(maxes[p * part_stride + g] - top) : 0.0f;
+            total += weights[p] * sums[p * part_stride + g];
+        }
+        for (int i = 0; i < d; i += 16) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int p = 0; p < parts; p++)
+                sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[p]),
+                                      _mm512_loadu_ps(acc + p * part_stride * d + g * d + i), sum);
             _mm256_storeu_si256((__m256i *)(out + g * d + i),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), inv)));
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sum, _mm512_set1_ps(1.0f / total))));
+        }
     }
 }
 
@@ -150,24 +212,64 @@ int lmserve_decode_attention_shape_ok(int hq, int hkv, int d) {
     return d % 32 == 0 && d <= MAX_HEAD_DIM && hkv >= 1 && hq % hkv == 0 && hq / hkv <= MAX_GROUP;
 }
 
-/* Inside a parallel region: the (sequence, KV head) tasks split over the team. */
+/* How many key ranges each task's keys split into: enough that tasks x parts keep every thread busy (a lone
+   sequence of SmolLM2 has 3 tasks for 2 threads), each at least MIN_PART_KEYS keys long. */
+static int parts_for(const int32_t *seq_lens, int b, int hkv, int window, int threads) {
+    const int tasks = b * hkv;
+    if (tasks >= 2 * threads) return 1;
+    int shortest = 1 << 30;
+    for (int s = 0; s < b; s++) {
+        const int keys = window > 0 && seq_lens[s] > window ? window : seq_lens[s];
+        shortest = keys < shortest ? keys : shortest;
+    }
+    int parts = (2 * threads + tasks - 1) / tasks;
+    if (parts > shortest / MIN_PART_KEYS) parts = shortest / MIN_PART_KEYS;
+    if (parts > MAX_PARTS) parts = MAX_PARTS;
+    return parts < 1 ? 1 : parts;
+}
+
+/* Inside a parallel region: the (sequence, KV head, key range) items split over the team, then each task's
+   ranges merged. scratch: lmserve_decode_attention_scratch(b, hq, hkv, d) floats. */
 void lmserve_decode_attention_part(const uint16_t *q, int q_stride, const uint16_t *cache,
                                    const int32_t *block_tables, const int32_t *seq_lens, uint16_t *out, int b,
                                    int hq, int hkv, int d, int num_blocks, int block_size, int table_stride,
-                                   float scale, int window) {
-    const int group = hq / hkv;
+                                   float scale, int window, float *scratch) {
+    const int group = hq / hkv, tasks = b * hkv;
     const size_t block_stride = (size_t)block_size * d, head_stride = (size_t)num_blocks * block_stride;
     const size_t values_offset = (size_t)hkv * head_stride;
+    const int parts = parts_for(seq_lens, b, hkv, window, omp_get_num_threads());
+    /* item (task, part)'s acc [group, d], then all items' maxes [group], then their sums [group] */
+    const size_t items = (size_t)tasks * parts;
+    float *maxes = scratch + items * group * d, *sums = maxes + items * group;
 #pragma omp for schedule(static, 1)
-    for (int task = 0; task < b * hkv; task++) {
-        const int s = task / hkv, h = task % hkv;
+    for (int item = 0; item < tasks * parts; item++) {
+        const int task = item / parts, part = item % parts, s = task / hkv, h = task % hkv;
         const int last = seq_lens[s];
         const int first = window > 0 && last > window ? last - window : 0;
+        const int begin = first + (int)((long)(last - first) * part / parts);
+        const int end = first + (int)((long)(last - first) * (part + 1) / parts);
         const uint16_t *keys = cache + (size_t)h * head_stride;
+        float *acc = scratch + (size_t)item * group * d;
         attend(q + (size_t)s * q_stride + (size_t)h * group * d, keys, keys + values_offset,
-               block_tables + (size_t)s * table_stride, block_size, block_stride, first, last, group, d, scale,
-               out + ((size_t)s * hq + (size_t)h * group) * d);
+               block_tables + (size_t)s * table_stride, block_size, block_stride, begin, end, group, d, scale, acc,
+               maxes + (size_t)item * group, sums + (size_t)item * group);
+        if (parts == 1)
+            merge_parts(acc, maxes + (size_t)item * group, sums + (size_t)item * group, 1, group, d, group,
+                        out + ((size_t)s * hq + (size_t)h * group) * d);
     }
+    if (parts == 1) return;
+#pragma omp for schedule(static)
+    for (int task = 0; task < tasks; task++) {
+        const size_t item = (size_t)task * parts;
+        const int s = task / hkv, h = task % hkv;
+        merge_parts(scratch + item * group * d, maxes + item * group, sums + item * group, parts, group, d, group,
+                    out + ((size_t)s * hq + (size_t)h * group) * d);
+    }
+}
+
+size_t lmserve_decode_attention_scratch(int b, int hq, int hkv, int d) {
+    (void)hkv;
+    return (size_t)b * hq * MAX_PARTS * ((size_t)d + 2);
 }
 
 /* q [b, hq, d] bf16 with q_stride elements between sequences; cache [2, hkv, num_blocks, block_size, d] bf16;
@@ -177,8 +279,11 @@ int lmserve_decode_attention(const uint16_t *q, int q_stride, const uint16_t *ca
                              const int32_t *seq_lens, uint16_t *out, int b, int hq, int hkv, int d,
                              int num_blocks, int block_size, int table_stride, float scale, int window) {
     if (!lmserve_decode_attention_shape_ok(hq, hkv, d)) return -1;
+    float *scratch = malloc(sizeof(float) * lmserve_decode_attention_scratch(b, hq, hkv, d));
+    if (!scratch) return -2;
 #pragma omp parallel
     lmserve_decode_attention_part(q, q_stride, cache, block_tables, seq_lens, out, b, hq, hkv, d, num_blocks,
-                                  block_size, table_stride, scale, window);
+                                  block_size, table_stride, scale, window, scratch);
+    free(scratch);
     return 0;
 }

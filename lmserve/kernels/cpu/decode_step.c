@@ -48,8 +48,9 @@ int lmserve_decode_step(const lmserve_layer *layers, int num_layers, const lmser
     uint16_t *normed = malloc(sizeof(uint16_t) * rows * h), *proj = malloc(sizeof(uint16_t) * rows * h);
     uint16_t *qkv = malloc(sizeof(uint16_t) * rows * qkv_n), *attn = malloc(sizeof(uint16_t) * rows * hq * d);
     uint16_t *gate_up = malloc(sizeof(uint16_t) * rows * 2 * inter), *act = malloc(sizeof(uint16_t) * rows * inter);
+    float *scratch = malloc(sizeof(float) * lmserve_decode_attention_scratch(m, hq, hkv, d));
     int status = 0;
-    if (!residual || !normed || !proj || !qkv || !attn || !gate_up || !act) {
+    if (!residual || !normed || !proj || !qkv || !attn || !gate_up || !act || !scratch) {
         status = -2;
         goto done;
     }
@@ -64,7 +65,7 @@ int lmserve_decode_step(const lmserve_layer *layers, int num_layers, const lmser
                                       shape->block_size);
             lmserve_decode_attention_part(qkv, qkv_n, layer->cache, block_tables, seq_lens, attn, m, hq, hkv, d,
                                           shape->num_blocks, shape->block_size, table_stride, shape->scale,
-                                          layer->window);
+                                          layer->window, scratch);
             lmserve_q4_gemv_part(attn, layer->o.qs, layer->o.d, layer->o.m, proj, m, h, hq * d);
             if (i > 0)
                 lmserve_add_rms_norm_part(proj, residual, 1, residual, layer->post_norm, normed, m, h, shape->eps);
@@ -78,6 +79,6 @@ int lmserve_decode_step(const lmserve_layer *layers, int num_layers, const lmser
         lmserve_add_rms_norm_part(proj, residual, 1, residual, final_norm, out, m, h, shape->eps);
     }
 done:
-    free(residual), free(normed), free(proj), free(qkv), free(attn), free(gate_up), free(act);
+    free(residual), free(normed), free(proj), free(qkv), free(attn), free(gate_up), free(act), free(scratch);
     return status;
 }

@@ -4,10 +4,12 @@
 #ifndef LMSERVE_KERNELS_H
 #define LMSERVE_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define LMSERVE_MAX_ROWS 4
 #define LMSERVE_MAX_K 16384
+#define LMSERVE_ATTENTION_MAX_PARTS 8
 
 /* q4_gemv.c: x [m, k] bf16 @ the packed 4-bit weight^T -> y [m, n] bf16 (shapes checked by the caller) */
 void lmserve_q4_gemv_part(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l,
@@ -25,8 +27,9 @@ void lmserve_rotary_store_part(uint16_t *qkv, int t, int row_stride, int hq, int
 void lmserve_decode_attention_part(const uint16_t *q, int q_stride, const uint16_t *cache,
                                    const int32_t *block_tables, const int32_t *seq_lens, uint16_t *out, int b,
                                    int hq, int hkv, int d, int num_blocks, int block_size, int table_stride,
-                                   float scale, int window);
+                                   float scale, int window, float *scratch);
 int lmserve_decode_attention_shape_ok(int hq, int hkv, int d);
+size_t lmserve_decode_attention_scratch(int b, int hq, int hkv, int d); /* floats */
 
 /* activation.c: silu(gate) * up, the rows' 16-column pieces split */
 void lmserve_silu_and_mul_part(const uint16_t *gate_up, int row_stride, uint16_t *out, int t, int i);
