@@ -5,7 +5,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,9 +53,11 @@ class AttentionMetadata:
         return self.query_lens_cpu, self.seq_lens_cpu
 
 
-@dataclass(frozen=True)
-class SequenceChunk:
-    """One sequence's part of a step: new tokens at positions start .. start + len(token_ids) - 1."""
+class SequenceChunk(NamedTuple):
+    """One sequence's part of a step: new tokens at positions start .. start + len(token_ids) - 1.
+
+    A named tuple, not a frozen dataclass: the engine makes one per running sequence every step, and a
+    tuple is built in a fraction of a frozen dataclass's time (256 a step at full batch)."""
 
     token_ids: Sequence[int]
     start: int
@@ -85,28 +88,47 @@ def build_step_batch(
 
     Everything is laid out in two host lists (int64: ids, positions, slots, logits rows; int32: query starts,
     seq lens, block tables) packed into one host buffer and uploaded in one copy, from pinned memory without
-    blocking on CUDA.
+    blocking on CUDA. One pass over the chunks; a decode (one token) takes no range or generator.
     """
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     logits_indices: list[int] = []
-    query_lens = [len(c.token_ids) for c in chunks]
-    seq_lens = [c.start + n for c, n in zip(chunks, query_lens, strict=True)]
-    for chunk, end in zip(chunks, seq_lens, strict=True):
-        input_ids.extend(chunk.token_ids)
-        table = chunk.block_table
-        positions.extend(range(chunk.start, end))
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
-        if chunk.samples:
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    width = 0
+    for token_ids, start, table, samples in chunks:
+        num_new = len(token_ids)
+        end = start + num_new
+        query_lens.append(num_new)
+        seq_lens.append(end)
+        if num_new == 1:
+            input_ids.append(token_ids[0])
+            positions.append(start)
+            block, offset = divmod(start, block_size)
+            slots.append(table[block] * block_size + offset)
+        else:
+            input_ids.extend(token_ids)
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if samples:
             logits_indices.append(len(input_ids) - 1)
+        if len(table) > width:
+            width = len(table)
     num_tokens = len(input_ids)
-    longs = input_ids + positions + slots + logits_indices
-    width = max(len(c.block_table) for c in chunks)
-    ints = [0, *_cumsum(query_lens), *seq_lens]
+    longs = array("q", input_ids)
+    longs.extend(positions)
+    longs.extend(slots)
+    longs.extend(logits_indices)
+    ints = array("i", [0])
+    ints.extend(accumulate(query_lens))
+    ints.extend(seq_lens)
+    padding = [0] * width
     for chunk in chunks:
-        ints.extend(chunk.block_table)
-        ints.extend([0] * (width - len(chunk.block_table)))
+        table = chunk.block_table
+        ints.extend(table)
+        if len(table) < width:
+            ints.extend(padding[len(table) :])
     long_tensor, int_tensor = _upload_packed(longs, ints, device)
     num_seqs = len(chunks)
     metadata = AttentionMetadata(
@@ -117,7 +139,7 @@ def build_step_batch(
         block_size=block_size,
         num_seqs=num_seqs,
         num_tokens=num_tokens,
-        num_decodes=_num_leading_ones(query_lens),
+        num_decodes=num_tokens if num_tokens == num_seqs else _num_leading_ones(query_lens),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
@@ -139,24 +161,19 @@ def upload(values: list[Any], dtype: torch.dtype, device: torch.device | str) ->
 
 
 def _upload_packed(
-    longs: list[int], ints: list[int], device: torch.device | str
+    longs: array[int], ints: array[int], device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(int64, int32) tensors on the device from one host buffer, one copy: the int64 part first keeps both
     aligned. One copy a step instead of two saves a launch on the host and a DMA on the device."""
-    packed = bytearray(array("q", longs).tobytes() + array("i", ints).tobytes())
-    host = torch.frombuffer(packed, dtype=torch.uint8)
-    if torch.device(device).type != "cpu":
-        host = host.pin_memory().to(device, non_blocking=True)
-    split = 8 * len(longs)
+    split = longs.itemsize * len(longs)
+    on_cpu = torch.device(device).type == "cpu"
+    host = torch.empty(split + ints.itemsize * len(ints), dtype=torch.uint8, pin_memory=not on_cpu)
+    view = memoryview(host.numpy()).cast("B")  # written in place: no bytes object, no second host copy
+    view[:split] = memoryview(longs).cast("B")
+    view[split:] = memoryview(ints).cast("B")
+    if not on_cpu:
+        host = host.to(device, non_blocking=True)
     return host[:split].view(torch.int64), host[split:].view(torch.int32)
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    total, sums = 0, []
-    for value in values:
-        total += value
-        sums.append(total)
-    return sums
 
 
 def _num_leading_ones(query_lens: list[int]) -> int:
