@@ -144,7 +144,7 @@ class ModelRunner:
                     "one pending token, in flight"
                 )
                 tokens.append(pending.placeholder(r))
-            chunks.append(SequenceChunk(tokens, start, r.block_table, s.samples))
+            chunks.append(SequenceChunk(tokens, start, r.block_table_ints(), s.samples))
         return chunks
 
     def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:

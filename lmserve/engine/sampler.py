@@ -218,9 +218,7 @@ class SamplingBatch:
             top_k = _top_k(configs, greedy_rows, vocab_size, device)
             top_p = _row_values([1.0 if g else c.top_p for g, c in pairs], 1.0, device)
             seeded_rows = [
-                (row, r.generator)
-                for row, r in enumerate(requests)
-                if r.generator and not greedy_rows[row]
+                (row, r.generator) for row, r in enumerate(requests) if r.generator and not greedy_rows[row]
             ]
         return cls(
             greedy=greedy,
@@ -346,8 +344,12 @@ def _banned_tokens(
         if banned_lists is None:
             banned_lists = lists[id(config)] = _banned_lists(config, eos_token_ids, vocab_size)
         always, early = banned_lists
-        banned = early if request.num_output_tokens + request.num_pending_tokens < config.min_new_tokens else always
-        if banned:
+        num_output_tokens = len(request.token_ids) - request.num_prompt_tokens + request.num_pending_tokens
+        banned = early if num_output_tokens < config.min_new_tokens else always
+        if len(banned) == 1:
+            rows.append(row)
+            token_ids.append(banned[0])
+        elif banned:
             rows.extend([row] * len(banned))
             token_ids.extend(banned)
     if not rows:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import NamedTuple
 
 from lmserve.engine.kv_cache import BlockManager
@@ -13,26 +12,24 @@ from lmserve.engine.request import Request, RequestStatus
 from lmserve.generation import FinishReason
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's part of a step. `reaches_end` and `samples` are facts of the step as scheduled: read
-    once (the runner, `commit` and pooling each ask; at 256 rows three recomputations a row were ~10 % of
-    the scheduler's time) and kept, so they stay true after `commit` moves the request's progress."""
+class ScheduledRequest(NamedTuple):
+    """One request's part of a step, with its facts as scheduled (they stay true after `commit` moves the
+    request's progress). A named tuple made by `scheduled`: one per running request every step, and the
+    runner, `commit` and pooling each read `samples` (as properties, recomputed, ~10 % of the host step)."""
 
     request: Request
     num_new_tokens: int
     """Tokens computed for this request this step (1 for a decode, a chunk for a prefill)."""
+    reaches_end: bool
+    """True when this step computes the last of the request's tokens."""
+    samples: bool
+    """True when a new token is sampled after this step (the end is reached, and it is no embedding)."""
 
-    @cached_property
-    def reaches_end(self) -> bool:
-        """True when this step computes the last of the request's tokens."""
-        request = self.request
-        return request.num_computed_tokens + self.num_new_tokens == request.num_total_tokens
 
-    @cached_property
-    def samples(self) -> bool:
-        """True when a new token is sampled after this step (the end is reached, and it is no embedding)."""
-        return self.reaches_end and self.request.pooling is None
+def scheduled_request(request: Request, num_new_tokens: int) -> ScheduledRequest:
+    """The request's part of the step about to be scheduled (before its progress moves)."""
+    reaches_end = request.num_computed_tokens + num_new_tokens == request.num_total_tokens
+    return ScheduledRequest(request, num_new_tokens, reaches_end, reaches_end and request.pooling is None)
 
 
 @dataclass
@@ -107,7 +104,8 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self._schedule_running(output, self.token_budget)
         self._schedule_waiting(output, budget)
-        output.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        if not all(s.num_new_tokens == 1 for s in output.scheduled):
+            output.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
@@ -115,14 +113,19 @@ class Scheduler:
         block_size = self.block_manager.block_size
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if request.num_pending_tokens and self._ends_by_length(request, request.num_pending_tokens):
+            num_total = len(request.token_ids) + request.num_pending_tokens
+            # _ends_by_length(request, request.num_pending_tokens), inline: it runs for every request every step
+            if request.num_pending_tokens and (
+                num_total - request.num_prompt_tokens >= request.max_new_tokens
+                or num_total >= self.session_len
+            ):
                 index += 1  # its pending token is its last: nothing more to compute
                 continue
-            num_new = min(request.num_total_tokens - request.num_computed_tokens, budget)
+            num_new = min(num_total - request.num_computed_tokens, budget)
             if request.num_computed_tokens + num_new <= len(request.block_table) * block_size:
                 # the common decode: its blocks hold the new token already (can_allocate is True, allocate
                 # takes nothing), so no block-manager call
-                output.scheduled.append(ScheduledRequest(request, num_new))
+                output.scheduled.append(scheduled_request(request, num_new))
                 budget -= num_new
                 index += 1
                 continue
@@ -133,7 +136,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(request, num_new)
-                output.scheduled.append(ScheduledRequest(request, num_new))
+                output.scheduled.append(scheduled_request(request, num_new))
                 budget -= num_new
                 index += 1
         return budget
@@ -154,7 +157,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request, hits, num_new)
-            output.scheduled.append(ScheduledRequest(request, num_new))
+            output.scheduled.append(scheduled_request(request, num_new))
             budget -= num_new
 
     def _admit(self, request: Request, prefix_hits: list[int], num_new_tokens: int) -> None:
