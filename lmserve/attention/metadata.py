@@ -122,7 +122,7 @@ def build_step_batch(
     # struct.pack converts a list of ints several times faster than array() or torch.tensor()
     long_bytes = struct.pack(f"{len(longs)}q", *longs)
     heads = [0, *accumulate(query_lens), *seq_lens]
-    int_parts = [struct.pack(f"{len(heads)}i", *heads)]
+    int_parts: list[Any] = [struct.pack(f"{len(heads)}i", *heads)]  # buffers: bytes and int32 arrays
     if min(widths) == width:  # one length (a batch of like requests): no padding
         int_parts += tables
     else:
@@ -168,7 +168,7 @@ def _upload_packed(
     split = len(long_bytes)
     on_cpu = torch.device(device).type == "cpu"
     host = torch.empty(split + len(int_bytes), dtype=torch.uint8, pin_memory=not on_cpu)
-    view = memoryview(host.numpy()).cast("B")  # written in place: no second host copy
+    view = host.numpy().data  # written in place: no second host copy
     view[:split] = long_bytes
     view[split:] = int_bytes
     if not on_cpu:

@@ -423,7 +423,9 @@ class LLMEngine:
         if any(token.request.grammar is not None for token, _ in kept):
             self._advance_grammars([token for token, _ in kept])
         outputs = [self._emit(token, logprob) for token, logprob in kept]
-        pooled = [s.request for s in step.scheduled if s.request.is_pooling and s.request.is_finished]
+        pooled = [
+            s.request for s in step.scheduled if s.request.pooling is not None and s.request.is_finished
+        ]
         return outputs + [self._emit_embedding(r) for r in pooled if self.requests.get(r.request_id) is r]
 
     def _emit_embedding(self, request: Request) -> RequestOutput:
