@@ -12,8 +12,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from lmserve.bench.offline import fixed_length_config, random_prompts
@@ -43,7 +43,7 @@ PHASES: list[tuple[Any, str, str]] = [
 
 
 @contextmanager
-def timed_phases(extra: list[tuple[Any, str, str]] = ()) -> Iterator[dict[str, float]]:  # type: ignore[assignment]
+def timed_phases(extra: Sequence[tuple[Any, str, str]] = ()) -> Iterator[dict[str, float]]:
     """Wrap each (owner, attribute) in a timer adding to the yielded {label: seconds}; restored on exit.
     Attributes an older tree lacks are skipped."""
     times: dict[str, float] = defaultdict(float)
@@ -89,7 +89,8 @@ def measure_decode(
         engine.step()
     for _ in range(4):
         engine.step()
-    with timed_phases() as times:
+    marks = _DeviceMarks() if engine.resolved.device.type == "cuda" else None
+    with marks.installed() if marks else nullcontext(), timed_phases() as times:
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
@@ -98,6 +99,8 @@ def measure_decode(
         engine.step()
     result = {label: 1e6 * seconds / steps for label, seconds in times.items()}
     result["wall per step"] = 1e6 * wall / steps
+    if marks is not None:
+        result.update(marks.summary())
     waited = times.get("finish: result (waits for the device)", 0.0)
     device_calls = sum(
         times.get(label, 0.0)
@@ -107,3 +110,68 @@ def measure_decode(
         1e6 * (wall - waited - device_calls) / steps
     )
     return result
+
+
+class _DeviceMarks:
+    """CUDA events on the stream at three points of every launched step: A before its first op, C after the
+    forward (graph replay) is queued, B after its last op (the tokens' copy to the host). On the device's own
+    clock, B - A is the step's span, C - A its inputs and forward, and A(next) - B the time the GPU sat idle
+    waiting for the host to queue the next step (about 0 when the host is ahead)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.marks: list[tuple[str, Any]] = []
+
+    def _mark(self, name: str) -> None:
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.marks.append((name, event))
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The engine's `_launch` and the runner's `forward` put the marks in while inside."""
+        launch, forward = LLMEngine._launch, ModelRunner.forward
+
+        def marked_launch(engine: LLMEngine, *args: Any, **kw: Any) -> Any:
+            self._mark("A")
+            out = launch(engine, *args, **kw)
+            self._mark("B")
+            return out
+
+        def marked_forward(runner: ModelRunner, *args: Any, **kw: Any) -> Any:
+            out = forward(runner, *args, **kw)
+            self._mark("C")
+            return out
+
+        LLMEngine._launch = marked_launch  # type: ignore[method-assign,assignment]
+        ModelRunner.forward = marked_forward  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            LLMEngine._launch, ModelRunner.forward = launch, forward  # type: ignore[method-assign]
+
+    def summary(self) -> dict[str, float]:
+        self.torch.cuda.synchronize()
+        spans, forwards, idles = [], [], []
+        previous_b = None
+        a = c = None
+        for name, event in self.marks:
+            if name == "A":
+                if previous_b is not None:
+                    idles.append(previous_b.elapsed_time(event))
+                a, c = event, None
+            elif name == "C":
+                c = event
+            elif name == "B" and a is not None:
+                spans.append(a.elapsed_time(event))
+                if c is not None:
+                    forwards.append(a.elapsed_time(c))
+                previous_b = event
+        mean = lambda values: 1e3 * sum(values) / max(1, len(values))  # noqa: E731  (ms -> us)
+        return {
+            "device: step span B-A": mean(spans),
+            "device: inputs + forward C-A": mean(forwards),
+            "device: idle between steps A(next)-B": mean(idles),
+        }
