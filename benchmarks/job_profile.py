@@ -1,6 +1,7 @@
 """The 256 x 512-in/256-out offline job per weight format, one process: the timed job, then a profiled run of it.
 
 Usage (on the GPU machine): PYTHONPATH=. python benchmarks/job_profile.py --formats bf16 fp8 [fp8-unfused] --out-dir OUT
+    [--repeats N] [--no-profile] [--host-phases]
 Writes OUT/job_profile.json (job results per format) and OUT/job_profile_<format>.txt (kernel table by CUDA time,
 the prefill steps and the decode steps apart).
 """
@@ -63,6 +64,12 @@ def main() -> None:
     parser.add_argument("--out-dir", default=".")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of the job per format")
+    parser.add_argument(
+        "--host-phases",
+        action="store_true",
+        help="after the timed runs, one more run of the job with the engine's step phases timed on the host "
+        "(lmserve.bench.host_phases: 32 steady decode steps; how long the host waits for the GPU)",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
@@ -93,6 +100,11 @@ def main() -> None:
                 for name, table in tables.items():
                     f.write(f"== {fmt} {name} {phases[name]}\n{table}\n")
             print(fmt, phases, flush=True)
+        if args.host_phases:
+            from lmserve.bench.host_phases import measure_decode
+
+            results[fmt]["host_phases_us"] = phases_us = measure_decode(engine, 256, 512, 256)
+            print(fmt, "host phases (us per decode step):", json.dumps(phases_us, indent=1), flush=True)
         engine.runner.graph_runner = None
         engine.runner.kv_caches.clear()
         engine.runner.model = None

@@ -387,9 +387,22 @@ class LLMEngine:
         Not when one of its live requests samples from its own tokens: a grammar (the next mask needs
         the token) or repetition / frequency / presence penalties (they count tokens on the host).
         """
-        return self.overlap and not any(
-            needs_known_tokens(request) for request in previous.sampling if not request.is_finished
-        )
+        if not self.overlap:
+            return False
+        penalized: dict[int, bool] = {}  # by config: most batches share a few configs
+        finished = RequestStatus.FINISHED
+        for request in previous.sampling:
+            if request.status is finished:
+                continue
+            if request.grammar is not None:
+                return False
+            config = request.gen_config
+            known = penalized.get(id(config))
+            if known is None:
+                known = penalized[id(config)] = needs_known_tokens(request)
+            if known:
+                return False
+        return True
 
     def _launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:
         """Queue the model run of a scheduled batch (decodes of pending tokens read `previous`'s on the device)."""
@@ -407,9 +420,12 @@ class LLMEngine:
         kept = [
             (token, logprob) for token, logprob in zip(sampled, logprobs, strict=True) if token is not None
         ]
-        self._advance_grammars([token for token, _ in kept])
+        if any(token.request.grammar is not None for token, _ in kept):
+            self._advance_grammars([token for token, _ in kept])
         outputs = [self._emit(token, logprob) for token, logprob in kept]
-        pooled = [s.request for s in step.scheduled if s.request.is_pooling and s.request.is_finished]
+        pooled = [
+            s.request for s in step.scheduled if s.request.pooling is not None and s.request.is_finished
+        ]
         return outputs + [self._emit_embedding(r) for r in pooled if self.requests.get(r.request_id) is r]
 
     def _emit_embedding(self, request: Request) -> RequestOutput:
@@ -429,12 +445,22 @@ class LLMEngine:
                 self.scheduler.finish(token.request, "stop")
 
     def _emit(self, sampled: SampledToken, logprob: TokenLogprob | None) -> RequestOutput:
-        request = sampled.request
-        text = self._detokenize(request, sampled.token_id)
-        if request.is_finished:
+        request, token_id = sampled
+        text = "" if request.detokenizer is None else self._detokenize(request, token_id)
+        finished = request.status is RequestStatus.FINISHED
+        if finished:
             self.requests.pop(request.request_id, None)
-        logprobs = [logprob] if logprob is not None else None
-        return self._output(request, text, [sampled.token_id], logprobs, request.is_finished)
+        return RequestOutput(  # positionally, as _output: one per running request every step
+            request.request_id,
+            text,
+            [token_id],
+            [logprob] if logprob is not None else None,
+            finished,
+            request.finish_reason if finished else None,
+            request.num_prompt_tokens,
+            len(request.token_ids) - request.num_prompt_tokens,
+            request.num_cached_tokens,
+        )
 
     def _detokenize(self, request: Request, token_id: int) -> str:
         """The new token's text; a completed stop string finishes the request (and wins over "length")."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,8 @@ class Request(PromptThenOutput):
     grammar_future: Future[Any] | None = None
     """The compiled grammar on its way (response_format); the request joins the scheduler when it is done."""
     grammar: SequenceGrammar | None = None
+    _table_ints: array[int] | None = field(default=None, repr=False)
+    _table_of: list[int] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -79,3 +82,15 @@ class Request(PromptThenOutput):
 
     def block_tokens(self, index: int, block_size: int) -> tuple[int, ...]:
         return tuple(self.token_ids[index * block_size : (index + 1) * block_size])
+
+    def block_table_ints(self) -> array[int]:
+        """block_table as an int32 array, kept in step with it: the block manager only appends to the list or
+        replaces it (free), so new entries are appended here and a new list is copied once. The step batch
+        copies the arrays into its buffer as they are (converting 256 lists of ints was its largest cost)."""
+        table, ints = self.block_table, self._table_ints
+        if ints is None or self._table_of is not table or len(ints) > len(table):
+            ints = self._table_ints = array("i", table)
+            self._table_of = table
+        elif len(ints) < len(table):
+            ints.extend(table[len(ints) :])
+        return ints

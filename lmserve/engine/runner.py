@@ -15,7 +15,7 @@ from lmserve.distributed.step_channel import StepChannel
 from lmserve.engine.cuda_graph import CUDAGraphRunner
 from lmserve.engine.pooling import pool_chunk
 from lmserve.engine.request import Request
-from lmserve.engine.sampler import DeviceSample, Sampler, SamplingBatch, SamplingRequest
+from lmserve.engine.sampler import DeviceSample, Sampler, SamplingBatch
 from lmserve.engine.scheduler import ScheduledRequest
 from lmserve.models.config import ModelConfig
 
@@ -85,15 +85,14 @@ class ModelRunner:
             self.step_channel.send(chunks)
         if self.lora is not None:
             self.lora.context.begin_step([(s.request.lora_slot, s.num_new_tokens) for s in scheduled])
-        feed = pending.token_ids if pending is not None and _has_placeholders(scheduled) else None
+        feed = pending.token_ids if pending is not None else None
         hidden, logits = self.run_chunks(chunks, feed)
         self._pool(scheduled, hidden)
         if logits is None:
             return None
-        sampling = [s for s in scheduled if s.samples]
-        sampling_batch = SamplingBatch.build(
-            [self._sampling_request(s) for s in sampling], self.eos_token_ids, logits.shape[-1], self.device
-        )
+        # the requests are the sampler's rows as they are (a Request has every SamplingRow field)
+        sampling = [s.request for s in scheduled if s.samples]
+        sampling_batch = SamplingBatch.build(sampling, self.eos_token_ids, logits.shape[-1], self.device)
         return self.sampler.sample_on_device(logits, sampling_batch)
 
     @torch.inference_mode()
@@ -104,7 +103,7 @@ class ModelRunner:
         both. `feed`: the tokens that placeholder input ids (`PendingTokens`) stand for."""
         batch = build_step_batch(chunks, self.block_size, self.device)
         if feed is not None:
-            batch = _fill_placeholders(batch, feed)
+            batch = _feed_placeholders(batch, chunks, feed)
         hidden = self.forward(batch)
         if not any(chunk.samples for chunk in chunks):
             return hidden, None
@@ -129,13 +128,6 @@ class ModelRunner:
             row += s.num_new_tokens
 
     @staticmethod
-    def _sampling_request(s: ScheduledRequest) -> SamplingRequest:
-        r = s.request
-        return SamplingRequest(
-            r.gen_config, r.token_ids, r.num_prompt_tokens, r.num_pending_tokens, r.generator, r.grammar
-        )
-
-    @staticmethod
     def step_chunks(
         scheduled: list[ScheduledRequest], pending: PendingTokens | None = None
     ) -> list[SequenceChunk]:
@@ -144,13 +136,15 @@ class ModelRunner:
         for s in scheduled:
             r = s.request
             start = r.num_computed_tokens
-            tokens = r.token_ids[start : start + s.num_new_tokens]
-            if len(tokens) < s.num_new_tokens:
+            end = start + s.num_new_tokens
+            token_ids = r.token_ids
+            tokens = token_ids[start:end]
+            if end > len(token_ids):
                 assert pending is not None and len(tokens) + 1 == s.num_new_tokens, (
                     "one pending token, in flight"
                 )
                 tokens.append(pending.placeholder(r))
-            chunks.append(SequenceChunk(tokens, start, r.block_table, s.samples))
+            chunks.append(SequenceChunk(tokens, start, r.block_table_ints(), s.samples))
         return chunks
 
     def step_batch(self, scheduled: list[ScheduledRequest]) -> StepBatch:
@@ -158,8 +152,20 @@ class ModelRunner:
         return build_step_batch(self.step_chunks(scheduled), self.block_size, self.device)
 
 
-def _has_placeholders(scheduled: list[ScheduledRequest]) -> bool:
-    return any(s.request.num_pending_tokens for s in scheduled)
+def _feed_placeholders(batch: StepBatch, chunks: list[SequenceChunk], feed: torch.Tensor) -> StepBatch:
+    """The batch with its placeholder input ids (`PendingTokens`) replaced by their tokens in `feed`.
+
+    Read on the host from the chunks (a placeholder is only ever a chunk's last token): none, nothing to do;
+    the overlapped decode batch, every token a placeholder for consecutive rows, is a slice of `feed`
+    (no kernel); anything else goes through `_fill_placeholders` on the device.
+    """
+    rows = [-1 - c.token_ids[-1] for c in chunks if c.token_ids[-1] < 0]
+    if not rows:
+        return batch
+    first = rows[0]
+    if len(rows) == batch.metadata.num_tokens and rows == list(range(first, first + len(rows))):
+        return dataclasses.replace(batch, input_ids=feed[first : first + len(rows)])
+    return _fill_placeholders(batch, feed)
 
 
 def _fill_placeholders(batch: StepBatch, feed: torch.Tensor) -> StepBatch:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -47,6 +49,28 @@ class SamplingRequest(PromptThenOutput):
         return cls(
             gen_config, prompt_token_ids + output_token_ids, len(prompt_token_ids), generator=generator
         )
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of one row: a SamplingRequest, or the engine's Request itself (same fields),
+    which the runner passes as it is instead of copying 256 of them into SamplingRequests every step."""
+
+    @property
+    def gen_config(self) -> GenerationConfig: ...
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def num_pending_tokens(self) -> int: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
+    @property
+    def grammar(self) -> SequenceGrammar | None: ...
+    @property
+    def num_output_tokens(self) -> int: ...
+    @property
+    def output_token_ids(self) -> list[int]: ...
 
 
 @dataclass
@@ -109,7 +133,7 @@ class GrammarMask:
     rows: list[int]
 
     @classmethod
-    def build(cls, requests: list[SamplingRequest]) -> GrammarMask | None:
+    def build(cls, requests: Sequence[SamplingRow]) -> GrammarMask | None:
         """None when no row is constrained now (most batches: nothing to fill or apply)."""
         rows = [row for row, r in enumerate(requests) if r.grammar is not None and r.grammar.active]
         if not rows:
@@ -162,31 +186,48 @@ class SamplingBatch:
     @classmethod
     def build(
         cls,
-        requests: list[SamplingRequest],
+        requests: Sequence[SamplingRow],
         eos_token_ids: tuple[int, ...],
         vocab_size: int,
         device: Device,
     ) -> SamplingBatch:
+        """Whether a step is needed at all is asked of the batch's distinct configs (most batches share a few,
+        the offline job one), so an all-greedy batch builds no per-row lists but the banned tokens."""
         configs = [request.gen_config for request in requests]
-        greedy = [config.greedy for config in configs]
-        frequency, presence, counts = _output_penalties(configs, requests, vocab_size, device)
-        repetition, seen = _repetition_penalty(configs, requests, vocab_size, device)
-        banned_rows, banned_token_ids = _banned_tokens(requests, eos_token_ids, vocab_size, device)
-        bias_rows, bias_token_ids, bias_values = _logit_bias(configs, vocab_size, device)
-        num_logprobs = [config.logprobs for config in configs]
-        logprob_rows = [row for row, k in enumerate(num_logprobs) if k is not None]
+        distinct = list({id(config): config for config in configs}.values())
+        all_greedy = all(config.greedy for config in distinct)
+        frequency, presence, counts = _output_penalties(configs, distinct, requests, vocab_size, device)
+        repetition, seen = _repetition_penalty(configs, distinct, requests, vocab_size, device)
+        banned_rows, banned_token_ids = _banned_tokens(requests, configs, eos_token_ids, vocab_size, device)
+        bias_rows, bias_token_ids, bias_values = _logit_bias(configs, distinct, vocab_size, device)
+        if all(config.logprobs is None for config in distinct):
+            num_logprobs: list[int | None] = [None] * len(configs)
+            logprob_rows: list[int] = []
+        else:
+            num_logprobs = [config.logprobs for config in configs]
+            logprob_rows = [row for row, k in enumerate(num_logprobs) if k is not None]
+        if all_greedy:  # greedy rows hold every neutral value: no temperature, filter or seeded draw
+            greedy, temperature, min_p, top_k, top_p = None, None, None, None, None
+            seeded_rows: list[tuple[int, torch.Generator]] = []
+        else:
+            greedy_rows = [config.greedy for config in configs]
+            greedy = upload(greedy_rows, torch.bool, device)
+            pairs = list(zip(greedy_rows, configs, strict=True))
+            temperature = _column([1.0 if g else c.temperature for g, c in pairs], 1.0, device)
+            min_p = _column([0.0 if g else c.min_p for g, c in pairs], 0.0, device)
+            top_k = _top_k(configs, greedy_rows, vocab_size, device)
+            top_p = _row_values([1.0 if g else c.top_p for g, c in pairs], 1.0, device)
+            seeded_rows = [
+                (row, r.generator) for row, r in enumerate(requests) if r.generator and not greedy_rows[row]
+            ]
         return cls(
-            greedy=None if all(greedy) else upload(greedy, torch.bool, device),
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
-            temperature=_column(
-                [1.0 if g else c.temperature for g, c in zip(greedy, configs, strict=True)], 1.0, device
-            ),
-            min_p=_column([0.0 if g else c.min_p for g, c in zip(greedy, configs, strict=True)], 0.0, device),
-            top_k=_top_k(configs, greedy, vocab_size, device),
-            top_p=_row_values(
-                [1.0 if g else c.top_p for g, c in zip(greedy, configs, strict=True)], 1.0, device
-            ),
+            greedy=greedy,
+            all_greedy=all_greedy,
+            any_greedy=any(config.greedy for config in distinct),
+            temperature=temperature,
+            min_p=min_p,
+            top_k=top_k,
+            top_p=top_p,
             repetition_penalty=repetition,
             seen_token_mask=seen,
             frequency_penalty=frequency,
@@ -197,9 +238,7 @@ class SamplingBatch:
             bias_rows=bias_rows,
             bias_token_ids=bias_token_ids,
             bias_values=bias_values,
-            seeded_rows=[
-                (row, r.generator) for row, r in enumerate(requests) if r.generator and not greedy[row]
-            ],
+            seeded_rows=seeded_rows,
             num_logprobs=num_logprobs,
             logprob_rows=upload(logprob_rows, torch.long, device) if logprob_rows else None,
             grammar_mask=GrammarMask.build(requests),
@@ -253,10 +292,14 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: Device)
 
 
 def _output_penalties(
-    configs: list[GenerationConfig], requests: list[SamplingRequest], vocab_size: int, device: Device
+    configs: list[GenerationConfig],
+    distinct: list[GenerationConfig],
+    requests: Sequence[SamplingRow],
+    vocab_size: int,
+    device: Device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(frequency[N, 1], presence[N, 1], output_token_counts[N, V]), or three None if all are 0."""
-    if all(c.frequency_penalty == 0.0 and c.presence_penalty == 0.0 for c in configs):
+    if all(c.frequency_penalty == 0.0 and c.presence_penalty == 0.0 for c in distinct):
         return None, None, None
     frequency = upload([c.frequency_penalty for c in configs], torch.float32, device).unsqueeze(1)
     presence = upload([c.presence_penalty for c in configs], torch.float32, device).unsqueeze(1)
@@ -265,46 +308,79 @@ def _output_penalties(
 
 
 def _repetition_penalty(
-    configs: list[GenerationConfig], requests: list[SamplingRequest], vocab_size: int, device: Device
+    configs: list[GenerationConfig],
+    distinct: list[GenerationConfig],
+    requests: Sequence[SamplingRow],
+    vocab_size: int,
+    device: Device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(penalty[N, 1], seen_token_mask[N, V]) over prompt + output tokens, as HF does; None if all 1."""
-    penalty = _column([c.repetition_penalty for c in configs], 1.0, device)
-    if penalty is None:
+    if all(c.repetition_penalty == 1.0 for c in distinct):
         return None, None
+    penalty = _column([c.repetition_penalty for c in configs], 1.0, device)
+    assert penalty is not None, "a row's penalty is not 1"
     seen = _token_counts([r.token_ids for r in requests], vocab_size, device)
     return penalty, seen > 0
 
 
 def _banned_tokens(
-    requests: list[SamplingRequest], eos_token_ids: tuple[int, ...], vocab_size: int, device: Device
+    requests: Sequence[SamplingRow],
+    configs: list[GenerationConfig],
+    eos_token_ids: tuple[int, ...],
+    vocab_size: int,
+    device: Device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(rows, token_ids) that may not be sampled now: EOS/stop ids before min_new_tokens, EOS if ignore_eos."""
+    """(rows, token_ids) that may not be sampled now: EOS/stop ids before min_new_tokens, EOS if ignore_eos.
+
+    The two id lists a config can ban are made once per distinct config; both tensors come in one upload.
+    """
+    lists: dict[int, tuple[list[int], list[int]]] = {}
     rows: list[int] = []
     token_ids: list[int] = []
-    for row, request in enumerate(requests):
-        config = request.gen_config
-        banned = set(eos_token_ids) if config.ignore_eos else set()
-        if request.num_output_tokens + request.num_pending_tokens < config.min_new_tokens:
-            banned |= set(eos_token_ids) | set(config.stop_token_ids)
-        banned = {token_id for token_id in banned if 0 <= token_id < vocab_size}
-        rows.extend([row] * len(banned))
-        token_ids.extend(sorted(banned))
+    for row, (request, config) in enumerate(zip(requests, configs, strict=True)):
+        if not config.ignore_eos and not config.min_new_tokens:
+            continue
+        banned_lists = lists.get(id(config))
+        if banned_lists is None:
+            banned_lists = lists[id(config)] = _banned_lists(config, eos_token_ids, vocab_size)
+        always, early = banned_lists
+        num_output_tokens = len(request.token_ids) - request.num_prompt_tokens + request.num_pending_tokens
+        banned = early if num_output_tokens < config.min_new_tokens else always
+        if len(banned) == 1:
+            rows.append(row)
+            token_ids.append(banned[0])
+        elif banned:
+            rows.extend([row] * len(banned))
+            token_ids.extend(banned)
     if not rows:
         return None, None
-    return upload(rows, torch.long, device), upload(token_ids, torch.long, device)
+    both = upload(rows + token_ids, torch.long, device)
+    return both[: len(rows)], both[len(rows) :]
+
+
+def _banned_lists(
+    config: GenerationConfig, eos_token_ids: tuple[int, ...], vocab_size: int
+) -> tuple[list[int], list[int]]:
+    """(banned always, banned before min_new_tokens): sorted ids inside the vocabulary."""
+    always = set(eos_token_ids) if config.ignore_eos else set()
+    early = always | set(eos_token_ids) | set(config.stop_token_ids)
+    return (
+        sorted(token_id for token_id in always if 0 <= token_id < vocab_size),
+        sorted(token_id for token_id in early if 0 <= token_id < vocab_size),
+    )
 
 
 def _logit_bias(
-    configs: list[GenerationConfig], vocab_size: int, device: Device
+    configs: list[GenerationConfig], distinct: list[GenerationConfig], vocab_size: int, device: Device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(rows, token_ids, biases) of every row's logit_bias, or three None when no row has one."""
+    if not any(config.logit_bias for config in distinct):
+        return None, None, None
     entries = [
         (row, token_id, bias)
         for row, config in enumerate(configs)
         for token_id, bias in (config.logit_bias or {}).items()
     ]
-    if not entries:
-        return None, None, None
     for _, token_id, _ in entries:
         if token_id >= vocab_size:  # the engine validates requests; this guards our own invariant
             raise ValueError(f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})")

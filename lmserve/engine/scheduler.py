@@ -5,27 +5,31 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lmserve.engine.kv_cache import BlockManager
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.generation import FinishReason
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):
+    """One request's part of a step, with its facts as scheduled (they stay true after `commit` moves the
+    request's progress). A named tuple made by `scheduled`: one per running request every step, and the
+    runner, `commit` and pooling each read `samples` (as properties, recomputed, ~10 % of the host step)."""
+
     request: Request
     num_new_tokens: int
     """Tokens computed for this request this step (1 for a decode, a chunk for a prefill)."""
+    reaches_end: bool
+    """True when this step computes the last of the request's tokens."""
+    samples: bool
+    """True when a new token is sampled after this step (the end is reached, and it is no embedding)."""
 
-    @property
-    def reaches_end(self) -> bool:
-        """True when this step computes the last of the request's tokens."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_total_tokens
 
-    @property
-    def samples(self) -> bool:
-        """True when a new token is sampled after this step (the end is reached, and it is no embedding)."""
-        return self.reaches_end and not self.request.is_pooling
+def scheduled_request(request: Request, num_new_tokens: int) -> ScheduledRequest:
+    """The request's part of the step about to be scheduled (before its progress moves)."""
+    reaches_end = request.num_computed_tokens + num_new_tokens == request.num_total_tokens
+    return ScheduledRequest(request, num_new_tokens, reaches_end, reaches_end and request.pooling is None)
 
 
 @dataclass
@@ -43,9 +47,10 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-@dataclass(frozen=True)
-class SampledToken:
-    """One token appended by `Scheduler.update`; `request.is_finished` says whether it ended the request."""
+class SampledToken(NamedTuple):
+    """One token appended by `Scheduler.update`; `request.is_finished` says whether it ended the request.
+
+    A named tuple: one is made per running request every step."""
 
     request: Request
     token_id: int
@@ -99,17 +104,31 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self._schedule_running(output, self.token_budget)
         self._schedule_waiting(output, budget)
-        output.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        if not all(s.num_new_tokens == 1 for s in output.scheduled):
+            output.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0
+        block_size = self.block_manager.block_size
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if request.num_pending_tokens and self._ends_by_length(request, request.num_pending_tokens):
+            num_total = len(request.token_ids) + request.num_pending_tokens
+            # _ends_by_length(request, request.num_pending_tokens), inline: it runs for every request every step
+            if request.num_pending_tokens and (
+                num_total - request.num_prompt_tokens >= request.max_new_tokens
+                or num_total >= self.session_len
+            ):
                 index += 1  # its pending token is its last: nothing more to compute
                 continue
-            num_new = min(request.num_total_tokens - request.num_computed_tokens, budget)
+            num_new = min(num_total - request.num_computed_tokens, budget)
+            if request.num_computed_tokens + num_new <= len(request.block_table) * block_size:
+                # the common decode: its blocks hold the new token already (can_allocate is True, allocate
+                # takes nothing), so no block-manager call
+                output.scheduled.append(scheduled_request(request, num_new))
+                budget -= num_new
+                index += 1
+                continue
             while not self.block_manager.can_allocate(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, output)
@@ -117,7 +136,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(request, num_new)
-                output.scheduled.append(ScheduledRequest(request, num_new))
+                output.scheduled.append(scheduled_request(request, num_new))
                 budget -= num_new
                 index += 1
         return budget
@@ -138,7 +157,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request, hits, num_new)
-            output.scheduled.append(ScheduledRequest(request, num_new))
+            output.scheduled.append(scheduled_request(request, num_new))
             budget -= num_new
 
     def _admit(self, request: Request, prefix_hits: list[int], num_new_tokens: int) -> None:
@@ -173,12 +192,14 @@ class Scheduler:
         so even a request that ends on its first token leaves its prompt in the prefix cache.
         """
         sampling = [s.request for s in scheduled if s.samples]  # before progress moves
+        caching = self.block_manager.enable_prefix_caching
         for s in scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            if s.request.is_pooling:
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            if request.pooling is not None:
                 self._finish_pooled(s)
-            else:
-                self.block_manager.cache_full_blocks(s.request)
+            elif caching:
+                self.block_manager.cache_full_blocks(request)
         for request in sampling:
             request.num_pending_tokens += 1
         return sampling
@@ -193,9 +214,10 @@ class Scheduler:
         """
         assert len(sampling) == len(sampled_token_ids), "one sampled token per sampling request"
         sampled: list[SampledToken | None] = []
+        finished = RequestStatus.FINISHED
         for request, token_id in zip(sampling, sampled_token_ids, strict=True):
             request.num_pending_tokens -= 1
-            sampled.append(None if request.is_finished else self._append_token(request, token_id))
+            sampled.append(None if request.status is finished else self._append_token(request, token_id))
         return sampled
 
     def _finish_pooled(self, scheduled: ScheduledRequest) -> None:
@@ -212,12 +234,15 @@ class Scheduler:
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         config = request.gen_config
-        if request.num_output_tokens > config.min_new_tokens:
+        num_tokens = len(request.token_ids)
+        num_output_tokens = num_tokens - request.num_prompt_tokens
+        if num_output_tokens > config.min_new_tokens:
             if token_id in config.stop_token_ids or (
                 not config.ignore_eos and token_id in self.eos_token_ids
             ):
                 return "stop"
-        if self._ends_by_length(request, 0):
+        # _ends_by_length(request, 0), inline: it runs for every request every step
+        if num_output_tokens >= request.max_new_tokens or num_tokens >= self.session_len:
             return "length"
         return None
 
