@@ -156,7 +156,8 @@ def attention_truth(
 @pytest.mark.parametrize(
     "num_seqs, num_heads, num_kv_heads, head_dim, length, window",
     [(1, 9, 3, 64, 200, None), (1, 9, 3, 64, 1, None), (4, 9, 3, 64, 513, None), (3, 8, 8, 128, 300, 64),
-     (2, 16, 2, 64, 1000, None), (5, 4, 1, 256, 129, 1000), (1, 8, 1, 128, 700, 300), (1, 3, 1, 64, 130, None)],
+     (2, 16, 2, 64, 1000, None), (5, 4, 1, 256, 129, 1000), (1, 8, 1, 128, 700, 300), (1, 3, 1, 64, 130, None),
+     (1, 4, 1, 64, 1000, None)],
 )  # fmt: skip
 def test_decode_attention_matches_sdpa(
     num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, length: int, window: int | None
