@@ -27,7 +27,15 @@ NATIVE_ENV = "LMSERVE_CPU_NATIVE"
 """Set to 0 to keep every CPU path on torch's kernels."""
 SOURCES = tuple(
     Path(__file__).with_name("cpu") / name
-    for name in ("q4_gemv.c", "int8_gemv.c", "norm.c", "decode_attention.c", "activation.c", "decode_step.c")
+    for name in (
+        "q4_gemv.c",
+        "q4_gemm.c",
+        "int8_gemv.c",
+        "norm.c",
+        "decode_attention.c",
+        "activation.c",
+        "decode_step.c",
+    )
 )
 HEADERS = tuple(Path(__file__).with_name("cpu") / name for name in ("simd.h", "kernels.h"))
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vbmi2")

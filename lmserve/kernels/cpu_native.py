@@ -42,8 +42,8 @@ ROW_BLOCK = 4
 MAX_IN_FEATURES = 16384
 MAX_ROWS = 4
 """Rows of x the GEMV kernels take (the linears' INT4_MAX_ROWS); more rows go to oneDNN's bf16 GEMM."""
-LAYOUT = "q4-native-1"
-"""Names pack_q4's layout in the weight cache's key: change it with the layout."""
+LAYOUT = "q4-native-2"
+"""Names pack_q4's and pack_q4_panels' layouts in the weight cache's key: change it with either."""
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -54,6 +54,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lmserve_rotary_store": (None, [_P] + [_I] * 5 + [_P] * 4 + [_I] * 2),
     "lmserve_silu_and_mul": (None, [_P, _I, _P, _I, _I]),
     "lmserve_int8_gemv": (_I, [_P] * 4 + [_I] * 3),
+    "lmserve_q4_gemm": (_I, [_P] * 5 + [_I] * 3),
     "lmserve_decode_step": (_I, [_P, _I, _P] + [_P] * 4 + [_I] + [_P] * 4 + [_I, _P]),
 }
 """The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
@@ -144,6 +145,49 @@ def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tenso
         raise ValueError(
             f"q4_linear: unsupported shapes x {tuple(x.shape)}, weight {tuple(qs.shape)} (packed)"
         )
+    return out
+
+
+PANEL = 16
+GEMM_MAX_ROWS = 16
+"""Rows the 4-bit GEMM (q4_gemm.c) takes; more rows (prefill) go to oneDNN's bf16 GEMM."""
+
+
+def panels_supported(out_features: int, in_features: int) -> bool:
+    return in_features % GROUP_SIZE == 0 and out_features % PANEL == 0 and in_features <= MAX_IN_FEATURES
+
+
+def pack_q4_panels(
+    codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K] (0..15), scale and low [N, K / 32] -> q4_gemm.c's (qs, d, m): per panel of 16 outputs, per 4
+    inputs k .. k + 3, 32 bytes, byte 2 j + e = q[n_j, k + e] | q[n_j, k + 2 + e] << 4; d and m [N / 16, K / 32,
+    16] float16."""
+    num_out, num_in = codes.shape
+    quads = codes.to(torch.uint8).reshape(num_out // PANEL, PANEL, num_in // 4, 4)
+    pairs = quads[..., :2] | (quads[..., 2:] << 4)  # [panel, j, quad, e]
+    qs = pairs.permute(0, 2, 1, 3).reshape(num_out // PANEL, num_in * PANEL // 2)
+    groups = num_in // GROUP_SIZE
+
+    def by_panel(values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(num_out // PANEL, PANEL, groups).transpose(1, 2).to(torch.float16).contiguous()
+
+    return qs.contiguous(), by_panel(scale), by_panel(low)
+
+
+def q4_gemm(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 (1 <= M <= GEMM_MAX_ROWS) @ the 4-bit weight^T in pack_q4_panels' layout -> [M, N] bf16."""
+    library = _loaded()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    num_rows, num_in = x.shape
+    num_out = d.shape[0] * PANEL
+    out = torch.empty(num_rows, num_out, dtype=torch.bfloat16)
+    status = library.lmserve_q4_gemm(
+        x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(), num_rows, num_out, num_in
+    )
+    if status:
+        raise ValueError(f"q4_gemm: unsupported shapes x {tuple(x.shape)}, weight {tuple(qs.shape)} (packed)")
     return out
 
 

@@ -35,6 +35,8 @@ class Linear(nn.Module):
         # CPU, few bf16 rows, a 4-bit exact weight (set by keep_int4_if_exact; at most one of the two):
         # the C kernel's (qs, d, m) (kernels/cpu_native.py), or torch's int4 kernel's (packed, scales_zeros)
         self.q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # and, beside the C GEMV's copy, the C GEMM's (pack_q4_panels) for 5-16 rows (a decode of several streams)
+        self.q4_panels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         # CPU: oneDNN's blocked copy of the weight (layers/cpu_gemm.py), set by pack_cpu_linears
         self.onednn: torch.Tensor | None = None
@@ -47,6 +49,9 @@ class Linear(nn.Module):
             return one_row_linear(x, self.weight, self.bias, self.gemv_options)
         if self.q4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             out = cpu_native.q4_linear(x, *self.q4)
+            return out if self.bias is None else out + self.bias
+        if self.q4_panels is not None and x.shape[0] <= cpu_native.GEMM_MAX_ROWS:
+            out = cpu_native.q4_gemm(x, *self.q4_panels)
             return out if self.bias is None else out + self.bias
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4
@@ -69,7 +74,7 @@ class Linear(nn.Module):
         The copy is for the C kernel where it runs (`cpu_native.kernel_available()`), else for torch's int4 kernel.
         Call it after the weight is loaded: the copy is not refreshed when the dense weight changes later.
         """
-        self.q4 = self.int4 = None
+        self.q4 = self.int4 = self.q4_panels = None
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.bfloat16:
             return False
         exact = exact_int4(weight)
@@ -77,6 +82,8 @@ class Linear(nn.Module):
             return False
         if cpu_native.kernel_available() and cpu_native.shape_supported(*weight.shape):
             self.q4 = cpu_native.pack_q4(*exact)
+            if cpu_native.panels_supported(*weight.shape):
+                self.q4_panels = cpu_native.pack_q4_panels(*exact)
         else:
             self.int4 = pack_int4(*exact, self.weight.dtype)
         return True

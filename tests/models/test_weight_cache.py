@@ -148,4 +148,5 @@ def test_another_4bit_layout_gets_another_entry(
     model = build(source)
     linears = [m for m in model.modules() if hasattr(m, "has_4bit_copy") and m.has_4bit_copy]
     assert linears and all((m.q4 is not None) == (not native) for m in linears)
+    assert all((m.q4_panels is not None) == (not native) for m in linears)
     assert all((m.int4 is not None) == native for m in linears)

@@ -50,6 +50,43 @@ def test_kernel_matches_float32_product(num_rows: int, shape: tuple[int, int]) -
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_rows", [1, 5, 8, 9, 13, 16])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (16, 32), (48, 4096)])
+def test_gemm_matches_float32_product(num_rows: int, shape: tuple[int, int]) -> None:
+    """The 5-16 row GEMM (pack_q4_panels' layout), passes of up to 8 rows: within a bf16 step of the truth."""
+    num_out, num_in = shape
+    weight = q4_1_weight(num_out, num_in, seed=num_rows + 100)
+    exact = exact_int4(weight)
+    assert exact is not None and cpu_native.panels_supported(num_out, num_in)
+    x = torch.randn(num_rows, num_in, generator=torch.Generator().manual_seed(9)).bfloat16()
+    out = cpu_native.q4_gemm(x, *cpu_native.pack_q4_panels(*exact))
+    truth = x.float() @ weight.t()
+    assert out.dtype == torch.bfloat16 and out.shape == (num_rows, num_out)
+    scale = x.float().abs() @ weight.abs().t()
+    assert bool(((out.float() - truth).abs() <= truth.abs() * 2**-8 + scale * 1e-5).all())
+    with pytest.raises(ValueError, match="unsupported shapes"):
+        cpu_native.q4_gemm(torch.randn(17, num_in).bfloat16(), *cpu_native.pack_q4_panels(*exact))
+
+
+@needs_kernel
+def test_linear_runs_the_gemm_for_5_to_16_rows_and_onednn_above(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = q4_1_weight(64, 128, seed=4)
+    linear = Linear(128, 64, bias=False).bfloat16()
+    linear.weight.data.copy_(weight)
+    assert linear.keep_int4_if_exact(weight) and linear.q4_panels is not None
+    calls: list[int] = []
+    original = cpu_native.q4_gemm
+    monkeypatch.setattr(cpu_native, "q4_gemm", lambda x, *p: calls.append(x.shape[0]) or original(x, *p))
+    for rows in (4, 5, 16, 17):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        truth = x.float() @ weight.t()
+        scale = x.float().abs() @ weight.abs().t()
+        # the dense bf16 weight above 16 rows: rounded values, a looser bound
+        assert bool(((linear(x).float() - truth).abs() <= truth.abs() * 2**-7 + scale * 2**-8).all())
+    assert calls == [5, 16]
+
+
+@needs_kernel
 def test_kernel_no_further_from_the_truth_than_torchs_int4_kernel() -> None:
     """torch's kernel takes the scales rounded to bf16; the C kernel keeps Q4_1's float16 ones."""
     weight = q4_1_weight(1024, 1024, seed=3)

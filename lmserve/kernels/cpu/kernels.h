@@ -16,6 +16,11 @@ void lmserve_q4_gemv_part(const uint16_t *x, const uint8_t *qs, const uint16_t *
                           uint16_t *y, int m_rows, int n, int k);
 int lmserve_q4_gemv_shape_ok(int m_rows, int n, int k);
 
+/* q4_gemm.c: the same for 1-16 rows in pack_q4_panels' layout */
+void lmserve_q4_gemm_part(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l, uint16_t *y,
+                          int m_rows, int n, int k);
+int lmserve_q4_gemm_shape_ok(int m_rows, int n, int k);
+
 /* norm.c: residual_out = residual_in + x (float32), out = bf16(rms_norm(residual_out) * w), rows split */
 void lmserve_add_rms_norm_part(const uint16_t *x, const void *residual_in, int residual_is_f32,
                                float *residual_out, const float *w, uint16_t *out, int m, int h, float eps);
