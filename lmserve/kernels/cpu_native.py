@@ -382,9 +382,9 @@ def int8_logits(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
 
 
 class Q4Weight(ctypes.Structure):
-    """decode_step.c's lmserve_q4_weight: pack_q4's (qs, d, m)."""
+    """decode_step.c's lmserve_q4_weight: pack_q4's (qs, d, m) and pack_q4_panels' (or NULLs)."""
 
-    _fields_ = [("qs", _P), ("d", _P), ("m", _P)]
+    _fields_ = [("qs", _P), ("d", _P), ("m", _P), ("panel_qs", _P), ("panel_d", _P), ("panel_m", _P)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -418,9 +418,12 @@ class ModelShape(ctypes.Structure):
     ]
 
 
-def q4_weight(packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Q4Weight:
-    qs, d, m = packed
-    return Q4Weight(qs.data_ptr(), d.data_ptr(), m.data_ptr())
+def q4_weight(
+    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    panels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> Q4Weight:
+    pointers = [t.data_ptr() for t in packed] + ([t.data_ptr() for t in panels] if panels else [None] * 3)
+    return Q4Weight(*pointers)
 
 
 def decode_step(
@@ -435,8 +438,8 @@ def decode_step(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> torch.Tensor:
-    """Every decoder layer and the final norm of a decode step in one call (kernels/cpu/decode_step.c): normed0
-    and hidden0 [B, H] bf16 contiguous (layer 0's input norm, the embeddings), cos/sin [B, D] bf16 contiguous,
+    """Every decoder layer and the final norm of a decode step in one call (kernels/cpu/decode_step.c), B <=
+    GEMM_MAX_ROWS (> MAX_ROWS: every linear needs its panels): normed0 and hidden0 [B, H] bf16 contiguous (layer 0's input norm, the embeddings), cos/sin [B, D] bf16 contiguous,
     slots [B] int64, block_tables [>= B, n] int32 (rows contiguous), seq_lens [>= B] int32 -> [B, H] bf16.
     The caller (models/cpu_decode.py) checks what the kernels need."""
     library = _loaded()

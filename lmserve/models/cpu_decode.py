@@ -3,9 +3,9 @@
 With the C kernels a one-stream decode step of SmolLM2 still made ~490 torch dispatches and ~210 ctypes calls,
 16 a layer: each costs 1-8 us, together ~2-3 ms of a ~9 ms step, as much as the 4-bit weights take to stream.
 Where every layer is the plain Llama one on 4-bit-exact weights (a GGUF Q4_x checkpoint in bf16, the CPU's
-default), a step of 1-4 sequences with one new token each runs all layers and the final norm in one call: the
+default), a step of 1-16 sequences with one new token each runs all layers and the final norm in one call: the
 same kernels in the same order as the per-op path, so the same bits (tests/unit/test_cpu_decode_step.py), in
-one OpenMP region. Anything else (prefill, more rows, LoRA, biases, q/k norms, MoE, tp, other dtypes) keeps the
+one OpenMP region. Anything else (prefill, > 16 rows, LoRA, biases, q/k norms, MoE, tp, other dtypes) keeps the
 per-op path; LMSERVE_CPU_DECODE_STEP=0 turns it off.
 
 The per-layer arguments (weight and cache pointers) are built once per KV-cache list; the model's modules and
@@ -57,12 +57,17 @@ class CPUDecodeStep:
         self.input_norm: RMSNorm = layers[0].input_layernorm
         self.final_norm = model.norm._float_weight()
         self.layers = (cpu_native.DecodeLayer * len(layers))()
+        self.max_rows = cpu_native.GEMM_MAX_ROWS
+        """Up to 4 rows the linears' GEMV copies, up to 16 their GEMM copies (where every linear has one)."""
         self.keep: list[torch.Tensor] = [self.final_norm]  # what the pointers point into
         for entry, layer, layer_cache in zip(self.layers, layers, kv_caches, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
-            entry.qkv, entry.o = cpu_native.q4_weight(attn.qkv_proj.q4), cpu_native.q4_weight(attn.o_proj.q4)
-            entry.gate_up = cpu_native.q4_weight(mlp.gate_up_proj.q4)
-            entry.down = cpu_native.q4_weight(mlp.down_proj.q4)
+            linears = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+            entry.qkv, entry.o, entry.gate_up, entry.down = (
+                cpu_native.q4_weight(linear.q4, linear.q4_panels) for linear in linears
+            )
+            if any(linear.q4_panels is None for linear in linears):
+                self.max_rows = cpu_native.MAX_ROWS
             norms = layer.input_layernorm._float_weight(), layer.post_attention_layernorm._float_weight()
             entry.input_norm, entry.post_norm = norms[0].data_ptr(), norms[1].data_ptr()
             entry.cache = layer_cache.data_ptr()
@@ -120,7 +125,7 @@ class CPUDecodeStep:
         if (
             not meta.is_decode_only
             or meta.num_tokens != num_rows
-            or num_rows > cpu_native.MAX_ROWS
+            or num_rows > self.max_rows
             or hidden.dtype != torch.bfloat16
             or meta.block_tables.dtype != torch.int32
             or meta.seq_lens.dtype != torch.int32

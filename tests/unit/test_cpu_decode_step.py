@@ -1,5 +1,5 @@
 """The CPU's one-call decode step (models/cpu_decode.py, kernels/cpu/decode_step.c) against the same model run
-op by op: the same tokens and the same logprobs, bit for bit, for 1-4 sequences of ragged lengths, GQA and a
+op by op: the same tokens and the same logprobs, bit for bit, for 1-16 sequences of ragged lengths, GQA and a
 sliding window; and the cases it leaves to the per-op path."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def q4_engine(tmp_path: Path, **config_overrides: Any) -> LLMEngine:
     """A random tiny Llama whose linears hold Q4_1-exact weights (as a GGUF Q4_1 checkpoint gives them)."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**TINY, **config_overrides}))
-    config = EngineConfig(device="cpu", dtype="bfloat16", session_len=256, max_batch_size=8, seed=0)
+    config = EngineConfig(device="cpu", dtype="bfloat16", session_len=256, max_batch_size=20, seed=0)
     engine = LLMEngine.from_random_weights(str(path), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -105,22 +105,24 @@ def compare(engine: LLMEngine, prompts: list[list[int]], monkeypatch: pytest.Mon
     return rows
 
 
-@pytest.mark.parametrize("num_seqs", [1, 2, 4])
+@pytest.mark.parametrize("num_seqs", [1, 2, 4, 5, 9, 16])
 def test_one_call_step_equals_the_per_op_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_seqs: int
 ) -> None:
     engine = q4_engine(tmp_path)
     generator = torch.Generator().manual_seed(num_seqs)
-    prompts = [torch.randint(0, 512, (5 + 37 * i,), generator=generator).tolist() for i in range(num_seqs)]
+    prompts = [
+        torch.randint(0, 512, (5 + 37 * i % 200,), generator=generator).tolist() for i in range(num_seqs)
+    ]
     rows = compare(engine, prompts, monkeypatch)
     assert rows and max(rows) == num_seqs  # the decode steps ran in one call, every sequence in it
 
 
-def test_one_call_step_with_a_sliding_window_and_five_rows(
+def test_one_call_step_with_a_sliding_window_and_seventeen_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Mistral-style window shorter than the prompts; 5 sequences: their steps exceed the C call's 4 rows until
-    # one finishes, and run op by op
+    # Mistral-style window shorter than the prompts; 17 sequences: their steps exceed the C call's 16 rows
+    # and run op by op
     engine = q4_engine(
         tmp_path, sliding_window=24, model_type="mistral", architectures=["MistralForCausalLM"]
     )
@@ -128,8 +130,8 @@ def test_one_call_step_with_a_sliding_window_and_five_rows(
     generator = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 512, (30 + 9 * i,), generator=generator).tolist() for i in range(3)]
     assert compare(engine, prompts, monkeypatch)
-    five = [torch.randint(0, 512, (20,), generator=generator).tolist() for _ in range(5)]
-    assert compare(engine, five, monkeypatch) == []  # 5 rows at every step: none in one call
+    many = [torch.randint(0, 512, (20,), generator=generator).tolist() for _ in range(17)]
+    assert compare(engine, many, monkeypatch) == []  # 17 rows at every step: none in one call
 
 
 def test_models_the_step_does_not_cover_keep_the_per_op_path(
