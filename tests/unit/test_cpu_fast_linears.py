@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmserve.kernels import cpu_native
 from lmserve.layers import linear as linear_module
 from lmserve.layers.cpu_gemm import ONEDNN_ENV, onednn_available, pack_cpu_linears, pack_weight, packed_linear
 from lmserve.layers.linear import (
@@ -44,8 +45,11 @@ def test_exact_4bit_weight_is_packed_and_matches_dense_bf16() -> None:
     assert (packed - dense).abs().max() <= 0.02 * dense.abs().max()
     strided = torch.cat([x, x], dim=-1)[:, :128]  # strided rows: the kernel itself refuses them
     assert torch.equal(layer(strided), layer(x))
-    # many rows take the dense path, which must agree too
-    many = torch.randn(8, 128).to(torch.bfloat16)
+    # 5-16 rows take the C GEMM's 4-bit copy where it runs (close to the truth), more rows the dense path
+    several = torch.randn(8, 128).to(torch.bfloat16)
+    truth = torch.nn.functional.linear(several.float(), weight)
+    assert (layer(several).float() - truth).abs().max() <= 0.02 * truth.abs().max()
+    many = torch.randn(17, 128).to(torch.bfloat16)
     assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight))
 
 
@@ -111,10 +115,12 @@ def test_pack_cpu_linears_routes_many_rows_to_onednn_and_few_to_int4(monkeypatch
         return real(x, packed, bias)
 
     monkeypatch.setattr(linear_module, "packed_linear", counting)
-    many = torch.randn(INT4_MAX_ROWS + 4, 128).to(torch.bfloat16)
+    # the 4-bit kernels keep few rows (the GEMV up to 4, the C GEMM up to 16 where it runs)
+    few = cpu_native.GEMM_MAX_ROWS if layer.q4_panels is not None else INT4_MAX_ROWS
+    many = torch.randn(few + 4, 128).to(torch.bfloat16)
     out = layer(many)
-    layer(many[:INT4_MAX_ROWS])  # the 4-bit kernel keeps few rows
-    assert calls == [INT4_MAX_ROWS + 4]
+    layer(many[:few])
+    assert calls == [few + 4]
     truth = many.double() @ weight.double().t()
     assert (out.double() - truth).abs().max() <= 2e-2 * truth.abs().max()
 
