@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ class WeightCache:
 
     def load_into(self, model: nn.Module) -> bool:
         """Fill `model` from the entry; False (and the model untouched) when there is none or it is stale."""
+        wait_for_writes()  # an entry this process is still writing
         if not self.path.is_file():
             return False
         try:
@@ -79,10 +83,23 @@ class WeightCache:
         return True
 
     def save(self, model: nn.Module) -> None:
-        """Write the entry atomically and drop older entries of the same checkpoint; failures only warn."""
+        """Write the entry atomically and drop older entries of the same checkpoint; failures only warn.
+
+        The file is written by a thread while the engine starts serving: the entry is for the next start, and
+        writing ~0.4 GB took ~1 s of a first start (safetensors releases the GIL while it writes). The tensors
+        are final once loaded (nothing writes to them); the thread is not a daemon, so a process that exits
+        first waits for it, and a reader in this process waits too (load_into). An interrupted write leaves
+        no entry, never a partial one."""
+        tensors = _collect(model)
+        writer = threading.Thread(target=self._write, args=(tensors,), name="lmserve-weight-cache")
+        with _writers_lock:
+            _writers.append(writer)
+        writer.start()
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(_collect(model), self.path, {"key": json.dumps(asdict(self.key))})
+            _write_atomically(tensors, self.path, {"key": json.dumps(asdict(self.key))})
         except (OSError, RuntimeError, ValueError) as error:
             logger.warning("could not write the weight cache %s: %s", self.path, error)
             return
@@ -93,6 +110,23 @@ class WeightCache:
         for other in self.path.parent.glob(f"{prefix}-*.safetensors"):
             if other != self.path:
                 other.unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(".*.tmp"):  # of a process killed while writing, an hour ago
+            with contextlib.suppress(OSError):
+                if time.time() - leftover.stat().st_mtime > 3600:
+                    leftover.unlink()
+
+
+_writers: list[threading.Thread] = []
+_writers_lock = threading.Lock()
+
+
+def wait_for_writes() -> None:
+    """Until every entry this process started writing is on disk (or failed)."""
+    with _writers_lock:
+        writers = list(_writers)
+        _writers.clear()
+    for writer in writers:
+        writer.join()
 
 
 def weight_cache_for(

@@ -17,7 +17,7 @@ from lmserve.engine import builder
 from lmserve.kernels import cpu_native
 from lmserve.models import loader
 from lmserve.models.loader import ModelSource, load_model_config
-from lmserve.models.weight_cache import weight_cache_for
+from lmserve.models.weight_cache import wait_for_writes, weight_cache_for
 from tests.models.model_helpers import PagedSequences
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 3726, 30, 378, 3458, 282, 4649, 314]
@@ -69,6 +69,8 @@ def prompt_logits(model: Any) -> torch.Tensor:
 
 
 def cache_files() -> list[Path]:
+    """The entries on disk, once this process's writes (a thread per build) are done."""
+    wait_for_writes()
     return sorted((Path(os.environ["LMSERVE_CACHE_DIR"]) / "weights").glob("*.safetensors"))
 
 
