@@ -5,9 +5,9 @@ embedded SmolLM2 Q4_1 GGUF, bf16, 2 threads) alternates between the current code
 implementation swapped back in ("before"). `--compare`:
 - `step` (default): all decoder layers of a decode step in one C call (models/cpu_decode.py) vs the same C
   kernels called op by op from the layers (as before 2026-12-04);
-- `native`: the C kernels (kernels/cpu_native.py: 4-bit linears, add + RMSNorm, decode attention)
+- `native`: (op by op, as `q4`) the C kernels (kernels/cpu_native.py: 4-bit linears, add + RMSNorm, decode attention)
   vs torch's (int4 kernel with the same Q4_1 values, F.rms_norm, SDPA), as before 2026-12-03 evening;
-- `q4`: only the 4-bit linears, C kernel vs torch's int4 kernel;
+- `q4`: only the 4-bit linears, C kernel vs torch's int4 kernel (op by op: the one-call step off for both);
 - `afternoon`: the 2026-12-03 afternoon changes vs commit f4c0664: the half-width rotary tables and the
   out-of-place rotate-half rotary, two `index_copy_` calls per KV store, and the block gather for a lone sequence.
 Per round each variant decodes one request (128-token prompt, --output-len tokens, EOS ignored); printed: the
@@ -106,6 +106,8 @@ class Q4Variants:
         }
 
     def use(self, name: str) -> None:
+        # kernels compared op by op: the one-call step (which holds the C layouts' pointers) stays off for both
+        llama_module.decode_step_for = lambda *args: None  # type: ignore[assignment]
         for module in self.linears:
             q4, int4 = self.layouts[id(module)]
             module.q4, module.int4 = (q4, None) if name == "after" else (None, int4)

@@ -11,6 +11,9 @@
 #define LMSERVE_MAX_K 16384
 #define LMSERVE_ATTENTION_MAX_PARTS 8
 
+/* q4_gemv.c: S[m, g] = the sum of x[m, 32 g .. 32 g + 31] (float32) */
+void lmserve_group_sums(const uint16_t *x, float *sums, int m_rows, int k);
+
 /* q4_gemv.c: x [m, k] bf16 @ the packed 4-bit weight^T -> y [m, n] bf16 (shapes checked by the caller) */
 void lmserve_q4_gemv_part(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l,
                           uint16_t *y, int m_rows, int n, int k);

@@ -94,13 +94,7 @@ void lmserve_q4_gemm_part(const uint16_t *x, const uint8_t *qs, const uint16_t *
                           int m_rows, int n, int k) {
     const int groups = k / 32;
     float sums[MAX_M * MAX_K / 32];
-    for (int r = 0; r < m_rows; r++)
-        for (int g = 0; g < groups; g++) {
-            const uint16_t *p = x + (size_t)r * k + (size_t)g * 32;
-            __m512 lo = widen_bf16(_mm256_loadu_si256((const __m256i *)p));
-            __m512 hi = widen_bf16(_mm256_loadu_si256((const __m256i *)(p + 16)));
-            sums[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-        }
+    lmserve_group_sums(x, sums, m_rows, k);
 #pragma omp for schedule(static)
     for (int panel = 0; panel < n / PANEL; panel++) {
         const uint8_t *stream = qs + (size_t)panel * PANEL * (k / 2);

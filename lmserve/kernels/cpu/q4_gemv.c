@@ -25,8 +25,8 @@
 #define PREFETCH_BYTES 2048 /* how far ahead of the block's weight stream the next lines are requested */
 #endif
 
-/* S[m, g] = sum of x[m, 32 g .. 32 g + 31] in float32 */
-static void group_sums(const uint16_t *x, float *sums, int m_rows, int k) {
+/* S[m, g] = sum of x[m, 32 g .. 32 g + 31] in float32 (the GEMM's too) */
+void lmserve_group_sums(const uint16_t *x, float *sums, int m_rows, int k) {
     int groups = k / 32;
     for (int m = 0; m < m_rows; m++) {
         for (int g = 0; g < groups; g++) {
@@ -117,7 +117,7 @@ int lmserve_q4_gemv_shape_ok(int m_rows, int n, int k) {
 void lmserve_q4_gemv_part(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *l,
                           uint16_t *y, int m_rows, int n, int k) {
     float sums[MAX_M * MAX_K / 32];
-    group_sums(x, sums, m_rows, k);
+    lmserve_group_sums(x, sums, m_rows, k);
 #pragma omp for schedule(static)
     for (int n0 = 0; n0 < n; n0 += ROWS) {
         switch (m_rows) {
