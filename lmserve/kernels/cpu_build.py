@@ -35,6 +35,7 @@ SOURCES = tuple(
         "decode_attention.c",
         "activation.c",
         "decode_step.c",
+        "exact_q4.c",
     )
 )
 HEADERS = tuple(Path(__file__).with_name("cpu") / name for name in ("simd.h", "kernels.h"))

@@ -55,6 +55,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "lmserve_silu_and_mul": (None, [_P, _I, _P, _I, _I]),
     "lmserve_int8_gemv": (_I, [_P] * 4 + [_I] * 3),
     "lmserve_q4_gemm": (_I, [_P] * 5 + [_I] * 3),
+    "lmserve_exact_q4": (_I, [_P, ctypes.c_long, _P, _P, _P]),
     "lmserve_decode_step": (_I, [_P, _I, _P] + [_P] * 4 + [_I] + [_P] * 4 + [_I, _P]),
 }
 """The C functions' (return type, argument types): ctypes converts the Python ints and floats by these."""
@@ -109,6 +110,20 @@ def kernel_available() -> bool:
 
 def shape_supported(out_features: int, in_features: int) -> bool:
     return in_features % CHUNK == 0 and out_features % ROW_BLOCK == 0 and in_features <= MAX_IN_FEATURES
+
+
+def exact_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """layers/linear.py's exact_int4 in one C pass, for a contiguous float32 weight [N, K] (K % 32 == 0): the same
+    (codes uint8 [N, K], scale, low float32 [N, K / 32]), or None when it is not 4-bit exact."""
+    library = _loaded()
+    num_out, num_in = weight.shape
+    codes = torch.empty(num_out, num_in, dtype=torch.uint8)
+    scale = torch.empty(num_out, num_in // GROUP_SIZE, dtype=torch.float32)
+    low = torch.empty_like(scale)
+    exact = library.lmserve_exact_q4(
+        weight.data_ptr(), weight.numel() // GROUP_SIZE, codes.data_ptr(), scale.data_ptr(), low.data_ptr()
+    )
+    return (codes, scale, low) if exact else None
 
 
 def pack_q4(

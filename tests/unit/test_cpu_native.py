@@ -297,3 +297,19 @@ def test_int8_logits_are_the_float32_product(num_rows: int) -> None:
     assert logits is not None and logits.dtype == torch.float32
     torch.testing.assert_close(logits, truth, rtol=1e-5, atol=1e-5 * truth.abs().max().item())
     assert cpu_native.int8_logits(torch.randn(5, 576).bfloat16(), codes, scales) is None  # > MAX_ROWS: torch
+
+
+@needs_kernel
+def test_exact_q4_in_c_is_exact_int4s_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass C check gives exact_int4's codes, scales and lows bit for bit, and its verdicts."""
+    weight = q4_1_weight(96, 256, seed=11)
+    weight[5, :32] = 0.25  # a constant group: scale 0
+    off = weight.clone()
+    off[7, 3] += 1e-3  # one value off the grid
+    noise = torch.randn(32, 64)
+    native = [cpu_native.exact_q4(w) for w in (weight, off, noise)]
+    monkeypatch.setattr(cpu_native, "kernel_available", lambda: False)
+    torch_path = [exact_int4(w) for w in (weight, off, noise)]
+    assert native[1] is None and torch_path[1] is None and native[2] is None and torch_path[2] is None
+    assert native[0] is not None and torch_path[0] is not None
+    assert all(torch.equal(a, b) for a, b in zip(native[0], torch_path[0], strict=True))
