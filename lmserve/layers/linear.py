@@ -110,7 +110,8 @@ def exact_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     num_out, num_in = weight.shape
     if num_in % INT4_GROUP_SIZE or num_out % 16:
         return None
-    if weight.dtype == torch.float32 and weight.is_contiguous() and cpu_native.kernel_available():
+    cpu_float = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+    if cpu_float and cpu_native.kernel_available():
         return cpu_native.exact_q4(weight.detach())  # the same in one pass (kernels/cpu/exact_q4.c)
     groups = weight.detach().float().reshape(num_out, num_in // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
     low = groups.amin(-1, keepdim=True)
