@@ -41,7 +41,8 @@ CHUNK = 64
 ROW_BLOCK = 4
 MAX_IN_FEATURES = 16384
 MAX_ROWS = 4
-"""Rows of x the GEMV kernels take (the linears' INT4_MAX_ROWS); more rows go to oneDNN's bf16 GEMM."""
+"""Rows of x the GEMV kernels take (the linears' INT4_MAX_ROWS); 5 to GEMM_MAX_ROWS rows go to the 4-bit GEMM,
+more to oneDNN's bf16 GEMM."""
 LAYOUT = "q4-native-2"
 """Names pack_q4's and pack_q4_panels' layouts in the weight cache's key: change it with either."""
 
@@ -454,9 +455,10 @@ def decode_step(
     seq_lens: torch.Tensor,
 ) -> torch.Tensor:
     """Every decoder layer and the final norm of a decode step in one call (kernels/cpu/decode_step.c), B <=
-    GEMM_MAX_ROWS (> MAX_ROWS: every linear needs its panels): normed0 and hidden0 [B, H] bf16 contiguous (layer 0's input norm, the embeddings), cos/sin [B, D] bf16 contiguous,
-    slots [B] int64, block_tables [>= B, n] int32 (rows contiguous), seq_lens [>= B] int32 -> [B, H] bf16.
-    The caller (models/cpu_decode.py) checks what the kernels need."""
+    GEMM_MAX_ROWS (> MAX_ROWS: every linear needs its panels): normed0 and hidden0 [B, H] bf16 contiguous (layer
+    0's input norm, the embeddings), cos/sin [B, D] bf16 contiguous, slots [B] int64, block_tables [>= B, n]
+    int32 (rows contiguous), seq_lens [>= B] int32 -> [B, H] bf16. The caller (models/cpu_decode.py) checks what
+    the kernels need."""
     library = _loaded()
     out = torch.empty_like(hidden0)
     status = library.lmserve_decode_step(

@@ -236,7 +236,7 @@ static int parts_for(const int32_t *seq_lens, int b, int hkv, int window, int th
 }
 
 /* Inside a parallel region: the (sequence, KV head, key range) items split over the team, then each task's
-   ranges merged. scratch: lmserve_decode_attention_scratch(b, hq, hkv, d) floats. */
+   ranges merged. scratch: lmserve_decode_attention_scratch(b, hq, d) floats. */
 void lmserve_decode_attention_part(const uint16_t *q, int q_stride, const uint16_t *cache,
                                    const int32_t *block_tables, const int32_t *seq_lens, uint16_t *out, int b,
                                    int hq, int hkv, int d, int num_blocks, int block_size, int table_stride,
@@ -274,8 +274,7 @@ void lmserve_decode_attention_part(const uint16_t *q, int q_stride, const uint16
     }
 }
 
-size_t lmserve_decode_attention_scratch(int b, int hq, int hkv, int d) {
-    (void)hkv;
+size_t lmserve_decode_attention_scratch(int b, int hq, int d) {
     return (size_t)b * hq * MAX_PARTS * ((size_t)d + 2);
 }
 
@@ -286,7 +285,7 @@ int lmserve_decode_attention(const uint16_t *q, int q_stride, const uint16_t *ca
                              const int32_t *seq_lens, uint16_t *out, int b, int hq, int hkv, int d,
                              int num_blocks, int block_size, int table_stride, float scale, int window) {
     if (!lmserve_decode_attention_shape_ok(hq, hkv, d)) return -1;
-    float *scratch = malloc(sizeof(float) * lmserve_decode_attention_scratch(b, hq, hkv, d));
+    float *scratch = malloc(sizeof(float) * lmserve_decode_attention_scratch(b, hq, d));
     if (!scratch) return -2;
 #pragma omp parallel
     lmserve_decode_attention_part(q, q_stride, cache, block_tables, seq_lens, out, b, hq, hkv, d, num_blocks,

@@ -61,17 +61,15 @@ int lmserve_decode_step(const lmserve_layer *layers, int num_layers, const lmser
             !linear_ok(&layer->gate_up, m, 2 * inter, h) || !linear_ok(&layer->down, m, h, inter))
             return -1;
     }
-    const size_t rows = (size_t)m;
-    float *residual = malloc(sizeof(float) * rows * h);
-    uint16_t *normed = malloc(sizeof(uint16_t) * rows * h), *proj = malloc(sizeof(uint16_t) * rows * h);
-    uint16_t *qkv = malloc(sizeof(uint16_t) * rows * qkv_n), *attn = malloc(sizeof(uint16_t) * rows * hq * d);
-    uint16_t *gate_up = malloc(sizeof(uint16_t) * rows * 2 * inter), *act = malloc(sizeof(uint16_t) * rows * inter);
-    float *scratch = malloc(sizeof(float) * lmserve_decode_attention_scratch(m, hq, hkv, d));
-    int status = 0;
-    if (!residual || !normed || !proj || !qkv || !attn || !gate_up || !act || !scratch) {
-        status = -2;
-        goto done;
-    }
+    /* the step's buffers in one allocation: the float32 ones first, then the bf16 ones */
+    const size_t rows = (size_t)m, attention_floats = lmserve_decode_attention_scratch(m, hq, d);
+    float *residual = malloc(sizeof(float) * (rows * h + attention_floats) +
+                             sizeof(uint16_t) * rows * (2 * h + qkv_n + hq * d + 3 * inter));
+    if (!residual) return -2;
+    float *scratch = residual + rows * h;
+    uint16_t *normed = (uint16_t *)(scratch + attention_floats), *proj = normed + rows * h;
+    uint16_t *qkv = proj + rows * h, *attn = qkv + rows * qkv_n, *gate_up = attn + rows * hq * d;
+    uint16_t *act = gate_up + rows * 2 * inter;
 #pragma omp parallel
     {
         for (int i = 0; i < num_layers; i++) {
@@ -85,17 +83,15 @@ int lmserve_decode_step(const lmserve_layer *layers, int num_layers, const lmser
                                           shape->num_blocks, shape->block_size, table_stride, shape->scale,
                                           layer->window, scratch);
             linear_part(attn, &layer->o, proj, m, h, hq * d);
-            if (i > 0)
-                lmserve_add_rms_norm_part(proj, residual, 1, residual, layer->post_norm, normed, m, h, shape->eps);
-            else  /* layer 0's residual is the embeddings, in bf16 */
-                lmserve_add_rms_norm_part(proj, hidden0, 0, residual, layer->post_norm, normed, m, h, shape->eps);
+            /* layer 0's residual is the embeddings, in bf16 */
+            lmserve_add_rms_norm_part(proj, i > 0 ? (const void *)residual : hidden0, i > 0, residual,
+                                      layer->post_norm, normed, m, h, shape->eps);
             linear_part(normed, &layer->gate_up, gate_up, m, 2 * inter, h);
             lmserve_silu_and_mul_part(gate_up, 2 * inter, act, m, inter);
             linear_part(act, &layer->down, proj, m, h, inter);
         }
         lmserve_add_rms_norm_part(proj, residual, 1, residual, final_norm, out, m, h, shape->eps);
     }
-done:
-    free(residual), free(normed), free(proj), free(qkv), free(attn), free(gate_up), free(act), free(scratch);
-    return status;
+    free(residual);
+    return 0;
 }

@@ -37,7 +37,7 @@ void lmserve_decode_attention_part(const uint16_t *q, int q_stride, const uint16
                                    int hq, int hkv, int d, int num_blocks, int block_size, int table_stride,
                                    float scale, int window, float *scratch);
 int lmserve_decode_attention_shape_ok(int hq, int hkv, int d);
-size_t lmserve_decode_attention_scratch(int b, int hq, int hkv, int d); /* floats */
+size_t lmserve_decode_attention_scratch(int b, int hq, int d); /* floats */
 
 /* activation.c: silu(gate) * up, the rows' 16-column pieces split */
 void lmserve_silu_and_mul_part(const uint16_t *gate_up, int row_stride, uint16_t *out, int t, int i);
