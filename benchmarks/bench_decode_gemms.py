@@ -142,6 +142,12 @@ FP8_SWEEP = {
          for bn, bk in [(16, 256), (32, 256), (32, 512), (64, 128)] for pp in (4, 8)],
 }  # fmt: skip
 
+CUDA_GEMV_SWEEP = [{"kernel": "cuda", "blocks_per_cta": b} for b in (2, 4, 6, 8, 12, 16, 24, 32)] + [
+    {"kernel": "cuda"},
+    {"kernel": "gemv"},
+]
+"""--cuda-gemv: the CUDA C GEMV (kernels/cuda/w4_gemv.cu) per blocks per CTA, its default, and the Triton GEMV."""
+
 _SWAP_FULL = [(64, 4), (128, 4), (128, 8)]
 W4_SWAP_SWEEP = {
     m: [{"kernel": "swap", "block_n": bn, "num_warps": nw, "num_stages": st, "programs_per_sm": pp, "fold": 1}
@@ -247,9 +253,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--bf16-sweep", action="store_true", help="only the one-row bf16 GEMV sweep")
     parser.add_argument(
+        "--cuda-gemv",
+        action="store_true",
+        help="one row only: the CUDA C GEMV's blocks per CTA against Triton's",
+    )
+    parser.add_argument(
         "--swap-sweep", action="store_true", help="--sweep over the transposed tensor-core kernels' options"
     )
     args = parser.parse_args()
+    if args.cuda_gemv:
+        args.sweep, args.batches = True, [1]
+        W4_SWEEP.clear()
+        W4_SWEEP[1] = CUDA_GEMV_SWEEP
+        FP8_SWEEP.clear()
     if args.swap_sweep:
         args.sweep = True
         W4_SWEEP.clear()

@@ -22,13 +22,15 @@ Split-K is finished inside the launch (lmserve/kernels/split_k.py): no second la
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmserve.kernels._triton import jit, tl
+from lmserve.kernels import cuda_jit
+from lmserve.kernels._triton import jit, num_sms, tl
 from lmserve.kernels.awq_dequant import unpack_awq
 from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
@@ -444,7 +446,7 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w, in x's dtype (float16 or bfloat16).
 
-    kernel: "gemv" (one row), "swap" (the transposed tensor-core kernel, up to SWAP_MAX_ROWS rows), "dot" (up to
+    kernel: "cuda" (one row, lmserve/kernels/cuda/w4_gemv.cu, compiled by NVRTC), "gemv" (one row, Triton), "swap" (the transposed tensor-core kernel, up to SWAP_MAX_ROWS rows), "dot" (up to
     DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by row count. options override block_n,
     block_m, num_warps, num_stages, programs_per_sm, blocks_per_split (and wide for "dot", fold for "swap").
     """
@@ -470,7 +472,12 @@ def w4a16_matmul(
     else:
         out = torch.empty(num_rows, weight.out_features, dtype=x.dtype, device=x.device)
         if num_rows:
-            launch = {"gemv": _launch_gemv, "dot": _launch_dot, "swap": _launch_swap}[kernel]
+            launch = {
+                "cuda": _launch_cuda_gemv,
+                "gemv": _launch_gemv,
+                "dot": _launch_dot,
+                "swap": _launch_swap,
+            }[kernel]
             launch(flat, weight, out, **options)
     return out.reshape(*x.shape[:-1], weight.out_features)
 
@@ -493,6 +500,64 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
             EVEN_K=weight.in_features % BLOCK_ROWS == 0,
             num_warps=opts["num_warps"], num_stages=opts["num_stages"],
         )  # fmt: skip
+
+
+CUDA_GEMV_SOURCE = "w4_gemv.cu"
+CUDA_GEMV_THREADS = 256
+CUDA_GEMV_MAX_BLOCKS = 32
+"""128-row blocks one CTA of the CUDA GEMV takes at most (its x slice lives in 16 KB of shared memory)."""
+
+
+def cuda_gemv_available(device: torch.device) -> bool:
+    """Whether the CUDA C GEMV (kernels/cuda/w4_gemv.cu) compiles and loads on this device."""
+    if device.type != "cuda":
+        return False
+    return cuda_jit.available(
+        CUDA_GEMV_SOURCE, device.index if device.index is not None else torch.cuda.current_device()
+    )
+
+
+def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) -> dict[str, int]:
+    """Blocks per CTA: about ctas_per_sm CTAs per SM, at least one block per warp, at most CUDA_GEMV_MAX_BLOCKS."""
+    strips = math.ceil(out_features / TILE_N)
+    wanted_splits = max(1, math.ceil(3 * num_sms(device) / strips))
+    per_cta = min(CUDA_GEMV_MAX_BLOCKS, max(8, math.ceil(num_blocks / wanted_splits)))
+    return {"blocks_per_cta": per_cta}
+
+
+def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
+    n, num_blocks, group = out.shape[1], weight.num_blocks, weight.group_size
+    per_cta = options.get("blocks_per_cta") or cuda_gemv_options(n, num_blocks, x.device)["blocks_per_cta"]
+    if not 1 <= per_cta <= CUDA_GEMV_MAX_BLOCKS:
+        raise ValueError(f"blocks_per_cta must be 1..{CUDA_GEMV_MAX_BLOCKS}, got {per_cta}")
+    groups_per_block = BLOCK_ROWS // group if group < BLOCK_ROWS else 1
+    blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
+    dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}", device)
+    strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
+    partial = split_partials(splits, 1, n, x.device)
+    locks = tile_locks(x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps it usable in tests
+        args = [
+            ctypes.c_void_p(x[row].data_ptr()),
+            ctypes.c_void_p(weight.qweight.data_ptr()),
+            ctypes.c_void_p(weight.scales.data_ptr()),
+            ctypes.c_void_p(weight.zeros.data_ptr()),
+            ctypes.c_void_p(out[row].data_ptr()),
+            ctypes.c_void_p(partial.data_ptr()),
+            ctypes.c_void_p(locks.data_ptr()),
+            ctypes.c_int(n),
+            ctypes.c_int(weight.in_features),
+            ctypes.c_int(num_blocks),
+            ctypes.c_int(per_cta),
+            ctypes.c_int(blocks_per_group),
+            ctypes.c_longlong(weight.qweight.stride(0)),
+            ctypes.c_longlong(weight.scales.stride(0)),
+            ctypes.c_int(weight.scales.dtype == torch.bfloat16),
+        ]
+        cuda_jit.launch(handle, (strips, splits, 1), (CUDA_GEMV_THREADS, 1, 1), args, stream)
 
 
 def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:

@@ -1,0 +1,86 @@
+"""The CUDA C one-row W4A16 GEMV (lmserve/kernels/cuda/w4_gemv.cu, compiled by NVRTC) against the AutoAWQ float32
+reference: group sizes 16..256, both activation dtypes with either scale dtype, Llama-3-8B and odd shapes, every
+split setting, and its split counters under CUDA-graph replays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.kernels import cuda_jit
+from lmserve.kernels.awq_dequant import awq_gemm_ref
+from lmserve.kernels.testing import relative_error
+from lmserve.kernels.w4a16 import CUDA_GEMV_SOURCE, cuda_gemv_available, repack_awq, w4a16_matmul
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3}
+
+
+def random_awq(k: int, n: int, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    words = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(-(2**31), 2**31 - 1, (k // group_size, n // 8), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // group_size, n, device="cuda") * 0.01 + 0.002).to(scale_dtype)
+    return words, zeros, scales
+
+
+def test_the_cuda_gemv_compiles_here() -> None:
+    """NVRTC is part of PyTorch's CUDA wheels: on a CUDA machine the kernel must compile (else the Triton GEMV
+    runs silently slower)."""
+    assert cuda_jit.available(CUDA_GEMV_SOURCE, torch.cuda.current_device())
+    assert cuda_gemv_available(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize(
+    "k,n", [(4096, 6144), (14336, 4096), (256, 72), (512, 1000), (576, 1536), (1536, 576)]
+)
+def test_cuda_gemv_matches_reference(k: int, n: int, group_size: int, scale_dtype, x_dtype) -> None:
+    if k % group_size:
+        pytest.skip("group must divide K")
+    qweight, qzeros, scales = random_awq(k, n, group_size, scale_dtype)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x = torch.randn(1, k, device="cuda").to(x_dtype)
+    torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
+    out = w4a16_matmul(x, weight, kernel="cuda")
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+    assert out.shape == ref.shape and out.dtype == x_dtype
+    assert relative_error(out, ref) < TOLERANCE[x_dtype]
+
+
+@pytest.mark.parametrize("blocks_per_cta", [1, 3, 8, 16, 32])
+def test_cuda_gemv_every_split(blocks_per_cta: int) -> None:
+    k, n, group_size = 14336, 4096, 128
+    qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta)
+    assert (
+        relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < TOLERANCE[torch.bfloat16]
+    )
+
+
+def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
+    qweight, qzeros, scales = random_awq(1024, 256, 128, torch.float16)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="blocks_per_cta"):
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", blocks_per_cta=64)
+
+
+@pytest.mark.parametrize("blocks_per_cta", [8, 32])
+def test_cuda_gemv_split_counters_survive_graph_replays(blocks_per_cta: int) -> None:
+    k, n, group_size = 4096, 6144, 128
+    qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+    w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
