@@ -142,7 +142,9 @@ FP8_SWEEP = {
          for bn, bk in [(16, 256), (32, 256), (32, 512), (64, 128)] for pp in (4, 8)],
 }  # fmt: skip
 
-CUDA_GEMV_SWEEP = [{"kernel": "cuda", "blocks_per_cta": b} for b in (2, 4, 6, 8, 12, 16, 24, 32)] + [
+CUDA_GEMV_SWEEP = [
+    {"kernel": "cuda", "blocks_per_cta": b, "prefetch": pf} for b in (8, 16, 24, 32, 48, 64) for pf in (0, 1)
+] + [
     {"kernel": "cuda"},
     {"kernel": "gemv"},
 ]

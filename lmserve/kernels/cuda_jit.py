@@ -158,7 +158,8 @@ def _module(file_name: str, device_index: int) -> Any:
             major, minor = torch.cuda.get_device_capability(device_index)
             cubin = _cached_cubin(file_name, 10 * major + minor)
             with torch.cuda.device(device_index):
-                torch.cuda.current_stream().synchronize()  # the runtime makes the primary context current
+                if not torch.cuda.is_current_stream_capturing():  # a capturing stream has its context current
+                    torch.cuda.current_stream().synchronize()  # the runtime makes the primary context current
                 module = ctypes.c_void_p()
                 _check_cuda(_libcuda().cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
         except (CudaJitError, OSError) as error:

@@ -134,12 +134,13 @@ WIDE_N = 16384
 TINYGEMM_INNER_K_TILES = 8
 
 
-def prefers_tinygemm(num_rows: int, out_features: int) -> bool:
-    """Where tinygemm beats our kernels (H200, Llama-3-8B layer, benchmarks/RESULTS.md): 2-4 rows by 1.5-1.9x
-    (our tensor-core tiles are 16 rows); one row for outputs narrower than WIDE_N (10.1 / 7.3 / 20.1 us against
-    11.7 / 9.0 / 20.7 for qkv / o / down; gate_up 32.4 ours against 35.6)."""
+def prefers_tinygemm(num_rows: int, out_features: int, device: torch.device | None = None) -> bool:
+    """Where tinygemm beats our kernels (Llama-3-8B layer, benchmarks/RESULTS.md): 2-4 rows by 1.5-1.9x (our
+    tensor-core tiles are 16 rows); one row only where the CUDA GEMV does not compile (the Triton GEMV then loses to
+    it on outputs narrower than WIDE_N: 11.7 / 9.0 / 20.7 us against 10.1 / 7.3 / 20.1 for qkv / o / down on the
+    H200); the CUDA GEMV beats tinygemm on the whole layer (H100: 66 against 75 us)."""
     if num_rows == 1:
-        return out_features < WIDE_N
+        return out_features < WIDE_N and not (device is not None and cuda_gemv_available(device))
     return 1 < num_rows <= TINYGEMM_MAX_ROWS
 
 
@@ -446,7 +447,8 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ w, in x's dtype (float16 or bfloat16).
 
-    kernel: "cuda" (one row, lmserve/kernels/cuda/w4_gemv.cu, compiled by NVRTC), "gemv" (one row, Triton), "swap" (the transposed tensor-core kernel, up to SWAP_MAX_ROWS rows), "dot" (up to
+    kernel: "cuda" (one row, lmserve/kernels/cuda/w4_gemv.cu, compiled by NVRTC; the default where it compiles),
+    "gemv" (one row, Triton), "swap" (the transposed tensor-core kernel, up to SWAP_MAX_ROWS rows), "dot" (up to
     DOT_MAX_ROWS rows) or "dense" (dequantize, then cuBLAS); default by row count. options override block_n,
     block_m, num_warps, num_stages, programs_per_sm, blocks_per_split (and wide for "dot", fold for "swap").
     """
@@ -459,7 +461,7 @@ def w4a16_matmul(
         flat = flat.contiguous()
     num_rows = flat.shape[0]
     kernel = kernel or (
-        "gemv"
+        ("cuda" if cuda_gemv_available(x.device) else "gemv")
         if num_rows <= GEMV_MAX_ROWS
         else "swap"
         if num_rows <= SWAP_MAX_ROWS
@@ -504,7 +506,7 @@ def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options
 
 CUDA_GEMV_SOURCE = "w4_gemv.cu"
 CUDA_GEMV_THREADS = 256
-CUDA_GEMV_MAX_BLOCKS = 32
+CUDA_GEMV_MAX_BLOCKS = 64
 """128-row blocks one CTA of the CUDA GEMV takes at most (its x slice lives in 16 KB of shared memory)."""
 
 
@@ -518,23 +520,30 @@ def cuda_gemv_available(device: torch.device) -> bool:
 
 
 def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) -> dict[str, int]:
-    """Blocks per CTA: about ctas_per_sm CTAs per SM, at least one block per warp, at most CUDA_GEMV_MAX_BLOCKS."""
-    strips = math.ceil(out_features / TILE_N)
-    wanted_splits = max(1, math.ceil(3 * num_sms(device) / strips))
-    per_cta = min(CUDA_GEMV_MAX_BLOCKS, max(8, math.ceil(num_blocks / wanted_splits)))
-    return {"blocks_per_cta": per_cta}
+    """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --cuda-gemv):
+    with at least one 64-column strip per SM (gate_up), no prefetch (124 registers, 2 CTAs per SM) and one split
+    up to CUDA_GEMV_MAX_BLOCKS blocks; with fewer strips (qkv, o, down), the prefetching kernel (178 registers, one
+    CTA per SM) and as many splits as fill the SMs once."""
+    strips, sms = math.ceil(out_features / TILE_N), num_sms(device)
+    least = math.ceil(num_blocks / CUDA_GEMV_MAX_BLOCKS)
+    if strips >= sms:
+        return {"blocks_per_cta": math.ceil(num_blocks / least), "prefetch": 0}
+    splits = max(least, min(sms // strips, math.ceil(num_blocks / 8)))
+    return {"blocks_per_cta": math.ceil(num_blocks / splits), "prefetch": 1}
 
 
 def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     n, num_blocks, group = out.shape[1], weight.num_blocks, weight.group_size
-    per_cta = options.get("blocks_per_cta") or cuda_gemv_options(n, num_blocks, x.device)["blocks_per_cta"]
+    options = cuda_gemv_options(n, num_blocks, x.device) | options
+    per_cta = options["blocks_per_cta"]
     if not 1 <= per_cta <= CUDA_GEMV_MAX_BLOCKS:
         raise ValueError(f"blocks_per_cta must be 1..{CUDA_GEMV_MAX_BLOCKS}, got {per_cta}")
     groups_per_block = BLOCK_ROWS // group if group < BLOCK_ROWS else 1
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}", device)
+    suffix = "_pf" if options.get("prefetch") else ""
+    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)
     locks = tile_locks(x.device)

@@ -17,6 +17,7 @@ from lmserve.kernels.testing import relative_error
 from lmserve.kernels.w4a16 import (
     DOT_MAX_ROWS,
     SWAP_MAX_ROWS,
+    cuda_gemv_available,
     dequantize_w4,
     dequantize_w4_ref,
     prefers_tinygemm,
@@ -248,8 +249,9 @@ def test_awq_linear_dispatch(num_rows: int, n: int) -> None:
     layer.prepare_for_inference(torch.bfloat16)
     assert layer.tinygemm is not None and layer.w4 is not None
     x = torch.randn(num_rows, 1, k, device="cuda").to(torch.bfloat16)
-    assert layer._takes_tinygemm(x) == (1 < num_rows <= 4 or (num_rows == 1 and n < 16384))
-    assert layer._takes_tinygemm(x) == prefers_tinygemm(num_rows, n)
+    cuda_gemv = cuda_gemv_available(x.device)
+    assert layer._takes_tinygemm(x) == (1 < num_rows <= 4 or (num_rows == 1 and n < 16384 and not cuda_gemv))
+    assert layer._takes_tinygemm(x) == prefers_tinygemm(num_rows, n, x.device)
     ref = (
         awq_gemm_ref(x.reshape(num_rows, k), qweight, qzeros, scales, group_size).float() + layer.bias.float()
     )

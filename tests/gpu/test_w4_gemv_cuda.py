@@ -31,27 +31,31 @@ def test_the_cuda_gemv_compiles_here() -> None:
     assert cuda_gemv_available(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize(
     "k,n", [(4096, 6144), (14336, 4096), (256, 72), (512, 1000), (576, 1536), (1536, 576)]
 )
-def test_cuda_gemv_matches_reference(k: int, n: int, group_size: int, scale_dtype, x_dtype) -> None:
+def test_cuda_gemv_matches_reference(
+    k: int, n: int, group_size: int, scale_dtype, x_dtype, prefetch: int
+) -> None:
     if k % group_size:
         pytest.skip("group must divide K")
     qweight, qzeros, scales = random_awq(k, n, group_size, scale_dtype)
     weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(1, k, device="cuda").to(x_dtype)
     torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
-    out = w4a16_matmul(x, weight, kernel="cuda")
+    out = w4a16_matmul(x, weight, kernel="cuda", prefetch=prefetch)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
     assert out.shape == ref.shape and out.dtype == x_dtype
     assert relative_error(out, ref) < TOLERANCE[x_dtype]
 
 
-@pytest.mark.parametrize("blocks_per_cta", [1, 3, 8, 16, 32])
-def test_cuda_gemv_every_split(blocks_per_cta: int) -> None:
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("blocks_per_cta", [1, 3, 8, 9, 16, 32, 64])
+def test_cuda_gemv_every_split(blocks_per_cta: int, prefetch: int) -> None:
     k, n, group_size = 14336, 4096, 128
     qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
     weight = repack_awq(qweight, qzeros, scales, group_size)
@@ -66,7 +70,7 @@ def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
     qweight, qzeros, scales = random_awq(1024, 256, 128, torch.float16)
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="blocks_per_cta"):
-        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", blocks_per_cta=64)
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", blocks_per_cta=65)
 
 
 @pytest.mark.parametrize("blocks_per_cta", [8, 32])

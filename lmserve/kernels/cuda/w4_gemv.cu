@@ -1,24 +1,29 @@
-// One-row W4A16 GEMV on CUDA cores over the K-interleaved layout of lmserve/kernels/w4a16.py (repack_awq).
+// One-row W4A16 GEMV on the tensor cores (mma.sync m16n8k16, float32 accumulation) over the K-interleaved
+// layout of lmserve/kernels/w4a16.py (repack_awq).
 //
 // Layout: qweight int32 [N_pad / 64, K_pad / 8, 64]; a 128-row block of one 64-column strip is 16 packed rows
 // x 64 words = 4 KB contiguous, and nibble j of word (16 * b + i, n) is the weight of row k = 128 * b + 16 * j + i.
 // scales / zeros: [N_pad / 64, K_pad / group, 64] 16-bit floats (zeros are the integers 0..15), float16 or bfloat16
 // independently of x (scales_bf16).
 //
-// One CTA = one strip x one split of the blocks; its 8 warps take the split's blocks in turn. Lane L loads the
-// block's words 4 * L + 128 * t (t = 0..7) as eight 16-byte loads issued before any is used: packed row
-// i = 2 * t + L / 16, columns 4 * (L % 16) .. + 3, so each load of the warp reads 512 contiguous bytes and a warp
-// has 4 KB in flight. A weight costs one LOP3, one FADD and one FFMA: the nibble is OR-ed into the mantissa of
-// 2**23 (nibble j of the low or high half-word keeps its place value 16**(j % 4)), (2**23 + z * 16**(j % 4)) is
-// taken off exactly, and x arrives in shared memory pre-divided by 16**(j % 4). The group scale multiplies a
-// group's partial sum once per block. Splits finish in the launch: float32 partials, and the strip's last CTA
-// (an arrival counter it resets) adds them in split order.
+// One CTA = one strip x one split of the blocks; its 8 warps take the split's blocks in turn. Lane (g, t) =
+// (lane / 4, lane % 4) loads packed rows i = 2t, 2t + 1, 2t + 8, 2t + 9, columns 4g .. 4g + 3 and 32 + 4g .. + 3:
+// eight 16-byte loads issued before any is used (each load of the warp reads four 128-byte runs), 4 KB per warp in
+// flight. Those words are exactly the A fragments of 32 mma tiles: tile (c, j) has rows = columns 4g + c (row g)
+// and 32 + 4g + c (row g + 8), k index = i, at nibble j. A byte permute pairs the half-words of packed rows
+// (2t, 2t + 1) and (2t + 8, 2t + 9); one shift and one LOP3 per two weights OR a nibble into the mantissa of
+// M = 128 (bfloat16) or 1024 (float16), giving M + q exactly. B holds x in its column 0 (lanes g = 0), so the
+// mma's column 0 is sum_k (M + q_k) x_k over a 16-row slice; per group of rows the result is
+// s * (acc - (M + z) * sum_k x_k), with the sums of x staged in shared memory beside x. So a weight costs about
+// one integer instruction and 1/8 of an mma instead of the three float instructions of the CUDA-core loop.
+// Splits finish in the launch: float32 partials, and the strip's last CTA (an arrival counter it resets) adds
+// them in split order.
 //
 // No headers: compiled by NVRTC at run time (lmserve/kernels/cuda_jit.py).
 
 #define WARPS 8
 #define THREADS (WARPS * 32)
-#define MAX_BLOCKS_PER_CTA 32
+#define MAX_BLOCKS_PER_CTA 64
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -59,16 +64,41 @@ __device__ __forceinline__ float load_l2(const float* p) {
     return v;
 }
 
-// G: groups per 128-row block (1 for group sizes >= 128, else 128 / group). P: partial sums per column
-// (at least 2, so a lane runs 8 independent FFMA chains).
-template <int G, bool BF16>
+__device__ __forceinline__ u32 lop3_or_and(u32 a, u32 mask, u32 magic) {
+    u32 d;  // (a & mask) | magic in one LOP3 (ptxas splits the C expression into two when both are constants)
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(0x000F000F), "r"(magic));
+    (void)mask;
+    return d;
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// G: groups per 128-row block (1 for group sizes >= 128, else 128 / group); a group spans 8 / G nibbles j.
+template <int G, bool BF16, bool PREFETCH>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __restrict__ qweight,
                                         const u16* __restrict__ scales, const u16* __restrict__ zeros,
                                         u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ locks,
                                         int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group,
                                         long long stride_w, long long stride_s, int scales_bf16) {
-    constexpr int P = G < 2 ? 2 : G;
-    __shared__ __align__(16) float xs[MAX_BLOCKS_PER_CTA * 128];
+    constexpr int RUN = 8 / G;
+    constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+    constexpr float M = BF16 ? 128.0f : 1024.0f;
+    __shared__ __align__(16) u16 xs[MAX_BLOCKS_PER_CTA * 128];
+    __shared__ float xsum[MAX_BLOCKS_PER_CTA * 8];
     __shared__ __align__(16) float red[WARPS][64];
     __shared__ int is_last;
 
@@ -76,78 +106,114 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     const int kb0 = split * blocks_per_cta;
     const int nkb = min(blocks_per_cta, num_blocks - kb0);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
 
-    // x of this split, pre-divided by the place value of its nibble, stored [block][i][j]
-    for (int idx = tid; idx < nkb * 128; idx += THREADS) {
+    const u32* wp = qweight + (long long)strip * stride_w + 4 * g;
+    const long long s_off = (long long)strip * stride_s + 4 * g;
+    uint4 w[4][2];  // [packed row 2t, 2t + 1, 2t + 8, 2t + 9][column half]
+    uint2 sv[G][2], zv[G][2];
+    auto load_block = [&](int b) {
+        const int kb = kb0 + b;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                w[q][h] = load_stream(wp + (long long)kb * 1024 + (2 * t + (q & 1) + 8 * (q >> 1)) * 64 + 32 * h);
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi) {
+            const long long group = G == 1 ? kb / blocks_per_group : (long long)kb * G + gi;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                sv[gi][h] = load_u64(scales + s_off + group * 64 + 32 * h);
+                zv[gi][h] = load_u64(zeros + s_off + group * 64 + 32 * h);
+            }
+        }
+    };
+    if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
+
+    for (int idx = tid; idx < nkb * 128; idx += THREADS) {  // x of this split; zero past K
         const int k = kb0 * 128 + idx;
-        const int r = idx & 127, j = r >> 4, i = r & 15;
-        const float v = k < K ? to_float(x[k], BF16) : 0.0f;
-        xs[(idx & ~127) + i * 8 + j] = v * __uint_as_float((127u - 4u * (u32)(j & 3)) << 23);
+        xs[idx] = k < K ? x[k] : (u16)0;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < nkb * 8; idx += THREADS) {  // sum of the 16 x of each (block, nibble)
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc += to_float(xs[16 * idx + i], BF16);
+        xsum[idx] = acc;
     }
     __syncthreads();
 
-    const u32* wp = qweight + (long long)strip * stride_w + 4 * lane;
-    const long long s_off = (long long)strip * stride_s + 4 * (lane & 15);
-    const int half = lane >> 4;
-    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const u32* xw = reinterpret_cast<const u32*>(xs);
+    float total[4][2] = {};
 
     for (int b = warp; b < nkb; b += WARPS) {
-        const int kb = kb0 + b;
-        uint4 w[8];
+        uint2 svb[G][2], zvb[G][2];
 #pragma unroll
-        for (int t = 0; t < 8; ++t) w[t] = load_stream(wp + (long long)kb * 1024 + 128 * t);
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) svb[gi][h] = sv[gi][h], zvb[gi][h] = zv[gi][h];
 
-        float s[4][G], c[4][8];
+        // pair the half-words: p[c][r][0] nibbles 0..3, p[c][r][1] nibbles 4..7 of A register r of tile column c
+        u32 p[4][4][2];
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const long long group = G == 1 ? kb / blocks_per_group : (long long)kb * G + g;
-            const uint2 sv = load_u64(scales + s_off + group * 64);
-            const uint2 zv = load_u64(zeros + s_off + group * 64);
-            const u32 sw[2] = {sv.x, sv.y}, zw[2] = {zv.x, zv.y};
+        for (int c = 0; c < 4; ++c) {
+            const u32 word[4][2] = {
+                {((const u32*)&w[0][0])[c], ((const u32*)&w[0][1])[c]},
+                {((const u32*)&w[1][0])[c], ((const u32*)&w[1][1])[c]},
+                {((const u32*)&w[2][0])[c], ((const u32*)&w[2][1])[c]},
+                {((const u32*)&w[3][0])[c], ((const u32*)&w[3][1])[c]},
+            };
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                s[q][g] = to_float((u16)(sw[q >> 1] >> (16 * (q & 1))), scales_bf16);
-                const float z = to_float((u16)(zw[q >> 1] >> (16 * (q & 1))), scales_bf16);
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    if (j * G / 8 == g) c[q][j] = fmaf(z, (float)(1 << (4 * (j & 3))), 8388608.0f);
+            for (int r = 0; r < 4; ++r) {  // r: (row g | row g + 8) x (k 2t, 2t + 1 | k 2t + 8, 2t + 9)
+                const int h = r & 1, q0 = 2 * (r >> 1);
+                p[c][r][0] = __byte_perm(word[q0][h], word[q0 + 1][h], 0x5410);
+                p[c][r][1] = __byte_perm(word[q0][h], word[q0 + 1][h], 0x7632);
             }
         }
 
-        float part[4][P];
+        if (PREFETCH && b + WARPS < nkb) load_block(b + WARPS);  // the next block streams in during the mmas
+        float d[4][4] = {};
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
+        for (int j = 0; j < 8; ++j) {
+            const int xo = b * 64 + 8 * j + t;  // u32 index of x pair (16 j + 2t, + 1) in block b
+            const u32 b0 = g == 0 ? xw[xo] : 0u, b1 = g == 0 ? xw[xo + 4] : 0u;
 #pragma unroll
-            for (int p = 0; p < P; ++p) part[q][p] = 0.0f;
-
+            for (int c = 0; c < 4; ++c) {
+                u32 a[4];
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-            const float* xr = xs + b * 128 + (2 * t + half) * 8;
-            const float4 xa = *reinterpret_cast<const float4*>(xr);
-            const float4 xb = *reinterpret_cast<const float4*>(xr + 4);
-            const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-            const u32 words[4] = {w[t].x, w[t].y, w[t].z, w[t].w};
+                for (int r = 0; r < 4; ++r) a[r] = lop3_or_and(p[c][r][j >> 2] >> (4 * (j & 3)), 0x000F000F, MAGIC);
+                mma_16816<BF16>(d[c], a, b0, b1);
+            }
+            if ((j + 1) % RUN == 0) {  // a group ends: scale it into the totals
+                const int gi = j / RUN;
+                float xg = 0.0f;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const u32 lo = words[q], hi = words[q] >> 16;
+                for (int jj = j + 1 - RUN; jj <= j; ++jj) xg += xsum[b * 8 + jj];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const u32 src = j < 4 ? lo : hi;
-                    const float v = __uint_as_float((src & (0xFu << (4 * (j & 3)))) | 0x4B000000u);
-                    float& acc = part[q][j * P / 8];
-                    acc = fmaf(v - c[q][j], xv[j], acc);
+                for (int h = 0; h < 2; ++h) {
+                    const u32 sw[2] = {svb[gi][h].x, svb[gi][h].y}, zw[2] = {zvb[gi][h].x, zvb[gi][h].y};
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const float sc = to_float((u16)(sw[c >> 1] >> (16 * (c & 1))), scales_bf16);
+                        const float z = to_float((u16)(zw[c >> 1] >> (16 * (c & 1))), scales_bf16);
+                        total[c][h] = fmaf(sc, d[c][2 * h] - (M + z) * xg, total[c][h]);
+                        d[c][2 * h] = 0.0f;
+                        d[c][2 * h + 1] = 0.0f;
+                    }
                 }
             }
         }
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-            for (int p = 0; p < P; ++p) total[q] = fmaf(part[q][p], s[q][p * G / P], total[q]);
+        if (!PREFETCH && b + WARPS < nkb) load_block(b + WARPS);
     }
 
+    if (t == 0) {  // column 0 of each tile lives in the lanes t = 0
 #pragma unroll
-    for (int q = 0; q < 4; ++q) total[q] += __shfl_xor_sync(0xffffffffu, total[q], 16);
-    if (lane < 16) *reinterpret_cast<float4*>(&red[warp][4 * lane]) = make_float4(total[0], total[1], total[2], total[3]);
+        for (int c = 0; c < 4; ++c) {
+            red[warp][4 * g + c] = total[c][0];
+            red[warp][32 + 4 * g + c] = total[c][1];
+        }
+    }
     __syncthreads();
 
     const int col = strip * 64 + tid;
@@ -175,20 +241,28 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (tid == 0) atomicExch(locks + strip, 0);
 }
 
-#define W4_GEMV(NAME, G, BF16)                                                                                  \
+#define W4_GEMV(NAME, G, BF16, PREFETCH)                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
         const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
         int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
         long long stride_s, int scales_bf16) {                                                                  \
-        w4_gemv<G, BF16>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, blocks_per_cta,      \
+        w4_gemv<G, BF16, PREFETCH>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, blocks_per_cta,      \
                          blocks_per_group, stride_w, stride_s, scales_bf16);                                    \
     }
 
-W4_GEMV(w4_gemv_bf16_g1, 1, true)
-W4_GEMV(w4_gemv_bf16_g2, 2, true)
-W4_GEMV(w4_gemv_bf16_g4, 4, true)
-W4_GEMV(w4_gemv_bf16_g8, 8, true)
-W4_GEMV(w4_gemv_f16_g1, 1, false)
-W4_GEMV(w4_gemv_f16_g2, 2, false)
-W4_GEMV(w4_gemv_f16_g4, 4, false)
-W4_GEMV(w4_gemv_f16_g8, 8, false)
+W4_GEMV(w4_gemv_bf16_g1, 1, true, false)
+W4_GEMV(w4_gemv_bf16_g2, 2, true, false)
+W4_GEMV(w4_gemv_bf16_g4, 4, true, false)
+W4_GEMV(w4_gemv_bf16_g8, 8, true, false)
+W4_GEMV(w4_gemv_f16_g1, 1, false, false)
+W4_GEMV(w4_gemv_f16_g2, 2, false, false)
+W4_GEMV(w4_gemv_f16_g4, 4, false, false)
+W4_GEMV(w4_gemv_f16_g8, 8, false, false)
+W4_GEMV(w4_gemv_bf16_g1_pf, 1, true, true)
+W4_GEMV(w4_gemv_bf16_g2_pf, 2, true, true)
+W4_GEMV(w4_gemv_bf16_g4_pf, 4, true, true)
+W4_GEMV(w4_gemv_bf16_g8_pf, 8, true, true)
+W4_GEMV(w4_gemv_f16_g1_pf, 1, false, true)
+W4_GEMV(w4_gemv_f16_g2_pf, 2, false, true)
+W4_GEMV(w4_gemv_f16_g4_pf, 4, false, true)
+W4_GEMV(w4_gemv_f16_g8_pf, 8, false, true)
