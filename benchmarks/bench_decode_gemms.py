@@ -143,7 +143,7 @@ FP8_SWEEP = {
 }  # fmt: skip
 
 CUDA_GEMV_SWEEP = [
-    {"kernel": "cuda", "blocks_per_cta": b, "prefetch": pf} for b in (8, 16, 24, 32, 48, 64) for pf in (0, 1)
+    {"kernel": "cuda", "blocks_per_cta": b, "prefetch": pf} for b in (8, 16, 32, 64) for pf in (0, 1)
 ] + [
     {"kernel": "cuda"},
     {"kernel": "gemv"},

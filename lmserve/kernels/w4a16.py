@@ -134,13 +134,23 @@ WIDE_N = 16384
 TINYGEMM_INNER_K_TILES = 8
 
 
-def prefers_tinygemm(num_rows: int, out_features: int, device: torch.device | None = None) -> bool:
+TINYGEMM_ONE_ROW_MAX_WEIGHTS = 4096 * 4096
+"""At one row the CUDA GEMV beats tinygemm above this many weights (H100, Llama-3-8B layer: qkv 9.4 against 10.4 us,
+gate_up 30 against 38, down 18.4 against 20.3) and loses at it (o, 4096 x 4096: 8.9 against 7.4 us): its 8-warp CTAs
+are too few there to keep enough loads in flight."""
+
+
+def prefers_tinygemm(
+    num_rows: int, out_features: int, device: torch.device | None = None, in_features: int | None = None
+) -> bool:
     """Where tinygemm beats our kernels (Llama-3-8B layer, benchmarks/RESULTS.md): 2-4 rows by 1.5-1.9x (our
-    tensor-core tiles are 16 rows); one row only where the CUDA GEMV does not compile (the Triton GEMV then loses to
-    it on outputs narrower than WIDE_N: 11.7 / 9.0 / 20.7 us against 10.1 / 7.3 / 20.1 for qkv / o / down on the
-    H200); the CUDA GEMV beats tinygemm on the whole layer (H100: 66 against 75 us)."""
+    tensor-core tiles are 16 rows); one row where the CUDA GEMV compiles, up to TINYGEMM_ONE_ROW_MAX_WEIGHTS
+    weights; where it does not, outputs narrower than WIDE_N (the Triton GEMV's 11.7 / 9.0 / 20.7 us against
+    10.1 / 7.3 / 20.1 for qkv / o / down on the H200)."""
     if num_rows == 1:
-        return out_features < WIDE_N and not (device is not None and cuda_gemv_available(device))
+        if device is not None and cuda_gemv_available(device):
+            return in_features is not None and in_features * out_features <= TINYGEMM_ONE_ROW_MAX_WEIGHTS
+        return out_features < WIDE_N
     return 1 < num_rows <= TINYGEMM_MAX_ROWS
 
 
@@ -542,7 +552,12 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    suffix = "_pf" if options.get("prefetch") else ""
+    prefetch = options.get("prefetch", 0)
+    if prefetch not in (0, 1, 2):
+        raise ValueError(
+            f"prefetch must be 0 (none), 1 or 2 (prefetching, 1 or 2 CTAs per SM), got {prefetch}"
+        )
+    suffix = ("", "_pf", "_pf2")[prefetch]
     handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)

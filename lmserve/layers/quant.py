@@ -90,7 +90,9 @@ class AWQLinear(nn.Module):
         return (
             tiny is not None
             and x.dtype == torch.bfloat16
-            and prefers_tinygemm(x.numel() // max(1, x.shape[-1]), self.out_features, x.device)
+            and prefers_tinygemm(
+                x.numel() // max(1, x.shape[-1]), self.out_features, x.device, self.in_features
+            )
         )
 
 

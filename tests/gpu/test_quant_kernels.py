@@ -234,7 +234,7 @@ def test_tinygemm_matches_its_weight_and_the_awq_weight(
     assert relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < 4 * TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("n", [512, 16384])
+@pytest.mark.parametrize("n", [512, 16384, 28672])
 @pytest.mark.parametrize("num_rows", [1, 2, 4, 5, 16, 300])
 def test_awq_linear_dispatch(num_rows: int, n: int) -> None:
     """AWQLinear on CUDA: tinygemm where prefers_tinygemm for a bfloat16 model, our kernels otherwise; same numbers."""
@@ -249,9 +249,9 @@ def test_awq_linear_dispatch(num_rows: int, n: int) -> None:
     layer.prepare_for_inference(torch.bfloat16)
     assert layer.tinygemm is not None and layer.w4 is not None
     x = torch.randn(num_rows, 1, k, device="cuda").to(torch.bfloat16)
-    cuda_gemv = cuda_gemv_available(x.device)
-    assert layer._takes_tinygemm(x) == (1 < num_rows <= 4 or (num_rows == 1 and n < 16384 and not cuda_gemv))
-    assert layer._takes_tinygemm(x) == prefers_tinygemm(num_rows, n, x.device)
+    one_row_tinygemm = k * n <= 4096 * 4096 if cuda_gemv_available(x.device) else n < 16384
+    assert layer._takes_tinygemm(x) == (1 < num_rows <= 4 or (num_rows == 1 and one_row_tinygemm))
+    assert layer._takes_tinygemm(x) == prefers_tinygemm(num_rows, n, x.device, k)
     ref = (
         awq_gemm_ref(x.reshape(num_rows, k), qweight, qzeros, scales, group_size).float() + layer.bias.float()
     )

@@ -241,13 +241,13 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (tid == 0) atomicExch(locks + strip, 0);
 }
 
-#define W4_GEMV(NAME, G, BF16, PREFETCH)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
+#define W4_GEMV(NAME, G, BF16, PREFETCH)                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                       \
         const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
         int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
         long long stride_s, int scales_bf16) {                                                                  \
-        w4_gemv<G, BF16, PREFETCH>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, blocks_per_cta,      \
-                         blocks_per_group, stride_w, stride_s, scales_bf16);                                    \
+        w4_gemv<G, BF16, PREFETCH>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks,            \
+                                   blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16);          \
     }
 
 W4_GEMV(w4_gemv_bf16_g1, 1, true, false)
