@@ -553,11 +553,9 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     prefetch = options.get("prefetch", 0)
-    if prefetch not in (0, 1, 2):
-        raise ValueError(
-            f"prefetch must be 0 (none), 1 or 2 (prefetching, 1 or 2 CTAs per SM), got {prefetch}"
-        )
-    suffix = ("", "_pf", "_pf2")[prefetch]
+    if prefetch not in (0, 1):
+        raise ValueError(f"prefetch must be 0 or 1, got {prefetch}")
+    suffix = "_pf" if prefetch else ""
     handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)

@@ -71,6 +71,8 @@ def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="blocks_per_cta"):
         w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", blocks_per_cta=65)
+    with pytest.raises(ValueError, match="prefetch"):
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", prefetch=2)
 
 
 @pytest.mark.parametrize("blocks_per_cta", [8, 32])
