@@ -60,7 +60,7 @@ def test_cuda_gemv_every_split(blocks_per_cta: int, prefetch: int) -> None:
     qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
     weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta)
+    out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta, prefetch=prefetch)
     assert (
         relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < TOLERANCE[torch.bfloat16]
     )
