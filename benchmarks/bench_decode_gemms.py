@@ -7,7 +7,8 @@ each timed call on its own copy of the weights (more than twice the L2), from be
 - bf16: cuBLAS (F.linear) and, at M <= 16, our Triton GEMV (fp8_gemv's kernel over a bf16 weight);
 - AWQ W4A16 g128: ours (w4a16_matmul) and torch's tinygemm (`_weight_int4pack_mm`, gpt-fast's int4 kernel) on the
   same integer weights (AutoAWQ's integer zeros as its float zeros (8 - z) * s);
-- FP8 e4m3 per channel: fp8_gemv (M <= 16) and per-token quantization + torch._scaled_mm (what ran before).
+- FP8 e4m3 per channel: fp8_gemv (M <= 16; one row on the CUDA C kernel where it builds) and per-token
+  quantization + torch._scaled_mm (what ran before). --fp8-cuda sweeps the CUDA kernel's launch options.
 Each kernel's output is checked against a float32 reference first. --sweep also times launch options of
 fp8_gemv and of the W4A16 kernels at the row counts in W4_SWEEP / FP8_SWEEP. --bf16-sweep times, at one row, the
 Triton GEMV over bf16 weights with the launch options of BF16_SWEEP against cuBLAS on the layer's GEMMs and the
@@ -149,6 +150,16 @@ CUDA_GEMV_SWEEP = [
     {"kernel": "gemv"},
 ]
 """--cuda-gemv: the CUDA C GEMV (kernels/cuda/w4_gemv.cu) per blocks per CTA, its default, and the Triton GEMV."""
+FP8_CUDA_SWEEP = (
+    [{"kernel": "cuda", "warps": 8, "unroll": u, "splits": 1, "pdl": pdl} for u in (2, 4) for pdl in (0, 1)]
+    + [{"kernel": "cuda", "warps": 4, "unroll": 2, "splits": s, "pdl": 1} for s in (1, 2)]
+    + [
+        {"kernel": "cuda"},
+        {"kernel": "triton"},
+    ]
+)
+"""--fp8-cuda: the CUDA C FP8 GEMV (kernels/cuda/fp8_gemv.cu) per warps, unroll, splits and programmatic launch
+(each call a programmatic dependent of the one before: PDL), its default, and the Triton GEMV."""
 
 _SWAP_FULL = [(64, 4), (128, 4), (128, 8)]
 W4_SWAP_SWEEP = {
@@ -260,6 +271,11 @@ def main() -> None:
         help="one row only: the CUDA C GEMV's blocks per CTA against Triton's",
     )
     parser.add_argument(
+        "--fp8-cuda",
+        action="store_true",
+        help="one row only: the CUDA C FP8 GEMV's launch options against the Triton fp8_gemv",
+    )
+    parser.add_argument(
         "--swap-sweep", action="store_true", help="--sweep over the transposed tensor-core kernels' options"
     )
     args = parser.parse_args()
@@ -268,6 +284,11 @@ def main() -> None:
         W4_SWEEP.clear()
         W4_SWEEP[1] = CUDA_GEMV_SWEEP
         FP8_SWEEP.clear()
+    if args.fp8_cuda:
+        args.sweep, args.batches = True, [1]
+        W4_SWEEP.clear()
+        FP8_SWEEP.clear()
+        FP8_SWEEP[1] = FP8_CUDA_SWEEP
     if args.swap_sweep:
         args.sweep = True
         W4_SWEEP.clear()

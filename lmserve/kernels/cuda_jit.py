@@ -195,16 +195,56 @@ def function(file_name: str, kernel: str, device_index: int) -> ctypes.c_void_p:
     return _functions[key]
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_bytes", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
 def launch(
     handle: ctypes.c_void_p,
     grid: tuple[int, int, int],
     block: tuple[int, int, int],
     args: list[Any],
     stream: int,
+    shared_bytes: int = 0,
+    programmatic: bool = False,
 ) -> None:
-    """cuLaunchKernel on `stream` (a cudaStream_t as an int); args are ctypes values in the kernel's order."""
+    """cuLaunchKernel on `stream` (a cudaStream_t as an int); args are ctypes values in the kernel's order;
+    shared_bytes of dynamic shared memory (at most 48 KB without an opt-in). programmatic: cuLaunchKernelEx as a
+    programmatic dependent launch (Hopper's PDL), for kernels that run griddepcontrol.wait before they read what
+    the kernel before them wrote."""
     pointers = (ctypes.c_void_p * len(args))(*(ctypes.addressof(arg) for arg in args))
+    if programmatic:
+        attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attribute.value[0] = 1
+        config = _LaunchConfig(
+            (ctypes.c_uint * 3)(*grid),
+            (ctypes.c_uint * 3)(*block),
+            shared_bytes,
+            ctypes.c_void_p(stream),
+            ctypes.pointer(attribute),
+            1,
+        )
+        _check_cuda(
+            _libcuda().cuLaunchKernelEx(ctypes.byref(config), handle, pointers, None), "cuLaunchKernelEx"
+        )
+        return
     _check_cuda(
-        _libcuda().cuLaunchKernel(handle, *grid, *block, 0, ctypes.c_void_p(stream), pointers, None),
+        _libcuda().cuLaunchKernel(
+            handle, *grid, *block, shared_bytes, ctypes.c_void_p(stream), pointers, None
+        ),
         "cuLaunchKernel",
     )

@@ -9,7 +9,9 @@ still rounded to e4m3 exactly as on the GPU, and the weights are dequantized).
 Up to GEMV_MAX_ROWS rows (decode) cuBLASLt's tensor-core GEMM does not stream the weight at bandwidth, and the
 quantizer is one more launch per linear: `fp8_gemv` reads the e4m3 weight once, widens it in registers (exact)
 and multiplies the 16-bit activations as they are (W8A16: no activation rounding), scales and bias in the same
-launch, split-K finished in it (lmserve/kernels/split_k.py).
+launch, split-K finished in it (lmserve/kernels/split_k.py). One row runs the CUDA C kernel of
+kernels/cuda/fp8_gemv.cu where NVRTC builds it (e4m3 pairs widened by one conversion each and multiplied on the
+tensor cores, the same layout and numbers), more rows and any other case the Triton kernel.
 
 The kernels that make a linear's input (RMSNorm, SiLU-and-mul) can quantize it themselves: they return an
 Fp8Activation, the rows as e4m3 with their scales (the numbers per_token_quant_fp8 gives on the 16-bit output
@@ -18,11 +20,13 @@ they would have written), and fp8_linear takes it straight into torch._scaled_mm
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
 import torch
 
+from lmserve.kernels import cuda_jit
 from lmserve.kernels._triton import HAS_TRITON, jit, tl
 from lmserve.kernels.int8_gemm import per_token_quant
 from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
@@ -205,33 +209,144 @@ def gemv_options(num_rows: int, out_features: int) -> dict[str, int]:
     }
 
 
+CUDA_GEMV_SOURCE = "fp8_gemv.cu"
+CUDA_TILE_N = 16
+"""Output channels per CTA of the CUDA GEMV (one m16n8k16 tile's rows)."""
+CUDA_MAX_K_PER_CTA = 16384
+"""Inputs one CTA of the CUDA GEMV takes at most (its x slice: 32 KB of dynamic shared memory as float16)."""
+CUDA_OPTIONS = ("warps", "unroll", "splits", "pdl")
+CUDA_VARIANTS = {(4, 2), (4, 4), (8, 2), (8, 4)}
+"""(warps, unroll) pairs kernels/cuda/fp8_gemv.cu is built with; a chunk is 64 * unroll inputs."""
+
+
+def cuda_gemv_available(device: torch.device) -> bool:
+    """Whether the CUDA C FP8 GEMV (kernels/cuda/fp8_gemv.cu) compiles and loads on this device."""
+    if device.type != "cuda" or not cuda_jit.enabled():
+        return False
+    return cuda_jit.available(
+        CUDA_GEMV_SOURCE, device.index if device.index is not None else torch.cuda.current_device()
+    )
+
+
+def cuda_gemv_runs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> bool:
+    """Whether the CUDA GEMV takes this call: one 16-bit row, an e4m3 weight with channel scales, K a multiple of
+    16 with 16-byte aligned rows, the output (and bias, if any) in x's dtype."""
+    return (
+        x.shape[0] == 1
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == FP8
+        and weight_scale is not None
+        and weight_scale.dtype == torch.float32
+        and out_dtype in (None, x.dtype)
+        and (bias is None or bias.dtype == x.dtype)
+        and weight.shape[1] % 16 == 0
+        and weight.data_ptr() % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and cuda_gemv_available(x.device)
+    )
+
+
+def cuda_gemv_options(in_features: int) -> dict[str, int]:
+    """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --fp8-cuda):
+    8 warps, 2 x 64 inputs a chunk, K split only where it exceeds CUDA_MAX_K_PER_CTA (splitting the 256-tile
+    o and down projections measured slower), no programmatic launch."""
+    return {"warps": 8, "unroll": 2, "splits": math.ceil(in_features / CUDA_MAX_K_PER_CTA), "pdl": 0}
+
+
+def _launch_cuda_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    **options: int,
+) -> None:
+    n, k = weight.shape
+    opts = cuda_gemv_options(k) | options
+    warps, unroll = opts["warps"], opts["unroll"]
+    if (warps, unroll) not in CUDA_VARIANTS:
+        raise ValueError(f"(warps, unroll) must be one of {sorted(CUDA_VARIANTS)}, got {(warps, unroll)}")
+    chunk = 64 * unroll
+    k_per_cta = math.ceil(math.ceil(k / max(1, opts["splits"])) / chunk) * chunk
+    if k_per_cta > CUDA_MAX_K_PER_CTA:
+        raise ValueError(f"{opts['splits']} splits leave {k_per_cta} inputs a CTA, over {CUDA_MAX_K_PER_CTA}")
+    tiles, splits = math.ceil(n / CUDA_TILE_N), math.ceil(k / k_per_cta)
+    partial = split_partials(splits, 1, n, x.device)
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
+    pdl = opts["pdl"]
+    if pdl not in (0, 1):
+        raise ValueError(f"pdl must be 0 or 1, got {pdl}")
+    name = f"fp8_gemv_{dtype}_w{warps}_u{unroll}" + ("_pdl" if pdl else "")
+    handle = cuda_jit.function(CUDA_GEMV_SOURCE, name, device)
+    args = [
+        ctypes.c_void_p(x.data_ptr()),
+        ctypes.c_void_p(weight.data_ptr()),
+        ctypes.c_void_p(weight_scale.data_ptr()),
+        ctypes.c_void_p(out.data_ptr() if bias is None else bias.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_void_p(partial.data_ptr()),
+        ctypes.c_void_p(tile_locks(x.device).data_ptr()),
+        ctypes.c_int(n),
+        ctypes.c_int(k),
+        ctypes.c_int(k_per_cta),
+        ctypes.c_longlong(weight.stride(0)),
+        ctypes.c_int(bias is not None),
+    ]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    cuda_jit.launch(
+        handle, (tiles, splits, 1), (32 * warps, 1, 1), args, stream, 2 * k_per_cta, programmatic=bool(pdl)
+    )
+
+
 def fp8_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype | None = None,
+    kernel: str | None = None,
     **options: int,
 ) -> torch.Tensor:
     """x [M <= 16, K] (bf16/fp16) @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, one launch; the output in
     out_dtype (default x's: float32 spares the lm_head's logits a widening copy, the sums are float32 anyway).
 
-    A 16-bit weight with weight_scale None runs the same GEMV (benchmarks/bench_quant_kernels.py times it
-    against cuBLAS).
-    options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot and k_per_split (a
-    multiple of block_k).
+    One row runs the CUDA C kernel where cuda_gemv_runs says it can (options warps, unroll, splits override its
+    launch), unless the options name the Triton kernel's settings; kernel = "cuda" / "triton" forces one. A 16-bit weight with weight_scale None runs the Triton GEMV (benchmarks/bench_quant_kernels.py times it
+    against cuBLAS). The Triton options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot
+    and k_per_split (a multiple of block_k).
     """
     num_rows, k = x.shape
     n = weight.shape[0]
     if num_rows > GEMV_MAX_ROWS:
         raise ValueError(f"fp8_gemv takes at most {GEMV_MAX_ROWS} rows, got {num_rows}")
-    opts = gemv_options(num_rows, n) | options
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert weight.is_contiguous() and (weight_scale is None or weight_scale.is_contiguous())
     out = torch.empty(num_rows, n, dtype=out_dtype or x.dtype, device=x.device)
     if num_rows == 0:
         return out
+    if kernel is None:
+        triton_options = set(options) - set(CUDA_OPTIONS)
+        use_cuda = not triton_options and cuda_gemv_runs(x, weight, weight_scale, bias, out_dtype)
+    elif kernel in ("cuda", "triton"):
+        use_cuda = kernel == "cuda"
+        if use_cuda and not cuda_gemv_runs(x, weight, weight_scale, bias, out_dtype):
+            raise ValueError("the CUDA FP8 GEMV does not take this call (see cuda_gemv_runs)")
+    else:
+        raise ValueError(f"kernel must be 'cuda' or 'triton', got {kernel!r}")
+    if use_cuda:
+        assert weight_scale is not None
+        _launch_cuda_gemv(x, weight, weight_scale, bias, out, **options)
+        return out
+    opts = gemv_options(num_rows, n) | options
     block_n, block_k = opts["block_n"], opts["block_k"]
     tiles = math.ceil(n / block_n)
     num_blocks = math.ceil(k / block_k)

@@ -60,7 +60,7 @@ def one_row_linear(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T + bias in one launch (out_dtype: x's by default)."""
-    return fp8_gemv(x, weight, None, bias, out_dtype, **options)
+    return fp8_gemv(x, weight, None, bias, out_dtype, "triton", **options)
 
 
 def one_row_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

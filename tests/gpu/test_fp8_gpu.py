@@ -4,6 +4,7 @@ the unfused output, and an FP8 engine's greedy text against bf16 and against its
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -11,8 +12,11 @@ import torch
 
 from lmserve.kernels.activation import silu_and_mul, silu_and_mul_fp8
 from lmserve.kernels.fp8 import (
+    CUDA_MAX_K_PER_CTA,
+    CUDA_VARIANTS,
     GEMV_MAX_ROWS,
     Fp8Activation,
+    cuda_gemv_available,
     fp8_gemv,
     fp8_gemv_ref,
     fp8_linear,
@@ -247,3 +251,76 @@ def test_fp8_engine_with_fused_quantization_equals_it_without(
     unfused = run()
     assert not calls
     assert fused == unfused
+
+
+cuda_fp8_gemv = pytest.mark.skipif(
+    not torch.cuda.is_available() or not cuda_gemv_available(torch.device("cuda")),
+    reason="the CUDA C FP8 GEMV needs NVRTC and an sm_89+ GPU",
+)
+
+
+@cuda_fp8_gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "k,n", [(4096, 6144), (14336, 4096), (4096, 28672), (576, 960), (272, 72), (32768, 40)]
+)
+@pytest.mark.parametrize("warps,unroll", sorted(CUDA_VARIANTS))
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_cuda_fp8_gemv_matches_the_float32_reference(
+    k: int, n: int, warps: int, unroll: int, splits: int | None, dtype: torch.dtype
+) -> None:
+    weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    # rows of very different magnitudes: float16 staging of x (times 2^-8) must neither overflow nor lose them
+    x = (torch.randn(1, k, device="cuda") * torch.logspace(-3, 3, k, device="cuda")).to(dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if k in (576, 272) else None
+    options = {"warps": warps, "unroll": unroll} | ({} if splits is None else {"splits": splits})
+    if splits is not None and math.ceil(k / splits) > CUDA_MAX_K_PER_CTA:
+        pytest.skip("more inputs a CTA than its shared memory holds")
+    poison_cache_allocator()
+    out = fp8_gemv(x, weight, weight_scale, b, kernel="cuda", **options)
+    ref = fp8_gemv_ref(x, weight, weight_scale, b)
+    assert out.dtype == dtype and out.shape == (1, n)
+    # e4m3 widens exactly: only float32 summation order and one output rounding
+    assert relative_error(out, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
+@cuda_fp8_gemv
+@pytest.mark.parametrize("pdl", [0, 1])
+def test_cuda_fp8_gemv_is_the_one_row_default_and_survives_graph_replays(pdl: int) -> None:
+    weight, weight_scale = quantize_rows_fp8(torch.randn(4096, 14336, device="cuda") * 0.02)
+    x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    ref = fp8_gemv_ref(x, weight, weight_scale, None)
+    forced = fp8_gemv(x, weight, weight_scale, None, kernel="cuda", splits=4)
+    assert torch.equal(
+        fp8_linear(x, weight, weight_scale, None), fp8_gemv(x, weight, weight_scale, None, kernel="cuda")
+    )
+    square = weight[:, :4096].contiguous()
+    expected = fp8_gemv(forced, square, weight_scale, None, kernel="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # with pdl, each launch a programmatic dependent of the one before
+        out = fp8_gemv(x, weight, weight_scale, None, kernel="cuda", splits=4, pdl=pdl)
+        again = fp8_gemv(x, weight, weight_scale, None, kernel="cuda", splits=4, pdl=pdl)
+        twice = fp8_gemv(out, square, weight_scale, None, kernel="cuda", pdl=pdl)
+    for _ in range(3):  # the split counters are reset by each tile's last CTA
+        out.zero_()
+        graph.replay()
+        assert torch.equal(out, forced) and torch.equal(again, forced)
+        # the third launch reads the first's output: with PDL only after griddepcontrol.wait
+        assert torch.equal(twice, expected)
+    assert relative_error(out, ref) < 4e-3
+
+
+@cuda_fp8_gemv
+def test_cuda_fp8_gemv_refuses_what_it_cannot_take() -> None:
+    weight, weight_scale = quantize_rows_fp8(torch.randn(64, 100, device="cuda") * 0.02)
+    x = torch.randn(1, 100, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="does not take"):  # K not a multiple of 16
+        fp8_gemv(x, weight, weight_scale, None, kernel="cuda")
+    assert (
+        relative_error(fp8_gemv(x, weight, weight_scale, None), fp8_gemv_ref(x, weight, weight_scale, None))
+        < 4e-3
+    )
+    weight, weight_scale = quantize_rows_fp8(torch.randn(64, 256, device="cuda") * 0.02)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="warps, unroll"):
+        fp8_gemv(x, weight, weight_scale, None, kernel="cuda", warps=2)
