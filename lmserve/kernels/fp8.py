@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -216,6 +217,9 @@ CUDA_MAX_K_PER_CTA = 16384
 """Inputs one CTA of the CUDA GEMV takes at most (its x slice: 32 KB of dynamic shared memory as float16)."""
 CUDA_OPTIONS = ("warps", "unroll", "splits", "pdl")
 CUDA_VARIANTS = {(4, 2), (4, 4), (8, 2), (8, 4)}
+CUDA_PDL = os.environ.get("LMSERVE_CUDA_PDL", "0") == "1"
+"""LMSERVE_CUDA_PDL=1 launches the CUDA GEMV as a programmatic dependent of the kernel before it (off by default:
+measured only GEMV after GEMV, 2.7 % faster a layer; benchmarks/RESULTS.md)."""
 """(warps, unroll) pairs kernels/cuda/fp8_gemv.cu is built with; a chunk is 64 * unroll inputs."""
 
 
@@ -256,8 +260,13 @@ def cuda_gemv_runs(
 def cuda_gemv_options(in_features: int) -> dict[str, int]:
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --fp8-cuda):
     8 warps, 2 x 64 inputs a chunk, K split only where it exceeds CUDA_MAX_K_PER_CTA (splitting the 256-tile
-    o and down projections measured slower), no programmatic launch."""
-    return {"warps": 8, "unroll": 2, "splits": math.ceil(in_features / CUDA_MAX_K_PER_CTA), "pdl": 0}
+    o and down projections measured slower), a programmatic launch only with LMSERVE_CUDA_PDL=1."""
+    return {
+        "warps": 8,
+        "unroll": 2,
+        "splits": math.ceil(in_features / CUDA_MAX_K_PER_CTA),
+        "pdl": int(CUDA_PDL),
+    }
 
 
 def _launch_cuda_gemv(
