@@ -147,5 +147,7 @@ def test_one_row_gemv_keeps_greedy_tokens(gemv_model: torch.nn.Module) -> None:
         runs.append(([t[0] for t, _ in per_prompt], [lp[0] for _, lp in per_prompt]))
         del engine
     (tokens, logprobs), (cublas_tokens, cublas_logprobs) = runs
+    # every parting must be at a near tie of the two runs' logprobs; how many of the three random-weight prompts
+    # part is the hardware's luck (cuBLAS rounds differently on the H100 and the H200: 1 of 3 identical on the
+    # H100, 3 of 3 on the H200), so it is not counted (as in test_kv_quant_fp8_gpu's engine test)
     assert_divergences_are_near_ties(tokens, cublas_tokens, logprobs, cublas_logprobs)
-    assert sum(a == b for a, b in zip(tokens, cublas_tokens, strict=True)) >= 2
