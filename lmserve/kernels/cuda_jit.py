@@ -15,6 +15,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -126,8 +127,19 @@ def compile_cubin(source: str, name: str, arch: int, options: tuple[str, ...] = 
         lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
+INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
+
+
+def source_text(file_name: str) -> str:
+    """A kernel source with its `#include "name"` lines (files beside it, one level) inlined: NVRTC compiles one
+    self-contained string."""
+    return INCLUDE.sub(
+        lambda match: (SOURCE_DIR / match.group(1)).read_text(), (SOURCE_DIR / file_name).read_text()
+    )
+
+
 def _cached_cubin(file_name: str, arch: int) -> bytes:
-    source = (SOURCE_DIR / file_name).read_text()
+    source = source_text(file_name)
     key = hashlib.sha256(f"{source}\0{arch}\0{_nvrtc_version()}".encode()).hexdigest()[:16]
     path = cache_dir() / f"{Path(file_name).stem}-sm{arch}-{key}.cubin"
     if path.is_file():

@@ -17,38 +17,7 @@
 //
 // No headers: compiled by NVRTC at run time (lmserve/kernels/cuda_jit.py).
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float to_float(u16 h, bool bf16) {
-    if (bf16) return __uint_as_float(((u32)h) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 from_float(float f, bool bf16) {
-    u16 h;
-    if (bf16)
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    else
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-__device__ __forceinline__ uint4 load_stream(const unsigned char* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ float load_l2(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
+#include "common.cuh"
 
 // four e4m3 (bytes 0..3 of w) -> float16 pairs (bytes 0, 1) and (bytes 2, 3), the lower byte in the lower half
 __device__ __forceinline__ void e4m3x4_to_f16x2(u32 w, u32& lo, u32& hi) {

@@ -25,42 +25,11 @@
 #define THREADS (WARPS * 32)
 #define MAX_BLOCKS_PER_CTA 64
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float to_float(u16 h, bool bf16) {
-    if (bf16) return __uint_as_float(((u32)h) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 from_float(float f, bool bf16) {
-    u16 h;
-    if (bf16)
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    else
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-__device__ __forceinline__ uint4 load_stream(const u32* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
+#include "common.cuh"
 
 __device__ __forceinline__ uint2 load_u64(const u16* p) {
     uint2 v;
     asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ float load_l2(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
 

@@ -1,0 +1,37 @@
+// Helpers shared by the CUDA C kernels; cuda_jit inlines this file where a source says #include "common.cuh"
+// (NVRTC gets one self-contained source, no include path).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float to_float(u16 h, bool bf16) {
+    if (bf16) return __uint_as_float(((u32)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 from_float(float f, bool bf16) {
+    u16 h;
+    if (bf16)
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    else
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// 16 bytes of a weight read once: not kept in L1
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// a split partial written by another CTA of this launch: from L2, past L1
+__device__ __forceinline__ float load_l2(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
