@@ -50,3 +50,44 @@ def triton_dtype(dtype: Any) -> Any:
     import torch
 
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+PDL_ENV = "LMSERVE_PDL"
+"""LMSERVE_PDL=1 launches the decode path's Triton kernels as programmatic dependents (Hopper's PDL): each one
+signals its dependents as it starts and waits for the kernel before it (griddepcontrol) before it reads or writes
+anything, so the next launch overlaps the tail of this one. Off by default (benchmarks/RESULTS.md)."""
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # Triton before 3.4, or none
+    HAS_GDC = False
+
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl_options(device: Any) -> dict[str, bool]:
+    """Launch keywords of a kernel that starts with pdl_enter(PDL): PDL and launch_pdl on an sm_90+ GPU with
+    LMSERVE_PDL=1, else nothing (PDL keeps its default, False)."""
+    import torch
+
+    if not HAS_GDC or os.environ.get(PDL_ENV, "0") != "1":
+        return {}
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+
+
+def _pdl_enter(PDL: Any) -> None:  # noqa: N803 (a constexpr)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+pdl_enter = jit(_pdl_enter)
+"""First statement of a kernel launched with pdl_options: nothing unless PDL (a constexpr)."""

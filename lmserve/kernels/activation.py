@@ -7,13 +7,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lmserve.kernels._triton import jit, next_power_of_2, tl, triton_dtype
+from lmserve.kernels._triton import jit, next_power_of_2, pdl_enter, pdl_options, tl, triton_dtype
 from lmserve.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, Fp8Activation
 from lmserve.kernels.int8_gemm import quantize_row
 
 
 @jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, intermediate, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, stride_x, stride_out, intermediate, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
@@ -27,9 +30,11 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, intermediate, BLO
 def _silu_and_mul_fp8_kernel(
     x_ptr, q_ptr, scale_ptr, stride_x, stride_q, intermediate,
     BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One whole row per program: silu(gate) * up as _silu_and_mul_kernel rounds it to OUT_DTYPE, then
     quantize_row of it to e4m3 (the 16-bit row is never stored)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < intermediate
@@ -74,7 +79,14 @@ def silu_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     if x2d.shape[0] > 0:
         grid = (x2d.shape[0], math.ceil(intermediate / block))
         _silu_and_mul_kernel[grid](
-            x2d, out, x2d.stride(0), out.stride(0), intermediate, BLOCK=block, num_warps=4
+            x2d,
+            out,
+            x2d.stride(0),
+            out.stride(0),
+            intermediate,
+            BLOCK=block,
+            num_warps=4,
+            **pdl_options(x.device),
         )
     return out.view(*x.shape[:-1], intermediate)
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from lmserve.kernels._triton import HAS_TRITON, jit, next_power_of_2, tl
+from lmserve.kernels._triton import HAS_TRITON, jit, next_power_of_2, pdl_enter, pdl_options, tl
 from lmserve.kernels.split_k import tile_locks
 
 CHUNK = 4096
@@ -21,10 +21,12 @@ CHUNK = 4096
 def _argmax_kernel(
     logits_ptr, part_val_ptr, part_idx_ptr, lock_ptr, out_ptr, V, stride_row, num_chunks,
     BLOCK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program = one chunk of one row: its max and first index; with several chunks the row's last
     arriving program (an arrival counter per row, reset by it) takes the first chunk holding the largest max,
     so ties go to the lowest index, as torch.argmax's do."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -72,5 +74,6 @@ def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
     _argmax_kernel[(num_rows, num_chunks)](
         logits, part_val, part_idx, tile_locks(logits.device), out, vocab_size, logits.stride(0), num_chunks,
         BLOCK=CHUNK, CHUNKS_PAD=max(2, next_power_of_2(num_chunks)), num_warps=4,
+        **pdl_options(logits.device),
     )  # fmt: skip
     return out

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lmserve.kernels._triton import jit, next_power_of_2, num_sms, tl
+from lmserve.kernels._triton import jit, next_power_of_2, num_sms, pdl_enter, pdl_options, tl
 
 _MIN_TOKENS_PER_SPLIT = 128
 DECODE_TILES = {"default": (64, 4), "fp8": (128, 2)}
@@ -46,6 +46,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     WRITE_OUTPUT: tl.constexpr,
     WIDEN_KV: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once.
 
@@ -53,6 +54,7 @@ def _decode_split_kernel(
     are loaded (e4m3 -> f16 is one exact cvt on sm_90, -> bf16 takes more; f16 also keeps more of q and p than
     bf16); otherwise q is cast to the cache's dtype (the same one for a bf16/fp16 model).
     """
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -119,8 +121,10 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Combine the splits of one (sequence, query head) by their log-sum-exp weights."""
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -199,12 +203,13 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), num_warps=num_warps, num_stages=num_stages,
+        **pdl_options(q.device),
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), SPLITS_PAD=next_power_of_2(num_splits),
-            num_warps=4,
+            num_warps=4, **pdl_options(q.device),
         )  # fmt: skip
     return out
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from lmserve.kernels import cuda_jit
-from lmserve.kernels._triton import HAS_TRITON, jit, tl
+from lmserve.kernels._triton import HAS_TRITON, jit, pdl_enter, pdl_options, tl
 from lmserve.kernels.int8_gemm import per_token_quant
 from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
@@ -134,12 +133,14 @@ def _fp8_gemv_kernel(
     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program = BLOCK_N output channels x one K split, for all M (<= BLOCK_M) rows.
 
     USE_DOT: e4m3 -> x's dtype (exact) and a tensor-core dot with the rows padded to BLOCK_M; otherwise (one row)
     e4m3 -> float32 and multiply-adds on the CUDA cores, one sum over K at the end.
     """
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -217,9 +218,6 @@ CUDA_MAX_K_PER_CTA = 16384
 """Inputs one CTA of the CUDA GEMV takes at most (its x slice: 32 KB of dynamic shared memory as float16)."""
 CUDA_OPTIONS = ("warps", "unroll", "splits", "pdl")
 CUDA_VARIANTS = {(4, 2), (4, 4), (8, 2), (8, 4)}
-CUDA_PDL = os.environ.get("LMSERVE_CUDA_PDL", "0") == "1"
-"""LMSERVE_CUDA_PDL=1 launches the CUDA GEMV as a programmatic dependent of the kernel before it (off by default:
-measured only GEMV after GEMV, 2.7 % faster a layer; benchmarks/RESULTS.md)."""
 """(warps, unroll) pairs kernels/cuda/fp8_gemv.cu is built with; a chunk is 64 * unroll inputs."""
 
 
@@ -257,15 +255,15 @@ def cuda_gemv_runs(
     )
 
 
-def cuda_gemv_options(in_features: int) -> dict[str, int]:
+def cuda_gemv_options(in_features: int, device: torch.device) -> dict[str, int]:
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --fp8-cuda):
     8 warps, 2 x 64 inputs a chunk, K split only where it exceeds CUDA_MAX_K_PER_CTA (splitting the 256-tile
-    o and down projections measured slower), a programmatic launch only with LMSERVE_CUDA_PDL=1."""
+    o and down projections measured slower), a programmatic launch only with LMSERVE_PDL=1 (_triton.pdl_options)."""
     return {
         "warps": 8,
         "unroll": 2,
         "splits": math.ceil(in_features / CUDA_MAX_K_PER_CTA),
-        "pdl": int(CUDA_PDL),
+        "pdl": int(bool(pdl_options(device))),
     }
 
 
@@ -278,7 +276,7 @@ def _launch_cuda_gemv(
     **options: int,
 ) -> None:
     n, k = weight.shape
-    opts = cuda_gemv_options(k) | options
+    opts = cuda_gemv_options(k, x.device) | options
     warps, unroll = opts["warps"], opts["unroll"]
     if (warps, unroll) not in CUDA_VARIANTS:
         raise ValueError(f"(warps, unroll) must be one of {sorted(CUDA_VARIANTS)}, got {(warps, unroll)}")
@@ -371,6 +369,7 @@ def fp8_gemv(
         partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
         EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        **pdl_options(x.device),
     )  # fmt: skip
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.kernels._triton import jit, next_power_of_2, tl
+from lmserve.kernels._triton import jit, next_power_of_2, pdl_enter, pdl_options, tl
 from lmserve.kernels.rotary import apply_rotary_ref, load_cos_sin, rotate_heads
 
 
@@ -84,8 +84,10 @@ def _rotary_store_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_slot, stride_cache_head,
     stride_cos, num_q_heads, num_kv_heads,
     Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One token: q rotated in place; k rotated straight into the cache and v copied there (slot >= 0)."""
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cos, HALF)
     q_row = q_ptr + token * stride_qt
@@ -131,7 +133,7 @@ def rotary_store_kv(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1),
         k_cache.stride(2), cos_sin_cache.stride(0), q.shape[1], num_kv_heads,
         Q_HEADS_PAD=next_power_of_2(q.shape[1]), KV_HEADS_PAD=next_power_of_2(num_kv_heads), HALF=head_dim // 2,
-        num_warps=4,
+        num_warps=4, **pdl_options(q.device),
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.kernels._triton import jit, next_power_of_2, tl, triton_dtype
+from lmserve.kernels._triton import jit, next_power_of_2, pdl_enter, pdl_options, tl, triton_dtype
 from lmserve.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE, Fp8Activation
 from lmserve.kernels.int8_gemm import quantize_row
 
@@ -29,9 +29,11 @@ def _rms_norm_kernel(
     OUT_DTYPE: tl.constexpr,
     QMAX: tl.constexpr,
     MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One row. OUT_DTYPE: the output's 16/32-bit dtype; with QUANTIZE_FP8 the output rounded to it is quantized
     per row (out_ptr e4m3, scale_ptr float32 per row) instead of stored."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -69,6 +71,7 @@ def _launch(
             x2d, residual2d, weight, out, scale, eps, x2d.stride(0), residual2d.stride(0), out.stride(0),
             HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None, QUANTIZE_FP8=fp8,
             OUT_DTYPE=triton_dtype(dtype), QMAX=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=min(16, max(1, block // 256)),
+            **pdl_options(x.device),
         )  # fmt: skip
     if fp8:
         return Fp8Activation(out, scale, dtype)
