@@ -144,13 +144,14 @@ class LLMEngine:
         resolved = builder.resolve_config(config, model_config)
         apply_torch_settings(config)
         if resolved.device.type == "cpu":
-            cpu_build.start_building("cpu")  # unless the core did: overlaps the tokenizer and model set-up
-        with loading_phase("loaded the tokenizer"):
-            tokenizer = load_tokenizer(source, chat_template)
+            cpu_build.start_building("cpu")  # unless the core did: overlaps the model set-up
         workers, resolved = _start_workers(WorkerSpec(model, config, ""), resolved)
         with _killing_workers_on_error(workers):
             with loading_phase(f"loaded the weights ({resolved.dtype} on {resolved.device})"):
                 net = builder.load_model(source, model_config, resolved)
+            # after the weights: a server's front end converts a GGUF's tokenizer meanwhile (models/tokenizer.py)
+            with loading_phase("loaded the tokenizer"):
+                tokenizer = load_tokenizer(source, chat_template)
             defaults = load_generation_defaults(source)
             return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
 
