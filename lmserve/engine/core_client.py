@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -149,11 +150,16 @@ class CoreClient(FrontEnd):
         source = resolve_model(model)  # a bad path fails here, before a process starts
         core = CoreProcess.start(model, config or EngineConfig(), chat_template, log_level, num_front_ends)
         try:
-            from lmserve.models.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(source, chat_template)
-            if while_loading is not None:
-                while_loading()
+            def load() -> Any:
+                from lmserve.models.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(source, chat_template)
+                if while_loading is not None:
+                    while_loading()
+                return tokenizer
+
+            tokenizer = run_niced(load)
             return cls(core.addresses, 0, tokenizer, core.is_alive, owner=core)
         except BaseException:
             core.stop()
@@ -231,6 +237,37 @@ class CoreClient(FrontEnd):
         self._fail_all(message)
         for callback in self.on_death:
             callback()
+
+
+FRONT_END_NICE = 10
+"""How much lower than the engine core the front end's start-up work runs (see run_niced)."""
+
+
+def run_niced(work: Callable[[], Any]) -> Any:
+    """`work()` in a thread of lower CPU priority (Linux niceness is per thread), its result or its error.
+
+    The front end's start-up (tokenizer, web app imports) only has to end before the core is ready, while the
+    core's imports and weight conversion are the start's critical path: on a 2-core box with the compiler and
+    the weight-cache writer also running, the core gets the CPU first. Where priorities cannot be set, the
+    work runs as it is.
+    """
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FRONT_END_NICE)
+        try:
+            results.append(work())
+        except BaseException as error:  # re-raised in the caller's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="lmserve-front-end-start")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 def _wait_ready(outputs: zmq.Socket, core_alive: Callable[[], bool]) -> CoreReady:

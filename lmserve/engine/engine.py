@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
@@ -144,13 +145,14 @@ class LLMEngine:
         resolved = builder.resolve_config(config, model_config)
         apply_torch_settings(config)
         if resolved.device.type == "cpu":
-            cpu_build.start_building("cpu")  # unless the core did: overlaps the tokenizer and model set-up
-        with loading_phase("loaded the tokenizer"):
-            tokenizer = load_tokenizer(source, chat_template)
+            cpu_build.start_building("cpu")  # unless the core did: overlaps the model set-up
         workers, resolved = _start_workers(WorkerSpec(model, config, ""), resolved)
         with _killing_workers_on_error(workers):
             with loading_phase(f"loaded the weights ({resolved.dtype} on {resolved.device})"):
                 net = builder.load_model(source, model_config, resolved)
+            # after the weights: a server's front end converts a GGUF's tokenizer meanwhile (models/tokenizer.py)
+            with loading_phase("loaded the tokenizer"), packing_cpu_linears(net, resolved.device):
+                tokenizer = load_tokenizer(source, chat_template)
             defaults = load_generation_defaults(source)
             return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
 
@@ -535,6 +537,27 @@ def random_model_config(config_json: str, config: EngineConfig) -> ModelConfig:
     if quantization is not None:
         hf_config["quantization_config"] = quantization
     return ModelConfig.from_hf_config(hf_config)
+
+
+@contextlib.contextmanager
+def packing_cpu_linears(net: Any, device: torch.device) -> Iterator[None]:
+    """oneDNN's packing of the CPU linears (~0.3 s, in torch ops that release the GIL) in a thread for the
+    block's time: beside the tokenizer's load, or beside the wait for the front end converting it. After an
+    error here, build_runner's own call packs what is left and raises it."""
+    if device.type != "cpu":
+        yield
+        return
+
+    def pack() -> None:
+        with contextlib.suppress(Exception):
+            pack_cpu_linears(net, available_memory_bytes())
+
+    packer = threading.Thread(target=pack, name="lmserve-onednn-pack")
+    packer.start()
+    try:
+        yield
+    finally:
+        packer.join()
 
 
 def build_runner(

@@ -214,9 +214,31 @@ def quantize_rows_int8(x: torch.Tensor, min_scale: float = 1e-8) -> tuple[torch.
     The one int8 row quantizer: weights per output channel (SmoothQuant checkpoints, the CPU lm_head copy),
     activations per token (W8A8Linear's torch paths); the Triton per_token_quant_int8 must give the same.
     """
+    if x.device.type == "cpu" and x.numel() > QUANTIZE_CHUNK_ELEMENTS:
+        return _quantize_rows_int8_chunked(x, min_scale)
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=min_scale)
     codes = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
     return codes, scale
+
+
+QUANTIZE_CHUNK_ELEMENTS = 1 << 18
+"""Above this many values (a CPU weight: the lm_head copy) the rows go by chunks that stay in the cache."""
+
+
+def _quantize_rows_int8_chunked(x: torch.Tensor, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_int8's numbers (the same ops on each row), a block of rows at a time, in place: the
+    SmolLM2 lm_head (49152 x 576) took 0.31 s in six passes over 113 MB of float32, now one pass per chunk."""
+    rows = x.reshape(-1, x.shape[-1])
+    codes = torch.empty(rows.shape, dtype=torch.int8)
+    scale = torch.empty(rows.shape[0], 1, dtype=torch.float32)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        part = rows[start : start + step].to(torch.float32, copy=True)
+        part_scale = scale[start : start + step]
+        torch.amax(part.abs(), dim=-1, keepdim=True, out=part_scale)
+        part_scale.div_(127.0).clamp_(min=min_scale)
+        codes[start : start + step] = part.div_(part_scale).round_().clamp_(-127, 127)
+    return codes.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
 per_token_quant_int8_ref = quantize_rows_int8

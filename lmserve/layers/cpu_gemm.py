@@ -63,7 +63,10 @@ def pack_cpu_linears(model: nn.Module, available_bytes: int | None) -> int:
 
     if not onednn_available():
         return 0
-    linears = [m for m in model.modules() if isinstance(m, Linear) and packable(m.weight)]
+    # idempotent: the engine packs beside the tokenizer load, then build_runner calls it again (a no-op)
+    linears = [
+        m for m in model.modules() if isinstance(m, Linear) and packable(m.weight) and m.onednn is None
+    ]
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if available_bytes is not None and 4 * extra > available_bytes:
         logger.info("CPU linears stay on F.linear: their packed copies (%.1f GB) would not fit", extra / 1e9)

@@ -303,7 +303,7 @@ class LlamaForCausalLM(nn.Module):
     def pack_lm_head(self) -> None:
         """A tied lm_head's oneDNN copy (layers/cpu_gemm.py; an untied one is a Linear, packed with the rest)."""
         weight = self.lm_head_weight()
-        if self.lm_head is None and packable(weight):
+        if self.lm_head is None and self.lm_head_onednn is None and packable(weight):
             self.lm_head_onednn = pack_weight(weight)
 
     def weight_loader(self) -> WeightLoader:

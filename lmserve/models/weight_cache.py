@@ -97,6 +97,9 @@ class WeightCache:
         writer.start()
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        # the entry is for the next start: on a busy 2-core box this start's loading gets the CPU first
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(tensors, self.path, {"key": json.dumps(asdict(self.key))})
@@ -116,6 +119,8 @@ class WeightCache:
                     leftover.unlink()
 
 
+WRITER_NICE = 10
+"""The writer thread's niceness (Linux priorities are per thread)."""
 _writers: list[threading.Thread] = []
 _writers_lock = threading.Lock()
 
