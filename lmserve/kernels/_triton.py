@@ -83,11 +83,16 @@ def pdl_options(device: Any) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
 
 
-def _pdl_enter(PDL: Any) -> None:  # noqa: N803 (a constexpr)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+if HAS_TRITON:
 
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):  # noqa: N803 (a constexpr)
+        """First statement of a kernel launched with pdl_options: nothing unless PDL."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
 
-pdl_enter = jit(_pdl_enter)
-"""First statement of a kernel launched with pdl_options: nothing unless PDL (a constexpr)."""
+else:
+
+    def pdl_enter(PDL: Any) -> None:  # noqa: N803
+        """Without Triton no kernel runs: nothing to do."""
