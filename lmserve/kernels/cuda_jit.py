@@ -182,6 +182,18 @@ def _module(file_name: str, device_index: int) -> Any:
         return module
 
 
+def device_index(device: Any) -> int:
+    """The CUDA ordinal of a torch device (its index, or the current device for a bare "cuda")."""
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def available_on(file_name: str, device: Any) -> bool:
+    """available() for a torch device: False off CUDA."""
+    return device.type == "cuda" and available(file_name, device_index(device))
+
+
 def available(file_name: str, device_index: int) -> bool:
     """Whether `file_name`'s kernels compile and load on this device (compiling and caching them if needed)."""
     if not enabled():

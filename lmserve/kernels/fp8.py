@@ -223,11 +223,7 @@ CUDA_VARIANTS = {(4, 2), (4, 4), (8, 2), (8, 4)}
 
 def cuda_gemv_available(device: torch.device) -> bool:
     """Whether the CUDA C FP8 GEMV (kernels/cuda/fp8_gemv.cu) compiles and loads on this device."""
-    if device.type != "cuda" or not cuda_jit.enabled():
-        return False
-    return cuda_jit.available(
-        CUDA_GEMV_SOURCE, device.index if device.index is not None else torch.cuda.current_device()
-    )
+    return cuda_jit.available_on(CUDA_GEMV_SOURCE, device)
 
 
 def cuda_gemv_runs(
@@ -286,7 +282,7 @@ def _launch_cuda_gemv(
         raise ValueError(f"{opts['splits']} splits leave {k_per_cta} inputs a CTA, over {CUDA_MAX_K_PER_CTA}")
     tiles, splits = math.ceil(n / CUDA_TILE_N), math.ceil(k / k_per_cta)
     partial = split_partials(splits, 1, n, x.device)
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device = cuda_jit.device_index(x.device)
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     pdl = opts["pdl"]
     if pdl not in (0, 1):
@@ -325,8 +321,9 @@ def fp8_gemv(
     """x [M <= 16, K] (bf16/fp16) @ (e4m3 weight [N, K] * weight_scale [N, 1])^T + bias, one launch; the output in
     out_dtype (default x's: float32 spares the lm_head's logits a widening copy, the sums are float32 anyway).
 
-    One row runs the CUDA C kernel where cuda_gemv_runs says it can (options warps, unroll, splits override its
-    launch), unless the options name the Triton kernel's settings; kernel = "cuda" / "triton" forces one. A 16-bit weight with weight_scale None runs the Triton GEMV (benchmarks/bench_quant_kernels.py times it
+    One row runs the CUDA C kernel where cuda_gemv_runs says it can (options warps, unroll, splits and pdl
+    override its launch), unless the options name the Triton kernel's settings; kernel = "cuda" / "triton" forces
+    one. A 16-bit weight with weight_scale None runs the Triton GEMV (benchmarks/bench_quant_kernels.py times it
     against cuBLAS). The Triton options override block_n, block_k, num_warps, num_stages, programs_per_sm, use_dot
     and k_per_split (a multiple of block_k).
     """

@@ -225,6 +225,7 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 18
 """Above this many values (a CPU weight: the lm_head copy) the rows go by chunks that stay in the cache."""
 
 
+@torch.no_grad()  # out= and in-place ops refuse tensors that require grad (a weight still a Parameter)
 def _quantize_rows_int8_chunked(x: torch.Tensor, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows_int8's numbers (the same ops on each row), a block of rows at a time, in place: the
     SmolLM2 lm_head (49152 x 576) took 0.31 s in six passes over 113 MB of float32, now one pass per chunk."""

@@ -522,11 +522,7 @@ CUDA_GEMV_MAX_BLOCKS = 64
 
 def cuda_gemv_available(device: torch.device) -> bool:
     """Whether the CUDA C GEMV (kernels/cuda/w4_gemv.cu) compiles and loads on this device."""
-    if device.type != "cuda":
-        return False
-    return cuda_jit.available(
-        CUDA_GEMV_SOURCE, device.index if device.index is not None else torch.cuda.current_device()
-    )
+    return cuda_jit.available_on(CUDA_GEMV_SOURCE, device)
 
 
 def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) -> dict[str, int]:
@@ -551,7 +547,7 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     groups_per_block = BLOCK_ROWS // group if group < BLOCK_ROWS else 1
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device = cuda_jit.device_index(x.device)
     prefetch = options.get("prefetch", 0)
     if prefetch not in (0, 1):
         raise ValueError(f"prefetch must be 0 or 1, got {prefetch}")
