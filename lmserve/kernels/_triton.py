@@ -54,8 +54,9 @@ def triton_dtype(dtype: Any) -> Any:
 
 PDL_ENV = "LMSERVE_PDL"
 """LMSERVE_PDL=1 launches the decode path's Triton kernels as programmatic dependents (Hopper's PDL): each one
-signals its dependents as it starts and waits for the kernel before it (griddepcontrol) before it reads or writes
-anything, so the next launch overlaps the tail of this one. Off by default (benchmarks/RESULTS.md)."""
+waits for the kernel before it (griddepcontrol.wait) before it reads or writes anything, then lets its dependent
+launch, so the next kernel's launch overlaps this one's run. (Signalling before the wait lets a chain of kernels
+launch early, each holding SM slots while it waits.) Off by default (benchmarks/RESULTS.md)."""
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -87,10 +88,11 @@ if HAS_TRITON:
 
     @triton.jit
     def pdl_enter(PDL: tl.constexpr):  # noqa: N803 (a constexpr)
-        """First statement of a kernel launched with pdl_options: nothing unless PDL."""
+        """First statement of a kernel launched with pdl_options: wait for the kernel before, then let the next launch;
+        nothing unless PDL."""
         if PDL:
-            gdc_launch_dependents()
             gdc_wait()
+            gdc_launch_dependents()
 
 else:
 
