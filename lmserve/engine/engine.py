@@ -153,7 +153,8 @@ class LLMEngine:
             # after the weights: a server's front end converts a GGUF's tokenizer meanwhile (models/tokenizer.py)
             # without `detokenize` (a server's core) the EOS ids alone, where the files give them: the tokenizer
             # itself waits for a first structured request (models/tokenizer.py, DeferredTokenizer)
-            with loading_phase("loaded the tokenizer"), packing_cpu_linears(net, resolved.device):
+            phase = "loaded the tokenizer" if detokenize else "read the EOS ids"
+            with loading_phase(phase), packing_cpu_linears(net, resolved.device):
                 tokenizer = (load_tokenizer if detokenize else deferred_tokenizer)(source, chat_template)
             defaults = load_generation_defaults(source)
             return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)

@@ -84,14 +84,15 @@ def native_cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def build() -> Path | None:
-    """The library's path, compiling it first if this source/compiler/flags set has none yet; None where the
-    kernels cannot run (another CPU, no compiler, turned off). OSError when compiling fails."""
+def build(into: Path | None = None) -> Path | None:
+    """The library's path, compiling it first if this source/compiler/flags set has none yet (into `into`, else
+    the cache, where the installed copy does not match); None where the kernels cannot run (another CPU, no
+    compiler, turned off). OSError when compiling fails."""
     compiler = _compiler()
     if compiler is None:
         return None
     with _lock:
-        return _compile(compiler)
+        return _compile(compiler, into)
 
 
 def _compiler() -> str | None:
@@ -120,17 +121,20 @@ def start_building(device: str | None = None) -> None:
     threading.Thread(target=run, name="lmserve-cpu-kernels", daemon=True).start()
 
 
-def _compile(compiler: str, into: Path | None = None) -> Path:
-    """The installed copy if it matches, else the cached one, compiling it (into `into`, default the cache)
-    atomically where neither exists: concurrent starts each write their own temp file, then rename."""
+def _compile(compiler: str, into: Path | None) -> Path:
+    """`into`'s copy, or without `into` the installed copy else the cached one; compiled into the last of those
+    where none matches, atomically: concurrent starts each write their own temp file, then rename."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + version.encode() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    name = f"lmserve_cpu-{key}.so"
-    for path in [into / name] if into else [PREBUILT_DIR / name, native_cache_dir() / name]:
-        if path.is_file():
-            return path
-    path = (into or native_cache_dir()) / name
+    paths = [
+        folder / f"lmserve_cpu-{key}.so"
+        for folder in ([into] if into else [PREBUILT_DIR, native_cache_dir()])
+    ]
+    found = next((path for path in paths if path.is_file()), None)
+    if found is not None:
+        return found
+    path = paths[-1]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as scratch:
         objects = _compile_objects(compiler, Path(scratch))
@@ -143,11 +147,9 @@ def _compile(compiler: str, into: Path | None = None) -> Path:
 def prebuild() -> Path | None:
     """Build the library into the package (PREBUILT_DIR), dropping older builds there; None where the kernels
     cannot run here. What an installer calls, so that no start pays for the compile."""
-    compiler = _compiler()
-    if compiler is None:
+    path = build(into=PREBUILT_DIR)
+    if path is None:
         return None
-    with _lock:
-        path = _compile(compiler, into=PREBUILT_DIR)
     for old in PREBUILT_DIR.glob("lmserve_cpu-*.so"):
         if old != path:
             old.unlink(missing_ok=True)
