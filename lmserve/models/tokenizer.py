@@ -8,16 +8,15 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import transformers
-
-# AutoTokenizer and the model-specific classes are imported where used: `from transformers import AutoTokenizer`
-# costs ~3x the rest of the import (its config and class maps), and a GGUF's tokenizer never needs it
-from transformers import TokenizersBackend
-
+# transformers is imported where used (~1 s of CPU on the 2-core box): the engine core of a server starts
+# without it (DeferredTokenizer). Even then AutoTokenizer and the model-specific classes are imported only where
+# needed: `from transformers import AutoTokenizer` costs ~3x the rest of the import (its config and class maps),
+# and a GGUF's tokenizer never needs it.
 from lmserve.models.source import ModelSource, load_generation_defaults, read_json
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -179,6 +178,99 @@ def load_tokenizer(source: ModelSource, chat_template: str | None = None) -> Tok
     return Tokenizer(hf, template, _eos_token_ids(hf, source), name)
 
 
+class DeferredTokenizer:
+    """A tokenizer loaded on first use, its EOS ids read from the model's files at once.
+
+    A server's engine core needs only the EOS ids to stop requests (its front end encodes and detokenizes);
+    the tokenizer itself only on a first structured-output request (xgrammar reads its vocabulary). So the core
+    starts without transformers' import and the tokenizer's load (~1.3 s of CPU on the 2-core box, on the
+    path to the first answer). Made by `deferred_tokenizer` only where the files give the same EOS ids as the
+    loaded tokenizer would (tests/models/test_tokenizer.py); anything else is delegated to the loaded one.
+    """
+
+    def __init__(
+        self, source: ModelSource, chat_template: str | None, eos_token_ids: tuple[int, ...]
+    ) -> None:
+        self.source = source
+        self.chat_template_name = chat_template
+        self._eos_token_ids = eos_token_ids
+        self._loaded: Tokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def hf(self) -> Any:
+        return self.loaded().hf
+
+    def loaded(self) -> Tokenizer:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = load_tokenizer(self.source, self.chat_template_name)
+            return self._loaded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loaded(), name)
+
+
+def deferred_tokenizer(
+    source: ModelSource, chat_template: str | None = None
+) -> Tokenizer | DeferredTokenizer:
+    """A DeferredTokenizer where the EOS ids can be read from the files alone, else the loaded tokenizer."""
+    eos_token_id = _eos_token_id_from_files(source)
+    if eos_token_id is False:
+        return load_tokenizer(source, chat_template)
+    return DeferredTokenizer(source, chat_template, _with_generation_eos(eos_token_id, source))
+
+
+def _eos_token_id_from_files(source: ModelSource) -> int | None | bool:
+    """The id the loaded tokenizer's eos_token_id would be (None: it has none), or False where only loading
+    it can tell (no tokenizer.json, a token the vocabulary lacks or holds twice, special_tokens_map.json)."""
+    if source.kind == "gguf":
+        from lmserve.models.gguf_file import read_gguf_file
+
+        gguf = read_gguf_file(source.gguf_path)
+        token_id = gguf.get("tokenizer.ggml.eos_token_id")
+        if token_id is None:
+            return None
+        tokens = gguf.get("tokenizer.ggml.tokens")  # convert_gguf_tokenizer's eos_token is tokens[token_id]
+        return int(token_id) if tokens is not None and tokens.count(tokens[token_id]) == 1 else False
+    folder = source.path
+    config_path, vocab_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not config_path.is_file() or not vocab_path.is_file() or (folder / "special_tokens_map.json").exists():
+        return False
+    config = read_json(config_path)
+    if "eos_token" not in config or config.get("tokenizer_class") not in _FAST_CLASSES:
+        return False
+    token = config["eos_token"]
+    if token is None:
+        return None
+    token = token.get("content") if isinstance(token, dict) else token
+    vocab_file = read_json(vocab_path)
+    ids = [item["id"] for item in vocab_file.get("added_tokens", []) if item.get("content") == token]
+    vocab = (vocab_file.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and token in vocab:
+        ids.append(vocab[token])
+    elif isinstance(vocab, list):
+        ids.extend(i for i, entry in enumerate(vocab) if entry and entry[0] == token)
+    return int(ids[0]) if len(set(ids)) == 1 else False
+
+
+_FAST_CLASSES = (
+    "PreTrainedTokenizerFast",
+    "TokenizersBackend",
+    "LlamaTokenizerFast",
+    "LlamaTokenizer",
+    "GPT2Tokenizer",
+    "GPT2TokenizerFast",
+    "Qwen2Tokenizer",
+    "Qwen2TokenizerFast",
+)
+"""tokenizer_class values whose eos_token_id is tokenizer.json's id of tokenizer_config.json's eos_token."""
+
+
 def _load_gguf_tokenizer(source: ModelSource) -> Any:
     """Build the tokenizer from GGUF metadata once and keep it as an HF folder.
 
@@ -191,10 +283,10 @@ def _load_gguf_tokenizer(source: ModelSource) -> Any:
     key = hashlib.sha256(f"{source.gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
     cached = cache_dir() / "gguf-tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
-        return TokenizersBackend.from_pretrained(str(cached))  # the class convert_gguf_tokenizer made
+        return _backend().from_pretrained(str(cached))  # the class convert_gguf_tokenizer made
     with _converting(cached):
         if (cached / "tokenizer_config.json").is_file():  # the other process converted it meanwhile
-            return TokenizersBackend.from_pretrained(str(cached))
+            return _backend().from_pretrained(str(cached))
         hf = convert_gguf_tokenizer(source)
         try:
             with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
@@ -234,7 +326,7 @@ def convert_gguf_tokenizer(source: ModelSource) -> Any:
 
     architecture, fields, config = gguf_tokenizer_fields(source.gguf_path)
     backend, extra = build(architecture, fields)
-    return TokenizersBackend(
+    return _backend()(
         tokenizer_object=backend,
         name_or_path=str(source.path),
         vocab_file=source.gguf_file,
@@ -291,7 +383,12 @@ def _model_chat_template(hf: Any) -> str | None:
 
 
 def _eos_token_ids(hf: Any, source: ModelSource) -> tuple[int, ...]:
-    ids: list[int] = [] if hf.eos_token_id is None else [int(hf.eos_token_id)]
+    return _with_generation_eos(hf.eos_token_id, source)
+
+
+def _with_generation_eos(eos_token_id: int | None, source: ModelSource) -> tuple[int, ...]:
+    """The tokenizer's EOS id, then generation_config.json's."""
+    ids: list[int] = [] if eos_token_id is None else [int(eos_token_id)]
     generation_eos = load_generation_defaults(source).get("eos_token_id")
     if isinstance(generation_eos, int):
         ids.append(generation_eos)
@@ -311,7 +408,15 @@ def _load_folder_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def _backend() -> Any:
+    from transformers import TokenizersBackend
+
+    return TokenizersBackend
+
+
 def _transformers_has(class_name: str) -> bool:
+    import transformers
+
     names = (class_name, class_name.removesuffix("Fast"))
     return any(getattr(transformers, name, None) is not None for name in names)
 

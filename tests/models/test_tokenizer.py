@@ -13,9 +13,11 @@ from transformers import AutoTokenizer
 
 from lmserve.models.loader import ModelSource, resolve_model
 from lmserve.models.tokenizer import (
+    DeferredTokenizer,
     Tokenizer,
     builtin_chat_templates,
     convert_gguf_tokenizer,
+    deferred_tokenizer,
     load_chat_template,
     load_tokenizer,
 )
@@ -86,6 +88,68 @@ def test_gemma3_gguf_conversion_is_autotokenizers() -> None:
         assert getattr(converted, name) == getattr(reference, name), name
     for text in TEXTS:
         assert converted.encode(text) == reference.encode(text)
+
+
+def test_deferred_gguf_tokenizer_has_autotokenizers_eos_and_loads_on_use(
+    smollm2_gguf_path: Path, smollm2_hf_tokenizer
+) -> None:
+    """The engine core's tokenizer: EOS ids from the GGUF alone (AutoTokenizer's), the tokenizer on first use."""
+    source = ModelSource(smollm2_gguf_path.parent, "gguf", smollm2_gguf_path.name)
+    deferred = deferred_tokenizer(source)
+    assert isinstance(deferred, DeferredTokenizer)
+    assert deferred._loaded is None
+    assert (
+        deferred.eos_token_ids == (smollm2_hf_tokenizer.eos_token_id,) == load_tokenizer(source).eos_token_ids
+    )
+    assert deferred.hf.encode(TEXTS[0]) == smollm2_hf_tokenizer.encode(TEXTS[0])
+    assert deferred.encode_chat(MESSAGES) == load_tokenizer(source).encode_chat(MESSAGES)
+
+
+VOCAB = {"a": 0, "b": 1, "</s>": 2, "<unk>": 3, "c": 4, "d": 5}
+
+
+def _save_fast_tokenizer(folder: Path, eos_token: str | None, vocab: dict[str, int]) -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token).save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("eos_token", "generation_eos", "deferred"),
+    [
+        ("</s>", None, True),
+        ("</s>", [5, 2], True),
+        (None, 4, True),
+        ("<missing>", None, False),
+        ("<new>", None, True),
+    ],
+)
+def test_deferred_folder_tokenizer_matches_autotokenizer(
+    tmp_path: Path, eos_token: str | None, generation_eos: object, deferred: bool
+) -> None:
+    """A save_pretrained folder: the files' EOS ids are AutoTokenizer's eos_token_id then generation_config's;
+    a token tokenizer.json lacks is left to the loaded tokenizer."""
+    _save_fast_tokenizer(tmp_path, None if eos_token == "<missing>" else eos_token, VOCAB)
+    if (
+        eos_token == "<missing>"
+    ):  # in tokenizer_config.json, not in tokenizer.json (<new> is an added token there)
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text()) | {"eos_token": "<missing>"}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation_eos is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+    source = ModelSource(tmp_path, "hf")
+    tokenizer = deferred_tokenizer(source)
+    assert isinstance(tokenizer, DeferredTokenizer) is deferred
+    reference = AutoTokenizer.from_pretrained(str(tmp_path)).eos_token_id
+    expected = [] if reference is None else [reference]
+    expected += (
+        generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos else []
+    )
+    assert tokenizer.eos_token_ids == tuple(dict.fromkeys(expected)) == load_tokenizer(source).eos_token_ids
 
 
 def test_gguf_tokenizer_properties(smollm2_tokenizer: Tokenizer) -> None:
@@ -231,6 +295,8 @@ def test_internlm2_properties_and_chat(internlm2_tokenizer: Tokenizer) -> None:
     assert internlm2_tokenizer.decode(ids, skip_special_tokens=False) == text
     builtin = load_tokenizer(resolve_model(str(internlm2_tokenizer.name)), chat_template="internlm2")
     assert builtin.apply_chat_template(MESSAGES) == text
+    # a custom class without tokenizer.json: only the loaded tokenizer knows its EOS id
+    assert not isinstance(deferred_tokenizer(resolve_model(str(internlm2_tokenizer.name))), DeferredTokenizer)
 
 
 def test_no_chat_template_is_an_error(internlm2_folder: Path, tmp_path: Path) -> None:

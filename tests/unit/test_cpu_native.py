@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -313,3 +315,22 @@ def test_exact_q4_in_c_is_exact_int4s_torch_path(monkeypatch: pytest.MonkeyPatch
     assert native[1] is None and torch_path[1] is None and native[2] is None and torch_path[2] is None
     assert native[0] is not None and torch_path[0] is not None
     assert all(torch.equal(a, b) for a, b in zip(native[0], torch_path[0], strict=True))
+
+
+def test_installed_library_comes_before_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """install.sh's copy (prebuild) is what build() returns; an older copy there is dropped; nothing compiled
+    into the cache."""
+    from lmserve.kernels import cpu_build
+
+    if cpu_build.build() is None:
+        pytest.skip("no CPU kernels on this machine")
+    monkeypatch.setattr(cpu_build, "PREBUILT_DIR", tmp_path / "prebuilt")
+    monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "prebuilt").mkdir()
+    older = tmp_path / "prebuilt" / "lmserve_cpu-0123456789abcdef.so"
+    older.write_bytes(b"")
+    path = cpu_build.prebuild()
+    assert path is not None and path.parent == tmp_path / "prebuilt" and path.stat().st_size > 0
+    assert not older.exists()
+    assert cpu_build.build() == path
+    assert not (tmp_path / "cache").exists()

@@ -20,3 +20,18 @@ print("torch" in sys.modules)
 def test_front_end_modules_and_the_gguf_tokenizer_leave_torch_unimported() -> None:
     done = subprocess.run([sys.executable, "-c", FRONT_END_PATH], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+CORE_PATH = """
+import sys
+from lmserve.config import EngineConfig
+from lmserve.engine.engine import LLMEngine
+engine = LLMEngine.from_pretrained(None, EngineConfig(), detokenize=False)
+print(sorted(engine.scheduler.eos_token_ids), "transformers" in sys.modules)
+"""
+
+
+def test_engine_core_starts_without_transformers() -> None:
+    """A server's core loads the embedded model with its EOS ids from the GGUF, not transformers' tokenizer."""
+    done = subprocess.run([sys.executable, "-c", CORE_PATH], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[2] False"
