@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmserve.kernels import cuda_jit
-from lmserve.kernels._triton import jit, num_sms, tl
+from lmserve.kernels._triton import jit, num_sms, pdl_options, tl
 from lmserve.kernels.awq_dequant import unpack_awq
 from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
@@ -529,13 +529,15 @@ def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) 
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --cuda-gemv):
     with at least one 64-column strip per SM (gate_up), no prefetch (124 registers, 2 CTAs per SM) and one split
     up to CUDA_GEMV_MAX_BLOCKS blocks; with fewer strips (qkv, o, down), the prefetching kernel (178 registers, one
-    CTA per SM) and as many splits as fill the SMs once."""
+    CTA per SM) and as many splits as fill the SMs once. A programmatic launch only with LMSERVE_PDL=1
+    (_triton.pdl_options)."""
     strips, sms = math.ceil(out_features / TILE_N), num_sms(device)
     least = math.ceil(num_blocks / CUDA_GEMV_MAX_BLOCKS)
+    pdl = int(bool(pdl_options(device)))
     if strips >= sms:
-        return {"blocks_per_cta": math.ceil(num_blocks / least), "prefetch": 0}
+        return {"blocks_per_cta": math.ceil(num_blocks / least), "prefetch": 0, "pdl": pdl}
     splits = max(least, min(sms // strips, math.ceil(num_blocks / 8)))
-    return {"blocks_per_cta": math.ceil(num_blocks / splits), "prefetch": 1}
+    return {"blocks_per_cta": math.ceil(num_blocks / splits), "prefetch": 1, "pdl": pdl}
 
 
 def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
@@ -548,10 +550,11 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     device = cuda_jit.device_index(x.device)
-    prefetch = options.get("prefetch", 0)
-    if prefetch not in (0, 1):
-        raise ValueError(f"prefetch must be 0 or 1, got {prefetch}")
-    suffix = "_pf" if prefetch else ""
+    prefetch, pdl = options.get("prefetch", 0), options.get("pdl", 0)
+    for name, value in (("prefetch", prefetch), ("pdl", pdl)):
+        if value not in (0, 1):
+            raise ValueError(f"{name} must be 0 or 1, got {value}")
+    suffix = ("_pf" if prefetch else "") + ("_pdl" if pdl else "")
     handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)
@@ -575,7 +578,9 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
             ctypes.c_longlong(weight.scales.stride(0)),
             ctypes.c_int(weight.scales.dtype == torch.bfloat16),
         ]
-        cuda_jit.launch(handle, (strips, splits, 1), (CUDA_GEMV_THREADS, 1, 1), args, stream)
+        cuda_jit.launch(
+            handle, (strips, splits, 1), (CUDA_GEMV_THREADS, 1, 1), args, stream, programmatic=bool(pdl)
+        )
 
 
 def _launch_dot(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:

@@ -90,3 +90,28 @@ def test_cuda_gemv_split_counters_survive_graph_replays(blocks_per_cta: int) -> 
         out.zero_()
         graph.replay()
         assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("pdl", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_cuda_gemv_as_a_programmatic_dependent_reads_its_predecessor(pdl: int, prefetch: int) -> None:
+    """With pdl each launch starts while the one before still runs and waits (griddepcontrol.wait) before it reads
+    x: a second GEMV whose x is the first one's output must see it whole, split counters included, in replays."""
+    k = n = 4096
+    first, second = (random_awq(k, n, 128, torch.float16) for _ in range(2))
+    w1, w2 = (repack_awq(*weights, 128) for weights in (first, second))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    options = {"kernel": "cuda", "blocks_per_cta": 8, "prefetch": prefetch, "pdl": pdl}
+    w4a16_matmul(w4a16_matmul(x, w1, **options), w2, **options)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_matmul(x, w1, **options)
+        twice = w4a16_matmul(out, w2, **options)
+    for _ in range(3):
+        out.zero_()
+        twice.zero_()
+        graph.replay()
+        assert relative_error(out, awq_gemm_ref(x, *first, 128)) < TOLERANCE[torch.bfloat16]
+        assert relative_error(twice, awq_gemm_ref(out, *second, 128)) < TOLERANCE[torch.bfloat16]
+    with pytest.raises(ValueError, match="pdl"):
+        w4a16_matmul(x, w1, kernel="cuda", pdl=2)

@@ -57,7 +57,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
 }
 
 // G: groups per 128-row block (1 for group sizes >= 128, else 128 / group); a group spans 8 / G nibbles j.
-template <int G, bool BF16, bool PREFETCH>
+template <int G, bool BF16, bool PREFETCH, bool PDL>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __restrict__ qweight,
                                         const u16* __restrict__ scales, const u16* __restrict__ zeros,
                                         u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ locks,
@@ -99,6 +99,10 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         }
     };
     if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
+    if (PDL) {  // launched as a programmatic dependent: the loads above need nothing of the kernel before, x does
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;");  // after the wait: no chain of early waiting kernels
+    }
 
     for (int idx = tid; idx < nkb * 128; idx += THREADS) {  // x of this split; zero past K
         const int k = kb0 * 128 + idx;
@@ -210,28 +214,30 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (tid == 0) atomicExch(locks + strip, 0);
 }
 
-#define W4_GEMV(NAME, G, BF16, PREFETCH)                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                       \
+#define W4_GEMV(NAME, G, BF16, PREFETCH, PDL)                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
         const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
         int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
         long long stride_s, int scales_bf16) {                                                                  \
-        w4_gemv<G, BF16, PREFETCH>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks,            \
-                                   blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16);          \
+        w4_gemv<G, BF16, PREFETCH, PDL>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks,       \
+                                        blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16);     \
     }
+// each kernel also as NAME_pdl, launched as a programmatic dependent (LMSERVE_PDL=1, kernels/_triton.py)
+#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH) W4_GEMV(NAME, G, BF16, PREFETCH, false) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true)
 
-W4_GEMV(w4_gemv_bf16_g1, 1, true, false)
-W4_GEMV(w4_gemv_bf16_g2, 2, true, false)
-W4_GEMV(w4_gemv_bf16_g4, 4, true, false)
-W4_GEMV(w4_gemv_bf16_g8, 8, true, false)
-W4_GEMV(w4_gemv_f16_g1, 1, false, false)
-W4_GEMV(w4_gemv_f16_g2, 2, false, false)
-W4_GEMV(w4_gemv_f16_g4, 4, false, false)
-W4_GEMV(w4_gemv_f16_g8, 8, false, false)
-W4_GEMV(w4_gemv_bf16_g1_pf, 1, true, true)
-W4_GEMV(w4_gemv_bf16_g2_pf, 2, true, true)
-W4_GEMV(w4_gemv_bf16_g4_pf, 4, true, true)
-W4_GEMV(w4_gemv_bf16_g8_pf, 8, true, true)
-W4_GEMV(w4_gemv_f16_g1_pf, 1, false, true)
-W4_GEMV(w4_gemv_f16_g2_pf, 2, false, true)
-W4_GEMV(w4_gemv_f16_g4_pf, 4, false, true)
-W4_GEMV(w4_gemv_f16_g8_pf, 8, false, true)
+W4_GEMV_BOTH(w4_gemv_bf16_g1, 1, true, false)
+W4_GEMV_BOTH(w4_gemv_bf16_g2, 2, true, false)
+W4_GEMV_BOTH(w4_gemv_bf16_g4, 4, true, false)
+W4_GEMV_BOTH(w4_gemv_bf16_g8, 8, true, false)
+W4_GEMV_BOTH(w4_gemv_f16_g1, 1, false, false)
+W4_GEMV_BOTH(w4_gemv_f16_g2, 2, false, false)
+W4_GEMV_BOTH(w4_gemv_f16_g4, 4, false, false)
+W4_GEMV_BOTH(w4_gemv_f16_g8, 8, false, false)
+W4_GEMV_BOTH(w4_gemv_bf16_g1_pf, 1, true, true)
+W4_GEMV_BOTH(w4_gemv_bf16_g2_pf, 2, true, true)
+W4_GEMV_BOTH(w4_gemv_bf16_g4_pf, 4, true, true)
+W4_GEMV_BOTH(w4_gemv_bf16_g8_pf, 8, true, true)
+W4_GEMV_BOTH(w4_gemv_f16_g1_pf, 1, false, true)
+W4_GEMV_BOTH(w4_gemv_f16_g2_pf, 2, false, true)
+W4_GEMV_BOTH(w4_gemv_f16_g4_pf, 4, false, true)
+W4_GEMV_BOTH(w4_gemv_f16_g8_pf, 8, false, true)
