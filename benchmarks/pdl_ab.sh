@@ -9,7 +9,7 @@ t0=$SECONDS
 stamp() { echo "== $1 at $((SECONDS - t0)) s"; }
 for pdl in 0 1; do
   stamp "sweep pdl=$pdl"
-  LMSERVE_PDL=$pdl timeout 150 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --formats awq fp8 \
+  LMSERVE_PDL=$pdl timeout 200 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --formats awq fp8 \
     --json $OUT/sweep_pdl$pdl.json 2>&1 | grep -v Warning | tail -1 | cut -c1-600
 done
 for pdl in 0 1; do
