@@ -35,3 +35,25 @@ __device__ __forceinline__ float load_l2(const float* p) {
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
+
+// Split-K finish inside the launch: each CTA of an output tile stores its float32 partial `value` (threads with
+// `active`, one output `col` each) in split order at partial[split * N + col]; the tile's last arriving CTA (the
+// arrival counter `lock`, which it resets for the next launch) returns true with `value` the sum of every split's
+// partial in split order (the same sum whichever CTA arrives last); the others return false and must exit.
+__device__ __forceinline__ bool finish_splits(float& value, float* __restrict__ partial, int* __restrict__ lock,
+                                              int col, bool active, int N) {
+    __shared__ int is_last;
+    if (active) partial[(long long)blockIdx.y * N + col] = value;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(lock, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return false;
+    __threadfence();
+    if (active) {
+        value = 0.0f;
+        for (int sp = 0; sp < (int)gridDim.y; ++sp) value += load_l2(partial + (long long)sp * N + col);
+    }
+    if (threadIdx.x == 0) atomicExch(lock, 0);
+    return true;
+}

@@ -13,7 +13,7 @@
 // With PDL (the _pdl kernels, launched as programmatic dependents) the first chunk's weight loads are issued
 // before griddepcontrol.wait, i.e. while the kernel before still runs; everything else comes after the wait.
 // Splits finish in the launch: float32 partials, and the tile's last CTA (an arrival counter it resets) adds them
-// in split order (as w4_gemv.cu).
+// in split order (common.cuh: finish_splits).
 //
 // No headers: compiled by NVRTC at run time (lmserve/kernels/cuda_jit.py).
 
@@ -42,7 +42,6 @@ __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsign
     constexpr int THREADS = WARPS * 32, CHUNK = 64 * U;
     extern __shared__ __align__(16) u16 xs[];  // num_chunks * CHUNK halves (the launch sizes it)
     __shared__ float red[WARPS][16];
-    __shared__ int is_last;
 
     const int tile = blockIdx.x, split = blockIdx.y;
     const int k0 = split * k_per_cta, k_len = min(k_per_cta, K - k0);
@@ -112,20 +111,7 @@ __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsign
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) value += red[v][tid];
     }
-    if (gridDim.y > 1) {
-        if (tid < 16 && row < N) partial[(long long)split * N + row] = value;
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) is_last = atomicAdd(locks + tile, 1) == (int)gridDim.y - 1;
-        __syncthreads();
-        if (!is_last) return;
-        __threadfence();
-        if (tid < 16 && row < N) {
-            value = 0.0f;
-            for (int sp = 0; sp < (int)gridDim.y; ++sp) value += load_l2(partial + (long long)sp * N + row);
-        }
-        if (tid == 0) atomicExch(locks + tile, 0);
-    }
+    if (gridDim.y > 1 && !finish_splits(value, partial, locks + tile, row, tid < 16 && row < N, N)) return;
     if (tid < 16 && row < N) {
         value *= 256.0f * w_scale[row];
         if (has_bias) value += to_float(bias[row], BF16);

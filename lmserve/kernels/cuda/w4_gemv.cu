@@ -69,7 +69,6 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     __shared__ __align__(16) u16 xs[MAX_BLOCKS_PER_CTA * 128];
     __shared__ float xsum[MAX_BLOCKS_PER_CTA * 8];
     __shared__ __align__(16) float red[WARPS][64];
-    __shared__ int is_last;
 
     const int strip = blockIdx.x, split = blockIdx.y;
     const int kb0 = split * blocks_per_cta;
@@ -195,23 +194,8 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) value += red[v][tid];
     }
-    if (gridDim.y == 1) {
-        if (tid < 64 && col < N) out[col] = from_float(value, BF16);
-        return;
-    }
-    if (tid < 64 && col < N) partial[(long long)split * N + col] = value;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) is_last = atomicAdd(locks + strip, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    if (tid < 64 && col < N) {
-        float acc = 0.0f;
-        for (int sp = 0; sp < (int)gridDim.y; ++sp) acc += load_l2(partial + (long long)sp * N + col);
-        out[col] = from_float(acc, BF16);
-    }
-    if (tid == 0) atomicExch(locks + strip, 0);
+    if (gridDim.y > 1 && !finish_splits(value, partial, locks + strip, col, tid < 64 && col < N, N)) return;
+    if (tid < 64 && col < N) out[col] = from_float(value, BF16);
 }
 
 #define W4_GEMV(NAME, G, BF16, PREFETCH, PDL)                                                                   \
