@@ -1,16 +1,17 @@
 """`lite` entry points: auto_awq (W4A16), smooth_quant (W8A8) and calibrate, layer by layer.
 
 What `--search-scale` means: off, the AWQ scales use LMDeploy's fixed ratio 0.5 from the activations'
-per-channel absmax (no search, no clipping, nearest rounding), as LMDeploy does. On, the ratio is searched
-on a grid per group of linears against the block's output (AutoAWQ), each weight group's clip range is
-searched (AutoAWQ), and then the weights are rounded on those grids with GPTQ's error feedback instead of
-to the nearest point; each layer calibrates on the outputs of the already quantized layers before it.
+per-channel absmax, as LMDeploy does; on, the ratio is searched on a grid per group of linears against the
+block's output (AutoAWQ). Either way each weight group's clip range is then searched (AutoAWQ), the weights
+are rounded on those grids with GPTQ's error feedback instead of to the nearest point (unlike LMDeploy), and
+each layer calibrates on the outputs of the already quantized layers before it.
 The checkpoint is the same AutoAWQ GEMM layout either way. `rtn=True` (`--rtn`, ours) turns all of it
 off: plain round-to-nearest, the baseline.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,27 @@ def _check_awq_shapes(config: ModelConfig, group_size: int) -> None:
         check_group_size(size, group_size, name)
 
 
+def warn_small_calibration(config: ModelConfig, calib: CalibrationOptions) -> bool:
+    """Warn on stderr (and return True) when the calibration has fewer tokens than the widest linear input: that
+    input's Hessian (X^T X of the error-feedback rounding) is then rank-deficient, and the result swings with the
+    float summation order (SmolLM2 at 8 x 128 tokens: held-out ppl 18.27 on one CPU thread, 19.42 on two;
+    benchmarks/RESULTS.md)."""
+    tokens, widest = (
+        calib.calib_samples * calib.calib_seqlen,
+        max(config.hidden_size, config.intermediate_size),
+    )
+    if tokens >= widest:
+        return False
+    print(
+        f"lmserve: warning: {calib.calib_samples} x {calib.calib_seqlen} = {tokens} calibration tokens are fewer "
+        f"than the widest layer input ({widest} features): its statistics are rank-deficient and the result "
+        f"varies from run to run; give --calib-samples x --calib-seqlen >= {widest}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
 def _check_dataset(dataset: str) -> None:
     load_text(dataset, "calib")  # FileNotFoundError / ValueError now, not after loading the model
 
@@ -133,6 +155,7 @@ def auto_awq(
     _check_awq_shapes(config, options.w_group_size)
     if not options.rtn:
         _check_dataset(calib.calib_dataset)
+        warn_small_calibration(config, calib)
     # AutoAWQ and vLLM's AWQ kernels run in float16, so that is the default output.
     out_dtype = torch.float16 if dtype == "auto" else _output_dtype(dtype, torch.float16, config)
     float_model = load_float_model(model, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,11 +28,15 @@ import sys
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 engine = LLMEngine.from_pretrained(None, EngineConfig(), detokenize=False)
-print(sorted(engine.scheduler.eos_token_ids), "transformers" in sys.modules)
+print(sorted(engine.scheduler.eos_token_ids), "transformers" in sys.modules, "triton" in sys.modules)
 """
 
 
 def test_engine_core_starts_without_transformers() -> None:
-    """A server's core loads the embedded model with its EOS ids from the GGUF, not transformers' tokenizer."""
-    done = subprocess.run([sys.executable, "-c", CORE_PATH], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[2] False"
+    """A server's core loads the embedded model with its EOS ids from the GGUF, not transformers' tokenizer; without
+    a CUDA device (and no TRITON_INTERPRET) it does not import Triton either (kernels/_triton.py)."""
+    import torch
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", CORE_PATH], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip().splitlines()[-1] == f"[2] False {torch.cuda.is_available()}"

@@ -12,10 +12,18 @@ from safetensors.torch import load_file
 
 from lmserve.cli.main import main
 from lmserve.layers.quant_formats import awq_dequantize
+from lmserve.models.loader import load_model_config, resolve_model
 from lmserve.quant import quantize
 from lmserve.quant.calibrate import STATS_FILE, load_float_model
 from lmserve.quant.checkpoint import load_quantized_model
-from lmserve.quant.quantize import AWQOptions, CalibrationOptions, auto_awq, calibrate, smooth_quant
+from lmserve.quant.quantize import (
+    AWQOptions,
+    CalibrationOptions,
+    auto_awq,
+    calibrate,
+    smooth_quant,
+    warn_small_calibration,
+)
 
 CALIB = CalibrationOptions(calib_samples=4, calib_seqlen=64)
 
@@ -237,7 +245,11 @@ def test_cli_round_trip_and_eval(tiny: Path, tmp_path: Path, capsys: pytest.Capt
     work = tmp_path / "w"
     args = ["--work-dir", str(work), "--w-group-size", "32", "--calib-samples", "2", "--calib-seqlen", "32"]
     assert main(["lite", "auto_awq", str(tiny), *args, "--eval-tokens", "300"]) == 0
-    quality = capsys.readouterr().out.splitlines()[-1]  # held-out perplexity (...): X before, Y after (+Z %)
+    captured = capsys.readouterr()
+    assert (
+        "2 x 32 = 64 calibration tokens are fewer than the widest layer input (256 features)" in captured.err
+    )
+    quality = captured.out.splitlines()[-1]  # held-out perplexity (...): X before, Y after (+Z %)
     before, after = (float(quality.split()[i]) for i in (-6, -4))
     for folder, expected in ((tiny, before), (work, after)):  # `eval ppl` on the same 300 tokens agrees
         assert main(["eval", "ppl", str(folder), "--num-tokens", "300"]) == 0
@@ -260,3 +272,14 @@ def test_eval_ppl_through_the_engine_matches_transformers(tiny: Path, capsys: py
     int8 = float(capsys.readouterr().out.split()[1])
     assert int8 != pytest.approx(plain.perplexity, rel=1e-7)
     assert int8 == pytest.approx(plain.perplexity, rel=1e-2)
+
+
+def test_a_calibration_smaller_than_the_widest_input_warns(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tiny's widest linear input is down_proj's 256: fewer calibration tokens leave its Hessian rank-deficient."""
+    config = load_model_config(resolve_model(str(tiny)))
+    assert not warn_small_calibration(config, CalibrationOptions(calib_samples=4, calib_seqlen=64))
+    assert capsys.readouterr().err == ""
+    assert warn_small_calibration(config, CalibrationOptions(calib_samples=2, calib_seqlen=127))
+    assert "2 x 127 = 254 calibration tokens" in capsys.readouterr().err
