@@ -254,7 +254,7 @@ def cuda_gemv_runs(
 def cuda_gemv_options(in_features: int, device: torch.device) -> dict[str, int]:
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --fp8-cuda):
     8 warps, 2 x 64 inputs a chunk, K split only where it exceeds CUDA_MAX_K_PER_CTA (splitting the 256-tile
-    o and down projections measured slower), a programmatic launch only with LMSERVE_PDL=1 (_triton.pdl_options)."""
+    o and down projections measured slower), a programmatic launch on sm_90+ unless LMSERVE_PDL=0 (_triton.pdl_options)."""
     return {
         "warps": 8,
         "unroll": 2,

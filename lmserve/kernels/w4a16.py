@@ -529,7 +529,7 @@ def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) 
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --cuda-gemv):
     with at least one 64-column strip per SM (gate_up), no prefetch (124 registers, 2 CTAs per SM) and one split
     up to CUDA_GEMV_MAX_BLOCKS blocks; with fewer strips (qkv, o, down), the prefetching kernel (178 registers, one
-    CTA per SM) and as many splits as fill the SMs once. A programmatic launch only with LMSERVE_PDL=1
+    CTA per SM) and as many splits as fill the SMs once. A programmatic launch on sm_90+ unless LMSERVE_PDL=0
     (_triton.pdl_options)."""
     strips, sms = math.ceil(out_features / TILE_N), num_sms(device)
     least = math.ceil(num_blocks / CUDA_GEMV_MAX_BLOCKS)
