@@ -140,7 +140,6 @@ def _fp8_gemv_kernel(
     USE_DOT: e4m3 -> x's dtype (exact) and a tensor-core dot with the rows padded to BLOCK_M; otherwise (one row)
     e4m3 -> float32 and multiply-adds on the CUDA cores, one sum over K at the end.
     """
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -155,7 +154,23 @@ def _fp8_gemv_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    if PDL and not USE_DOT:  # one row: the first tile's weights load while the kernel before still runs
+        ks = k_start + lanes  # every split holds at least one tile (num_splits = ceil(blocks / per split))
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+        pdl_enter(PDL)  # x (and the split counters) only after the kernel before has finished
+        if EVEN:
+            xk = tl.load(x_ptr + ks)
+        else:
+            xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
+        acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+        k_first = k_start + BLOCK_K
+    else:
+        pdl_enter(PDL)
+        k_first = k_start
+    for k0 in range(k_first, k_end, BLOCK_K):
         ks = k0 + lanes
         if EVEN:
             w = tl.load(w_rows + ks[None, :])
