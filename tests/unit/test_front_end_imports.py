@@ -38,5 +38,7 @@ def test_engine_core_starts_without_transformers() -> None:
     import torch
 
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", CORE_PATH], capture_output=True, text=True, check=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", CORE_PATH], capture_output=True, text=True, check=True, env=env
+    )
     assert done.stdout.strip().splitlines()[-1] == f"[2] False {torch.cuda.is_available()}"
