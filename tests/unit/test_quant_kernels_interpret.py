@@ -148,6 +148,30 @@ def test_fp8_gemv(num_rows: int, k: int, n: int, options: dict, bias: bool) -> N
     assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3
 
 
+@child_only
+@pytest.mark.parametrize(
+    "k,n,options",
+    [
+        (256, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # whole blocks: unmasked loads
+        (200, 48, {"block_n": 32, "block_k": 64, "use_dot": 0, "k_per_split": 64}),  # masked, 4 splits
+        (64, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # the peeled first tile is the only one
+    ],
+)
+def test_fp8_gemv_pdl_path(k: int, n: int, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-row program as launched under PDL (its first weight tile loaded before pdl_enter, the loop from the
+    second): the interpreter has no griddepcontrol, so pdl_enter is a no-op here; the sums must not change."""
+    from lmserve.kernels import fp8
+
+    monkeypatch.setattr(fp8, "pdl_options", lambda device: {"PDL": True})
+    monkeypatch.setattr(fp8, "pdl_enter", lambda PDL: None)  # noqa: N803 (the kernel's constexpr)
+    generator = torch.Generator().manual_seed(k + n)
+    weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, generator=generator) * 0.05)
+    x = torch.randn(1, k, generator=generator).to(DTYPE)
+    b = torch.randn(n, generator=generator).to(DTYPE)
+    out = fp8_gemv(x, weight, weight_scale, b, **options)
+    assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3
+
+
 def assert_same_fp8_rows(fused: Any, unfused: torch.Tensor) -> None:
     """fused (an Fp8Activation) holds per_token_quant_fp8 of the 16-bit rows the unfused kernel wrote: the scales
     equal quantize_rows_fp8's exactly, the e4m3 values those of the interpreter's own quantizer (its float ->
