@@ -73,12 +73,14 @@ its dependent launch, so the next kernel's launch overlaps this one's run. (Sign
 of kernels launch early, each holding SM slots while it waits: FP8 lost 2.4 % that way.) On one H200, batch-1
 decode: bf16 +4.6 %, AWQ +9.7 %, FP8 +8.1 % (benchmarks/RESULTS.md, 2026-12-06)."""
 
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+HAS_GDC = False
+if HAS_TRITON:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    HAS_GDC = True
-except ImportError:  # Triton before 3.4, or none
-    HAS_GDC = False
+        HAS_GDC = True
+    except ImportError:  # Triton before 3.4
+        pass
 
 _PDL_DEVICES: dict[int, bool] = {}
 
