@@ -36,6 +36,14 @@ __device__ __forceinline__ float load_l2(const float* p) {
     return v;
 }
 
+// A kernel launched as a programmatic dependent (PDL, kernels/_triton.py): wait until the kernel before has finished
+// and its writes are visible, then let the next kernel launch (waiting first keeps the chain of launched-but-waiting
+// kernels one deep). Loads that need nothing of the kernel before (weights) may be issued before it.
+__device__ __forceinline__ void pdl_enter() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+}
+
 // Split-K finish inside the launch: each CTA of an output tile stores its float32 partial `value` (threads with
 // `active`, one output `col` each) in split order at partial[split * N + col]; the tile's last arriving CTA (the
 // arrival counter `lock`, which it resets for the next launch) returns true with `value` the sum of every split's

@@ -61,10 +61,7 @@ __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsign
         }
     };
     if (warp < num_chunks) load_chunk(warp);  // the first chunk's weights are on their way while x is staged
-    if (PDL) {  // launched as a programmatic dependent: the weights above need nothing of the kernel before, x does
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;");  // after the wait: no chain of early waiting kernels
-    }
+    if (PDL) pdl_enter();  // the weights above need nothing of the kernel before, x does
 
     for (int idx = 8 * tid; idx < num_chunks * CHUNK; idx += 8 * THREADS) {  // x * 2^-8 as float16, 0 past K
         uint4 v = make_uint4(0, 0, 0, 0);

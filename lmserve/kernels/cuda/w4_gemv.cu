@@ -98,10 +98,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         }
     };
     if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
-    if (PDL) {  // launched as a programmatic dependent: the loads above need nothing of the kernel before, x does
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;");  // after the wait: no chain of early waiting kernels
-    }
+    if (PDL) pdl_enter();  // the loads above need nothing of the kernel before, x does
 
     for (int idx = tid; idx < nkb * 128; idx += THREADS) {  // x of this split; zero past K
         const int k = kb0 * 128 + idx;
@@ -206,7 +203,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         w4_gemv<G, BF16, PREFETCH, PDL>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks,       \
                                         blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16);     \
     }
-// each kernel also as NAME_pdl, launched as a programmatic dependent (LMSERVE_PDL=1, kernels/_triton.py)
+// each kernel also as NAME_pdl, launched as a programmatic dependent (on sm_90+ unless LMSERVE_PDL=0, kernels/_triton.py)
 #define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH) W4_GEMV(NAME, G, BF16, PREFETCH, false) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true)
 
 W4_GEMV_BOTH(w4_gemv_bf16_g1, 1, true, false)
