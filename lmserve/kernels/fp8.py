@@ -128,6 +128,22 @@ def gemv_supported(x: torch.Tensor) -> bool:
 
 
 @jit
+def _gemv_weight_tile(w_rows, ks, k_end, col_mask, EVEN: tl.constexpr):  # noqa: N803 (a constexpr)
+    """_fp8_gemv_kernel's [BLOCK_N, BLOCK_K] weight tile at inputs ks (unmasked where every tile is whole)."""
+    if EVEN:
+        return tl.load(w_rows + ks[None, :])
+    return tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+
+
+@jit
+def _gemv_row_tile(x_ptr, ks, k_end, EVEN: tl.constexpr):  # noqa: N803 (a constexpr)
+    """One row's inputs ks, as _gemv_weight_tile."""
+    if EVEN:
+        return tl.load(x_ptr + ks)
+    return tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
+
+
+@jit
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
@@ -156,15 +172,9 @@ def _fp8_gemv_kernel(
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if PDL and not USE_DOT:  # one row: the first tile's weights load while the kernel before still runs
         ks = k_start + lanes  # every split holds at least one tile (num_splits = ceil(blocks / per split))
-        if EVEN:
-            w = tl.load(w_rows + ks[None, :])
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+        w = _gemv_weight_tile(w_rows, ks, k_end, col_mask, EVEN)
         pdl_enter(PDL)  # x (and the split counters) only after the kernel before has finished
-        if EVEN:
-            xk = tl.load(x_ptr + ks)
-        else:
-            xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
+        xk = _gemv_row_tile(x_ptr, ks, k_end, EVEN)
         acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
         k_first = k_start + BLOCK_K
     else:
@@ -172,10 +182,7 @@ def _fp8_gemv_kernel(
         k_first = k_start
     for k0 in range(k_first, k_end, BLOCK_K):
         ks = k0 + lanes
-        if EVEN:
-            w = tl.load(w_rows + ks[None, :])
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < k_end)[None, :], other=0.0)
+        w = _gemv_weight_tile(w_rows, ks, k_end, col_mask, EVEN)
         if USE_DOT:
             a = tl.load(
                 x_ptr + rows[:, None] * stride_xm + ks[None, :],
@@ -184,10 +191,7 @@ def _fp8_gemv_kernel(
             )
             acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
         else:
-            if EVEN:
-                xk = tl.load(x_ptr + ks)
-            else:
-                xk = tl.load(x_ptr + ks, mask=ks < k_end, other=0.0)
+            xk = _gemv_row_tile(x_ptr, ks, k_end, EVEN)
             acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
     if not USE_DOT:
         acc = tl.sum(acc2, 1)[None, :]
