@@ -82,23 +82,31 @@ if HAS_TRITON:
     except ImportError:  # Triton before 3.4
         pass
 
+PDL_WANTED = HAS_GDC and os.environ.get(PDL_ENV, "1") != "0"
+"""Read once at import: pdl_enabled runs on every launch of the eager (prefill) path."""
 _PDL_DEVICES: dict[int, bool] = {}
+_PDL_KEYWORDS = {"PDL": True, "launch_pdl": True}
 
 
-def pdl_options(device: Any) -> dict[str, bool]:
-    """Launch keywords of a kernel that starts with pdl_enter(PDL): PDL and launch_pdl on an sm_90+ GPU unless
-    LMSERVE_PDL=0, else nothing (PDL keeps its default, False)."""
+def pdl_enabled(device: Any) -> bool:
+    """Whether kernels on `device` launch as programmatic dependents: an sm_90+ GPU, unless LMSERVE_PDL=0."""
     import torch
 
-    if not HAS_GDC or os.environ.get(PDL_ENV, "1") == "0":
-        return {}
+    if not PDL_WANTED:
+        return False
     device = torch.device(device)
     if device.type != "cuda":
-        return {}
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PDL_DEVICES:
         _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+    return _PDL_DEVICES[index]
+
+
+def pdl_options(device: Any) -> dict[str, bool]:
+    """Launch keywords of a Triton kernel that starts with pdl_enter(PDL): PDL and launch_pdl where pdl_enabled,
+    else nothing (PDL keeps its default, False). Read only: the same dict every time."""
+    return _PDL_KEYWORDS if pdl_enabled(device) else {}
 
 
 if HAS_TRITON:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.kernels import cuda_jit
-from lmserve.kernels._triton import HAS_TRITON, jit, pdl_enter, pdl_options, tl
+from lmserve.kernels._triton import HAS_TRITON, jit, pdl_enabled, pdl_enter, pdl_options, tl
 from lmserve.kernels.int8_gemm import per_token_quant
 from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
@@ -273,12 +273,12 @@ def cuda_gemv_runs(
 def cuda_gemv_options(in_features: int, device: torch.device) -> dict[str, int]:
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --fp8-cuda):
     8 warps, 2 x 64 inputs a chunk, K split only where it exceeds CUDA_MAX_K_PER_CTA (splitting the 256-tile
-    o and down projections measured slower), a programmatic launch on sm_90+ unless LMSERVE_PDL=0 (_triton.pdl_options)."""
+    o and down projections measured slower), a programmatic launch on sm_90+ unless LMSERVE_PDL=0 (_triton.pdl_enabled)."""
     return {
         "warps": 8,
         "unroll": 2,
         "splits": math.ceil(in_features / CUDA_MAX_K_PER_CTA),
-        "pdl": int(bool(pdl_options(device))),
+        "pdl": int(pdl_enabled(device)),
     }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmserve.kernels import cuda_jit
-from lmserve.kernels._triton import jit, num_sms, pdl_options, tl
+from lmserve.kernels._triton import jit, num_sms, pdl_enabled, tl
 from lmserve.kernels.awq_dequant import unpack_awq
 from lmserve.kernels.split_k import choose_splits, finish_split, split_partials, tile_locks
 
@@ -530,10 +530,10 @@ def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) 
     with at least one 64-column strip per SM (gate_up), no prefetch (124 registers, 2 CTAs per SM) and one split
     up to CUDA_GEMV_MAX_BLOCKS blocks; with fewer strips (qkv, o, down), the prefetching kernel (178 registers, one
     CTA per SM) and as many splits as fill the SMs once. A programmatic launch on sm_90+ unless LMSERVE_PDL=0
-    (_triton.pdl_options)."""
+    (_triton.pdl_enabled)."""
     strips, sms = math.ceil(out_features / TILE_N), num_sms(device)
     least = math.ceil(num_blocks / CUDA_GEMV_MAX_BLOCKS)
-    pdl = int(bool(pdl_options(device)))
+    pdl = int(pdl_enabled(device))
     if strips >= sms:
         return {"blocks_per_cta": math.ceil(num_blocks / least), "prefetch": 0, "pdl": pdl}
     splits = max(least, min(sms // strips, math.ceil(num_blocks / 8)))
