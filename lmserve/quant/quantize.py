@@ -92,13 +92,17 @@ def _check_model(model: str | None) -> ModelConfig:
     return config
 
 
-def _check_awq_shapes(config: ModelConfig, group_size: int) -> None:
-    in_features = {
+def _linear_in_features(config: ModelConfig) -> dict[str, int]:
+    """Input features of a decoder layer's linears."""
+    return {
         "q/k/v/gate/up_proj": config.hidden_size,
         "o_proj": config.num_attention_heads * config.head_dim,
         "down_proj": config.intermediate_size,
     }
-    for name, size in in_features.items():
+
+
+def _check_awq_shapes(config: ModelConfig, group_size: int) -> None:
+    for name, size in _linear_in_features(config).items():
         check_group_size(size, group_size, name)
 
 
@@ -107,10 +111,7 @@ def warn_small_calibration(config: ModelConfig, calib: CalibrationOptions) -> bo
     input's Hessian (X^T X of the error-feedback rounding) is then rank-deficient, and the result swings with the
     float summation order (SmolLM2 at 8 x 128 tokens: held-out ppl 18.27 on one CPU thread, 19.42 on two;
     benchmarks/RESULTS.md)."""
-    tokens, widest = (
-        calib.calib_samples * calib.calib_seqlen,
-        max(config.hidden_size, config.intermediate_size),
-    )
+    tokens, widest = calib.calib_samples * calib.calib_seqlen, max(_linear_in_features(config).values())
     if tokens >= widest:
         return False
     print(
