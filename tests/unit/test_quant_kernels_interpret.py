@@ -133,42 +133,29 @@ def test_int8_gemm(blocks_per_split: int | None) -> None:
     [
         (1, 256, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # whole blocks: unmasked loads
         (1, 200, 48, {"block_n": 32, "block_k": 64, "use_dot": 0, "k_per_split": 64}),  # masked, 4 splits
+        (1, 64, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # one tile: under PDL only the peeled one
         (1, 256, 64, {"block_n": 32, "block_k": 64, "use_dot": 1}),
         (5, 200, 48, {"block_n": 32, "block_k": 64, "k_per_split": 128}),  # tensor cores, 2 splits
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_gemv(num_rows: int, k: int, n: int, options: dict, bias: bool) -> None:
+@pytest.mark.parametrize("pdl", [False, True])
+def test_fp8_gemv(
+    num_rows: int, k: int, n: int, options: dict, bias: bool, pdl: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pdl: the program as launched under PDL (one row: its first weight tile loaded before pdl_enter, the loop from
+    the second); the interpreter has no griddepcontrol, so pdl_enter is a no-op here and the sums must not change."""
+    if pdl:
+        from lmserve.kernels import fp8
+
+        monkeypatch.setattr(fp8, "pdl_options", lambda device: {"PDL": True})
+        monkeypatch.setattr(fp8, "pdl_enter", lambda PDL: None)  # noqa: N803 (the kernel's constexpr)
     generator = torch.Generator().manual_seed(num_rows + k)
     weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, generator=generator) * 0.05)
     x = torch.randn(num_rows, k, generator=generator).to(DTYPE)
     b = torch.randn(n, generator=generator).to(DTYPE) if bias else None
     out = fp8_gemv(x, weight, weight_scale, b, **options)
     assert out.dtype == DTYPE and out.shape == (num_rows, n)
-    assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3
-
-
-@child_only
-@pytest.mark.parametrize(
-    "k,n,options",
-    [
-        (256, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # whole blocks: unmasked loads
-        (200, 48, {"block_n": 32, "block_k": 64, "use_dot": 0, "k_per_split": 64}),  # masked, 4 splits
-        (64, 64, {"block_n": 32, "block_k": 64, "use_dot": 0}),  # the peeled first tile is the only one
-    ],
-)
-def test_fp8_gemv_pdl_path(k: int, n: int, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one-row program as launched under PDL (its first weight tile loaded before pdl_enter, the loop from the
-    second): the interpreter has no griddepcontrol, so pdl_enter is a no-op here; the sums must not change."""
-    from lmserve.kernels import fp8
-
-    monkeypatch.setattr(fp8, "pdl_options", lambda device: {"PDL": True})
-    monkeypatch.setattr(fp8, "pdl_enter", lambda PDL: None)  # noqa: N803 (the kernel's constexpr)
-    generator = torch.Generator().manual_seed(k + n)
-    weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, generator=generator) * 0.05)
-    x = torch.randn(1, k, generator=generator).to(DTYPE)
-    b = torch.randn(n, generator=generator).to(DTYPE)
-    out = fp8_gemv(x, weight, weight_scale, b, **options)
     assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3
 
 
