@@ -1,6 +1,10 @@
 """Time paged decode attention (Llama-3-8B heads, 2k context) against the HBM copy bandwidth measured beside it.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--json results.json]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--json results.json] [--sweep]
+    PYTHONPATH=. python benchmarks/bench_kernels.py --job-sweep [--json results.json]
+
+--job-sweep times the decode of the 256 x 512/256 job instead (256 sequences at 528, 640 and 768 tokens of context,
+block size 64) over split counts, tiles, warps and stages.
 
 Each timed call reads a different set of blocks (enough sets to exceed L2), the timings are CUDA-event medians of
 CUDA-graph replays (the engine runs decode in graphs) and of eager calls; bytes = K and V of every context token
@@ -48,9 +52,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def make_block_tables(batch: int, block_size: int, num_sets: int) -> tuple[torch.Tensor, int]:
+def make_block_tables(
+    batch: int, block_size: int, num_sets: int, context_len: int = CONTEXT_LEN
+) -> tuple[torch.Tensor, int]:
     """num_sets disjoint random block tables [num_sets, batch, blocks_per_seq]; returns them and num_blocks."""
-    blocks_per_seq = CONTEXT_LEN // block_size
+    blocks_per_seq = -(-context_len // block_size)
     num_blocks = num_sets * batch * blocks_per_seq
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int64).to(torch.int32)
     return tables.view(num_sets, batch, blocks_per_seq), num_blocks
@@ -70,17 +76,17 @@ def graph_of(calls, replays_per_call: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def bench_decode(batch: int, block_size: int, **kernel_options) -> dict:
-    bytes_kv = 2 * batch * CONTEXT_LEN * NUM_KV_HEADS * HEAD_DIM * 2
+def bench_decode(batch: int, block_size: int, context_len: int = CONTEXT_LEN, **kernel_options) -> dict:
+    bytes_kv = 2 * batch * context_len * NUM_KV_HEADS * HEAD_DIM * 2
     bytes_total = bytes_kv + 2 * batch * NUM_Q_HEADS * HEAD_DIM * 2
     num_sets = max(1, math.ceil(2 * L2_BYTES / bytes_kv))
-    tables, num_blocks = make_block_tables(batch, block_size, num_sets)
+    tables, num_blocks = make_block_tables(batch, block_size, num_sets, context_len)
     cache = torch.randn(
         2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16
     )
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    seq_lens = torch.full((batch,), CONTEXT_LEN, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((batch,), context_len, device="cuda", dtype=torch.int32)
     scale = HEAD_DIM**-0.5
 
     def call(index: int):
@@ -95,8 +101,9 @@ def bench_decode(batch: int, block_size: int, **kernel_options) -> dict:
         batch, NUM_KV_HEADS, tables.shape[2] * block_size, q.device
     )
     return {
-        "batch": batch, "block_size": block_size, "num_splits": splits,
+        "batch": batch, "block_size": block_size, "context_len": context_len, "num_splits": splits,
         "block_n": kernel_options.get("block_n", 64), "num_warps": kernel_options.get("num_warps", 4),
+        "num_stages": kernel_options.get("num_stages", 2),
         "bytes": bytes_total, "eager_us": eager_ms * 1e3, "graph_us": graph_ms * 1e3,
         "graph_tb_s": bytes_total / (graph_ms * 1e-3) / 1e12,
     }  # fmt: skip
@@ -153,9 +160,15 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="also try other tile sizes, warps and split counts"
     )
+    parser.add_argument(
+        "--job-sweep", action="store_true", help="the 256 x 512/256 job's decode shapes over launch settings"
+    )
     args = parser.parse_args()
     copy_tb_s = copy_bandwidth() / 1e12
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_tb_s:.2f} TB/s")
+    if args.job_sweep:
+        job_sweep(copy_tb_s, args.json)
+        return
     rows = []
     for batch in (1, 32, 128):
         for block_size in (16, 64):
@@ -196,6 +209,42 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as file:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows}, file, indent=1
+            )
+
+
+JOB_VARIANTS = (
+    [{}]
+    + [{"num_splits": s} for s in (1, 2, 3, 4)]
+    + [
+        {"num_splits": s, "block_n": n, "num_warps": w, "num_stages": st}
+        for s in (1, 2)
+        for n, w in ((64, 8), (128, 4), (128, 8), (32, 2), (32, 4))
+        for st in (2, 3)
+    ]
+    + [{"num_splits": s, "num_stages": st} for s in (1, 2) for st in (1, 3, 4)]
+)
+
+
+def job_sweep(copy_tb_s: float, json_path: str | None) -> None:
+    """256 sequences at the job's decode contexts (512 prompt + 16, 128, 256 generated), block size 64."""
+    rows = []
+    print("context splits block_n warps stages  graph_us  TB/s  %copy")
+    for context_len in (528, 640, 768):
+        for options in JOB_VARIANTS:
+            row = bench_decode(256, 64, context_len, **options)
+            row["fraction_of_copy"] = row["graph_tb_s"] / copy_tb_s
+            row["options"] = options
+            rows.append(row)
+            print(
+                f"{context_len:7d} {row['num_splits']:6d} {row['block_n']:7d} {row['num_warps']:5d} "
+                f"{row['num_stages']:6d} {row['graph_us']:9.1f} {row['graph_tb_s']:5.2f} "
+                f"{100 * row['fraction_of_copy']:5.1f}  {options or 'default'}",
+                flush=True,
+            )
+    if json_path:
+        with open(json_path, "w") as file:
             json.dump(
                 {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows}, file, indent=1
             )

@@ -21,7 +21,8 @@ from lmserve.kernels import w4a16
 CONFIG = "benchmarks/configs/llama3-8b.json"
 VARIANTS = {"awq_plane_dots": ("awq", {"wide": 0})}
 """--formats names that run a format with other kernel options: the W4A16 tensor-core kernel's old form (one dot
-per 16-row plane) beside the default (one dot per group)."""
+per 16-row plane) beside the default (one dot per group). A format name ending in `+lmfp8` (`awq+lmfp8`, `fp8+lmfp8`,
+`bf16+lmfp8`) runs it with --lm-head-fp8."""
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30, iterations: int = 20) -> float:
@@ -151,6 +152,8 @@ def model_bytes(engine: LLMEngine) -> int:
     """Bytes of every parameter, and of the W4A16 layers' repacked tensors (held outside the parameters)."""
     model = engine.runner.model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head_fp8 is not None:  # --lm-head-fp8: e4m3 weight and scales, not parameters
+        total += sum(t.numel() * t.element_size() for t in model.lm_head_fp8)
     for module in model.modules():
         w4 = getattr(module, "w4", None)
         if w4 is not None:
@@ -180,11 +183,17 @@ def quant_sweep(
     """W4A16 (AWQ), W8A8 and FP8 random models: batch-1 decode, batch-16/64 steps, memory (FP8 also the job);
     KV int8: capacity, the job."""
     for fmt in formats:
-        base_format, dot_override = VARIANTS.get(fmt, (fmt, None))
+        name, _, lm_head = fmt.partition("+")
+        if lm_head not in ("", "lmfp8"):
+            raise ValueError(f"format {fmt!r}: the only suffix is +lmfp8")
+        base_format, dot_override = VARIANTS.get(name, (name, None))
+        base_format = "auto" if base_format == "bf16" else base_format
         if dot_override:  # a kernel variant of a format: the W4A16 tensor-core kernel with other options
             default_dot_options = w4a16.dot_options
             w4a16.dot_options = lambda *shape, d=default_dot_options, o=dot_override: d(*shape) | o  # type: ignore[misc]
-        config = EngineConfig(device="cuda", model_format=base_format, max_batch_size=max_batch_size)
+        config = EngineConfig(
+            device="cuda", model_format=base_format, max_batch_size=max_batch_size, lm_head_fp8=bool(lm_head)
+        )
         engine = LLMEngine.from_random_weights(CONFIG, config)
         lat = latency(engine, input_len=128, output_len=128, iterations=3)
         results[f"{fmt}_bs1_decode_tok_per_s"] = lat.decode_tok_per_s_median

@@ -64,6 +64,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV cache quantization: 0, 8 (int8), 4 (int4), fp8 (float8 e4m3)",
     )
     group.add_argument("--model-format", choices=MODEL_FORMATS, default="auto", help="checkpoint format")
+    group.add_argument(
+        "--lm-head-fp8",
+        action="store_true",
+        help="quantize the lm_head to FP8 e4m3 per vocabulary row at load time (half its bytes per decode step)",
+    )
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
     group.add_argument(
         "--overlap-schedule",

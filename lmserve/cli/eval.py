@@ -39,6 +39,12 @@ def register(subparsers: Any) -> None:
         help="run through lmserve's engine (float32) with this format: fp8 quantizes a float checkpoint to FP8 "
         "W8A8 at load time (on a CPU its GEMM is emulated in float32 with the same e4m3 rounding)",
     )
+    parser.add_argument(
+        "--lm-head-fp8",
+        action="store_true",
+        help="run through lmserve's engine (float32) with the lm_head quantized to FP8 e4m3 per vocabulary row "
+        "(on a CPU its product is emulated in float32 with the same e4m3 rounding)",
+    )
     parser.set_defaults(func=run_ppl)
     evaluate.set_defaults(func=lambda _args: evaluate.print_help() or 2)
 
@@ -54,6 +60,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         args.stride,
         args.quant_policy,
         args.model_format,
+        args.lm_head_fp8,
     )
     print(result.summary())
     return 0

@@ -38,6 +38,8 @@ class ResolvedConfig:
     max_batch_size: int
     quant_policy: int | str = 0
     """KV cache quantization: 0 off, 8 int8, 4 int4, fp8 (EngineConfig.quant_policy)."""
+    lm_head_fp8: bool = False
+    """EngineConfig.lm_head_fp8: the model's lm_head quantized to e4m3 once its weights are in."""
 
 
 def resolve_device(name: str, gpus_needed: int = 1, index: int = 0) -> torch.device:
@@ -102,6 +104,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig, device_index
         session_len=session_len,
         max_batch_size=config.max_batch_size or default_batch,
         quant_policy=config.quant_policy,
+        lm_head_fp8=config.lm_head_fp8,
     )
 
 
@@ -119,7 +122,7 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
     model: Any = build_model(model_config, attention_backend(resolved), resolved.dtype, resolved.device)
     cache = weight_cache_for(source, model_config, resolved.dtype, resolved.device)
     if cache is not None and cache.load_into(model):
-        return model.eval()
+        return finish_lm_head(model, resolved).eval()
     weight_slice = model.weight_slice if tp_size() > 1 else None  # each rank reads only its shard
     weights = tqdm(
         iter_weights(source, model_config, weight_slice),
@@ -133,7 +136,14 @@ def load_model(source: Any, model_config: ModelConfig, resolved: ResolvedConfig)
         prepare_for_inference(model)
     if cache is not None:
         cache.save(model)
-    model.eval()
+    return finish_lm_head(model, resolved).eval()
+
+
+def finish_lm_head(model: Any, resolved: ResolvedConfig) -> Any:
+    """The model with its lm_head in e4m3 where --lm-head-fp8 asks (after the weight cache, which keeps the
+    checkpoint's weights)."""
+    if resolved.lm_head_fp8:
+        model.quantize_lm_head_fp8()
     return model
 
 
@@ -171,7 +181,7 @@ def random_model(model_config: ModelConfig, resolved: ResolvedConfig, seed: int 
                 info = torch.iinfo(param.dtype)
                 param.random_(info.min, info.max, generator=generator)
     prepare_for_inference(model)
-    return model.eval()
+    return finish_lm_head(model, resolved).eval()
 
 
 def random_quantization_config(model_format: str) -> dict[str, Any] | None:

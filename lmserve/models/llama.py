@@ -14,7 +14,7 @@ from lmserve.attention.backend import AttentionBackend
 from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
 from lmserve.kernels import cpu_native
-from lmserve.kernels.fp8 import Fp8Activation
+from lmserve.kernels.fp8 import Fp8Activation, fp8_linear, quantize_rows_fp8
 from lmserve.kernels.gemv import one_row_logits
 from lmserve.layers.activation import fp8_gated_activation, gated_activation
 from lmserve.layers.cpu_gemm import pack_weight, packable, packed_linear
@@ -260,6 +260,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None
         # CPU: oneDNN's blocked copy of a tied lm_head (the embedding) for more rows (set by pack_lm_head)
         self.lm_head_onednn: torch.Tensor | None = None
+        # --lm-head-fp8: (e4m3 weight [V, H], float32 scale [V, 1]); set by quantize_lm_head_fp8
+        self.lm_head_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -280,6 +282,9 @@ class LlamaForCausalLM(nn.Module):
         Under tp (vocabulary-parallel lm_head) every rank computes its rows' logits and rank 0, which
         samples, gathers them; the other ranks get their own rows back and drop them.
         """
+        if self.lm_head_fp8 is not None:  # the FP8 GEMV (<= 16 rows) or GEMM; the widened weight off CUDA
+            logits = fp8_linear(hidden, *self.lm_head_fp8, None)
+            return self.finish_logits(logits)
         gemv_logits = one_row_logits(hidden, self.lm_head_weight()) if hidden.is_cuda else None
         if gemv_logits is not None:  # CUDA, one row: float32 logits straight from the GEMV
             logits = gemv_logits
@@ -293,15 +298,33 @@ class LlamaForCausalLM(nn.Module):
             logits = packed_linear(hidden, self.lm_head_onednn)
         else:
             logits = F.linear(hidden, self.lm_head_weight())
+        return self.finish_logits(logits)
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """This rank's logits -> float32 [N, V] of the whole vocabulary (gathered on rank 0 under tp)."""
         if tp_size() == 1:
             return logits.float()
         return gather_to_first(logits, dim=-1)[:, : self.config.vocab_size].float()
 
     def lm_head_weight(self) -> torch.Tensor:
+        if self.lm_head_fp8 is not None and self.lm_head is None and not self.config.tie_word_embeddings:
+            raise RuntimeError("the 16-bit lm_head was replaced by its FP8 copy (--lm-head-fp8)")
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def quantize_lm_head_fp8(self, rows_per_chunk: int = 8192) -> None:
+        """--lm-head-fp8: the lm_head (or the tied embedding) as e4m3 with one float32 scale per vocabulary row
+        (quantize_rows_fp8, chunks of rows_per_chunk to bound the float32 temporaries). An untied 16-bit lm_head
+        and its CPU copies are dropped; a tied embedding stays for the token lookup."""
+        weight = self.lm_head_weight()
+        chunks = [quantize_rows_fp8(part) for part in weight.detach().split(rows_per_chunk)]
+        self.lm_head_fp8 = (torch.cat([q for q, _ in chunks]), torch.cat([scale for _, scale in chunks]))
+        self.lm_head = None  # untied: freed (lm_head_weight refuses from now on); tied: it was None already
+        self.lm_head_int8 = self.lm_head_onednn = None
 
     def pack_lm_head(self) -> None:
         """A tied lm_head's oneDNN copy (layers/cpu_gemm.py; an untied one is a Linear, packed with the rest)."""
+        if self.lm_head_fp8 is not None:
+            return
         weight = self.lm_head_weight()
         if self.lm_head is None and self.lm_head_onednn is None and packable(weight):
             self.lm_head_onednn = pack_weight(weight)

@@ -39,16 +39,17 @@ def evaluate_perplexity(
     stride: int = 512,
     quant_policy: int | str | None = None,
     model_format: str = "auto",
+    lm_head_fp8: bool = False,
 ) -> PerplexityResult:
-    """Perplexity with transformers' module, or lmserve's engine when a KV cache policy or a model format other
-    than auto is asked for (`fp8` quantizes a float checkpoint at load time)."""
+    """Perplexity with transformers' module, or lmserve's engine when a KV cache policy, a model format other
+    than auto or the FP8 lm_head is asked for (`fp8` quantizes a float checkpoint at load time)."""
     if num_tokens < 2:
         raise ValueError(f"{num_tokens=} must be >= 2")
-    if quant_policy is None and model_format == "auto":
+    if quant_policy is None and model_format == "auto" and not lm_head_fp8:
         hf_model, tokenizer = load_eval_model(model)
         logits_fn: LogitsFn = lambda ids: _hf_logits(hf_model, ids)  # noqa: E731
     else:
-        logits_fn, tokenizer = engine_logits_fn(model, quant_policy or 0, window, model_format)
+        logits_fn, tokenizer = engine_logits_fn(model, quant_policy or 0, window, model_format, lm_head_fp8)
     tokens = evaluation_tokens(tokenizer, dataset, num_tokens)  # type: ignore[arg-type]
     return perplexity(logits_fn, tokens, window, stride)
 
@@ -59,7 +60,11 @@ def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def engine_logits_fn(
-    model: str | None, quant_policy: int | str, window: int, model_format: str = "auto"
+    model: str | None,
+    quant_policy: int | str,
+    window: int,
+    model_format: str = "auto",
+    lm_head_fp8: bool = False,
 ) -> tuple[LogitsFn, Any]:
     """(window scorer, tokenizer) over lmserve's float32 engine model with a KV cache of `quant_policy`."""
     from lmserve.config import QUANT_POLICIES, EngineConfig
@@ -74,6 +79,7 @@ def engine_logits_fn(
         max_batch_size=1,
         eager_mode=True,
         model_format=model_format,
+        lm_head_fp8=lm_head_fp8,
     )
     engine = LLMEngine.from_pretrained(model, config)
     return EnginePrefill(engine.runner), engine.tokenizer

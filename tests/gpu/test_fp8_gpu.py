@@ -324,3 +324,47 @@ def test_cuda_fp8_gemv_refuses_what_it_cannot_take() -> None:
     x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="warps, unroll"):
         fp8_gemv(x, weight, weight_scale, None, kernel="cuda", warps=2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_fp8_logits_are_the_e4m3_products(tmp_path: Any, tied: bool) -> None:
+    """--lm-head-fp8 on CUDA: up to GEMV_MAX_ROWS rows the FP8 GEMV (the CUDA kernel at one row) multiplies the
+    unquantized bf16 rows, above them cuBLASLt's FP8 GEMM the per-token e4m3 rows; float32 logits either way, and an
+    engine's first greedy logprobs stay near the bf16 head's (same random weights)."""
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+    from tests.engine.test_engine_tiny import random_prompts
+    from tests.models.model_helpers import tiny_hf_model
+
+    hf = tiny_hf_model(
+        "llama", tie_word_embeddings=tied, hidden_size=256, intermediate_size=512, vocab_size=320
+    )
+    hf.config.to_json_file(tmp_path / "config.json")
+
+    def engine(lm_head_fp8: bool) -> Any:
+        config = EngineConfig(
+            device="cuda",
+            dtype="bfloat16",
+            max_batch_size=8,
+            cache_max_entry_count=4096,
+            lm_head_fp8=lm_head_fp8,
+        )
+        return LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
+
+    fp8_engine, bf16_engine = engine(True), engine(False)
+    model = fp8_engine.runner.model
+    assert model.lm_head is None and model.lm_head_fp8 is not None
+    q, scale = model.lm_head_fp8
+    q_ref, scale_ref = quantize_rows_fp8(bf16_engine.runner.model.lm_head_weight())
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
+    for num_rows in (1, 5, GEMV_MAX_ROWS, 40):
+        hidden = torch.randn(num_rows, 256, device="cuda", dtype=torch.bfloat16)
+        logits = model.compute_logits(hidden)
+        reference = fp8_gemv_ref if num_rows <= GEMV_MAX_ROWS else fp8_linear_ref
+        assert logits.dtype == torch.float32 and logits.shape == (num_rows, 320)
+        assert relative_error(logits, reference(hidden, q, scale, None)) < 4e-3
+
+    prompts = random_prompts(4, 320, seed=3)
+    bf16 = [t[0][1] for t in greedy_with_logprobs(bf16_engine, prompts, 6)]
+    fp8 = [t[0][1] for t in greedy_with_logprobs(fp8_engine, prompts, 6)]
+    assert bf16 != fp8 and max(abs(a - b) for a, b in zip(bf16, fp8, strict=True)) < 0.1

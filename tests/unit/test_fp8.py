@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
+from lmserve.generation import GenerationConfig
 from lmserve.kernels.fp8 import FP8, FP8_MAX, quantize_rows_fp8
 from lmserve.layers.fp8 import Fp8Linear, fp8_layout
 from lmserve.layers.quant_formats import quant_method
@@ -128,5 +130,60 @@ def test_eval_ppl_model_format_fp8_is_close_to_float(tiny_folder: Path) -> None:
 
     plain = evaluate_perplexity(str(tiny_folder), "kjv", 300, 128, 128, quant_policy=0)
     fp8 = evaluate_perplexity(str(tiny_folder), "kjv", 300, 128, 128, model_format="fp8")
+    assert fp8.num_scored_tokens == plain.num_scored_tokens
+    assert fp8.perplexity != plain.perplexity and fp8.perplexity == pytest.approx(plain.perplexity, rel=0.02)
+
+
+def test_lm_head_fp8_is_the_rows_of_the_float_head_rounded_to_e4m3(tiny_folder: Path) -> None:
+    """--lm-head-fp8 (untied head): the 16-bit lm_head is replaced by quantize_rows_fp8 of the checkpoint's, the
+    logits are its product (float32 off CUDA), and they stay within e4m3's rounding of the float logits."""
+    from lmserve.cli.engine_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--device", "cpu", "--dtype", "float32", "--lm-head-fp8"])
+    config = engine_config_from_args(args)
+    assert config.lm_head_fp8
+    engine = LLMEngine.from_pretrained(str(tiny_folder), config)
+    float_engine = LLMEngine.from_pretrained(str(tiny_folder), EngineConfig(device="cpu", dtype="float32"))
+    model, float_model = engine.runner.model, float_engine.runner.model
+    assert model.lm_head is None and model.lm_head_fp8 is not None
+    with pytest.raises(RuntimeError, match="replaced by its FP8 copy"):
+        model.lm_head_weight()
+    q, scale = model.lm_head_fp8
+    q_ref, scale_ref = quantize_rows_fp8(float_model.lm_head.weight)
+    assert q.dtype == FP8 and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale, scale_ref)
+    hidden = torch.randn(5, engine.model_config.hidden_size)
+    logits, float_logits = model.compute_logits(hidden), float_model.compute_logits(hidden)
+    assert logits.dtype == torch.float32 and logits.shape == float_logits.shape
+    assert 1e-4 < relative_error(logits, float_logits) < 4 * E4M3_HALF_ULP
+
+
+def test_lm_head_fp8_of_a_tied_model_keeps_the_embedding(tmp_path: Path) -> None:
+    folder = _tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    engine = LLMEngine.from_pretrained(
+        str(folder), EngineConfig(device="cpu", dtype="float32", lm_head_fp8=True)
+    )
+    model = engine.runner.model
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.float32  # the token lookup still reads the float rows
+    q, scale = model.lm_head_fp8
+    q_ref, _ = quantize_rows_fp8(embedding)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    config = GenerationConfig(max_new_tokens=6, ignore_eos=True, do_sample=False)
+    engine.add_request([3, 5, 7], config)
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.extend(out.token_ids)
+    assert len(tokens) == 6
+
+
+def test_eval_ppl_lm_head_fp8_is_close_to_float(tiny_folder: Path) -> None:
+    from lmserve.quant.evaluate import evaluate_perplexity
+
+    plain = evaluate_perplexity(str(tiny_folder), "kjv", 300, 128, 128, quant_policy=0)
+    fp8 = evaluate_perplexity(str(tiny_folder), "kjv", 300, 128, 128, lm_head_fp8=True)
     assert fp8.num_scored_tokens == plain.num_scored_tokens
     assert fp8.perplexity != plain.perplexity and fp8.perplexity == pytest.approx(plain.perplexity, rel=0.02)
