@@ -179,6 +179,7 @@ def quant_sweep(
     max_batch_size: int,
     decode_only: bool = False,
     formats: tuple[str, ...] = ("awq", "w8a8", "fp8"),
+    profile: str | None = None,
 ) -> None:
     """W4A16 (AWQ), W8A8 and FP8 random models: batch-1 decode, batch-16/64 steps, memory (FP8 also the job);
     KV int8: capacity, the job."""
@@ -198,8 +199,13 @@ def quant_sweep(
         lat = latency(engine, input_len=128, output_len=128, iterations=3)
         results[f"{fmt}_bs1_decode_tok_per_s"] = lat.decode_tok_per_s_median
         results[f"{fmt}_weight_bytes_ratio_vs_bf16"] = model_bytes(engine) / bf16_weight_bytes
-        for batch_size in (16, 64):
-            step = profile_decode(engine, batch_size, None)
+        for batch_size in (1, 16, 64):
+            step = profile_decode(
+                engine, batch_size, f"{profile}_{fmt}" if profile and batch_size == 1 else None
+            )
+            if batch_size == 1:
+                results[f"{fmt}_graph_replay_ms_bs1"] = step["graph_replay_ms_bs1"]
+                results[f"{fmt}_device_busy_ms_per_step_bs1"] = step["device_busy_ms_per_step_bs1"]
             results[f"{fmt}_decode_step_ms_bs{batch_size}"] = step[f"decode_step_ms_bs{batch_size}"]
         if fmt == "fp8" and not decode_only:
             job = throughput(engine, num_requests=256, input_len=512, output_len=256, warmup=1)
@@ -278,7 +284,14 @@ def main() -> None:
         release(engine)
         del engine
         collect()
-        quant_sweep(results, bf16_bytes, args.max_batch_size, decode_only=True, formats=tuple(args.formats))
+        quant_sweep(
+            results,
+            bf16_bytes,
+            args.max_batch_size,
+            decode_only=True,
+            formats=tuple(args.formats),
+            profile=args.profile,
+        )
         print(json.dumps(results, indent=2), flush=True)
         if args.json:
             with open(args.json, "w") as f:
