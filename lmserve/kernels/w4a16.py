@@ -494,6 +494,26 @@ def w4a16_matmul(
     return out.reshape(*x.shape[:-1], weight.out_features)
 
 
+def w4a16_silu_gemv(gate_up: torch.Tensor, weight: W4Weight, **options: int) -> torch.Tensor:
+    """y [1, N] = (silu(gate) * up) @ w for one gate_up row [1, 2K] = [gate | up], in one launch of the CUDA GEMV
+    (its _silu kernels make the activation while staging x, rounded as kernels/activation.py's silu_and_mul
+    rounds it): a down projection without the activation's own launch. Where cuda_gemv_available."""
+    if gate_up.shape[-1] != 2 * weight.in_features:
+        raise ValueError(
+            f"gate_up has {gate_up.shape[-1]} features, the W4 weight takes {weight.in_features} x 2"
+        )
+    if gate_up.dtype not in _MAGIC_16:
+        raise ValueError(f"w4a16_silu_gemv needs float16 or bfloat16 activations, got {gate_up.dtype}")
+    flat = gate_up.reshape(-1, gate_up.shape[-1])
+    if flat.shape[0] > GEMV_MAX_ROWS:
+        raise ValueError(f"w4a16_silu_gemv takes {GEMV_MAX_ROWS} row, got {flat.shape[0]}")
+    flat = flat.contiguous()
+    out = torch.empty(flat.shape[0], weight.out_features, dtype=gate_up.dtype, device=gate_up.device)
+    if flat.shape[0]:
+        _launch_cuda_gemv(flat, weight, out, gated=1, **options)
+    return out.reshape(*gate_up.shape[:-1], weight.out_features)
+
+
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     n, num_blocks = out.shape[1], weight.num_blocks
     opts = gemv_options(n) | options
@@ -550,11 +570,11 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     device = cuda_jit.device_index(x.device)
-    prefetch, pdl = options.get("prefetch", 0), options.get("pdl", 0)
-    for name, value in (("prefetch", prefetch), ("pdl", pdl)):
+    prefetch, pdl, gated = options.get("prefetch", 0), options.get("pdl", 0), options.get("gated", 0)
+    for name, value in (("prefetch", prefetch), ("pdl", pdl), ("gated", gated)):
         if value not in (0, 1):
             raise ValueError(f"{name} must be 0 or 1, got {value}")
-    suffix = ("_pf" if prefetch else "") + ("_pdl" if pdl else "")
+    suffix = ("_pf" if prefetch else "") + ("_silu" if gated else "") + ("_pdl" if pdl else "")
     handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)

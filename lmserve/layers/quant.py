@@ -12,6 +12,8 @@ from lmserve.kernels.awq_dequant import PACK_NUM
 from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
 from lmserve.kernels.int8_gemm import int8_gemm, per_token_quant_int8, quantize_rows_int8
 from lmserve.kernels.w4a16 import (
+    GEMV_MAX_ROWS,
+    cuda_gemv_available,
     dequantize_w4,
     prefers_tinygemm,
     repack_awq,
@@ -20,6 +22,7 @@ from lmserve.kernels.w4a16 import (
     tinygemm_pack,
     tinygemm_supported,
     w4a16_matmul,
+    w4a16_silu_gemv,
 )
 from lmserve.layers.fp8 import Fp8Linear, fp8_layout
 from lmserve.layers.quant_formats import awq_dequantize, check_group_size, quant_method
@@ -84,6 +87,22 @@ class AWQLinear(nn.Module):
         else:
             out = x @ self.dequantized_weight(x.dtype)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+    def silu_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """This projection of silu(gate) * up for gate_up [..., 2 * in_features] = [gate | up] in one launch where
+        the one-row CUDA GEMV takes it (w4a16_silu_gemv); None elsewhere (the caller runs the activation first)."""
+        rows = gate_up.numel() // max(1, gate_up.shape[-1])
+        if (
+            self.w4 is None
+            or rows != GEMV_MAX_ROWS
+            or gate_up.shape[-1] != 2 * self.in_features
+            or gate_up.dtype not in (torch.bfloat16, torch.float16)
+            or not cuda_gemv_available(gate_up.device)
+            or self._takes_tinygemm(gate_up[..., : self.in_features])
+        ):
+            return None
+        out = w4a16_silu_gemv(gate_up, self.w4)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def _takes_tinygemm(self, x: torch.Tensor) -> bool:
         tiny = self.tinygemm

@@ -368,3 +368,76 @@ def test_lm_head_fp8_logits_are_the_e4m3_products(tmp_path: Any, tied: bool) -> 
     bf16 = [t[0][1] for t in greedy_with_logprobs(bf16_engine, prompts, 6)]
     fp8 = [t[0][1] for t in greedy_with_logprobs(fp8_engine, prompts, 6)]
     assert bf16 != fp8 and max(abs(a - b) for a, b in zip(bf16, fp8, strict=True)) < 0.1
+
+
+@cuda_fp8_gemv
+@pytest.mark.parametrize("pdl", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n,splits", [(14336, 4096, None), (14336, 4096, 3), (576, 960, None)])
+def test_cuda_fp8_silu_gemv_is_the_gemv_of_silu_and_mul(
+    k: int, n: int, splits: int | None, dtype: torch.dtype, pdl: int
+) -> None:
+    """The _silu kernels stage silu(gate) * up with the Triton silu_and_mul's instructions: bit for bit the GEMV of
+    the separate activation's output, bias and splits included; a call it cannot take returns None."""
+    from lmserve.kernels.activation import silu_and_mul_ref
+    from lmserve.kernels.fp8 import _launch_cuda_gemv, fp8_silu_gemv
+
+    weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    gate_up = (torch.randn(1, 2 * k, device="cuda") * 3).to(dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if k == 576 else None
+    options = {"pdl": pdl} | ({} if splits is None else {"splits": splits})
+    poison_cache_allocator()
+    if splits is None and pdl == 0:
+        fused = fp8_silu_gemv(gate_up, weight, weight_scale, b)
+        assert fused is not None
+    else:
+        fused = torch.empty(1, n, dtype=dtype, device="cuda")
+        _launch_cuda_gemv(gate_up, weight, weight_scale, b, fused, gated=1, **options)
+    unfused = fp8_gemv(silu_and_mul(gate_up), weight, weight_scale, b, kernel="cuda", **options)
+    assert fused.dtype == dtype and torch.equal(fused, unfused)
+    ref = fp8_gemv_ref(silu_and_mul_ref(gate_up.float()).to(dtype), weight, weight_scale, b)
+    assert relative_error(fused, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
+    assert fp8_silu_gemv(gate_up[:, :k].contiguous(), weight, weight_scale, b) is None  # not a gate_up row
+    assert fp8_silu_gemv(torch.cat([gate_up, gate_up]), weight, weight_scale, b) is None  # two rows
+
+
+@cuda_fp8_gemv
+@pytest.mark.parametrize("model_format", ["awq", "fp8"])
+def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, model_format: str
+) -> None:
+    """One sequence at a time (one-row decode steps, in CUDA graphs): the down projection that makes silu(gate) * up
+    itself gives the tokens and logprobs of the separate activation bit for bit (AWQ's down is above tinygemm's
+    one-row size, so the CUDA GEMV takes it)."""
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+    from lmserve.layers.quant import AWQLinear
+    from tests.engine.test_engine_tiny import random_prompts
+    from tests.models.model_helpers import tiny_hf_model
+
+    hf = tiny_hf_model(
+        "llama", hidden_size=2048, intermediate_size=8448, num_attention_heads=16, num_key_value_heads=8
+    )
+    hf.config.to_json_file(tmp_path / "config.json")
+    prompts = random_prompts(3, hf.config.vocab_size, seed=4)
+    calls: list[int] = []
+    module = AWQLinear if model_format == "awq" else Fp8Linear
+    fused_forward = module.silu_gated_forward
+
+    def counted(self: Any, gate_up: torch.Tensor) -> Any:
+        out = fused_forward(self, gate_up)
+        calls.append(out is not None)
+        return out
+
+    def run() -> list[list[tuple[int, float]]]:
+        config = EngineConfig(
+            device="cuda", model_format=model_format, max_batch_size=4, cache_max_entry_count=4096
+        )
+        engine = LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
+        return [greedy_with_logprobs(engine, [prompt], 8)[0] for prompt in prompts]
+
+    monkeypatch.setattr(module, "silu_gated_forward", counted)
+    fused = run()
+    assert any(calls)  # the graphs captured the fused down projection
+    monkeypatch.setattr(module, "silu_gated_forward", lambda self, gate_up: None)
+    assert run() == fused

@@ -115,3 +115,33 @@ def test_cuda_gemv_as_a_programmatic_dependent_reads_its_predecessor(pdl: int, p
         assert relative_error(twice, awq_gemm_ref(out, *second, 128)) < TOLERANCE[torch.bfloat16]
     with pytest.raises(ValueError, match="pdl"):
         w4a16_matmul(x, w1, kernel="cuda", pdl=2)
+
+
+@pytest.mark.parametrize("pdl", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("k,n", [(14336, 4096), (1536, 576), (512, 1000)])
+def test_silu_gemv_is_the_gemv_of_silu_and_mul(
+    k: int, n: int, group_size: int, x_dtype, prefetch: int, pdl: int
+) -> None:
+    """The _silu kernels make silu(gate) * up while staging x with the instructions of the Triton silu_and_mul, so
+    a down projection fed the gate_up row equals, bit for bit, the GEMV of the separate activation's output; and
+    both track the float32 reference of silu(gate) * up times the weight."""
+    from lmserve.kernels.activation import silu_and_mul, silu_and_mul_ref
+    from lmserve.kernels.w4a16 import w4a16_silu_gemv
+
+    qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    gate_up = (torch.randn(1, 2 * k, device="cuda") * 3).to(x_dtype)
+    options = {"prefetch": prefetch, "pdl": pdl}
+    torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
+    fused = w4a16_silu_gemv(gate_up, weight, **options)
+    activation = silu_and_mul(gate_up)
+    unfused = w4a16_matmul(activation, weight, kernel="cuda", **options)
+    assert fused.shape == (1, n) and fused.dtype == x_dtype
+    assert torch.equal(fused, unfused)
+    ref = awq_gemm_ref(silu_and_mul_ref(gate_up.float()).to(x_dtype), qweight, qzeros, scales, group_size)
+    assert relative_error(fused, ref) < TOLERANCE[x_dtype]
+    with pytest.raises(ValueError, match="features"):
+        w4a16_silu_gemv(gate_up[:, :k], weight)

@@ -20,6 +20,17 @@ __device__ __forceinline__ u16 from_float(float f, bool bf16) {
     return h;
 }
 
+// silu(gate) * up in float32, rounded once to the 16-bit dtype, with the instructions Triton gives
+// kernels/activation.py's silu_and_mul (gate * sigmoid(gate) * up): e = 2^(gate * -log2(e)), s = 1 / (1 + e) by
+// div.full, (s * gate) * up; so the value is the one that kernel stores, bit for bit
+__device__ __forceinline__ u16 silu_mul(u16 gate, u16 up, bool bf16) {
+    const float g = to_float(gate, bf16);
+    float e, s;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(g * __int_as_float(0xBFB8AA3B)));
+    asm("div.full.f32 %0, %1, %2;" : "=f"(s) : "f"(1.0f), "f"(e + 1.0f));
+    return from_float(s * g * to_float(up, bf16), bf16);
+}
+
 // 16 bytes of a weight read once: not kept in L1
 __device__ __forceinline__ uint4 load_stream(const void* p) {
     uint4 v;

@@ -18,6 +18,9 @@
 // one integer instruction and 1/8 of an mma instead of the three float instructions of the CUDA-core loop.
 // Splits finish in the launch: float32 partials, and the strip's last CTA (an arrival counter it resets) adds
 // them in split order.
+// GATED (the _silu kernels, a down projection): x is the gate_up row [gate | up] of 2 K values and the GEMV's
+// input is silu(gate) * up, made while x is staged (common.cuh: silu_mul, rounded as the separate kernel rounds it),
+// so the MLP's activation takes no launch of its own.
 //
 // No headers: compiled by NVRTC at run time (lmserve/kernels/cuda_jit.py).
 
@@ -57,7 +60,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
 }
 
 // G: groups per 128-row block (1 for group sizes >= 128, else 128 / group); a group spans 8 / G nibbles j.
-template <int G, bool BF16, bool PREFETCH, bool PDL>
+template <int G, bool BF16, bool PREFETCH, bool PDL, bool GATED>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __restrict__ qweight,
                                         const u16* __restrict__ scales, const u16* __restrict__ zeros,
                                         u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ locks,
@@ -102,7 +105,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
 
     for (int idx = tid; idx < nkb * 128; idx += THREADS) {  // x of this split; zero past K
         const int k = kb0 * 128 + idx;
-        xs[idx] = k < K ? x[k] : (u16)0;
+        xs[idx] = k >= K ? (u16)0 : GATED ? silu_mul(x[k], x[K + k], BF16) : x[k];
     }
     __syncthreads();
     for (int idx = tid; idx < nkb * 8; idx += THREADS) {  // sum of the 16 x of each (block, nibble)
@@ -195,16 +198,20 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (tid < 64 && col < N) out[col] = from_float(value, BF16);
 }
 
-#define W4_GEMV(NAME, G, BF16, PREFETCH, PDL)                                                                   \
+#define W4_GEMV(NAME, G, BF16, PREFETCH, PDL, GATED)                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
         const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
         int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
         long long stride_s, int scales_bf16) {                                                                  \
-        w4_gemv<G, BF16, PREFETCH, PDL>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks,       \
-                                        blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16);     \
+        w4_gemv<G, BF16, PREFETCH, PDL, GATED>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, \
+                                               blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16); \
     }
-// each kernel also as NAME_pdl, launched as a programmatic dependent (on sm_90+ unless LMSERVE_PDL=0, kernels/_triton.py)
-#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH) W4_GEMV(NAME, G, BF16, PREFETCH, false) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true)
+// each kernel also as NAME_pdl, launched as a programmatic dependent (on sm_90+ unless LMSERVE_PDL=0, kernels/_triton.py),
+// and both as NAME_silu(_pdl), taking a gate_up row (GATED)
+#define W4_GEMV_PDL(NAME, G, BF16, PREFETCH, GATED) \
+    W4_GEMV(NAME, G, BF16, PREFETCH, false, GATED) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true, GATED)
+#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH) \
+    W4_GEMV_PDL(NAME, G, BF16, PREFETCH, false) W4_GEMV_PDL(NAME##_silu, G, BF16, PREFETCH, true)
 
 W4_GEMV_BOTH(w4_gemv_bf16_g1, 1, true, false)
 W4_GEMV_BOTH(w4_gemv_bf16_g2, 2, true, false)
