@@ -17,12 +17,15 @@ from lmserve.bench.offline import latency, throughput
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.kernels import w4a16
+from lmserve.layers.fp8 import Fp8Linear
+from lmserve.layers.quant import AWQLinear
 
 CONFIG = "benchmarks/configs/llama3-8b.json"
 VARIANTS = {"awq_plane_dots": ("awq", {"wide": 0})}
 """--formats names that run a format with other kernel options: the W4A16 tensor-core kernel's old form (one dot
 per 16-row plane) beside the default (one dot per group). A format name ending in `+lmfp8` (`awq+lmfp8`, `fp8+lmfp8`,
-`bf16+lmfp8`) runs it with --lm-head-fp8."""
+`bf16+lmfp8`) runs it with --lm-head-fp8; one ending in `+nosilu` without the activation fused into the one-row
+down projection (the A/B of that fusion)."""
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30, iterations: int = 20) -> float:
@@ -184,16 +187,23 @@ def quant_sweep(
     """W4A16 (AWQ), W8A8 and FP8 random models: batch-1 decode, batch-16/64 steps, memory (FP8 also the job);
     KV int8: capacity, the job."""
     for fmt in formats:
-        name, _, lm_head = fmt.partition("+")
-        if lm_head not in ("", "lmfp8"):
-            raise ValueError(f"format {fmt!r}: the only suffix is +lmfp8")
+        name, *flags = fmt.split("+")
+        if not set(flags) <= {"lmfp8", "nosilu"}:
+            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8 and +nosilu")
         base_format, dot_override = VARIANTS.get(name, (name, None))
+        # +nosilu: the down projections without silu(gate) * up in their GEMV (the activation launched apart)
+        fused_silu = {cls: cls.silu_gated_forward for cls in (AWQLinear, Fp8Linear)}
+        for cls in fused_silu if "nosilu" in flags else ():
+            cls.silu_gated_forward = lambda self, gate_up: None  # type: ignore[method-assign]
         base_format = "auto" if base_format == "bf16" else base_format
         if dot_override:  # a kernel variant of a format: the W4A16 tensor-core kernel with other options
             default_dot_options = w4a16.dot_options
             w4a16.dot_options = lambda *shape, d=default_dot_options, o=dot_override: d(*shape) | o  # type: ignore[misc]
         config = EngineConfig(
-            device="cuda", model_format=base_format, max_batch_size=max_batch_size, lm_head_fp8=bool(lm_head)
+            device="cuda",
+            model_format=base_format,
+            max_batch_size=max_batch_size,
+            lm_head_fp8="lmfp8" in flags,
         )
         engine = LLMEngine.from_random_weights(CONFIG, config)
         lat = latency(engine, input_len=128, output_len=128, iterations=3)
@@ -214,6 +224,8 @@ def quant_sweep(
         release(engine)
         del engine
         collect()
+        for cls, forward in fused_silu.items():
+            cls.silu_gated_forward = forward  # type: ignore[method-assign]
         if dot_override:
             w4a16.dot_options = default_dot_options
     if decode_only:
