@@ -25,7 +25,7 @@ VARIANTS = {"awq_plane_dots": ("awq", {"wide": 0})}
 """--formats names that run a format with other kernel options: the W4A16 tensor-core kernel's old form (one dot
 per 16-row plane) beside the default (one dot per group). A format name ending in `+lmfp8` (`awq+lmfp8`, `fp8+lmfp8`,
 `bf16+lmfp8`) runs it with --lm-head-fp8; one ending in `+nosilu` without the activation fused into the one-row
-down projection (the A/B of that fusion)."""
+down projection (the A/B of that fusion); one ending in `+notiny` with no one-row GEMM sent to tinygemm."""
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30, iterations: int = 20) -> float:
@@ -188,8 +188,11 @@ def quant_sweep(
     KV int8: capacity, the job."""
     for fmt in formats:
         name, *flags = fmt.split("+")
-        if not set(flags) <= {"lmfp8", "nosilu"}:
-            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8 and +nosilu")
+        if not set(flags) <= {"lmfp8", "nosilu", "notiny"}:
+            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8, +nosilu and +notiny")
+        # +notiny: AWQ's one-row GEMMs all on the CUDA GEMV (none to tinygemm, which takes no PDL launch)
+        tiny_max = w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS
+        w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = 0 if "notiny" in flags else tiny_max
         base_format, dot_override = VARIANTS.get(name, (name, None))
         # +nosilu: the down projections without silu(gate) * up in their GEMV (the activation launched apart)
         fused_silu = {cls: cls.silu_gated_forward for cls in (AWQLinear, Fp8Linear)}
@@ -224,6 +227,7 @@ def quant_sweep(
         release(engine)
         del engine
         collect()
+        w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = tiny_max
         for cls, forward in fused_silu.items():
             cls.silu_gated_forward = forward  # type: ignore[method-assign]
         if dot_override:
