@@ -580,6 +580,12 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     partial = split_partials(splits, 1, n, x.device)
     locks = tile_locks(x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
+    if weight.in_features % 8:
+        raise ValueError(
+            f"the CUDA GEMV stages x 8 values at a time: K={weight.in_features} is not a multiple of 8"
+        )
+    if x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.clone(memory_format=torch.contiguous_format)  # read 16 bytes at a time: an aligned copy
     for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps it usable in tests
         args = [
             ctypes.c_void_p(x[row].data_ptr()),

@@ -31,6 +31,17 @@ __device__ __forceinline__ u16 silu_mul(u16 gate, u16 up, bool bf16) {
     return from_float(s * g * to_float(up, bf16), bf16);
 }
 
+// silu_mul of eight 16-bit pairs: gate and up as 16 bytes each
+__device__ __forceinline__ uint4 silu_mul8(uint4 gate, uint4 up, bool bf16) {
+    const u32 g[4] = {gate.x, gate.y, gate.z, gate.w}, u[4] = {up.x, up.y, up.z, up.w};
+    u32 out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        out[i] = (u32)silu_mul((u16)(g[i] & 0xFFFF), (u16)(u[i] & 0xFFFF), bf16) |
+                 ((u32)silu_mul((u16)(g[i] >> 16), (u16)(u[i] >> 16), bf16) << 16);
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
 // 16 bytes of a weight read once: not kept in L1
 __device__ __forceinline__ uint4 load_stream(const void* p) {
     uint4 v;

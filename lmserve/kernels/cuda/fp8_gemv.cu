@@ -71,12 +71,8 @@ __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsign
         if (idx < k_len) v = *reinterpret_cast<const uint4*>(x + k0 + idx);  // K a multiple of 16, x aligned
         u32 words[4] = {v.x, v.y, v.z, v.w};
         if (GATED && idx < k_len) {  // v held gate; up sits K further on
-            const uint4 up = *reinterpret_cast<const uint4*>(x + K + k0 + idx);
-            const u32 ups[4] = {up.x, up.y, up.z, up.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                words[i] = (u32)silu_mul((u16)(words[i] & 0xFFFF), (u16)(ups[i] & 0xFFFF), BF16) |
-                           ((u32)silu_mul((u16)(words[i] >> 16), (u16)(ups[i] >> 16), BF16) << 16);
+            const uint4 s = silu_mul8(v, *reinterpret_cast<const uint4*>(x + K + k0 + idx), BF16);
+            words[0] = s.x, words[1] = s.y, words[2] = s.z, words[3] = s.w;
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {

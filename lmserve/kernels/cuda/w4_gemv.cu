@@ -103,9 +103,20 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
     if (PDL) pdl_enter();  // the loads above need nothing of the kernel before, x does
 
-    for (int idx = tid; idx < nkb * 128; idx += THREADS) {  // x of this split; zero past K
+    // x of this split, 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks), zero
+    // past K; GATED makes silu(gate) * up of the gate_up row instead
+#pragma unroll 4
+    for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {
         const int k = kb0 * 128 + idx;
-        xs[idx] = k >= K ? (u16)0 : GATED ? silu_mul(x[k], x[K + k], BF16) : x[k];
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (k < K) {
+            v = *reinterpret_cast<const uint4*>(x + k);
+            if (GATED) {
+                const uint4 up = *reinterpret_cast<const uint4*>(x + K + k);
+                v = silu_mul8(v, up, BF16);
+            }
+        }
+        *reinterpret_cast<uint4*>(xs + idx) = v;
     }
     __syncthreads();
     for (int idx = tid; idx < nkb * 8; idx += THREADS) {  // sum of the 16 x of each (block, nibble)
