@@ -17,7 +17,6 @@ from lmserve.bench.offline import latency, throughput
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.kernels import w4a16
-from lmserve.layers.fp8 import Fp8Linear
 from lmserve.layers.quant import AWQLinear
 
 CONFIG = "benchmarks/configs/llama3-8b.json"
@@ -195,7 +194,7 @@ def quant_sweep(
         w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = 0 if "notiny" in flags else tiny_max
         base_format, dot_override = VARIANTS.get(name, (name, None))
         # +nosilu: the down projections without silu(gate) * up in their GEMV (the activation launched apart)
-        fused_silu = {cls: cls.silu_gated_forward for cls in (AWQLinear, Fp8Linear)}
+        fused_silu = {AWQLinear: AWQLinear.silu_gated_forward}
         for cls in fused_silu if "nosilu" in flags else ():
             cls.silu_gated_forward = lambda self, gate_up: None  # type: ignore[method-assign]
         base_format = "auto" if base_format == "bf16" else base_format

@@ -303,11 +303,10 @@ def _launch_cuda_gemv(
     partial = split_partials(splits, 1, n, x.device)
     device = cuda_jit.device_index(x.device)
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
-    pdl, gated = opts["pdl"], opts.get("gated", 0)
-    for option, value in (("pdl", pdl), ("gated", gated)):
-        if value not in (0, 1):
-            raise ValueError(f"{option} must be 0 or 1, got {value}")
-    name = f"fp8_gemv_{dtype}_w{warps}_u{unroll}" + ("_silu" if gated else "") + ("_pdl" if pdl else "")
+    pdl = opts["pdl"]
+    if pdl not in (0, 1):
+        raise ValueError(f"pdl must be 0 or 1, got {pdl}")
+    name = f"fp8_gemv_{dtype}_w{warps}_u{unroll}" + ("_pdl" if pdl else "")
     handle = cuda_jit.function(CUDA_GEMV_SOURCE, name, device)
     args = [
         ctypes.c_void_p(x.data_ptr()),
@@ -327,25 +326,6 @@ def _launch_cuda_gemv(
     cuda_jit.launch(
         handle, (tiles, splits, 1), (32 * warps, 1, 1), args, stream, 2 * k_per_cta, programmatic=bool(pdl)
     )
-
-
-def fp8_silu_gemv(
-    gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor | None:
-    """(silu(gate) * up) [1, K] @ (e4m3 weight [N, K] * weight_scale)^T + bias for one gate_up row [1, 2K] =
-    [gate | up], in one launch of the CUDA GEMV (its _silu kernels make the activation while staging x, rounded to
-    x's dtype as kernels/activation.py's silu_and_mul rounds it); None where that kernel does not take the call."""
-    k = weight.shape[1]
-    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * k or not gate_up.is_contiguous():
-        return None
-    if not cuda_gemv_runs(gate_up, weight, weight_scale, bias, None) or not cuda_gemv_available(
-        gate_up.device
-    ):
-        return None
-    out = torch.empty(1, weight.shape[0], dtype=gate_up.dtype, device=gate_up.device)
-    assert weight_scale is not None
-    _launch_cuda_gemv(gate_up, weight, weight_scale, bias, out, gated=1)
-    return out
 
 
 def fp8_gemv(

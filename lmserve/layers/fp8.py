@@ -18,7 +18,6 @@ from lmserve.kernels.fp8 import (
     FP8,
     Fp8Activation,
     fp8_linear,
-    fp8_silu_gemv,
     quantize_rows_fp8,
     requantize_blocks_per_channel,
     takes_fp8_activation,
@@ -96,14 +95,6 @@ class Fp8Linear(nn.Module):
         return self.layout == "channel" and takes_fp8_activation(
             num_rows, self.in_features, self.out_features, self.weight.device
         )
-
-    def silu_gated_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """This projection of silu(gate) * up for one gate_up row [..., 2 * in_features] = [gate | up] in one launch
-        where the one-row CUDA GEMV takes it (fp8_silu_gemv); None elsewhere (the caller runs the activation)."""
-        if self.layout != "channel" or gate_up.numel() != 2 * self.in_features or not gate_up.is_cuda:
-            return None
-        out = fp8_silu_gemv(gate_up.reshape(1, -1), self.weight, self.weight_scale, self.bias)
-        return None if out is None else out.reshape(*gate_up.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):

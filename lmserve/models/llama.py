@@ -147,8 +147,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [T, H] normed; an Fp8Activation when wants_fp8_activation(gate_up_proj, T)."""
         gate_up = self.gate_up_proj(x)
-        # a down projection that makes silu(gate) * up itself where it can (one row on CUDA: the W4A16 and FP8
-        # GEMVs); looked up per call, since a LoRA wrapper may replace down_proj after construction
+        # a down projection that makes silu(gate) * up itself where it can (one row on CUDA: the W4A16 GEMV);
+        # looked up per call, since a LoRA wrapper may replace down_proj after construction
         silu_down = getattr(self.down_proj, "silu_gated_forward", None) if self.silu_gated else None
         fused = silu_down(gate_up) if silu_down is not None else None
         if fused is not None:

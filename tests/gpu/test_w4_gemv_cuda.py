@@ -145,3 +145,42 @@ def test_silu_gemv_is_the_gemv_of_silu_and_mul(
     assert relative_error(fused, ref) < TOLERANCE[x_dtype]
     with pytest.raises(ValueError, match="features"):
         w4a16_silu_gemv(gate_up[:, :k], weight)
+
+
+@pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
+def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sequence at a time (one-row decode steps, in CUDA graphs): the AWQ down projection that makes
+    silu(gate) * up itself gives the tokens and logprobs of the separate activation bit for bit (the down
+    projection is above tinygemm's one-row size, so the CUDA GEMV takes it)."""
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+    from lmserve.layers.quant import AWQLinear
+    from tests.engine.test_engine_tiny import random_prompts
+    from tests.gpu.test_fp8_gpu import greedy_with_logprobs
+    from tests.models.model_helpers import tiny_hf_model
+
+    hf = tiny_hf_model(
+        "llama", hidden_size=2048, intermediate_size=8448, num_attention_heads=16, num_key_value_heads=8
+    )
+    hf.config.to_json_file(tmp_path / "config.json")
+    prompts = random_prompts(3, hf.config.vocab_size, seed=4)
+    calls: list[bool] = []
+    fused_forward = AWQLinear.silu_gated_forward
+
+    def counted(self, gate_up: torch.Tensor):
+        out = fused_forward(self, gate_up)
+        calls.append(out is not None)
+        return out
+
+    def run() -> list[list[tuple[int, float]]]:
+        config = EngineConfig(device="cuda", model_format="awq", max_batch_size=4, cache_max_entry_count=4096)
+        engine = LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
+        return [greedy_with_logprobs(engine, [prompt], 8)[0] for prompt in prompts]
+
+    monkeypatch.setattr(AWQLinear, "silu_gated_forward", counted)
+    fused = run()
+    assert any(calls)  # the graphs captured the fused down projection
+    monkeypatch.setattr(AWQLinear, "silu_gated_forward", lambda self, gate_up: None)
+    assert run() == fused

@@ -14,9 +14,6 @@
 // before griddepcontrol.wait, i.e. while the kernel before still runs; everything else comes after the wait.
 // Splits finish in the launch: float32 partials, and the tile's last CTA (an arrival counter it resets) adds them
 // in split order (common.cuh: finish_splits).
-// GATED (the _silu kernels, a down projection): x is the gate_up row [gate | up] of 2 K values and the GEMV's input
-// is silu(gate) * up, made while x is staged (common.cuh: silu_mul, rounded to the 16-bit dtype as the separate
-// kernel rounds it), so the MLP's activation takes no launch of its own.
 //
 // No headers: compiled by NVRTC at run time (lmserve/kernels/cuda_jit.py).
 
@@ -36,7 +33,7 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], u32 a0, u32 a1, u32 a2, u
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int WARPS, int U, bool BF16, bool PDL, bool GATED>
+template <int WARPS, int U, bool BF16, bool PDL>
 __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsigned char* __restrict__ w,
                                          const float* __restrict__ w_scale, const u16* __restrict__ bias,
                                          u16* __restrict__ out, float* __restrict__ partial,
@@ -70,10 +67,6 @@ __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsign
         uint4 v = make_uint4(0, 0, 0, 0);
         if (idx < k_len) v = *reinterpret_cast<const uint4*>(x + k0 + idx);  // K a multiple of 16, x aligned
         u32 words[4] = {v.x, v.y, v.z, v.w};
-        if (GATED && idx < k_len) {  // v held gate; up sits K further on
-            const uint4 s = silu_mul8(v, *reinterpret_cast<const uint4*>(x + K + k0 + idx), BF16);
-            words[0] = s.x, words[1] = s.y, words[2] = s.z, words[3] = s.w;
-        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float lo = to_float((u16)(words[i] & 0xFFFF), BF16) * 0.00390625f;
@@ -123,18 +116,14 @@ __device__ __forceinline__ void fp8_gemv(const u16* __restrict__ x, const unsign
     }
 }
 
-#define FP8_GEMV(NAME, WARPS, U, BF16, PDL, GATED)                                                            \
+#define FP8_GEMV(NAME, WARPS, U, BF16, PDL)                                                                   \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                   \
         NAME(const u16* x, const unsigned char* w, const float* w_scale, const u16* bias, u16* out,            \
              float* partial, int* locks, int N, int K, int k_per_cta, long long stride_w, int has_bias) {      \
-        fp8_gemv<WARPS, U, BF16, PDL, GATED>(x, w, w_scale, bias, out, partial, locks, N, K, k_per_cta,        \
-                                             stride_w, has_bias);                                              \
+        fp8_gemv<WARPS, U, BF16, PDL>(x, w, w_scale, bias, out, partial, locks, N, K, k_per_cta, stride_w,     \
+                                      has_bias);                                                               \
     }
-// each kernel also as NAME_pdl (a programmatic dependent), and both as NAME_silu(_pdl), taking a gate_up row (GATED)
-#define FP8_GEMV_PDL(NAME, WARPS, U, BF16, GATED) \
-    FP8_GEMV(NAME, WARPS, U, BF16, false, GATED) FP8_GEMV(NAME##_pdl, WARPS, U, BF16, true, GATED)
-#define FP8_GEMV_BOTH(NAME, WARPS, U, BF16) \
-    FP8_GEMV_PDL(NAME, WARPS, U, BF16, false) FP8_GEMV_PDL(NAME##_silu, WARPS, U, BF16, true)
+#define FP8_GEMV_BOTH(NAME, WARPS, U, BF16) FP8_GEMV(NAME, WARPS, U, BF16, false) FP8_GEMV(NAME##_pdl, WARPS, U, BF16, true)
 
 FP8_GEMV_BOTH(fp8_gemv_bf16_w4_u2, 4, 2, true)
 FP8_GEMV_BOTH(fp8_gemv_bf16_w4_u4, 4, 4, true)
