@@ -208,10 +208,7 @@ def main() -> None:
             f"{prefill[-1]['prefill_us']:.1f} us = {prefill[-1]['tflop_s']:.0f} TFLOP/s (causal FLOPs)"
         )
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(
-                {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows}, file, indent=1
-            )
+        write_rows(args.json, copy_tb_s, rows)
 
 
 JOB_VARIANTS = (
@@ -244,10 +241,14 @@ def job_sweep(copy_tb_s: float, json_path: str | None) -> None:
                 flush=True,
             )
     if json_path:
-        with open(json_path, "w") as file:
-            json.dump(
-                {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows}, file, indent=1
-            )
+        write_rows(json_path, copy_tb_s, rows)
+
+
+def write_rows(path: str, copy_tb_s: float, rows: list[dict]) -> None:
+    with open(path, "w") as file:
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_tb_s, "rows": rows}, file, indent=1
+        )
 
 
 if __name__ == "__main__":

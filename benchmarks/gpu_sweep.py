@@ -194,9 +194,9 @@ def quant_sweep(
         w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = 0 if "notiny" in flags else tiny_max
         base_format, dot_override = VARIANTS.get(name, (name, None))
         # +nosilu: the down projections without silu(gate) * up in their GEMV (the activation launched apart)
-        fused_silu = {AWQLinear: AWQLinear.silu_gated_forward}
-        for cls in fused_silu if "nosilu" in flags else ():
-            cls.silu_gated_forward = lambda self, gate_up: None  # type: ignore[method-assign]
+        fused_silu = AWQLinear.silu_gated_forward
+        if "nosilu" in flags:
+            AWQLinear.silu_gated_forward = lambda self, gate_up: None  # type: ignore[method-assign]
         base_format = "auto" if base_format == "bf16" else base_format
         if dot_override:  # a kernel variant of a format: the W4A16 tensor-core kernel with other options
             default_dot_options = w4a16.dot_options
@@ -227,8 +227,7 @@ def quant_sweep(
         del engine
         collect()
         w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = tiny_max
-        for cls, forward in fused_silu.items():
-            cls.silu_gated_forward = forward  # type: ignore[method-assign]
+        AWQLinear.silu_gated_forward = fused_silu  # type: ignore[method-assign]
         if dot_override:
             w4a16.dot_options = default_dot_options
     if decode_only:

@@ -574,18 +574,18 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
     for name, value in (("prefetch", prefetch), ("pdl", pdl), ("gated", gated)):
         if value not in (0, 1):
             raise ValueError(f"{name} must be 0 or 1, got {value}")
-    suffix = ("_pf" if prefetch else "") + ("_silu" if gated else "") + ("_pdl" if pdl else "")
-    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
-    strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
-    partial = split_partials(splits, 1, n, x.device)
-    locks = tile_locks(x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
     if weight.in_features % 8:
         raise ValueError(
             f"the CUDA GEMV stages x 8 values at a time: K={weight.in_features} is not a multiple of 8"
         )
     if x.data_ptr() % 16 or x.stride(0) % 8:
         x = x.clone(memory_format=torch.contiguous_format)  # read 16 bytes at a time: an aligned copy
+    suffix = ("_pf" if prefetch else "") + ("_silu" if gated else "") + ("_pdl" if pdl else "")
+    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
+    strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
+    partial = split_partials(splits, 1, n, x.device)
+    locks = tile_locks(x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
     for row in range(x.shape[0]):  # one row in practice (GEMV_MAX_ROWS); a loop keeps it usable in tests
         args = [
             ctypes.c_void_p(x[row].data_ptr()),

@@ -289,11 +289,13 @@ class LlamaForCausalLM(nn.Module):
         Under tp (vocabulary-parallel lm_head) every rank computes its rows' logits and rank 0, which
         samples, gathers them; the other ranks get their own rows back and drop them.
         """
-        if self.lm_head_fp8 is not None:  # the FP8 GEMV (<= 16 rows) or GEMM; the widened weight off CUDA
-            logits = fp8_linear(hidden, *self.lm_head_fp8, None)
-            return self.finish_logits(logits)
-        gemv_logits = one_row_logits(hidden, self.lm_head_weight()) if hidden.is_cuda else None
-        if gemv_logits is not None:  # CUDA, one row: float32 logits straight from the GEMV
+        fp8 = self.lm_head_fp8
+        gemv_logits = (
+            one_row_logits(hidden, self.lm_head_weight()) if hidden.is_cuda and fp8 is None else None
+        )
+        if fp8 is not None:  # --lm-head-fp8: the FP8 GEMV (<= 16 rows) or GEMM; the widened weight off CUDA
+            logits = fp8_linear(hidden, *fp8, None)
+        elif gemv_logits is not None:  # CUDA, one row: float32 logits straight from the GEMV
             logits = gemv_logits
         elif self.lm_head_int8 is not None and hidden.shape[0] <= INT4_MAX_ROWS:
             # the C kernel's float32 logits where it runs (kernels/cpu_native.py), else torch's bf16 ones
@@ -305,16 +307,12 @@ class LlamaForCausalLM(nn.Module):
             logits = packed_linear(hidden, self.lm_head_onednn)
         else:
             logits = F.linear(hidden, self.lm_head_weight())
-        return self.finish_logits(logits)
-
-    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """This rank's logits -> float32 [N, V] of the whole vocabulary (gathered on rank 0 under tp)."""
         if tp_size() == 1:
             return logits.float()
         return gather_to_first(logits, dim=-1)[:, : self.config.vocab_size].float()
 
     def lm_head_weight(self) -> torch.Tensor:
-        if self.lm_head_fp8 is not None and self.lm_head is None and not self.config.tie_word_embeddings:
+        if self.lm_head_fp8 is not None and not self.config.tie_word_embeddings:
             raise RuntimeError("the 16-bit lm_head was replaced by its FP8 copy (--lm-head-fp8)")
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
