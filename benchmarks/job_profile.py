@@ -1,6 +1,6 @@
 """The 256 x 512-in/256-out offline job per weight format, one process: the timed job, then a profiled run of it.
 
-Usage (on the GPU machine): PYTHONPATH=. python benchmarks/job_profile.py --formats bf16 fp8 [fp8-unfused] --out-dir OUT
+Usage (on the GPU machine): PYTHONPATH=. python benchmarks/job_profile.py --formats bf16 fp8 [fp8-unfused] [fp8+lmfp8] --out-dir OUT
     [--repeats N] [--no-profile] [--host-phases]
 Writes OUT/job_profile.json (job results per format) and OUT/job_profile_<format>.txt (kernel table by CUDA time,
 the prefill steps and the decode steps apart).
@@ -76,14 +76,18 @@ def main() -> None:
         "torch": torch.__version__,
     }
     for fmt in args.formats:
-        config = EngineConfig(device="cuda", max_batch_size=256)
-        if fmt != "bf16":
-            config = EngineConfig(
-                device="cuda", max_batch_size=256, model_format=fmt.removesuffix("-unfused")
-            )
+        # "+lmfp8": with --lm-head-fp8 (e4m3 lm_head)
+        base, _, flag = fmt.partition("+")
+        if flag not in ("", "lmfp8"):
+            raise ValueError(f"format {fmt!r}: the one suffix is +lmfp8")
+        model_format = base.removesuffix("-unfused")
+        config = EngineConfig(
+            device="cuda", max_batch_size=256, lm_head_fp8=flag == "lmfp8",
+            model_format="auto" if model_format == "bf16" else model_format,
+        )  # fmt: skip
         # "fp8-unfused": FP8 with the per-token quantizer as its own launch (no norm / SiLU fusion), the A/B peer
         Fp8Linear.takes_fp8_activation = (  # type: ignore[method-assign]
-            (lambda self, num_rows: False) if fmt.endswith("-unfused") else FUSED
+            (lambda self, num_rows: False) if base.endswith("-unfused") else FUSED
         )
         engine = LLMEngine.from_random_weights(CONFIG, config)
         runs = [
