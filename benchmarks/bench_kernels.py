@@ -221,6 +221,7 @@ JOB_VARIANTS = (
         for st in (2, 3)
     ]
     + [{"num_splits": s, "num_stages": st} for s in (1, 2) for st in (1, 3, 4)]
+    + [{"num_splits": s, "fused_reduce": True} for s in (2, 3, 4)]
 )
 
 

@@ -1,6 +1,6 @@
 """The 256 x 512-in/256-out offline job per weight format, one process: the timed job, then a profiled run of it.
 
-Usage (on the GPU machine): PYTHONPATH=. python benchmarks/job_profile.py --formats bf16 fp8 [fp8-unfused] [fp8+lmfp8] --out-dir OUT
+Usage (on the GPU machine): PYTHONPATH=. python benchmarks/job_profile.py --formats bf16 fp8 [fp8-unfused] [fp8+lmfp8] [bf16+fuseattn] --out-dir OUT
     [--repeats N] [--no-profile] [--host-phases]
 Writes OUT/job_profile.json (job results per format) and OUT/job_profile_<format>.txt (kernel table by CUDA time,
 the prefill steps and the decode steps apart).
@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from lmserve.bench.offline import fixed_length_config, random_prompts, throughput
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
+from lmserve.kernels import decode_attention
 from lmserve.layers.fp8 import Fp8Linear
 
 CONFIG = "benchmarks/configs/llama3-8b.json"
@@ -77,12 +78,14 @@ def main() -> None:
     }
     for fmt in args.formats:
         # "+lmfp8": with --lm-head-fp8 (e4m3 lm_head)
-        base, _, flag = fmt.partition("+")
-        if flag not in ("", "lmfp8"):
-            raise ValueError(f"format {fmt!r}: the one suffix is +lmfp8")
+        # "+fuseattn": decode attention's rotary store and split reduce inside its launch
+        base, *flags = fmt.split("+")
+        if not set(flags) <= {"lmfp8", "fuseattn"}:
+            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8 and +fuseattn")
+        decode_attention.FUSE_ROTARY = decode_attention.FUSE_REDUCE = "fuseattn" in flags
         model_format = base.removesuffix("-unfused")
         config = EngineConfig(
-            device="cuda", max_batch_size=256, lm_head_fp8=flag == "lmfp8",
+            device="cuda", max_batch_size=256, lm_head_fp8="lmfp8" in flags,
             model_format="auto" if model_format == "bf16" else model_format,
         )  # fmt: skip
         # "fp8-unfused": FP8 with the per-token quantizer as its own launch (no norm / SiLU fusion), the A/B peer

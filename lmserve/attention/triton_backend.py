@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+import lmserve.kernels.decode_attention as decode_attention
 from lmserve.attention.backend import AttentionBackend
 from lmserve.attention.kv_fp8 import allocate_fp8_kv_cache
 from lmserve.attention.metadata import AttentionMetadata
 from lmserve.kernels._triton import HAS_TRITON
-from lmserve.kernels.decode_attention import paged_decode_attention
+from lmserve.kernels.decode_attention import NewTokenKV, paged_decode_attention
 from lmserve.kernels.kv_write import rotary_store_kv, store_kv
 from lmserve.kernels.prefill_attention import paged_prefill_attention
 from lmserve.layers.rotary import RopeInputs
@@ -60,13 +61,24 @@ class TritonAttentionBackend(AttentionBackend):
         """As AttentionBackend.forward; with rope (its Triton table), q and k arrive unrotated and one kernel
         rotates q in place and writes the rotated k and v into the cache."""
         k_cache, v_cache = layer_cache[0], layer_cache[1]
-        if rope is None:
+        num_decodes = plan.num_decodes
+        num_prefills = plan.num_seqs - num_decodes
+        new_kv = None
+        if (
+            rope is not None
+            and not num_prefills
+            and decode_attention.FUSE_ROTARY
+            and q.shape[0] == num_decodes
+        ):
+            # a decode-only step: the attention launch rotates q and k and stores k and v itself
+            assert rope.cos_sin_cache is not None
+            new_kv = NewTokenKV(k, v, plan.slot_mapping, rope.positions, rope.cos_sin_cache)
+        elif rope is None:
             store_kv(k, v, k_cache, v_cache, plan.slot_mapping)
         else:
             assert rope.cos_sin_cache is not None
             rotary_store_kv(q, k, v, k_cache, v_cache, plan.slot_mapping, rope.positions, rope.cos_sin_cache)
         out = torch.empty_like(q)
-        num_decodes = plan.num_decodes
         if num_decodes:
             paged_decode_attention(
                 q[:num_decodes],
@@ -77,8 +89,8 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 out=out[:num_decodes],
                 sliding_window=sliding_window,
+                new_kv=new_kv,
             )
-        num_prefills = plan.num_seqs - num_decodes
         if num_prefills:
             paged_prefill_attention(
                 q, k_cache, v_cache, plan.block_tables, plan.seq_lens, plan.query_start_loc, scale,

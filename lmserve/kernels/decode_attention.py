@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +29,12 @@ def _decode_split_kernel(
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    counters_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    positions_ptr,
+    slot_mapping_ptr,
+    cos_sin_ptr,
     scale_log2,
     num_splits,
     sliding_window,
@@ -38,6 +46,11 @@ def _decode_split_kernel(
     stride_cache_token,
     stride_cache_head,
     stride_block_table,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -46,6 +59,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     WRITE_OUTPUT: tl.constexpr,
     WIDEN_KV: tl.constexpr,
+    ROPE: tl.constexpr = False,
+    FUSED_REDUCE: tl.constexpr = False,
+    SPLITS_PAD: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """One program = one sequence x one KV head x one split of its context; all GROUP query heads at once.
@@ -53,6 +69,14 @@ def _decode_split_kernel(
     WIDEN_KV (an FP8 cache): q is cast to float16 and keys and values are widened to float16 in registers as they
     are loaded (e4m3 -> f16 is one exact cvt on sm_90, -> bf16 takes more; f16 also keeps more of q and p than
     bf16); otherwise q is cast to the cache's dtype (the same one for a bf16/fp16 model).
+
+    ROPE (decode_new_kv): q and the step's new key arrive unrotated. Every program rotates its q heads in
+    registers; the new key (rotated) and value come from registers for the context's last token, and the program
+    whose split holds that token also writes them into the cache at the token's slot, so rotary_store_kv takes no
+    launch of its own. The values are rounded to the cache's dtype first, as a store and a load would round them.
+
+    FUSED_REDUCE (several splits): the last program of a (sequence, KV head) to finish, counted on counters_ptr
+    (which it resets to 0), combines the splits' partials itself, so the reduce takes no launch of its own.
     """
     pdl_enter(PDL)
     seq = tl.program_id(0)
@@ -70,7 +94,38 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + group
     head_mask = group < GROUP
     q_mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+    q_heads = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_heads + dims[None, :], mask=q_mask, other=0.0)
+    last = seq_len - 1  # the step's own token
+    if ROPE:
+        # neox rotate-half of a whole head (HEAD_DIM a power of two): x * cos -/+ partner * sin
+        half: tl.constexpr = HEAD_DIM // 2
+        partner = (dims + half) % HEAD_DIM
+        first_half = dims < half
+        position = tl.load(positions_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + position * stride_cos + dims % half).to(tl.float32)
+        sin = tl.load(cos_sin_ptr + position * stride_cos + half + dims % half).to(tl.float32)
+        q32 = q.to(tl.float32)
+        q_partner = tl.load(q_heads + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = tl.where(
+            first_half[None, :],
+            q32 * cos[None, :] - q_partner * sin[None, :],
+            q32 * cos[None, :] + q_partner * sin[None, :],
+        ).to(q_ptr.dtype.element_ty)
+        k_row = k_new_ptr + seq * stride_kt + kv_head * stride_kh
+        k32 = tl.load(k_row + dims).to(tl.float32)
+        k_partner = tl.load(k_row + partner).to(tl.float32)
+        k_new = tl.where(first_half, k32 * cos - k_partner * sin, k32 * cos + k_partner * sin).to(
+            k_cache_ptr.dtype.element_ty
+        )
+        v_new = tl.load(v_new_ptr + seq * stride_vt + kv_head * stride_vh + dims).to(
+            v_cache_ptr.dtype.element_ty
+        )
+        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        if (slot >= 0) & (last >= start) & (last < end):  # this split holds the new token: it stores it
+            new_offsets = slot * stride_cache_token + kv_head * stride_cache_head + dims
+            tl.store(k_cache_ptr + new_offsets, k_new)
+            tl.store(v_cache_ptr + new_offsets, v_new)
     if WIDEN_KV:
         q = q.to(tl.float16)
     else:
@@ -87,8 +142,15 @@ def _decode_split_kernel(
         rows = block_ids * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_token
         offsets = rows[:, None] + kv_head * stride_cache_head + dims[None, :]
         kv_mask = token_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        if ROPE:  # the new token from registers, not from the cache this launch writes
+            is_new = (tokens == last)[:, None]
+            k = tl.load(k_cache_ptr + offsets, mask=kv_mask & ~is_new, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + offsets, mask=kv_mask & ~is_new, other=0.0).to(q.dtype)
+            k = tl.where(is_new, k_new.to(q.dtype)[None, :], k)
+            v = tl.where(is_new, v_new.to(q.dtype)[None, :], v)
+        else:
+            k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k)) * scale_log2
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -105,9 +167,48 @@ def _decode_split_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
-        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
-        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+        rows = (seq * GROUP * tl.num_programs(1) + heads) * num_splits
+        tl.store(partial_lse_ptr + rows + split, lse, mask=head_mask)
+        tl.store(partial_out_ptr + (rows + split)[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+        if FUSED_REDUCE:
+            tl.debug_barrier()  # every thread's partials are stored before the release below
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:  # the last split of this KV head
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (it waits for this one: stream order)
+                splits = tl.arange(0, SPLITS_PAD)
+                split_mask = head_mask[:, None] & (splits[None, :] < num_splits)
+                lses = tl.load(
+                    partial_lse_ptr + rows[:, None] + splits[None, :],
+                    mask=split_mask,
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                lse_max = tl.max(lses, 1)
+                lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+                total = tl.sum(tl.exp2(lses - lse_max[:, None]), 1)
+                # splits past the context's end are empty (weight 0): only the ones holding keys are read
+                active = tl.cdiv(seq_len - window_start, tl.maximum(tokens_per_split, 1))
+                combined = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+                for s in range(0, active):
+                    weight = tl.exp2(
+                        tl.load(
+                            partial_lse_ptr + rows + s,
+                            mask=head_mask,
+                            other=float("-inf"),
+                            cache_modifier=".cg",
+                        )
+                        - lse_max
+                    )
+                    part = tl.load(
+                        partial_out_ptr + (rows + s)[:, None] * HEAD_DIM + dims[None, :],
+                        mask=q_mask,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    combined += part * weight[:, None]
+                combined = combined / tl.where(total == 0.0, 1.0, total)[:, None]
+                out = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+                tl.store(out, combined.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @jit
@@ -156,6 +257,44 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
     return max(1, min(wanted, math.ceil(max_context_len / _MIN_TOKENS_PER_SPLIT), 64))
 
 
+class NewTokenKV(NamedTuple):
+    """The step's new key and value of each decode sequence, unrotated, for paged_decode_attention to rotate (with
+    q), store at slot_mapping and attend to from registers: rotary_store_kv fused into the attention launch."""
+
+    k: torch.Tensor  # [B, Hkv, D]
+    v: torch.Tensor  # [B, Hkv, D]
+    slot_mapping: torch.Tensor  # [>=B] int; -1 (padding) stores nothing
+    positions: torch.Tensor  # [>=B]
+    cos_sin_cache: torch.Tensor  # [max_positions, D] float32, cos then sin (rotary.build_cos_sin_cache)
+
+
+FUSION_ENV = "LMSERVE_DECODE_FUSION"
+"""Decode attention's two launch fusions, off unless named in LMSERVE_DECODE_FUSION (comma-separated): "rotary"
+(rotary_store_kv inside the attention launch, decode-only steps) and "reduce" (the last split of each sequence and
+KV head combines the splits, no reduce launch). Both are tested against the unfused path; neither has been timed
+on a GPU yet, so both stay off by default (benchmarks/gpu_sweep.py's +fuseattn A/B)."""
+_FUSIONS = {name.strip() for name in os.environ.get(FUSION_ENV, "").split(",") if name.strip()}
+FUSE_ROTARY = "rotary" in _FUSIONS
+FUSE_REDUCE = "reduce" in _FUSIONS
+if _FUSIONS - {"rotary", "reduce"}:
+    raise ValueError(f"{FUSION_ENV}={os.environ[FUSION_ENV]!r}: the fusions are 'rotary' and 'reduce'")
+
+_COUNTERS_PER_DEVICE = 1 << 16
+"""Split counters of the fused reduce, one per (sequence, KV head) of a launch: 1024 sequences x 64 KV heads."""
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed split counters (each launch leaves them zero), or None where a launch needs more or
+    they would first be allocated inside a CUDA graph capture (the unfused reduce runs then)."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(_COUNTERS_PER_DEVICE, dtype=torch.int32, device=device)
+    return counters if needed <= counters.numel() else None
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -169,11 +308,16 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    new_kv: NewTokenKV | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q: [B, Hq, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [>=B, max_blocks] int32;
     seq_lens: [>=B] int32 (context length including the query token, already in the cache).
+    With new_kv, q and the new token's key are unrotated and the new key and value are not yet in the cache: the
+    launch rotates both, stores the key and value and reads the new token from registers (q is left as it is).
+    fused_reduce (default FUSE_REDUCE): several splits combine in the same launch, without a reduce launch.
     sliding_window W: the query (at position seq_len - 1) reads only the last W keys.
     The grid depends only on B and block_tables.shape[1], never on GPU values: safe to capture in a CUDA graph.
     block_n / num_warps default to the tile measured fastest for the cache's dtype (DECODE_TILES).
@@ -189,23 +333,42 @@ def paged_decode_attention(
         max_context_len = min(block_tables.shape[1] * block_size, sliding_window or NO_WINDOW)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, q.device)
     group = num_q_heads // num_kv_heads
-    partial_out = partial_lse = out  # unused placeholders when one split writes the output directly
+    # unused placeholders when one split writes the output directly
+    partial_out = partial_lse = counters = out
     if num_splits > 1:
         partial_out = torch.empty(
             num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    reduce_here = num_splits > 1 and (FUSE_REDUCE if fused_reduce is None else fused_reduce)
+    if reduce_here:
+        found = split_counters(q.device, num_seqs * num_kv_heads)
+        reduce_here = found is not None
+        counters = found if found is not None else out
+    if new_kv is None:
+        k_new = v_new = positions = slots = cos_sin = q  # unused placeholders without ROPE
+        stride_k, stride_v, stride_cos = (0, 0), (0, 0), 0
+    else:
+        k_new, v_new, slots, positions, cos_sin = new_kv
+        assert head_dim == next_power_of_2(head_dim) and cos_sin.shape[1] == head_dim
+        assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and cos_sin.stride(-1) == 1
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        stride_k, stride_v = (k_new.stride(0), k_new.stride(1)), (v_new.stride(0), v_new.stride(1))
+        stride_cos = cos_sin.stride(0)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, counters,
+        k_new, v_new, positions, slots, cos_sin,
         scale * math.log2(math.e), num_splits, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        *stride_k, *stride_v, stride_cos,
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), num_warps=num_warps, num_stages=num_stages,
-        **pdl_options(q.device),
+        WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), ROPE=new_kv is not None,
+        FUSED_REDUCE=reduce_here, SPLITS_PAD=next_power_of_2(num_splits) if reduce_here else 1,
+        num_warps=num_warps, num_stages=num_stages, **pdl_options(q.device),
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not reduce_here:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), SPLITS_PAD=next_power_of_2(num_splits),

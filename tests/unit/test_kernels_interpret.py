@@ -22,9 +22,15 @@ def test_kernels_match_references_under_interpreter() -> None:
 
 
 if IN_CHILD:
+    import lmserve.kernels.decode_attention as decode_attention
     from lmserve.attention.triton_backend import TritonAttentionBackend
     from lmserve.kernels.activation import silu_and_mul, silu_and_mul_ref
-    from lmserve.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+    from lmserve.kernels.decode_attention import (
+        NewTokenKV,
+        paged_decode_attention,
+        paged_decode_attention_ref,
+        split_counters,
+    )
     from lmserve.kernels.kv_write import rotary_store_kv, rotary_store_kv_ref, store_kv, store_kv_ref
     from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
     from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
@@ -60,6 +66,89 @@ def test_decode_attention(num_splits: int) -> None:
     )
     ref = paged_decode_attention_ref(batch.q, cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.3)
     assert relative_error(out, ref) < 2e-3
+
+
+@child_only
+@pytest.mark.parametrize("num_splits", [2, 3, 6])
+def test_decode_attention_fused_reduce_matches_reduce_launch(num_splits: int) -> None:
+    """The last split of each (sequence, KV head) combines the partials in the same launch: the output of the
+    separate reduce launch (to float rounding), the reference's, and the counters left at zero for the next launch
+    (a second launch over other queries is right too). The short sequence leaves splits empty."""
+    batch = make_paged_batch([1, 1, 1, 1], [1, 17, 40, 64], 8, 2, 32, 8, DTYPE, "cpu", seed=num_splits)
+    meta, cache = batch.meta, batch.layer_cache
+    args = (cache[0], cache[1], meta.block_tables, meta.seq_lens, 0.3)
+    for q in (batch.q, torch.randn_like(batch.q.float()).to(DTYPE)):
+        fused = paged_decode_attention(q, *args, num_splits=num_splits, block_n=8, fused_reduce=True)
+        apart = paged_decode_attention(q, *args, num_splits=num_splits, block_n=8, fused_reduce=False)
+        ref = paged_decode_attention_ref(q, *args)
+        assert relative_error(fused, apart) < 1e-3 and relative_error(fused, ref) < 2e-3
+        counters = split_counters(q.device, 1)
+        assert counters is not None and not counters.any()
+
+
+def decode_step_with_new_tokens(
+    seq_lens: list[int], sliding_window: int | None = None, seed: int = 0
+) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+    """A decode batch whose new tokens' keys and values are not yet in the cache (at slot_mapping), its positions
+    (seq_len - 1) and a rotary table."""
+    batch = make_paged_batch([1] * len(seq_lens), seq_lens, 8, 2, 32, 8, DTYPE, "cpu", seed=seed)
+    positions = batch.meta.seq_lens[: len(seq_lens)].long() - 1
+    return batch, positions, build_cos_sin_cache(128, 32, 10000.0)
+
+
+@child_only
+@pytest.mark.parametrize(
+    ("num_splits", "fused_reduce", "window"), [(1, False, None), (3, False, 9), (4, True, None)]
+)
+def test_decode_attention_rotates_and_stores_the_new_token(
+    num_splits: int, fused_reduce: bool, window: int | None
+) -> None:
+    """new_kv: the launch rotates q and the new key, stores key and value at their slots and attends to them from
+    registers: the cache and the output of rotary_store_kv followed by the plain decode, and q left unrotated."""
+    batch, positions, table = decode_step_with_new_tokens([1, 9, 40], window, seed=num_splits)
+    meta = batch.meta
+    q, k, v = fused_qkv_views(batch)
+    q_before, k_before = q.clone(), k.clone()
+    stale = batch.layer_cache.clone()  # what the new tokens' slots held: the launch must not read it
+    fused_cache, ref_cache = stale.clone(), stale.clone()
+    new_kv = NewTokenKV(k, v, meta.slot_mapping, positions, table)
+    out = paged_decode_attention(
+        q, fused_cache[0], fused_cache[1], meta.block_tables, meta.seq_lens, 0.3, num_splits=num_splits,
+        sliding_window=window, block_n=8, new_kv=new_kv, fused_reduce=fused_reduce,
+    )  # fmt: skip
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+    q_ref = q.clone()
+    rotary_store_kv(q_ref, k.clone(), v, ref_cache[0], ref_cache[1], meta.slot_mapping, positions, table)
+    ref = paged_decode_attention(
+        q_ref, ref_cache[0], ref_cache[1], meta.block_tables, meta.seq_lens, 0.3, num_splits=num_splits,
+        sliding_window=window, block_n=8,
+    )  # fmt: skip
+    assert torch.equal(fused_cache, ref_cache) and not torch.equal(fused_cache, stale)
+    assert relative_error(out, ref) < 1e-3
+    truth = paged_decode_attention_ref(
+        q_ref, ref_cache[0], ref_cache[1], meta.block_tables, meta.seq_lens, 0.3, sliding_window=window
+    )
+    assert relative_error(out, truth) < 2e-3
+
+
+@child_only
+def test_backend_fuses_rotary_into_decode_only_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the rotary fusion on, a decode-only step (padded as a graph replays it) matches rotating first."""
+    monkeypatch.setattr(decode_attention, "FUSE_ROTARY", True)
+    batch, positions, table = decode_step_with_new_tokens([5, 12, 30])
+    rotated_q, rotated_k = batch.q.clone(), batch.k.clone()
+    apply_rotary_ref(rotated_q, rotated_k, positions, table)
+    ref, ref_cache = reference_forward(dataclasses.replace(batch, q=rotated_q, k=rotated_k), 0.25)
+    backend = TritonAttentionBackend()
+    inputs = backend.graph_inputs(4, batch.meta.block_tables.shape[1] + 2, 8, torch.device("cpu"))
+    inputs.load(batch.meta, batch_size=4)
+    q, k, v = (torch.cat([x, x[:1]]) for x in fused_qkv_views(batch))  # a stale padding row
+    padded_positions = torch.cat([positions, positions[:1]])
+    cache = batch.layer_cache.clone()
+    rope = RopeInputs(padded_positions, None, None, table)
+    out = backend.forward(q, k, v, cache, inputs.plan(4), 0.25, rope=rope)
+    assert relative_error(out[:3], ref) < 2e-3
+    assert relative_error(cache, ref_cache) < 2e-3
 
 
 @child_only
@@ -158,7 +247,10 @@ def test_rotary_store_kv_matches_rotary_then_store() -> None:
 
 
 @child_only
-def test_backend_with_rope_matches_rotating_first() -> None:
+@pytest.mark.parametrize("fuse_rotary", [False, True])
+def test_backend_with_rope_matches_rotating_first(fuse_rotary: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed batch (decodes and a prefill): the separate rotary store runs, with the decode fusion on or off."""
+    monkeypatch.setattr(decode_attention, "FUSE_ROTARY", fuse_rotary)
     batch = make_paged_batch([1, 1, 6], [5, 12, 6], 4, 2, 16, 4, DTYPE, "cpu", num_padding_tokens=1)
     q, k, v = fused_qkv_views(batch)
     positions = torch.tensor([4, 11, 0, 1, 2, 3, 4, 5, 0])
