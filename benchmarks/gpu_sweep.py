@@ -16,7 +16,7 @@ import torch
 from lmserve.bench.offline import latency, throughput
 from lmserve.config import EngineConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.kernels import decode_attention, w4a16
+from lmserve.kernels import decode_attention, gemv, w4a16
 from lmserve.layers.quant import AWQLinear
 
 CONFIG = "benchmarks/configs/llama3-8b.json"
@@ -25,7 +25,8 @@ VARIANTS = {"awq_plane_dots": ("awq", {"wide": 0})}
 per 16-row plane) beside the default (one dot per group). A format name ending in `+lmfp8` (`awq+lmfp8`, `fp8+lmfp8`,
 `bf16+lmfp8`) runs it with --lm-head-fp8; one ending in `+nosilu` without the activation fused into the one-row
 down projection (the A/B of that fusion); one ending in `+notiny` with no one-row GEMM sent to tinygemm; one ending
-in `+fuseattn` with decode attention's rotary store and split reduce inside its launch (LMSERVE_DECODE_FUSION)."""
+in `+fuseattn` with decode attention's rotary store and split reduce inside its launch, `+fusenorm` with the add
+and RMSNorm inside the one-row GEMVs of qkv and gate_up (both LMSERVE_DECODE_FUSION)."""
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30, iterations: int = 20) -> float:
@@ -188,10 +189,14 @@ def quant_sweep(
     KV int8: capacity, the job."""
     for fmt in formats:
         name, *flags = fmt.split("+")
-        if not set(flags) <= {"lmfp8", "nosilu", "notiny", "fuseattn"}:
-            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8, +nosilu, +notiny and +fuseattn")
-        # +fuseattn: decode attention with the rotary store and the split reduce in its own launch
+        if not set(flags) <= {"lmfp8", "nosilu", "notiny", "fuseattn", "fusenorm"}:
+            raise ValueError(
+                f"format {fmt!r}: the suffixes are +lmfp8, +nosilu, +notiny, +fuseattn and +fusenorm"
+            )
+        # +fuseattn: decode attention with the rotary store and the split reduce in its own launch; +fusenorm: the
+        # residual add and RMSNorm in the one-row GEMVs of qkv and gate_up
         decode_attention.FUSE_ROTARY = decode_attention.FUSE_REDUCE = "fuseattn" in flags
+        gemv.FUSE_NORM = "fusenorm" in flags
         # +notiny: AWQ's one-row GEMMs all on the CUDA GEMV (none to tinygemm, which takes no PDL launch)
         tiny_max = w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS
         w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = 0 if "notiny" in flags else tiny_max
@@ -233,7 +238,7 @@ def quant_sweep(
         AWQLinear.silu_gated_forward = fused_silu  # type: ignore[method-assign]
         if dot_override:
             w4a16.dot_options = default_dot_options
-        decode_attention.FUSE_ROTARY = decode_attention.FUSE_REDUCE = False
+        decode_attention.FUSE_ROTARY = decode_attention.FUSE_REDUCE = gemv.FUSE_NORM = False
     if decode_only:
         return
     engine = LLMEngine.from_random_weights(

@@ -73,6 +73,16 @@ its dependent launch, so the next kernel's launch overlaps this one's run. (Sign
 of kernels launch early, each holding SM slots while it waits: FP8 lost 2.4 % that way.) On one H200, batch-1
 decode: bf16 +4.6 %, AWQ +9.7 %, FP8 +8.1 % (benchmarks/RESULTS.md, 2026-12-06)."""
 
+FUSION_ENV = "LMSERVE_DECODE_FUSION"
+"""Launch fusions of the decode step that are built and tested but not yet timed on a GPU, so off unless named in
+LMSERVE_DECODE_FUSION (comma-separated): "rotary" (rotary_store_kv inside the decode attention launch, decode-only
+steps), "reduce" (the last split of each sequence and KV head combines the splits: no reduce launch) and "norm"
+(the residual add and RMSNorm inside the one-row GEMV of qkv and gate_up: no norm launch). benchmarks/gpu_sweep.py's
++fuseattn / +fusenorm formats are their A/B."""
+DECODE_FUSIONS = frozenset(name.strip() for name in os.environ.get(FUSION_ENV, "").split(",") if name.strip())
+if DECODE_FUSIONS - {"rotary", "reduce", "norm"}:
+    raise ValueError(f"{FUSION_ENV}={os.environ[FUSION_ENV]!r}: the fusions are rotary, reduce and norm")
+
 HAS_GDC = False
 if HAS_TRITON:
     try:

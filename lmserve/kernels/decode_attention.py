@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
-from lmserve.kernels._triton import jit, next_power_of_2, num_sms, pdl_enter, pdl_options, tl
+from lmserve.kernels._triton import (
+    DECODE_FUSIONS,
+    jit,
+    next_power_of_2,
+    num_sms,
+    pdl_enter,
+    pdl_options,
+    tl,
+)
+from lmserve.kernels.split_k import MAX_TILES, tile_locks
 
 _MIN_TOKENS_PER_SPLIT = 128
 DECODE_TILES = {"default": (64, 4), "fp8": (128, 2)}
@@ -76,7 +84,7 @@ def _decode_split_kernel(
     launch of its own. The values are rounded to the cache's dtype first, as a store and a load would round them.
 
     FUSED_REDUCE (several splits): the last program of a (sequence, KV head) to finish, counted on counters_ptr
-    (which it resets to 0), combines the splits' partials itself, so the reduce takes no launch of its own.
+    (the split-K GEMVs' tile_locks; it resets its own to 0), combines the splits' partials itself, so the reduce takes no launch of its own.
     """
     pdl_enter(PDL)
     seq = tl.program_id(0)
@@ -268,31 +276,10 @@ class NewTokenKV(NamedTuple):
     cos_sin_cache: torch.Tensor  # [max_positions, D] float32, cos then sin (rotary.build_cos_sin_cache)
 
 
-FUSION_ENV = "LMSERVE_DECODE_FUSION"
-"""Decode attention's two launch fusions, off unless named in LMSERVE_DECODE_FUSION (comma-separated): "rotary"
-(rotary_store_kv inside the attention launch, decode-only steps) and "reduce" (the last split of each sequence and
-KV head combines the splits, no reduce launch). Both are tested against the unfused path; neither has been timed
-on a GPU yet, so both stay off by default (benchmarks/gpu_sweep.py's +fuseattn A/B)."""
-_FUSIONS = {name.strip() for name in os.environ.get(FUSION_ENV, "").split(",") if name.strip()}
-FUSE_ROTARY = "rotary" in _FUSIONS
-FUSE_REDUCE = "reduce" in _FUSIONS
-if _FUSIONS - {"rotary", "reduce"}:
-    raise ValueError(f"{FUSION_ENV}={os.environ[FUSION_ENV]!r}: the fusions are 'rotary' and 'reduce'")
-
-_COUNTERS_PER_DEVICE = 1 << 16
-"""Split counters of the fused reduce, one per (sequence, KV head) of a launch: 1024 sequences x 64 KV heads."""
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's zeroed split counters (each launch leaves them zero), or None where a launch needs more or
-    they would first be allocated inside a CUDA graph capture (the unfused reduce runs then)."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[device] = torch.zeros(_COUNTERS_PER_DEVICE, dtype=torch.int32, device=device)
-    return counters if needed <= counters.numel() else None
+FUSE_ROTARY = "rotary" in DECODE_FUSIONS
+"""rotary_store_kv inside the attention launch of a decode-only step (_triton.FUSION_ENV; off until timed)."""
+FUSE_REDUCE = "reduce" in DECODE_FUSIONS
+"""The splits combined by their last program, no reduce launch (_triton.FUSION_ENV; off until timed)."""
 
 
 def paged_decode_attention(
@@ -341,10 +328,10 @@ def paged_decode_attention(
         )
         partial_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     reduce_here = num_splits > 1 and (FUSE_REDUCE if fused_reduce is None else fused_reduce)
-    if reduce_here:
-        found = split_counters(q.device, num_seqs * num_kv_heads)
-        reduce_here = found is not None
-        counters = found if found is not None else out
+    if reduce_here and num_seqs * num_kv_heads <= MAX_TILES:
+        counters = tile_locks(q.device)  # the split-K GEMVs' counters: zero between launches, as here
+    else:
+        reduce_here = False
     if new_kv is None:
         k_new = v_new = positions = slots = cos_sin = q  # unused placeholders without ROPE
         stride_k, stride_v, stride_cos = (0, 0), (0, 0), 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -144,17 +145,31 @@ def _gemv_row_tile(x_ptr, ks, k_end, EVEN: tl.constexpr):  # noqa: N803 (a const
 
 
 @jit
+def _add_norm_tile(x_ptr, res_ptr, nw_ptr, ks, k_end, rstd, EVEN: tl.constexpr):  # noqa: N803 (a constexpr)
+    """Inputs ks of norm(x + residual) * weight, rounded as rms_norm rounds them (the sum and the normed value to
+    x's dtype, the product to the weight's promotion with it)."""
+    h = _gemv_row_tile(x_ptr, ks, k_end, EVEN) + _gemv_row_tile(res_ptr, ks, k_end, EVEN)
+    normed = (h.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty)
+    return (_gemv_row_tile(nw_ptr, ks, k_end, EVEN).to(tl.float32) * normed.to(tl.float32)).to(
+        x_ptr.dtype.element_ty
+    )
+
+
+@jit
 def _fp8_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr, res_ptr, res_out_ptr, nw_ptr, eps,
     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_pm, stride_om,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, EVEN: tl.constexpr,
+    USE_DOT: tl.constexpr, EVEN: tl.constexpr, ADD_NORM: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One program = BLOCK_N output channels x one K split, for all M (<= BLOCK_M) rows.
 
     USE_DOT: e4m3 -> x's dtype (exact) and a tensor-core dot with the rows padded to BLOCK_M; otherwise (one row)
     e4m3 -> float32 and multiply-adds on the CUDA cores, one sum over K at the end.
+    ADD_NORM (one row): the input is RMSNorm(x + residual) * nw, made here: every program first sums the squares of
+    the whole row x + residual (the first program also stores it at res_out_ptr, the new residual), then normalizes
+    its own inputs as it reads them, so the norm takes no launch of its own.
     """
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -172,14 +187,27 @@ def _fp8_gemv_kernel(
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if PDL and not USE_DOT:  # one row: the first tile's weights load while the kernel before still runs
         ks = k_start + lanes  # every split holds at least one tile (num_splits = ceil(blocks / per split))
-        w = _gemv_weight_tile(w_rows, ks, k_end, col_mask, EVEN)
-        pdl_enter(PDL)  # x (and the split counters) only after the kernel before has finished
-        xk = _gemv_row_tile(x_ptr, ks, k_end, EVEN)
-        acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+        w_first = _gemv_weight_tile(w_rows, ks, k_end, col_mask, EVEN)
+    pdl_enter(PDL)  # x (and the split counters) only after the kernel before has finished
+    rstd = 0.0
+    if ADD_NORM:
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # the whole row, whatever this program's split
+            ks = k0 + lanes
+            h = _gemv_row_tile(x_ptr, ks, K, EVEN) + _gemv_row_tile(res_ptr, ks, K, EVEN)
+            if (pid_n == 0) & (split == 0):
+                tl.store(res_out_ptr + ks, h, mask=ks < K)
+            squares += h.to(tl.float32) * h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
+    k_first = k_start
+    if PDL and not USE_DOT:
+        ks = k_start + lanes
+        if ADD_NORM:
+            xk = _add_norm_tile(x_ptr, res_ptr, nw_ptr, ks, k_end, rstd, EVEN)
+        else:
+            xk = _gemv_row_tile(x_ptr, ks, k_end, EVEN)
+        acc2 += w_first.to(tl.float32) * xk.to(tl.float32)[None, :]
         k_first = k_start + BLOCK_K
-    else:
-        pdl_enter(PDL)
-        k_first = k_start
     for k0 in range(k_first, k_end, BLOCK_K):
         ks = k0 + lanes
         w = _gemv_weight_tile(w_rows, ks, k_end, col_mask, EVEN)
@@ -191,7 +219,10 @@ def _fp8_gemv_kernel(
             )
             acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
         else:
-            xk = _gemv_row_tile(x_ptr, ks, k_end, EVEN)
+            if ADD_NORM:
+                xk = _add_norm_tile(x_ptr, res_ptr, nw_ptr, ks, k_end, rstd, EVEN)
+            else:
+                xk = _gemv_row_tile(x_ptr, ks, k_end, EVEN)
             acc2 += w.to(tl.float32) * xk.to(tl.float32)[None, :]
     if not USE_DOT:
         acc = tl.sum(acc2, 1)[None, :]
@@ -369,7 +400,23 @@ def fp8_gemv(
         assert weight_scale is not None
         _launch_cuda_gemv(x, weight, weight_scale, bias, out, **options)
         return out
-    opts = gemv_options(num_rows, n) | options
+    _launch_triton_gemv(x, weight, weight_scale, bias, out, gemv_options(num_rows, n) | options)
+    return out
+
+
+def _launch_triton_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    opts: dict[str, int],
+    add_norm: AddNorm | None = None,
+) -> None:
+    """_fp8_gemv_kernel over x [M, K] (x contiguous in K, M >= 1) into out [M, N]; add_norm: one row whose input
+    is add_norm's RMSNorm of x + its residual (written to its new_residual)."""
+    num_rows, k = x.shape
+    n = weight.shape[0]
     block_n, block_k = opts["block_n"], opts["block_k"]
     tiles = math.ceil(n / block_n)
     num_blocks = math.ceil(k / block_k)
@@ -379,15 +426,55 @@ def fp8_gemv(
     num_splits = math.ceil(num_blocks / per_split)
     partial = split_partials(num_splits, num_rows, n, x.device)
     use_dot = bool(opts["use_dot"]) or num_rows > 1
+    if add_norm is not None:
+        assert num_rows == 1 and not use_dot, "the fused norm is the one-row kernel's"
+        residual, new_residual, norm_weight, eps = add_norm
+    else:
+        residual = new_residual = norm_weight = x  # unused placeholders
+        eps = 0.0
     _fp8_gemv_kernel[(tiles, num_splits)](
         x, weight, out if weight_scale is None else weight_scale, out if bias is None else bias, out, partial,
-        tile_locks(x.device), num_rows, n, k, per_split * block_k, num_splits, x.stride(0), weight.stride(0),
-        partial.stride(0), out.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        EVEN=k % block_k == 0 and n % block_n == 0, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        tile_locks(x.device), residual, new_residual, norm_weight, eps, num_rows, n, k, per_split * block_k,
+        num_splits, x.stride(0), weight.stride(0), partial.stride(0), out.stride(0),
+        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=16 if use_dot else 1,
+        BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, EVEN=k % block_k == 0 and n % block_n == 0,
+        ADD_NORM=add_norm is not None, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
         **pdl_options(x.device),
     )  # fmt: skip
-    return out
+
+
+class AddNorm(NamedTuple):
+    """The one-row GEMV's fused input: RMSNorm(x + residual) * norm_weight, the sum written to new_residual."""
+
+    residual: torch.Tensor  # [1, K], x's dtype, contiguous
+    new_residual: torch.Tensor  # [1, K], written: x + residual
+    norm_weight: torch.Tensor  # [K], x's dtype
+    eps: float
+
+
+def add_norm_gemv(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
+    **options: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * norm_weight @ W^T + bias, x + residual) of one row [1, K] in one launch of the
+    Triton GEMV: what fused_add_rms_norm followed by fp8_gemv computes (the norm's sum of squares in another
+    order), without the norm's launch. The new residual is a new tensor (every program reads the old one)."""
+    assert x.shape[0] == 1 and x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape
+    assert norm_weight.dtype == x.dtype == residual.dtype and norm_weight.is_contiguous()
+    out = torch.empty(1, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    new_residual = torch.empty_like(x)
+    opts = gemv_options(1, weight.shape[0]) | options
+    _launch_triton_gemv(
+        x, weight, weight_scale, bias, out, opts, AddNorm(residual, new_residual, norm_weight, eps)
+    )
+    return out, new_residual
 
 
 def fp8_gemv_ref(

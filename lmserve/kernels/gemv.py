@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.kernels._triton import HAS_TRITON
-from lmserve.kernels.fp8 import fp8_gemv
+from lmserve.kernels._triton import DECODE_FUSIONS, HAS_TRITON
+from lmserve.kernels.fp8 import add_norm_gemv, fp8_gemv
 
+FUSE_NORM = "norm" in DECODE_FUSIONS
+"""One-row linears that take the residual add and RMSNorm into their GEMV (_triton.FUSION_ENV; off until timed)."""
 MAX_IN_FEATURES = 14336
 """Measured up to this K (Llama-3-8B's down projection); larger inputs were not measured and stay on cuBLAS."""
 MIN_OUT_FEATURES = 4096
@@ -61,6 +63,29 @@ def one_row_linear(
 ) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T + bias in one launch (out_dtype: x's by default)."""
     return fp8_gemv(x, weight, None, bias, out_dtype, "triton", **options)
+
+
+def one_row_add_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(RMSNorm(x + residual) * norm_weight @ weight^T + bias, x + residual) in one launch of the GEMV, or None
+    where it does not take the call (FUSE_NORM off, or not one contiguous row of the weight's dtype)."""
+    if not (
+        FUSE_NORM
+        and x.is_contiguous()
+        and residual.is_contiguous()
+        and residual.dtype == norm_weight.dtype == x.dtype
+        and norm_weight.is_contiguous()
+        and runs_one_row_gemv(x, weight, options)
+    ):
+        return None
+    return add_norm_gemv(x, residual, norm_weight, eps, weight, None, bias, None, **options)
 
 
 def one_row_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels import cpu_native
-from lmserve.kernels.gemv import one_row_gemv_options, one_row_linear, runs_one_row_gemv
+from lmserve.kernels.gemv import (
+    one_row_add_norm_linear,
+    one_row_gemv_options,
+    one_row_linear,
+    runs_one_row_gemv,
+)
 from lmserve.kernels.int8_gemm import quantize_rows_int8
 from lmserve.layers.cpu_gemm import packed_linear
 from lmserve.layers.quant import make_quantized_linear
@@ -62,6 +67,17 @@ class Linear(nn.Module):
         if self.onednn is not None:
             return packed_linear(x, self.onednn, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def add_norm_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(RMSNorm(x + residual) * norm_weight), x + residual) in one launch where the one-row GEMV fuses the
+        norm (kernels/gemv.py FUSE_NORM), else None: the caller norms first."""
+        if self.gemv_options is None:
+            return None
+        return one_row_add_norm_linear(
+            x, residual, norm_weight, eps, self.weight, self.bias, self.gemv_options
+        )
 
     @property
     def has_4bit_copy(self) -> bool:

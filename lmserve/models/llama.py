@@ -97,7 +97,10 @@ class LlamaAttention(nn.Module):
         self, hidden: torch.Tensor | Fp8Activation, rope: RopeInputs, kv_cache: Any, attn_plan: Any
     ) -> torch.Tensor:
         """hidden [T, H] normed; an Fp8Activation (already quantized) when wants_fp8_activation(qkv_proj, T)."""
-        qkv = self.qkv_proj(hidden)
+        return self.attend(self.qkv_proj(hidden), rope, kv_cache, attn_plan)
+
+    def attend(self, qkv: torch.Tensor, rope: RopeInputs, kv_cache: Any, attn_plan: Any) -> torch.Tensor:
+        """The block after its qkv projection: q/k norms, RoPE, paged attention, o_proj."""
         num_tokens = qkv.shape[0]
         qk = self.qk_heads(qkv)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -146,7 +149,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [T, H] normed; an Fp8Activation when wants_fp8_activation(gate_up_proj, T)."""
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The block after its gate_up projection: the activation and the down projection."""
         # a down projection that makes silu(gate) * up itself where it can (one row on CUDA: the W4A16 GEMV);
         # looked up per call, since a LoRA wrapper may replace down_proj after construction
         silu_down = getattr(self.down_proj, "silu_gated_forward", None) if self.silu_gated else None
@@ -204,14 +210,40 @@ class LlamaDecoderLayer(nn.Module):
         # an FP8 projection that quantizes its input per token gets it from the norm's kernel, quantized there
         num_tokens = hidden.shape[0]
         fp8 = wants_fp8_activation(self.self_attn.qkv_proj, num_tokens)
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden, fp8=fp8)
+        fused = (
+            None
+            if residual is None
+            else add_norm_linear(self.self_attn.qkv_proj, self.input_layernorm, hidden, residual)
+        )
+        if fused is not None:  # the add and norm inside the qkv projection's launch (one row on CUDA)
+            qkv, residual = fused
+            hidden = self.self_attn.attend(qkv, rope, kv_cache, attn_plan)
         else:
-            normed, residual = self.input_layernorm.add_forward(hidden, residual, fp8=fp8)
-        hidden = self.self_attn(normed, rope, kv_cache, attn_plan)
+            if residual is None:
+                residual, normed = hidden, self.input_layernorm(hidden, fp8=fp8)
+            else:
+                normed, residual = self.input_layernorm.add_forward(hidden, residual, fp8=fp8)
+            hidden = self.self_attn(normed, rope, kv_cache, attn_plan)
+        if isinstance(self.mlp, LlamaMLP):
+            fused = add_norm_linear(self.mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual)
+            if fused is not None:
+                gate_up, residual = fused
+                return self.mlp.down(gate_up), residual
         fp8 = isinstance(self.mlp, LlamaMLP) and wants_fp8_activation(self.mlp.gate_up_proj, num_tokens)
         normed, residual = self.post_attention_layernorm.add_forward(hidden, residual, fp8=fp8)
         return self.mlp(normed), residual
+
+
+def add_norm_linear(
+    linear: nn.Module, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(linear(norm(x + residual)), x + residual) from one launch where the linear takes the residual add and the
+    RMSNorm into its own kernel (`add_norm_forward`: one row on CUDA, LMSERVE_DECODE_FUSION=norm), else None. The
+    new residual is a new tensor; a LoRA-wrapped linear (no add_norm_forward) norms first."""
+    fused = getattr(linear, "add_norm_forward", None)
+    if fused is None or type(norm) is not RMSNorm:
+        return None
+    return fused(x, residual, norm.weight, norm.eps)
 
 
 class LlamaModel(nn.Module):

@@ -12,10 +12,10 @@ from lmserve.kernels.decode_attention import (
     NewTokenKV,
     paged_decode_attention,
     paged_decode_attention_ref,
-    split_counters,
 )
 from lmserve.kernels.kv_write import rotary_store_kv
 from lmserve.kernels.rotary import build_cos_sin_cache
+from lmserve.kernels.split_k import tile_locks
 from lmserve.kernels.testing import TOLERANCE, make_paged_batch, relative_error
 from tests.gpu.test_engine_cuda import make_engine, prompts
 from tests.models.model_helpers import tiny_hf_model
@@ -44,8 +44,8 @@ def test_fused_reduce_matches_the_reduce_launch(
     assert relative_error(fused, apart) < 1e-3
     for seq in range(len(SEQ_LENS)):
         assert relative_error(fused[seq], ref[seq]) < TOLERANCE[dtype], f"{SEQ_LENS[seq]=}"
-    counters = split_counters(batch.q.device, 1)
-    assert counters is not None and not counters.any()
+    counters = tile_locks(batch.q.device)
+    assert not counters.any()
 
 
 @pytest.mark.parametrize("cache_dtype", ["bf16", "fp8"])

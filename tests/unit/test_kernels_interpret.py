@@ -29,12 +29,12 @@ if IN_CHILD:
         NewTokenKV,
         paged_decode_attention,
         paged_decode_attention_ref,
-        split_counters,
     )
     from lmserve.kernels.kv_write import rotary_store_kv, rotary_store_kv_ref, store_kv, store_kv_ref
     from lmserve.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
     from lmserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
     from lmserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+    from lmserve.kernels.split_k import tile_locks
     from lmserve.kernels.testing import (
         PagedBatch,
         backend_step,
@@ -82,8 +82,8 @@ def test_decode_attention_fused_reduce_matches_reduce_launch(num_splits: int) ->
         apart = paged_decode_attention(q, *args, num_splits=num_splits, block_n=8, fused_reduce=False)
         ref = paged_decode_attention_ref(q, *args)
         assert relative_error(fused, apart) < 1e-3 and relative_error(fused, ref) < 2e-3
-        counters = split_counters(q.device, 1)
-        assert counters is not None and not counters.any()
+        counters = tile_locks(q.device)
+        assert not counters.any()
 
 
 def decode_step_with_new_tokens(

@@ -159,6 +159,44 @@ def test_fp8_gemv(
     assert relative_error(out, fp8_gemv_ref(x, weight, weight_scale, b)) < 2e-3
 
 
+@child_only
+@pytest.mark.parametrize(
+    "k,n,options",
+    [
+        (256, 64, {"block_n": 32, "block_k": 64}),  # whole blocks
+        (200, 48, {"block_n": 16, "block_k": 64, "k_per_split": 64}),  # masked, 4 splits
+        (64, 64, {"block_n": 32, "block_k": 64}),  # one tile
+    ],
+)
+@pytest.mark.parametrize("fp8_weight", [False, True])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_add_norm_gemv_is_the_norm_then_the_gemv(
+    k: int, n: int, options: dict, fp8_weight: bool, pdl: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The residual add and RMSNorm inside the one-row GEMV: the new residual equals fused_add_rms_norm's bit for
+    bit (the old one is left alone) and the output that of the norm's output through the same GEMV."""
+    from lmserve.kernels import fp8
+
+    if pdl:
+        monkeypatch.setattr(fp8, "pdl_options", lambda device: {"PDL": True})
+        monkeypatch.setattr(fp8, "pdl_enter", lambda PDL: None)  # noqa: N803 (the kernel's constexpr)
+    generator = torch.Generator().manual_seed(k + n)
+    x, residual = (torch.randn(1, k, generator=generator).to(DTYPE) for _ in range(2))
+    norm_weight = (torch.rand(k, generator=generator) + 0.5).to(DTYPE)
+    if fp8_weight:
+        weight, weight_scale = quantize_rows_fp8(torch.randn(n, k, generator=generator) * 0.05)
+    else:
+        weight, weight_scale = (torch.randn(n, k, generator=generator) * 0.05).to(DTYPE), None
+    residual_before = residual.clone()
+    out, new_residual = fp8.add_norm_gemv(x, residual, norm_weight, 1e-5, weight, weight_scale, None, **options)
+    assert torch.equal(residual, residual_before)
+    normed, summed = fused_add_rms_norm(x, residual.clone(), norm_weight, 1e-5)
+    assert torch.equal(new_residual, summed)
+    unfused = fp8_gemv(normed, weight, weight_scale, None, kernel="triton", **options)
+    assert relative_error(out, unfused) < 1e-3
+    assert not torch.equal(out, fp8_gemv(x, weight, weight_scale, None, kernel="triton", **options))
+
+
 def assert_same_fp8_rows(fused: Any, unfused: torch.Tensor) -> None:
     """fused (an Fp8Activation) holds per_token_quant_fp8 of the 16-bit rows the unfused kernel wrote: the scales
     equal quantize_rows_fp8's exactly, the e4m3 values those of the interpreter's own quantizer (its float ->
