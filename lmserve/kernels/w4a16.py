@@ -514,6 +514,38 @@ def w4a16_silu_gemv(gate_up: torch.Tensor, weight: W4Weight, **options: int) -> 
     return out.reshape(*gate_up.shape[:-1], weight.out_features)
 
 
+def w4a16_add_norm_gemv(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: W4Weight,
+    **options: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * norm_weight @ w, x + residual) for one row [1, K] in one launch of the CUDA GEMV
+    (its _norm kernels norm while staging x, rounded as kernels/rmsnorm.py's fused_add_rms_norm rounds; the sum of
+    squares in another order): a qkv or gate_up projection without the norm's own launch. The new residual is a new
+    tensor (every CTA reads the old one). Where cuda_gemv_available."""
+    if x.shape != (1, weight.in_features) or residual.shape != x.shape:
+        raise ValueError(
+            f"w4a16_add_norm_gemv takes x and residual [1, {weight.in_features}], got {tuple(x.shape)}"
+        )
+    if not (x.dtype == residual.dtype == norm_weight.dtype) or x.dtype not in _MAGIC_16:
+        raise ValueError("w4a16_add_norm_gemv needs x, residual and norm_weight in one 16-bit dtype")
+    x, residual, norm_weight = (aligned_16(t) for t in (x, residual, norm_weight))
+    new_residual = torch.empty_like(x)
+    out = torch.empty(1, weight.out_features, dtype=x.dtype, device=x.device)
+    _cuda_gemv(x, weight, out, (residual, new_residual, norm_weight, eps), options)
+    return out, new_residual
+
+
+def aligned_16(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous at a 16-byte aligned address (the CUDA GEMV reads 16 bytes at a time): t itself or a copy."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _launch_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
     n, num_blocks = out.shape[1], weight.num_blocks
     opts = gemv_options(n) | options
@@ -561,6 +593,19 @@ def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) 
 
 
 def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **options: int) -> None:
+    """The CUDA GEMV over x's rows; option gated=1: a gate_up row (the _silu kernels)."""
+    _cuda_gemv(x, weight, out, None, options)
+
+
+def _cuda_gemv(
+    x: torch.Tensor,
+    weight: W4Weight,
+    out: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
+    options: dict[str, int],
+) -> None:
+    """_launch_cuda_gemv; norm = (residual, new_residual, norm_weight, eps): one row, 16-byte aligned (the _norm
+    kernels)."""
     n, num_blocks, group = out.shape[1], weight.num_blocks, weight.group_size
     options = cuda_gemv_options(n, num_blocks, x.device) | options
     per_cta = options["blocks_per_cta"]
@@ -580,7 +625,18 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
         )
     if x.data_ptr() % 16 or x.stride(0) % 8:
         x = x.clone(memory_format=torch.contiguous_format)  # read 16 bytes at a time: an aligned copy
-    suffix = ("_pf" if prefetch else "") + ("_silu" if gated else "") + ("_pdl" if pdl else "")
+    if norm is not None and (gated or x.shape[0] != 1):
+        raise ValueError("the CUDA GEMV norms one row, and not a gate_up row")
+    residual, new_residual, norm_weight, eps = norm if norm is not None else (None, None, None, 0.0)
+    extra = [
+        ctypes.c_void_p(0 if t is None else t.data_ptr()) for t in (residual, new_residual, norm_weight)
+    ] + [ctypes.c_float(eps)]
+    suffix = (
+        ("_pf" if prefetch else "")
+        + ("_silu" if gated else "")
+        + ("_norm" if norm is not None else "")
+        + ("_pdl" if pdl else "")
+    )
     handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)
@@ -603,6 +659,7 @@ def _launch_cuda_gemv(x: torch.Tensor, weight: W4Weight, out: torch.Tensor, **op
             ctypes.c_longlong(weight.qweight.stride(0)),
             ctypes.c_longlong(weight.scales.stride(0)),
             ctypes.c_int(weight.scales.dtype == torch.bfloat16),
+            *extra,
         ]
         cuda_jit.launch(
             handle, (strips, splits, 1), (CUDA_GEMV_THREADS, 1, 1), args, stream, programmatic=bool(pdl)

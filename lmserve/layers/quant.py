@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.kernels import gemv
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.awq_dequant import PACK_NUM
 from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
@@ -21,6 +22,7 @@ from lmserve.kernels.w4a16 import (
     tinygemm_matmul,
     tinygemm_pack,
     tinygemm_supported,
+    w4a16_add_norm_gemv,
     w4a16_matmul,
     w4a16_silu_gemv,
 )
@@ -103,6 +105,26 @@ class AWQLinear(nn.Module):
             return None
         out = w4a16_silu_gemv(gate_up, self.w4)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    def add_norm_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(RMSNorm(x + residual) * norm_weight), x + residual) in one launch where the one-row CUDA GEMV takes
+        it (w4a16_add_norm_gemv, kernels/gemv.py FUSE_NORM); None elsewhere (the caller norms first)."""
+        if (
+            not gemv.FUSE_NORM
+            or self.w4 is None
+            or x.dim() != 2
+            or x.shape != (GEMV_MAX_ROWS, self.in_features)
+            or residual.shape != x.shape
+            or not (x.dtype == residual.dtype == norm_weight.dtype)
+            or x.dtype not in (torch.bfloat16, torch.float16)
+            or not cuda_gemv_available(x.device)
+            or self._takes_tinygemm(x)
+        ):
+            return None
+        out, new_residual = w4a16_add_norm_gemv(x, residual, norm_weight, eps, self.w4)
+        return (out + self.bias.to(out.dtype) if self.bias is not None else out), new_residual
 
     def _takes_tinygemm(self, x: torch.Tensor) -> bool:
         tiny = self.tinygemm

@@ -184,3 +184,85 @@ def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
     assert any(calls)  # the graphs captured the fused down projection
     monkeypatch.setattr(AWQLinear, "silu_gated_forward", lambda self, gate_up: None)
     assert run() == fused
+
+
+@pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
+@pytest.mark.parametrize("pdl", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocks_per_cta", [None, 3])
+@pytest.mark.parametrize("k,n,group_size", [(4096, 6144, 128), (4096, 28672, 128), (1568, 576, 32)])
+def test_norm_gemv_is_the_gemv_of_the_norm(
+    k: int, n: int, group_size: int, blocks_per_cta: int | None, x_dtype, prefetch: int, pdl: int
+) -> None:
+    """The _norm kernels make RMSNorm(x + residual) * w while staging x, every CTA over the whole row (splits
+    included): the new residual equals fused_add_rms_norm's bit for bit, and the output the GEMV of the norm's
+    output (the sum of squares in another order: an rsqrt an ulp apart may round a normed input differently)."""
+    from lmserve.kernels.rmsnorm import fused_add_rms_norm
+    from lmserve.kernels.w4a16 import w4a16_add_norm_gemv
+
+    qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
+    weight = repack_awq(qweight, qzeros, scales, group_size)
+    x, residual = (
+        (torch.randn(1, k, device="cuda") * 2).to(x_dtype),
+        torch.randn(1, k, device="cuda").to(x_dtype),
+    )
+    norm_weight = (torch.rand(k, device="cuda") + 0.5).to(x_dtype)
+    options = {"prefetch": prefetch, "pdl": pdl} | (
+        {"blocks_per_cta": blocks_per_cta} if blocks_per_cta else {}
+    )
+    before = residual.clone()
+    torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
+    out, new_residual = w4a16_add_norm_gemv(x, residual, norm_weight, 1e-5, weight, **options)
+    normed, summed = fused_add_rms_norm(x, residual.clone(), norm_weight, 1e-5)
+    assert torch.equal(residual, before) and torch.equal(new_residual, summed)
+    unfused = w4a16_matmul(normed, weight, kernel="cuda", **options)
+    assert out.shape == (1, n) and out.dtype == x_dtype
+    assert relative_error(out, unfused) < TOLERANCE[x_dtype] / 2
+
+
+@pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
+def test_engine_with_the_norm_in_the_w4_gemv_keeps_its_tokens(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sequence at a time (one-row decode steps, CUDA graphs): AWQ's qkv and gate_up taking the residual add
+    and RMSNorm (LMSERVE_DECODE_FUSION=norm) give the tokens of the separate norm, or part at a near tie."""
+    from lmserve.config import EngineConfig
+    from lmserve.engine.engine import LLMEngine
+    from lmserve.kernels import gemv, w4a16
+    from tests.engine.test_engine_tiny import random_prompts
+    from tests.gpu.test_fp8_gpu import greedy_with_logprobs
+    from tests.models.model_helpers import tiny_hf_model
+
+    hf = tiny_hf_model(
+        "llama", hidden_size=2048, intermediate_size=8448, num_attention_heads=16, num_key_value_heads=8
+    )
+    hf.config.to_json_file(tmp_path / "config.json")
+    prompts = random_prompts(3, hf.config.vocab_size, seed=4)
+    calls: list[int] = []
+    original = w4a16.w4a16_add_norm_gemv
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    def run() -> list[list[tuple[int, float]]]:
+        config = EngineConfig(device="cuda", model_format="awq", max_batch_size=4, cache_max_entry_count=4096)
+        engine = LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
+        return [greedy_with_logprobs(engine, [prompt], 8)[0] for prompt in prompts]
+
+    import lmserve.layers.quant as quant
+
+    monkeypatch.setattr(quant, "w4a16_add_norm_gemv", counted)
+    plain = run()
+    assert not calls
+    monkeypatch.setattr(gemv, "FUSE_NORM", True)
+    fused = run()
+    assert calls  # the graphs captured the fused projections
+    for fused_seq, plain_seq in zip(fused, plain, strict=True):
+        tokens, plain_tokens = [t for t, _ in fused_seq], [t for t, _ in plain_seq]
+        parted = next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens, strict=True)) if a != b), None)
+        if parted is None:  # the same tokens: logprobs within the rounding of a normed input
+            assert max(abs(a - b) for (_, a), (_, b) in zip(fused_seq, plain_seq, strict=True)) < 0.05
+        else:  # parted where the two picks were close in both runs
+            assert abs(fused_seq[parted][1] - plain_seq[parted][1]) < 0.05, (parted, fused_seq, plain_seq)

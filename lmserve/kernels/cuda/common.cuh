@@ -42,6 +42,59 @@ __device__ __forceinline__ uint4 silu_mul8(uint4 gate, uint4 up, bool bf16) {
     return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
+// x + r of eight 16-bit pairs, each sum rounded to the 16-bit dtype (as a Triton 16-bit add rounds it)
+__device__ __forceinline__ uint4 add8(uint4 x, uint4 r, bool bf16) {
+    const u32 a[4] = {x.x, x.y, x.z, x.w}, b[4] = {r.x, r.y, r.z, r.w};
+    u32 out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        out[i] = (u32)from_float(to_float((u16)(a[i] & 0xFFFF), bf16) + to_float((u16)(b[i] & 0xFFFF), bf16), bf16) |
+                 ((u32)from_float(to_float((u16)(a[i] >> 16), bf16) + to_float((u16)(b[i] >> 16), bf16), bf16) << 16);
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// the sum of the squares of eight 16-bit values, in float32
+__device__ __forceinline__ float sum_squares8(uint4 h, bool bf16) {
+    const u32 w[4] = {h.x, h.y, h.z, h.w};
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float lo = to_float((u16)(w[i] & 0xFFFF), bf16), hi = to_float((u16)(w[i] >> 16), bf16);
+        s = fmaf(lo, lo, s);
+        s = fmaf(hi, hi, s);
+    }
+    return s;
+}
+
+// RMSNorm's output of eight 16-bit values h with weights nw: (h * rstd) rounded, times the weight, rounded (as
+// kernels/rmsnorm.py rounds them)
+__device__ __forceinline__ uint4 norm8(uint4 h, uint4 nw, float rstd, bool bf16) {
+    const u32 a[4] = {h.x, h.y, h.z, h.w}, b[4] = {nw.x, nw.y, nw.z, nw.w};
+    u32 out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u16 lo = from_float(to_float((u16)(a[i] & 0xFFFF), bf16) * rstd, bf16);
+        const u16 hi = from_float(to_float((u16)(a[i] >> 16), bf16) * rstd, bf16);
+        out[i] = (u32)from_float(to_float((u16)(b[i] & 0xFFFF), bf16) * to_float(lo, bf16), bf16) |
+                 ((u32)from_float(to_float((u16)(b[i] >> 16), bf16) * to_float(hi, bf16), bf16) << 16);
+    }
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// the sum of one float over a CTA of NUM_WARPS warps (every thread calls it; every thread gets the sum)
+template <int NUM_WARPS>
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_sums[NUM_WARPS];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) total += warp_sums[w];
+    return total;
+}
+
 // 16 bytes of a weight read once: not kept in L1
 __device__ __forceinline__ uint4 load_stream(const void* p) {
     uint4 v;

@@ -21,6 +21,10 @@
 // GATED (the _silu kernels, a down projection): x is the gate_up row [gate | up] of 2 K values and the GEMV's
 // input is silu(gate) * up, made while x is staged (common.cuh: silu_mul, rounded as the separate kernel rounds it),
 // so the MLP's activation takes no launch of its own.
+// NORM (the _norm kernels, a qkv or gate_up projection): x is a sublayer's output and the GEMV's input is
+// RMSNorm(x + residual) * norm_w, made while x is staged: every CTA sums the squares of the whole row x + residual
+// (CTA (0, 0) also stores it at res_out, the new residual), then normalizes its split in shared memory, rounded as
+// kernels/rmsnorm.py's fused_add_rms_norm rounds (the sum of squares in another order), so the norm takes no launch.
 //
 // No headers: compiled by NVRTC at run time (lmserve/kernels/cuda_jit.py).
 
@@ -60,12 +64,14 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
 }
 
 // G: groups per 128-row block (1 for group sizes >= 128, else 128 / group); a group spans 8 / G nibbles j.
-template <int G, bool BF16, bool PREFETCH, bool PDL, bool GATED>
+template <int G, bool BF16, bool PREFETCH, bool PDL, bool GATED, bool NORM>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __restrict__ qweight,
                                         const u16* __restrict__ scales, const u16* __restrict__ zeros,
                                         u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ locks,
                                         int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group,
-                                        long long stride_w, long long stride_s, int scales_bf16) {
+                                        long long stride_w, long long stride_s, int scales_bf16,
+                                        const u16* __restrict__ residual, u16* __restrict__ res_out,
+                                        const u16* __restrict__ norm_w, float eps) {
     constexpr int RUN = 8 / G;
     constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
     constexpr float M = BF16 ? 128.0f : 1024.0f;
@@ -103,20 +109,40 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
     if (PDL) pdl_enter();  // the loads above need nothing of the kernel before, x does
 
-    // x of this split, 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks), zero
-    // past K; GATED makes silu(gate) * up of the gate_up row instead
-#pragma unroll 4
-    for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {
-        const int k = kb0 * 128 + idx;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (k < K) {
-            v = *reinterpret_cast<const uint4*>(x + k);
-            if (GATED) {
-                const uint4 up = *reinterpret_cast<const uint4*>(x + K + k);
-                v = silu_mul8(v, up, BF16);
-            }
+    if (NORM) {
+        // the whole row's x + residual: its squares summed, CTA (0, 0) storing it, this split's part staged
+        const int lo = kb0 * 128, hi = min(K, (kb0 + nkb) * 128);
+        const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
+        float squares = 0.0f;
+        for (int k = 8 * tid; k < K; k += 8 * THREADS) {
+            const uint4 h = add8(*reinterpret_cast<const uint4*>(x + k), *reinterpret_cast<const uint4*>(residual + k), BF16);
+            if (writer) *reinterpret_cast<uint4*>(res_out + k) = h;
+            squares += sum_squares8(h, BF16);
+            if (k >= lo && k < hi) *reinterpret_cast<uint4*>(xs + k - lo) = h;
         }
-        *reinterpret_cast<uint4*>(xs + idx) = v;
+        const float rstd = rsqrtf(block_sum<WARPS>(squares) / K + eps);
+        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {  // normalized in place, zero past K
+            const int k = lo + idx;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (k < K) v = norm8(*reinterpret_cast<const uint4*>(xs + idx), *reinterpret_cast<const uint4*>(norm_w + k), rstd, BF16);
+            *reinterpret_cast<uint4*>(xs + idx) = v;
+        }
+    } else {
+        // x of this split, 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks),
+        // zero past K; GATED makes silu(gate) * up of the gate_up row instead
+#pragma unroll 4
+        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {
+            const int k = kb0 * 128 + idx;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (k < K) {
+                v = *reinterpret_cast<const uint4*>(x + k);
+                if (GATED) {
+                    const uint4 up = *reinterpret_cast<const uint4*>(x + K + k);
+                    v = silu_mul8(v, up, BF16);
+                }
+            }
+            *reinterpret_cast<uint4*>(xs + idx) = v;
+        }
     }
     __syncthreads();
     for (int idx = tid; idx < nkb * 8; idx += THREADS) {  // sum of the 16 x of each (block, nibble)
@@ -209,20 +235,22 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     if (tid < 64 && col < N) out[col] = from_float(value, BF16);
 }
 
-#define W4_GEMV(NAME, G, BF16, PREFETCH, PDL, GATED)                                                            \
+#define W4_GEMV(NAME, G, BF16, PREFETCH, PDL, GATED, NORM)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
         const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
         int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
-        long long stride_s, int scales_bf16) {                                                                  \
-        w4_gemv<G, BF16, PREFETCH, PDL, GATED>(x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, \
-                                               blocks_per_cta, blocks_per_group, stride_w, stride_s, scales_bf16); \
+        long long stride_s, int scales_bf16, const u16* residual, u16* res_out, const u16* norm_w, float eps) { \
+        w4_gemv<G, BF16, PREFETCH, PDL, GATED, NORM>(x, qweight, scales, zeros, out, partial, locks, N, K,      \
+                                                     num_blocks, blocks_per_cta, blocks_per_group, stride_w,    \
+                                                     stride_s, scales_bf16, residual, res_out, norm_w, eps);    \
     }
 // each kernel also as NAME_pdl, launched as a programmatic dependent (on sm_90+ unless LMSERVE_PDL=0, kernels/_triton.py),
-// and both as NAME_silu(_pdl), taking a gate_up row (GATED)
-#define W4_GEMV_PDL(NAME, G, BF16, PREFETCH, GATED) \
-    W4_GEMV(NAME, G, BF16, PREFETCH, false, GATED) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true, GATED)
-#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH) \
-    W4_GEMV_PDL(NAME, G, BF16, PREFETCH, false) W4_GEMV_PDL(NAME##_silu, G, BF16, PREFETCH, true)
+// and all as NAME_silu(_pdl), taking a gate_up row (GATED), and NAME_norm(_pdl), taking x + residual to norm (NORM)
+#define W4_GEMV_PDL(NAME, G, BF16, PREFETCH, GATED, NORM) \
+    W4_GEMV(NAME, G, BF16, PREFETCH, false, GATED, NORM) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true, GATED, NORM)
+#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH)                                                         \
+    W4_GEMV_PDL(NAME, G, BF16, PREFETCH, false, false) W4_GEMV_PDL(NAME##_silu, G, BF16, PREFETCH, true, false) \
+        W4_GEMV_PDL(NAME##_norm, G, BF16, PREFETCH, false, true)
 
 W4_GEMV_BOTH(w4_gemv_bf16_g1, 1, true, false)
 W4_GEMV_BOTH(w4_gemv_bf16_g2, 2, true, false)
