@@ -49,7 +49,8 @@ __device__ __forceinline__ uint4 add8(uint4 x, uint4 r, bool bf16) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
         out[i] = (u32)from_float(to_float((u16)(a[i] & 0xFFFF), bf16) + to_float((u16)(b[i] & 0xFFFF), bf16), bf16) |
-                 ((u32)from_float(to_float((u16)(a[i] >> 16), bf16) + to_float((u16)(b[i] >> 16), bf16), bf16) << 16);
+                 ((u32)from_float(to_float((u16)(a[i] >> 16), bf16) + to_float((u16)(b[i] >> 16), bf16), bf16)
+                  << 16);
     return make_uint4(out[0], out[1], out[2], out[3]);
 }
 

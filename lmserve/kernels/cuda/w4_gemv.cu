@@ -115,7 +115,8 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
         float squares = 0.0f;
         for (int k = 8 * tid; k < K; k += 8 * THREADS) {
-            const uint4 h = add8(*reinterpret_cast<const uint4*>(x + k), *reinterpret_cast<const uint4*>(residual + k), BF16);
+            const uint4 h =
+                add8(*reinterpret_cast<const uint4*>(x + k), *reinterpret_cast<const uint4*>(residual + k), BF16);
             if (writer) *reinterpret_cast<uint4*>(res_out + k) = h;
             squares += sum_squares8(h, BF16);
             if (k >= lo && k < hi) *reinterpret_cast<uint4*>(xs + k - lo) = h;
@@ -124,7 +125,9 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {  // normalized in place, zero past K
             const int k = lo + idx;
             uint4 v = make_uint4(0, 0, 0, 0);
-            if (k < K) v = norm8(*reinterpret_cast<const uint4*>(xs + idx), *reinterpret_cast<const uint4*>(norm_w + k), rstd, BF16);
+            if (k < K)
+                v = norm8(*reinterpret_cast<const uint4*>(xs + idx), *reinterpret_cast<const uint4*>(norm_w + k), rstd,
+                          BF16);
             *reinterpret_cast<uint4*>(xs + idx) = v;
         }
     } else {
