@@ -4,6 +4,8 @@ split setting, and its split counters under CUDA-graph replays."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -147,16 +149,11 @@ def test_silu_gemv_is_the_gemv_of_silu_and_mul(
         w4a16_silu_gemv(gate_up[:, :k], weight)
 
 
-@pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
-def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One sequence at a time (one-row decode steps, in CUDA graphs): the AWQ down projection that makes
-    silu(gate) * up itself gives the tokens and logprobs of the separate activation bit for bit (the down
-    projection is above tinygemm's one-row size, so the CUDA GEMV takes it)."""
+def awq_engine_runs(tmp_path) -> Any:
+    """run(): greedy tokens and logprobs of three prompts, one sequence at a time (one-row decode steps, CUDA
+    graphs), from a fresh AWQ engine of random weights whose down projection is above tinygemm's one-row size."""
     from lmserve.config import EngineConfig
     from lmserve.engine.engine import LLMEngine
-    from lmserve.layers.quant import AWQLinear
     from tests.engine.test_engine_tiny import random_prompts
     from tests.gpu.test_fp8_gpu import greedy_with_logprobs
     from tests.models.model_helpers import tiny_hf_model
@@ -166,6 +163,24 @@ def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
     )
     hf.config.to_json_file(tmp_path / "config.json")
     prompts = random_prompts(3, hf.config.vocab_size, seed=4)
+
+    def run() -> list[list[tuple[int, float]]]:
+        config = EngineConfig(device="cuda", model_format="awq", max_batch_size=4, cache_max_entry_count=4096)
+        engine = LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
+        return [greedy_with_logprobs(engine, [prompt], 8)[0] for prompt in prompts]
+
+    return run
+
+
+@pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
+def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AWQ down projection that makes silu(gate) * up itself gives the tokens and logprobs of the separate
+    activation bit for bit (the CUDA GEMV takes the down projection: above tinygemm's one-row size)."""
+    from lmserve.layers.quant import AWQLinear
+
+    run = awq_engine_runs(tmp_path)
     calls: list[bool] = []
     fused_forward = AWQLinear.silu_gated_forward
 
@@ -173,11 +188,6 @@ def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
         out = fused_forward(self, gate_up)
         calls.append(out is not None)
         return out
-
-    def run() -> list[list[tuple[int, float]]]:
-        config = EngineConfig(device="cuda", model_format="awq", max_batch_size=4, cache_max_entry_count=4096)
-        engine = LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
-        return [greedy_with_logprobs(engine, [prompt], 8)[0] for prompt in prompts]
 
     monkeypatch.setattr(AWQLinear, "silu_gated_forward", counted)
     fused = run()
@@ -225,31 +235,17 @@ def test_norm_gemv_is_the_gemv_of_the_norm(
 def test_engine_with_the_norm_in_the_w4_gemv_keeps_its_tokens(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One sequence at a time (one-row decode steps, CUDA graphs): AWQ's qkv and gate_up taking the residual add
-    and RMSNorm (LMSERVE_DECODE_FUSION=norm) give the tokens of the separate norm, or part at a near tie."""
-    from lmserve.config import EngineConfig
-    from lmserve.engine.engine import LLMEngine
+    """AWQ's qkv and gate_up taking the residual add and RMSNorm (LMSERVE_DECODE_FUSION=norm) give the tokens of
+    the separate norm, or part at a near tie."""
     from lmserve.kernels import gemv, w4a16
-    from tests.engine.test_engine_tiny import random_prompts
-    from tests.gpu.test_fp8_gpu import greedy_with_logprobs
-    from tests.models.model_helpers import tiny_hf_model
 
-    hf = tiny_hf_model(
-        "llama", hidden_size=2048, intermediate_size=8448, num_attention_heads=16, num_key_value_heads=8
-    )
-    hf.config.to_json_file(tmp_path / "config.json")
-    prompts = random_prompts(3, hf.config.vocab_size, seed=4)
+    run = awq_engine_runs(tmp_path)
     calls: list[int] = []
     original = w4a16.w4a16_add_norm_gemv
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return original(*args, **kwargs)
-
-    def run() -> list[list[tuple[int, float]]]:
-        config = EngineConfig(device="cuda", model_format="awq", max_batch_size=4, cache_max_entry_count=4096)
-        engine = LLMEngine.from_random_weights(str(tmp_path / "config.json"), config)
-        return [greedy_with_logprobs(engine, [prompt], 8)[0] for prompt in prompts]
 
     import lmserve.layers.quant as quant
 
