@@ -188,7 +188,9 @@ def test_add_norm_gemv_is_the_norm_then_the_gemv(
     else:
         weight, weight_scale = (torch.randn(n, k, generator=generator) * 0.05).to(DTYPE), None
     residual_before = residual.clone()
-    out, new_residual = fp8.add_norm_gemv(x, residual, norm_weight, 1e-5, weight, weight_scale, None, **options)
+    out, new_residual = fp8.add_norm_gemv(
+        x, residual, norm_weight, 1e-5, weight, weight_scale, None, **options
+    )
     assert torch.equal(residual, residual_before)
     normed, summed = fused_add_rms_norm(x, residual.clone(), norm_weight, 1e-5)
     assert torch.equal(new_residual, summed)
