@@ -20,15 +20,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 28672), (4096, 4608), (2048, 5000)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fp8_weight", [False, True])
+@pytest.mark.parametrize("tile", ["layer", "fused"])
 def test_add_norm_gemv_is_the_norm_then_the_gemv(
-    k: int, n: int, dtype: torch.dtype, fp8_weight: bool
+    k: int, n: int, dtype: torch.dtype, fp8_weight: bool, tile: str
 ) -> None:
+    """tile: the layers' GEMV options, or the fused norm's 16-channel programs (gemv._ADD_NORM_TILE)."""
     generator = torch.Generator(device="cuda").manual_seed(k + n)
     x, residual = (torch.randn(1, k, device="cuda", generator=generator).to(dtype) for _ in range(2))
     norm_weight = (torch.rand(k, device="cuda", generator=generator) + 0.5).to(dtype)
     dense = torch.randn(n, k, device="cuda", generator=generator) * 0.02
     weight, scale = quantize_rows_fp8(dense) if fp8_weight else (dense.to(dtype), None)
-    options = one_row_gemv_options(k, n) or {}
+    options = (one_row_gemv_options(k, n) or {}) | (gemv._ADD_NORM_TILE if tile == "fused" else {})
     before = residual.clone()
     out, new_residual = add_norm_gemv(x, residual, norm_weight, 1e-5, weight, scale, None, **options)
     normed, summed = fused_add_rms_norm(x, residual.clone(), norm_weight, 1e-5)
