@@ -332,23 +332,12 @@ def paged_decode_attention(
         counters = tile_locks(q.device)  # the split-K GEMVs' counters: zero between launches, as here
     else:
         reduce_here = False
-    if new_kv is None:
-        k_new = v_new = positions = slots = cos_sin = q  # unused placeholders without ROPE
-        stride_k, stride_v, stride_cos = (0, 0), (0, 0), 0
-    else:
-        k_new, v_new, slots, positions, cos_sin = new_kv
-        assert head_dim == next_power_of_2(head_dim) and cos_sin.shape[1] == head_dim
-        assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and cos_sin.stride(-1) == 1
-        assert k_cache.is_contiguous() and v_cache.is_contiguous()
-        stride_k, stride_v = (k_new.stride(0), k_new.stride(1)), (v_new.stride(0), v_new.stride(1))
-        stride_cos = cos_sin.stride(0)
+    new_tensors, new_strides = _new_token_args(new_kv, q, k_cache, v_cache)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, counters,
-        k_new, v_new, positions, slots, cos_sin,
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, counters, *new_tensors,
         scale * math.log2(math.e), num_splits, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        *stride_k, *stride_v, stride_cos,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), *new_strides,
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         WRITE_OUTPUT=num_splits == 1, WIDEN_KV=is_fp8(k_cache), ROPE=new_kv is not None,
@@ -362,6 +351,22 @@ def paged_decode_attention(
             num_warps=4, **pdl_options(q.device),
         )  # fmt: skip
     return out
+
+
+def _new_token_args(
+    new_kv: NewTokenKV | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """The split kernel's (k_new, v_new, positions, slot_mapping, cos_sin) and (stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_cos); q as placeholders and zeros without new_kv (ROPE off)."""
+    if new_kv is None:
+        return (q,) * 5, (0,) * 5
+    k_new, v_new, slots, positions, cos_sin = new_kv
+    head_dim = q.shape[-1]
+    assert head_dim == next_power_of_2(head_dim) and cos_sin.shape[1] == head_dim
+    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and cos_sin.stride(-1) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_sin.stride(0))
+    return (k_new, v_new, positions, slots, cos_sin), strides
 
 
 def is_fp8(cache: torch.Tensor) -> bool:
