@@ -107,7 +107,7 @@ def _decode_split_kernel(
     last = seq_len - 1  # the step's own token
     if ROPE:
         # neox rotate-half of a whole head (HEAD_DIM a power of two): x * cos -/+ partner * sin
-        half: tl.constexpr = HEAD_DIM // 2
+        half = HEAD_DIM // 2  # a constexpr: HEAD_DIM is one
         partner = (dims + half) % HEAD_DIM
         first_half = dims < half
         position = tl.load(positions_ptr + seq).to(tl.int64)
