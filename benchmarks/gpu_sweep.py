@@ -189,13 +189,15 @@ def quant_sweep(
     KV int8: capacity, the job."""
     for fmt in formats:
         name, *flags = fmt.split("+")
-        if not set(flags) <= {"lmfp8", "nosilu", "notiny", "fuseattn", "fusenorm"}:
+        if not set(flags) <= {"lmfp8", "nosilu", "notiny", "fuseattn", "fuserot", "fusered", "fusenorm"}:
             raise ValueError(
-                f"format {fmt!r}: the suffixes are +lmfp8, +nosilu, +notiny, +fuseattn and +fusenorm"
+                f"format {fmt!r}: the suffixes are +lmfp8, +nosilu, +notiny, +fuseattn (+fuserot, +fusered: "
+                "one of its two) and +fusenorm"
             )
         # +fuseattn: decode attention with the rotary store and the split reduce in its own launch; +fusenorm: the
         # residual add and RMSNorm in the one-row GEMVs of qkv and gate_up
-        decode_attention.FUSE_ROTARY = decode_attention.FUSE_REDUCE = "fuseattn" in flags
+        decode_attention.FUSE_ROTARY = bool({"fuseattn", "fuserot"} & set(flags))
+        decode_attention.FUSE_REDUCE = bool({"fuseattn", "fusered"} & set(flags))
         gemv.FUSE_NORM = "fusenorm" in flags
         # +notiny: AWQ's one-row GEMMs all on the CUDA GEMV (none to tinygemm, which takes no PDL launch)
         tiny_max = w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS
