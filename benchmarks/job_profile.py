@@ -80,9 +80,10 @@ def main() -> None:
         # "+lmfp8": with --lm-head-fp8 (e4m3 lm_head)
         # "+fuseattn": decode attention's rotary store and split reduce inside its launch
         base, *flags = fmt.split("+")
-        if not set(flags) <= {"lmfp8", "fuseattn"}:
-            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8 and +fuseattn")
-        decode_attention.FUSE_ROTARY = decode_attention.FUSE_REDUCE = "fuseattn" in flags
+        if not set(flags) <= {"lmfp8", "fuseattn", "fuserot"}:
+            raise ValueError(f"format {fmt!r}: the suffixes are +lmfp8, +fuseattn and +fuserot (rotary only)")
+        decode_attention.FUSE_ROTARY = bool({"fuseattn", "fuserot"} & set(flags))
+        decode_attention.FUSE_REDUCE = "fuseattn" in flags
         model_format = base.removesuffix("-unfused")
         config = EngineConfig(
             device="cuda", max_batch_size=256, lm_head_fp8="lmfp8" in flags,
