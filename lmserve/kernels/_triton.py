@@ -74,8 +74,8 @@ of kernels launch early, each holding SM slots while it waits: FP8 lost 2.4 % th
 decode: bf16 +4.6 %, AWQ +9.7 %, FP8 +8.1 % (benchmarks/RESULTS.md, 2026-12-06)."""
 
 FUSION_ENV = "LMSERVE_DECODE_FUSION"
-"""Launch fusions of the decode step that are built and tested but not yet timed on a GPU, so off unless named in
-LMSERVE_DECODE_FUSION (comma-separated): "rotary" (rotary_store_kv inside the decode attention launch, decode-only
+"""Launch fusions of the decode step, built and tested, off unless named in LMSERVE_DECODE_FUSION (comma-separated;
+on an H100 "reduce" and "norm" lost and "rotary" won only AWQ at batch 1, benchmarks/RESULTS.md 2026-12-07 evening): "rotary" (rotary_store_kv inside the decode attention launch, decode-only
 steps), "reduce" (the last split of each sequence and KV head combines the splits: no reduce launch) and "norm"
 (the residual add and RMSNorm inside the one-row GEMV of qkv and gate_up: no norm launch). benchmarks/gpu_sweep.py's
 +fuseattn / +fusenorm formats are their A/B."""

@@ -84,7 +84,8 @@ def _decode_split_kernel(
     launch of its own. The values are rounded to the cache's dtype first, as a store and a load would round them.
 
     FUSED_REDUCE (several splits): the last program of a (sequence, KV head) to finish, counted on counters_ptr
-    (the split-K GEMVs' tile_locks; it resets its own to 0), combines the splits' partials itself, so the reduce takes no launch of its own.
+    (the split-K GEMVs' tile_locks; it resets its own to 0), combines the splits' partials itself, so the reduce
+    takes no launch of its own.
     """
     pdl_enter(PDL)
     seq = tl.program_id(0)
@@ -277,9 +278,10 @@ class NewTokenKV(NamedTuple):
 
 
 FUSE_ROTARY = "rotary" in DECODE_FUSIONS
-"""rotary_store_kv inside the attention launch of a decode-only step (_triton.FUSION_ENV; off until timed)."""
+"""rotary_store_kv inside the attention launch of a decode-only step (_triton.FUSION_ENV; off: on an H100 it won
+2 % for AWQ at batch 1 and lost at 16-64 rows and in the bf16 job)."""
 FUSE_REDUCE = "reduce" in DECODE_FUSIONS
-"""The splits combined by their last program, no reduce launch (_triton.FUSION_ENV; off until timed)."""
+"""The splits combined by their last program, no reduce launch (_triton.FUSION_ENV; off: it lost on an H100)."""
 
 
 def paged_decode_attention(

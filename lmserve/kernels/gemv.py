@@ -14,7 +14,8 @@ from lmserve.kernels._triton import DECODE_FUSIONS, HAS_TRITON
 from lmserve.kernels.fp8 import add_norm_gemv, fp8_gemv
 
 FUSE_NORM = "norm" in DECODE_FUSIONS
-"""One-row linears that take the residual add and RMSNorm into their GEMV (_triton.FUSION_ENV; off until timed)."""
+"""One-row linears that take the residual add and RMSNorm into their GEMV (_triton.FUSION_ENV; off: it lost on
+the H100, benchmarks/RESULTS.md 2026-12-07 evening). Read by models/llama.py add_norm_linear."""
 MAX_IN_FEATURES = 14336
 """Measured up to this K (Llama-3-8B's down projection); larger inputs were not measured and stay on cuBLAS."""
 MIN_OUT_FEATURES = 4096
@@ -38,8 +39,8 @@ _COMMON = {"num_warps": 4, "programs_per_sm": 4, "use_dot": 0}
 _LAYER_OPTIONS = _COMMON | {"block_n": 4, "block_k": 1024, "num_stages": 4}
 _VOCAB_OPTIONS = _COMMON | {"block_n": 16, "block_k": 256, "num_stages": 2}
 """Built once: the options are looked up on every decode step (read only; fp8_gemv merges them into a new dict)."""
-_ADD_NORM_TILE = {"block_n": 16, "block_k": 256, "num_stages": 2}
-"""The fused norm's programs: 16 channels each, not the layers' 4. Every program reads the row's x, residual and
+_ADD_NORM_TILE = _VOCAB_OPTIONS
+"""The fused norm's programs, the lm_head's: 16 channels each, not the layers' 4. Every program reads the row's x, residual and
 norm weight beside its weights, and first sums the row's squares; at 4 channels that would re-read as many bytes
 as the weights themselves (qkv: 1,536 programs of 24 KB each), at 16 about a third as many. Not timed yet."""
 
@@ -79,10 +80,10 @@ def one_row_add_norm_linear(
     options: dict[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(RMSNorm(x + residual) * norm_weight @ weight^T + bias, x + residual) in one launch of the GEMV, or None
-    where it does not take the call (FUSE_NORM off, or not one contiguous row of the weight's dtype)."""
+    where it does not take the call (not one contiguous row of the weight's dtype). Whether to fuse at all is
+    FUSE_NORM's, read by the caller (models/llama.py add_norm_linear)."""
     if not (
-        FUSE_NORM
-        and x.is_contiguous()
+        x.is_contiguous()
         and residual.is_contiguous()
         and residual.dtype == norm_weight.dtype == x.dtype
         and norm_weight.is_contiguous()

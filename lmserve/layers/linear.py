@@ -72,7 +72,7 @@ class Linear(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(self(RMSNorm(x + residual) * norm_weight), x + residual) in one launch where the one-row GEMV fuses the
-        norm (kernels/gemv.py FUSE_NORM), else None: the caller norms first."""
+        norm (kernels/gemv.py one_row_add_norm_linear), else None: the caller norms first."""
         if self.gemv_options is None:
             return None
         return one_row_add_norm_linear(

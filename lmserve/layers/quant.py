@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.kernels import gemv
 from lmserve.kernels._triton import HAS_TRITON
 from lmserve.kernels.awq_dequant import PACK_NUM
 from lmserve.kernels.awq_dequant import awq_dequantize as awq_dequantize_cuda
@@ -110,11 +109,9 @@ class AWQLinear(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(self(RMSNorm(x + residual) * norm_weight), x + residual) in one launch where the one-row CUDA GEMV takes
-        it (w4a16_add_norm_gemv, kernels/gemv.py FUSE_NORM); None elsewhere (the caller norms first)."""
+        it (w4a16_add_norm_gemv); None elsewhere (the caller norms first)."""
         if (
-            not gemv.FUSE_NORM
-            or self.w4 is None
-            or x.dim() != 2
+            self.w4 is None
             or x.shape != (GEMV_MAX_ROWS, self.in_features)
             or residual.shape != x.shape
             or not (x.dtype == residual.dtype == norm_weight.dtype)

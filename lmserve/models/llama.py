@@ -13,7 +13,7 @@ from torch import nn
 from lmserve.attention.backend import AttentionBackend
 from lmserve.distributed.parallel_state import all_reduce, gather_to_first, tp_rank, tp_size
 from lmserve.distributed.sharding import TensorSlice, head_layout, padded_vocab_size, part
-from lmserve.kernels import cpu_native
+from lmserve.kernels import cpu_native, gemv
 from lmserve.kernels.fp8 import Fp8Activation, fp8_linear, quantize_rows_fp8
 from lmserve.kernels.gemv import one_row_logits
 from lmserve.layers.activation import fp8_gated_activation, gated_activation
@@ -239,7 +239,10 @@ def add_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(linear(norm(x + residual)), x + residual) from one launch where the linear takes the residual add and the
     RMSNorm into its own kernel (`add_norm_forward`: one row on CUDA, LMSERVE_DECODE_FUSION=norm), else None. The
-    new residual is a new tensor; a LoRA-wrapped linear (no add_norm_forward) norms first."""
+    new residual is a new tensor; a LoRA-wrapped linear (no add_norm_forward) norms first. The switch is read here,
+    once for every linear that can fuse, so a step with the fusion off pays one attribute read per norm."""
+    if not gemv.FUSE_NORM:
+        return None
     fused = getattr(linear, "add_norm_forward", None)
     if fused is None or type(norm) is not RMSNorm:
         return None
