@@ -189,11 +189,25 @@ def quant_sweep(
     KV int8: capacity, the job."""
     for fmt in formats:
         name, *flags = fmt.split("+")
-        if not set(flags) <= {"lmfp8", "nosilu", "notiny", "fuseattn", "fuserot", "fusered", "fusenorm"}:
+        suffixes = {
+            "lmfp8",
+            "nosilu",
+            "notiny",
+            "fuseattn",
+            "fuserot",
+            "fusered",
+            "fusenorm",
+            "ring4",
+            "ring8",
+        }
+        if not set(flags) <= suffixes:
             raise ValueError(
                 f"format {fmt!r}: the suffixes are +lmfp8, +nosilu, +notiny, +fuseattn (+fuserot, +fusered: "
-                "one of its two) and +fusenorm"
+                "one of its two), +fusenorm and +ring4, +ring8"
             )
+        # +ring4 / +ring8: AWQ's one-row GEMVs on the CUDA ring kernel of 4 or 8 warps (w4a16.RING_WARPS)
+        ring_default = w4a16.RING_WARPS
+        w4a16.RING_WARPS = 4 if "ring4" in flags else 8 if "ring8" in flags else ring_default
         # +fuseattn: decode attention with the rotary store and the split reduce in its own launch; +fusenorm: the
         # residual add and RMSNorm in the one-row GEMVs of qkv and gate_up
         decode_attention.FUSE_ROTARY = bool({"fuseattn", "fuserot"} & set(flags))
@@ -237,6 +251,7 @@ def quant_sweep(
         del engine
         collect()
         w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = tiny_max
+        w4a16.RING_WARPS = ring_default
         AWQLinear.silu_gated_forward = fused_silu  # type: ignore[method-assign]
         if dot_override:
             w4a16.dot_options = default_dot_options

@@ -17,6 +17,14 @@ from lmserve.kernels.w4a16 import CUDA_GEMV_SOURCE, cuda_gemv_available, repack_
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3}
+KERNELS = [{"prefetch": 0}, {"prefetch": 1}, {"ring": 4}, {"ring": 8}]
+"""The register-staged kernel, its prefetching form and the ring kernels of 4 and 8 warps (w4_gemv_ring)."""
+KERNEL_IDS = ["regs", "prefetch", "ring4", "ring8"]
+
+
+def skip_if_no_ring(kernel: dict[str, int], group_size: int) -> None:
+    if "ring" in kernel and group_size < 64:
+        pytest.skip("the ring kernels take group sizes >= 64")
 
 
 def random_awq(k: int, n: int, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -33,7 +41,7 @@ def test_the_cuda_gemv_compiles_here() -> None:
     assert cuda_gemv_available(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
@@ -41,31 +49,65 @@ def test_the_cuda_gemv_compiles_here() -> None:
     "k,n", [(4096, 6144), (14336, 4096), (256, 72), (512, 1000), (576, 1536), (1536, 576)]
 )
 def test_cuda_gemv_matches_reference(
-    k: int, n: int, group_size: int, scale_dtype, x_dtype, prefetch: int
+    k: int, n: int, group_size: int, scale_dtype, x_dtype, kernel: dict[str, int]
 ) -> None:
     if k % group_size:
         pytest.skip("group must divide K")
+    skip_if_no_ring(kernel, group_size)
     qweight, qzeros, scales = random_awq(k, n, group_size, scale_dtype)
     weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(1, k, device="cuda").to(x_dtype)
     torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
-    out = w4a16_matmul(x, weight, kernel="cuda", prefetch=prefetch)
+    out = w4a16_matmul(x, weight, kernel="cuda", **kernel)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
     assert out.shape == ref.shape and out.dtype == x_dtype
     assert relative_error(out, ref) < TOLERANCE[x_dtype]
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("blocks_per_cta", [1, 3, 8, 9, 16, 32, 64])
-def test_cuda_gemv_every_split(blocks_per_cta: int, prefetch: int) -> None:
+def test_cuda_gemv_every_split(blocks_per_cta: int, kernel: dict[str, int]) -> None:
     k, n, group_size = 14336, 4096, 128
     qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
     weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta, prefetch=prefetch)
+    out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta, **kernel)
     assert (
         relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size)) < TOLERANCE[torch.bfloat16]
     )
+
+
+@pytest.mark.parametrize("blocks_per_cta", [3, 16, 64])
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_ring_of_8_warps_is_the_register_kernel_bit_for_bit(
+    blocks_per_cta: int, group_size: int, x_dtype
+) -> None:
+    """With 8 warps the ring kernel gives each warp the blocks the register-staged kernel gives it and multiplies
+    them with the same code: the same sums in the same order, so the same output bits whatever the split."""
+    k, n = 14336, 1536
+    weight = repack_awq(*random_awq(k, n, group_size, torch.float16), group_size)
+    x = torch.randn(1, k, device="cuda").to(x_dtype)
+    options = {"kernel": "cuda", "blocks_per_cta": blocks_per_cta}
+    assert torch.equal(
+        w4a16_matmul(x, weight, ring=8, **options), w4a16_matmul(x, weight, prefetch=0, **options)
+    )
+
+
+def test_default_ring_choice_falls_back_below_group_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RING_WARPS picks the ring kernel by default; a group it cannot take (32) runs the register kernel, right."""
+    from lmserve.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "RING_WARPS", 4)
+    assert w4a16.cuda_gemv_options(4096, 32, torch.device("cuda"))["ring"] == 4
+    for group_size in (32, 128):
+        qweight, qzeros, scales = random_awq(4096, 1024, group_size, torch.float16)
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+        out = w4a16_matmul(x, repack_awq(qweight, qzeros, scales, group_size), kernel="cuda")
+        assert (
+            relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size))
+            < TOLERANCE[torch.bfloat16]
+        )
 
 
 def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
@@ -75,19 +117,27 @@ def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
         w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", blocks_per_cta=65)
     with pytest.raises(ValueError, match="prefetch"):
         w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", prefetch=2)
+    with pytest.raises(ValueError, match="ring"):
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", ring=6)
+    with pytest.raises(ValueError, match="group sizes >= 64"):
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", ring=4, prefetch=1)
+    qweight, qzeros, scales = random_awq(1024, 256, 32, torch.float16)
+    with pytest.raises(ValueError, match="group sizes >= 64"):
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 32), kernel="cuda", ring=4)
 
 
+@pytest.mark.parametrize("kernel", [{"prefetch": 0}, {"ring": 4}], ids=["regs", "ring4"])
 @pytest.mark.parametrize("blocks_per_cta", [8, 32])
-def test_cuda_gemv_split_counters_survive_graph_replays(blocks_per_cta: int) -> None:
+def test_cuda_gemv_split_counters_survive_graph_replays(blocks_per_cta: int, kernel: dict[str, int]) -> None:
     k, n, group_size = 4096, 6144, 128
     qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
     weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
-    w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta)
+    w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta, **kernel)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta)
+        out = w4a16_matmul(x, weight, kernel="cuda", blocks_per_cta=blocks_per_cta, **kernel)
     for _ in range(3):
         out.zero_()
         graph.replay()
@@ -95,15 +145,17 @@ def test_cuda_gemv_split_counters_survive_graph_replays(blocks_per_cta: int) -> 
 
 
 @pytest.mark.parametrize("pdl", [0, 1])
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_cuda_gemv_as_a_programmatic_dependent_reads_its_predecessor(pdl: int, prefetch: int) -> None:
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_cuda_gemv_as_a_programmatic_dependent_reads_its_predecessor(
+    pdl: int, kernel: dict[str, int]
+) -> None:
     """With pdl each launch starts while the one before still runs and waits (griddepcontrol.wait) before it reads
     x: a second GEMV whose x is the first one's output must see it whole, split counters included, in replays."""
     k = n = 4096
     first, second = (random_awq(k, n, 128, torch.float16) for _ in range(2))
     w1, w2 = (repack_awq(*weights, 128) for weights in (first, second))
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    options = {"kernel": "cuda", "blocks_per_cta": 8, "prefetch": prefetch, "pdl": pdl}
+    options = {"kernel": "cuda", "blocks_per_cta": 8, "pdl": pdl, **kernel}
     w4a16_matmul(w4a16_matmul(x, w1, **options), w2, **options)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -120,12 +172,12 @@ def test_cuda_gemv_as_a_programmatic_dependent_reads_its_predecessor(pdl: int, p
 
 
 @pytest.mark.parametrize("pdl", [0, 1])
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("k,n", [(14336, 4096), (1536, 576), (512, 1000)])
 def test_silu_gemv_is_the_gemv_of_silu_and_mul(
-    k: int, n: int, group_size: int, x_dtype, prefetch: int, pdl: int
+    k: int, n: int, group_size: int, x_dtype, kernel: dict[str, int], pdl: int
 ) -> None:
     """The _silu kernels make silu(gate) * up while staging x with the instructions of the Triton silu_and_mul, so
     a down projection fed the gate_up row equals, bit for bit, the GEMV of the separate activation's output; and
@@ -135,8 +187,9 @@ def test_silu_gemv_is_the_gemv_of_silu_and_mul(
 
     qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
     weight = repack_awq(qweight, qzeros, scales, group_size)
+    skip_if_no_ring(kernel, group_size)
     gate_up = (torch.randn(1, 2 * k, device="cuda") * 3).to(x_dtype)
-    options = {"prefetch": prefetch, "pdl": pdl}
+    options = {"pdl": pdl, **kernel}
     torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
     fused = w4a16_silu_gemv(gate_up, weight, **options)
     activation = silu_and_mul(gate_up)
@@ -198,12 +251,12 @@ def test_engine_down_projection_with_the_activation_fused_gives_the_same_tokens(
 
 @pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
 @pytest.mark.parametrize("pdl", [0, 1])
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocks_per_cta", [None, 3])
 @pytest.mark.parametrize("k,n,group_size", [(4096, 6144, 128), (4096, 28672, 128), (1568, 576, 32)])
 def test_norm_gemv_is_the_gemv_of_the_norm(
-    k: int, n: int, group_size: int, blocks_per_cta: int | None, x_dtype, prefetch: int, pdl: int
+    k: int, n: int, group_size: int, blocks_per_cta: int | None, x_dtype, kernel: dict[str, int], pdl: int
 ) -> None:
     """The _norm kernels make RMSNorm(x + residual) * w while staging x, every CTA over the whole row (splits
     included): the new residual equals fused_add_rms_norm's bit for bit, and the output the GEMV of the norm's
@@ -218,9 +271,8 @@ def test_norm_gemv_is_the_gemv_of_the_norm(
         torch.randn(1, k, device="cuda").to(x_dtype),
     )
     norm_weight = (torch.rand(k, device="cuda") + 0.5).to(x_dtype)
-    options = {"prefetch": prefetch, "pdl": pdl} | (
-        {"blocks_per_cta": blocks_per_cta} if blocks_per_cta else {}
-    )
+    skip_if_no_ring(kernel, group_size)
+    options = {"pdl": pdl, **kernel} | ({"blocks_per_cta": blocks_per_cta} if blocks_per_cta else {})
     before = residual.clone()
     torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
     out, new_residual = w4a16_add_norm_gemv(x, residual, norm_weight, 1e-5, weight, **options)
@@ -255,10 +307,43 @@ def test_engine_with_the_norm_in_the_w4_gemv_keeps_its_tokens(
     monkeypatch.setattr(gemv, "FUSE_NORM", True)
     fused = run()
     assert calls  # the graphs captured the fused projections
-    for fused_seq, plain_seq in zip(fused, plain, strict=True):
-        tokens, plain_tokens = [t for t, _ in fused_seq], [t for t, _ in plain_seq]
-        parted = next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens, strict=True)) if a != b), None)
-        if parted is None:  # the same tokens: logprobs within the rounding of a normed input
-            assert max(abs(a - b) for (_, a), (_, b) in zip(fused_seq, plain_seq, strict=True)) < 0.05
-        else:  # parted where the two picks were close in both runs
-            assert abs(fused_seq[parted][1] - plain_seq[parted][1]) < 0.05, (parted, fused_seq, plain_seq)
+    assert_same_or_near_ties(fused, plain)
+
+
+def assert_same_or_near_ties(
+    runs: list[list[tuple[int, float]]], baseline: list[list[tuple[int, float]]]
+) -> None:
+    """Each sequence's (token, logprob) pairs equal the baseline's tokens with logprobs within a sum's rounding, or
+    part from them where the two picks were close in both runs."""
+    for seq, base in zip(runs, baseline, strict=True):
+        tokens, base_tokens = [t for t, _ in seq], [t for t, _ in base]
+        parted = next((i for i, (a, b) in enumerate(zip(tokens, base_tokens, strict=True)) if a != b), None)
+        if parted is None:
+            assert max(abs(a - b) for (_, a), (_, b) in zip(seq, base, strict=True)) < 0.05
+        else:
+            assert abs(seq[parted][1] - base[parted][1]) < 0.05, (parted, seq, base)
+
+
+@pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
+@pytest.mark.parametrize("ring", [4, 8])
+def test_engine_on_the_ring_kernel_keeps_its_tokens(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, ring: int
+) -> None:
+    """An AWQ engine whose one-row GEMVs run on the ring kernel (RING_WARPS) gives the register kernel's tokens, or
+    parts at a near tie (4 warps add a CTA's blocks in another order)."""
+    from lmserve.kernels import cuda_jit, w4a16
+
+    run = awq_engine_runs(tmp_path)
+    plain = run()
+    launched: list[str] = []
+    function = cuda_jit.function
+
+    def named(file_name: str, kernel: str, device_index: int):  # type: ignore[no-untyped-def]
+        launched.append(kernel)
+        return function(file_name, kernel, device_index)
+
+    monkeypatch.setattr(w4a16, "RING_WARPS", ring)
+    monkeypatch.setattr(cuda_jit, "function", named)
+    rings = run()
+    assert any(name.startswith(f"w4_gemv_ring{ring}_") for name in launched)
+    assert_same_or_near_ties(rings, plain)

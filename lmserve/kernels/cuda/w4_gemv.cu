@@ -63,6 +63,166 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 16 bytes (weights) and 8 bytes (scales, zeros) copied to shared memory by the copy engine, not through registers
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void copy_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async8(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
+// The strip's packed row of lane (g, t) for load q of a block: rows 2t, 2t + 1, 2t + 8, 2t + 9
+__device__ __forceinline__ int lane_row(int t, int q) { return 2 * t + (q & 1) + 8 * (q >> 1); }
+
+// The CTA's split of x staged in xs (zero past K; GATED: silu(gate) * up of a gate_up row; NORM: RMSNorm(x + residual)
+// * norm_w, CTA (0, 0) storing x + residual at res_out), then the sums of the 16 x of each (block, nibble) in xsum.
+template <int NT, bool BF16, bool GATED, bool NORM>
+__device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, float* xsum, int K, int kb0, int nkb,
+                                        const u16* __restrict__ residual, u16* __restrict__ res_out,
+                                        const u16* __restrict__ norm_w, float eps) {
+    const int tid = threadIdx.x;
+    if (NORM) {
+        // the whole row's x + residual: its squares summed, CTA (0, 0) storing it, this split's part staged
+        const int lo = kb0 * 128, hi = min(K, (kb0 + nkb) * 128);
+        const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
+        float squares = 0.0f;
+        for (int k = 8 * tid; k < K; k += 8 * NT) {
+            const uint4 h =
+                add8(*reinterpret_cast<const uint4*>(x + k), *reinterpret_cast<const uint4*>(residual + k), BF16);
+            if (writer) *reinterpret_cast<uint4*>(res_out + k) = h;
+            squares += sum_squares8(h, BF16);
+            if (k >= lo && k < hi) *reinterpret_cast<uint4*>(xs + k - lo) = h;
+        }
+        const float rstd = rsqrtf(block_sum<NT / 32>(squares) / K + eps);
+        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * NT) {  // normalized in place, zero past K
+            const int k = lo + idx;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (k < K)
+                v = norm8(*reinterpret_cast<const uint4*>(xs + idx), *reinterpret_cast<const uint4*>(norm_w + k), rstd,
+                          BF16);
+            *reinterpret_cast<uint4*>(xs + idx) = v;
+        }
+    } else {
+        // 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks)
+#pragma unroll 4
+        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * NT) {
+            const int k = kb0 * 128 + idx;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (k < K) {
+                v = *reinterpret_cast<const uint4*>(x + k);
+                if (GATED) {
+                    const uint4 up = *reinterpret_cast<const uint4*>(x + K + k);
+                    v = silu_mul8(v, up, BF16);
+                }
+            }
+            *reinterpret_cast<uint4*>(xs + idx) = v;
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < nkb * 8; idx += NT) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc += to_float(xs[16 * idx + i], BF16);
+        xsum[idx] = acc;
+    }
+    __syncthreads();
+}
+
+// A block's eight 16-byte words of lane (g, t) as the A fragments' half-word pairs: p[c][r][0] nibbles 0..3,
+// p[c][r][1] nibbles 4..7 of A register r of tile column c
+__device__ __forceinline__ void pair_halves(const uint4 (&w)[4][2], u32 (&p)[4][4][2]) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const u32 word[4][2] = {
+            {((const u32*)&w[0][0])[c], ((const u32*)&w[0][1])[c]},
+            {((const u32*)&w[1][0])[c], ((const u32*)&w[1][1])[c]},
+            {((const u32*)&w[2][0])[c], ((const u32*)&w[2][1])[c]},
+            {((const u32*)&w[3][0])[c], ((const u32*)&w[3][1])[c]},
+        };
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // r: (row g | row g + 8) x (k 2t, 2t + 1 | k 2t + 8, 2t + 9)
+            const int h = r & 1, q0 = 2 * (r >> 1);
+            p[c][r][0] = __byte_perm(word[q0][h], word[q0 + 1][h], 0x5410);
+            p[c][r][1] = __byte_perm(word[q0][h], word[q0 + 1][h], 0x7632);
+        }
+    }
+}
+
+// The 32 mmas of block b and, as each group ends, its zero and scale applied into the lane's totals
+template <int G, bool BF16>
+__device__ __forceinline__ void block_mma(const u32 (&p)[4][4][2], const uint2 (&sv)[G][2], const uint2 (&zv)[G][2],
+                                          const u32* xw, const float* xsum, int b, int g, int t, int scales_bf16,
+                                          float (&total)[4][2]) {
+    constexpr int RUN = 8 / G;
+    constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+    constexpr float M = BF16 ? 128.0f : 1024.0f;
+    float d[4][4] = {};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int xo = b * 64 + 8 * j + t;  // u32 index of x pair (16 j + 2t, + 1) in block b
+        const u32 b0 = g == 0 ? xw[xo] : 0u, b1 = g == 0 ? xw[xo + 4] : 0u;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            u32 a[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[r] = lop3_or_and(p[c][r][j >> 2] >> (4 * (j & 3)), 0x000F000F, MAGIC);
+            mma_16816<BF16>(d[c], a, b0, b1);
+        }
+        if ((j + 1) % RUN == 0) {  // a group ends: scale it into the totals
+            const int gi = j / RUN;
+            float xg = 0.0f;
+#pragma unroll
+            for (int jj = j + 1 - RUN; jj <= j; ++jj) xg += xsum[b * 8 + jj];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 sw[2] = {sv[gi][h].x, sv[gi][h].y}, zw[2] = {zv[gi][h].x, zv[gi][h].y};
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const float sc = to_float((u16)(sw[c >> 1] >> (16 * (c & 1))), scales_bf16);
+                    const float z = to_float((u16)(zw[c >> 1] >> (16 * (c & 1))), scales_bf16);
+                    total[c][h] = fmaf(sc, d[c][2 * h] - (M + z) * xg, total[c][h]);
+                    d[c][2 * h] = 0.0f;
+                    d[c][2 * h + 1] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// The strip's 64 column sums from each warp's totals (column 0 of each tile lives in the lanes t = 0), the splits
+// finished in the launch, the output stored
+template <int NWARPS, bool BF16>
+__device__ __forceinline__ void store_strip(const float (&total)[4][2], float (*red)[64], u16* __restrict__ out,
+                                            float* __restrict__ partial, int* __restrict__ locks, int N) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    if (t == 0) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            red[warp][4 * g + c] = total[c][0];
+            red[warp][32 + 4 * g + c] = total[c][1];
+        }
+    }
+    __syncthreads();
+    const int strip = blockIdx.x, col = strip * 64 + tid;
+    float value = 0.0f;
+    if (tid < 64) {
+#pragma unroll
+        for (int v = 0; v < NWARPS; ++v) value += red[v][tid];
+    }
+    if (gridDim.y > 1 && !finish_splits(value, partial, locks + strip, col, tid < 64 && col < N, N)) return;
+    if (tid < 64 && col < N) out[col] = from_float(value, BF16);
+}
+
 // G: groups per 128-row block (1 for group sizes >= 128, else 128 / group); a group spans 8 / G nibbles j.
 template <int G, bool BF16, bool PREFETCH, bool PDL, bool GATED, bool NORM>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __restrict__ qweight,
@@ -72,9 +232,6 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
                                         long long stride_w, long long stride_s, int scales_bf16,
                                         const u16* __restrict__ residual, u16* __restrict__ res_out,
                                         const u16* __restrict__ norm_w, float eps) {
-    constexpr int RUN = 8 / G;
-    constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
-    constexpr float M = BF16 ? 128.0f : 1024.0f;
     __shared__ __align__(16) u16 xs[MAX_BLOCKS_PER_CTA * 128];
     __shared__ float xsum[MAX_BLOCKS_PER_CTA * 8];
     __shared__ __align__(16) float red[WARPS][64];
@@ -94,8 +251,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
 #pragma unroll
         for (int q = 0; q < 4; ++q)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-                w[q][h] = load_stream(wp + (long long)kb * 1024 + (2 * t + (q & 1) + 8 * (q >> 1)) * 64 + 32 * h);
+            for (int h = 0; h < 2; ++h) w[q][h] = load_stream(wp + (long long)kb * 1024 + lane_row(t, q) * 64 + 32 * h);
 #pragma unroll
         for (int gi = 0; gi < G; ++gi) {
             const long long group = G == 1 ? kb / blocks_per_group : (long long)kb * G + gi;
@@ -108,134 +264,109 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     };
     if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
     if (PDL) pdl_enter();  // the loads above need nothing of the kernel before, x does
-
-    if (NORM) {
-        // the whole row's x + residual: its squares summed, CTA (0, 0) storing it, this split's part staged
-        const int lo = kb0 * 128, hi = min(K, (kb0 + nkb) * 128);
-        const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
-        float squares = 0.0f;
-        for (int k = 8 * tid; k < K; k += 8 * THREADS) {
-            const uint4 h =
-                add8(*reinterpret_cast<const uint4*>(x + k), *reinterpret_cast<const uint4*>(residual + k), BF16);
-            if (writer) *reinterpret_cast<uint4*>(res_out + k) = h;
-            squares += sum_squares8(h, BF16);
-            if (k >= lo && k < hi) *reinterpret_cast<uint4*>(xs + k - lo) = h;
-        }
-        const float rstd = rsqrtf(block_sum<WARPS>(squares) / K + eps);
-        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {  // normalized in place, zero past K
-            const int k = lo + idx;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (k < K)
-                v = norm8(*reinterpret_cast<const uint4*>(xs + idx), *reinterpret_cast<const uint4*>(norm_w + k), rstd,
-                          BF16);
-            *reinterpret_cast<uint4*>(xs + idx) = v;
-        }
-    } else {
-        // x of this split, 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks),
-        // zero past K; GATED makes silu(gate) * up of the gate_up row instead
-#pragma unroll 4
-        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {
-            const int k = kb0 * 128 + idx;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (k < K) {
-                v = *reinterpret_cast<const uint4*>(x + k);
-                if (GATED) {
-                    const uint4 up = *reinterpret_cast<const uint4*>(x + K + k);
-                    v = silu_mul8(v, up, BF16);
-                }
-            }
-            *reinterpret_cast<uint4*>(xs + idx) = v;
-        }
-    }
-    __syncthreads();
-    for (int idx = tid; idx < nkb * 8; idx += THREADS) {  // sum of the 16 x of each (block, nibble)
-        float acc = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) acc += to_float(xs[16 * idx + i], BF16);
-        xsum[idx] = acc;
-    }
-    __syncthreads();
+    stage_x<THREADS, BF16, GATED, NORM>(x, xs, xsum, K, kb0, nkb, residual, res_out, norm_w, eps);
 
     const u32* xw = reinterpret_cast<const u32*>(xs);
     float total[4][2] = {};
-
     for (int b = warp; b < nkb; b += WARPS) {
         uint2 svb[G][2], zvb[G][2];
 #pragma unroll
         for (int gi = 0; gi < G; ++gi)
 #pragma unroll
             for (int h = 0; h < 2; ++h) svb[gi][h] = sv[gi][h], zvb[gi][h] = zv[gi][h];
-
-        // pair the half-words: p[c][r][0] nibbles 0..3, p[c][r][1] nibbles 4..7 of A register r of tile column c
         u32 p[4][4][2];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const u32 word[4][2] = {
-                {((const u32*)&w[0][0])[c], ((const u32*)&w[0][1])[c]},
-                {((const u32*)&w[1][0])[c], ((const u32*)&w[1][1])[c]},
-                {((const u32*)&w[2][0])[c], ((const u32*)&w[2][1])[c]},
-                {((const u32*)&w[3][0])[c], ((const u32*)&w[3][1])[c]},
-            };
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {  // r: (row g | row g + 8) x (k 2t, 2t + 1 | k 2t + 8, 2t + 9)
-                const int h = r & 1, q0 = 2 * (r >> 1);
-                p[c][r][0] = __byte_perm(word[q0][h], word[q0 + 1][h], 0x5410);
-                p[c][r][1] = __byte_perm(word[q0][h], word[q0 + 1][h], 0x7632);
-            }
-        }
-
+        pair_halves(w, p);
         if (PREFETCH && b + WARPS < nkb) load_block(b + WARPS);  // the next block streams in during the mmas
-        float d[4][4] = {};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int xo = b * 64 + 8 * j + t;  // u32 index of x pair (16 j + 2t, + 1) in block b
-            const u32 b0 = g == 0 ? xw[xo] : 0u, b1 = g == 0 ? xw[xo + 4] : 0u;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                u32 a[4];
-#pragma unroll
-                for (int r = 0; r < 4; ++r) a[r] = lop3_or_and(p[c][r][j >> 2] >> (4 * (j & 3)), 0x000F000F, MAGIC);
-                mma_16816<BF16>(d[c], a, b0, b1);
-            }
-            if ((j + 1) % RUN == 0) {  // a group ends: scale it into the totals
-                const int gi = j / RUN;
-                float xg = 0.0f;
-#pragma unroll
-                for (int jj = j + 1 - RUN; jj <= j; ++jj) xg += xsum[b * 8 + jj];
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const u32 sw[2] = {svb[gi][h].x, svb[gi][h].y}, zw[2] = {zvb[gi][h].x, zvb[gi][h].y};
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const float sc = to_float((u16)(sw[c >> 1] >> (16 * (c & 1))), scales_bf16);
-                        const float z = to_float((u16)(zw[c >> 1] >> (16 * (c & 1))), scales_bf16);
-                        total[c][h] = fmaf(sc, d[c][2 * h] - (M + z) * xg, total[c][h]);
-                        d[c][2 * h] = 0.0f;
-                        d[c][2 * h + 1] = 0.0f;
-                    }
-                }
-            }
-        }
+        block_mma<G, BF16>(p, svb, zvb, xw, xsum, b, g, t, scales_bf16, total);
         if (!PREFETCH && b + WARPS < nkb) load_block(b + WARPS);
     }
+    store_strip<WARPS, BF16>(total, red, out, partial, locks, N);
+}
 
-    if (t == 0) {  // column 0 of each tile lives in the lanes t = 0
+// The ring variant: each warp streams its blocks through a ring of STAGES slots of its own in dynamic shared memory
+// (cp.async), STAGES - 1 blocks in flight while it multiplies one, without the registers that holding them would
+// take. Each lane copies exactly the words it later reads (the same 16-byte loads as w4_gemv's, the scales and zeros
+// beside them), at lane-major offsets: no bank conflicts on either side and no barrier, cp.async.wait_group alone
+// orders a lane's copies before its reads. NWARPS * STAGES * RING_STAGE_BYTES(G) bytes of dynamic shared memory.
+#define RING_STAGE_BYTES(G) (4096 + 1024 * (G))
+template <int NWARPS, int STAGES, int G, bool BF16, bool PDL, bool GATED, bool NORM>
+__device__ __forceinline__ void w4_gemv_ring(const u16* __restrict__ x, const u32* __restrict__ qweight,
+                                             const u16* __restrict__ scales, const u16* __restrict__ zeros,
+                                             u16* __restrict__ out, float* __restrict__ partial,
+                                             int* __restrict__ locks, int N, int K, int num_blocks,
+                                             int blocks_per_cta, int blocks_per_group, long long stride_w,
+                                             long long stride_s, int scales_bf16, const u16* __restrict__ residual,
+                                             u16* __restrict__ res_out, const u16* __restrict__ norm_w, float eps) {
+    constexpr int STAGE = RING_STAGE_BYTES(G);
+    extern __shared__ __align__(16) unsigned char ring[];
+    __shared__ __align__(16) u16 xs[MAX_BLOCKS_PER_CTA * 128];
+    __shared__ float xsum[MAX_BLOCKS_PER_CTA * 8];
+    __shared__ __align__(16) float red[NWARPS][64];
+
+    const int strip = blockIdx.x, split = blockIdx.y;
+    const int kb0 = split * blocks_per_cta;
+    const int nkb = min(blocks_per_cta, num_blocks - kb0);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int mine = warp < nkb ? (nkb - warp + NWARPS - 1) / NWARPS : 0;  // blocks warp, warp + NWARPS, ...
+
+    const u32* wp = qweight + (long long)strip * stride_w + 4 * g;
+    const long long s_off = (long long)strip * stride_s + 4 * g;
+    unsigned char* slots = ring + warp * STAGES * STAGE;
+    const u32 slots_s = shared_address(slots);
+    auto issue = [&](int i) {  // the i-th block of this warp into slot i % STAGES
+        const int kb = kb0 + warp + i * NWARPS;
+        const u32 slot = slots_s + (i % STAGES) * STAGE;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            red[warp][4 * g + c] = total[c][0];
-            red[warp][32 + 4 * g + c] = total[c][1];
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                copy_async16(slot + (2 * q + h) * 512 + 16 * lane, wp + (long long)kb * 1024 + lane_row(t, q) * 64 + 32 * h);
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi) {
+            const long long group = G == 1 ? kb / blocks_per_group : (long long)kb * G + gi;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 e = slot + 4096 + (2 * (2 * gi + h)) * 256 + 8 * lane;
+                copy_async8(e, scales + s_off + group * 64 + 32 * h);
+                copy_async8(e + 256, zeros + s_off + group * 64 + 32 * h);
+            }
         }
-    }
-    __syncthreads();
-
-    const int col = strip * 64 + tid;
-    float value = 0.0f;
-    if (tid < 64) {
+    };
 #pragma unroll
-        for (int v = 0; v < WARPS; ++v) value += red[v][tid];
+    for (int i = 0; i < STAGES - 1; ++i) {  // the first blocks are on their way while x is staged
+        if (i < mine) issue(i);
+        copy_async_commit();  // one group per block, empty past the last: the waits count blocks
     }
-    if (gridDim.y > 1 && !finish_splits(value, partial, locks + strip, col, tid < 64 && col < N, N)) return;
-    if (tid < 64 && col < N) out[col] = from_float(value, BF16);
+    if (PDL) pdl_enter();  // the copies above need nothing of the kernel before, x does
+    stage_x<NWARPS * 32, BF16, GATED, NORM>(x, xs, xsum, K, kb0, nkb, residual, res_out, norm_w, eps);
+
+    const u32* xw = reinterpret_cast<const u32*>(xs);
+    float total[4][2] = {};
+    for (int i = 0; i < mine; ++i) {
+        if (i + STAGES - 1 < mine) issue(i + STAGES - 1);  // into the slot block i - 1 was read from
+        copy_async_commit();
+        copy_async_wait<STAGES - 1>();  // block i's copies (this lane's own) have landed
+        const unsigned char* slot = slots + (i % STAGES) * STAGE;
+        uint4 w[4][2];
+        uint2 sv[G][2], zv[G][2];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) w[q][h] = *reinterpret_cast<const uint4*>(slot + (2 * q + h) * 512 + 16 * lane);
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const unsigned char* e = slot + 4096 + (2 * (2 * gi + h)) * 256 + 8 * lane;
+                sv[gi][h] = *reinterpret_cast<const uint2*>(e);
+                zv[gi][h] = *reinterpret_cast<const uint2*>(e + 256);
+            }
+        u32 p[4][4][2];
+        pair_halves(w, p);
+        block_mma<G, BF16>(p, sv, zv, xw, xsum, warp + i * NWARPS, g, t, scales_bf16, total);
+    }
+    store_strip<NWARPS, BF16>(total, red, out, partial, locks, N);
 }
 
 #define W4_GEMV(NAME, G, BF16, PREFETCH, PDL, GATED, NORM)                                                      \
@@ -271,3 +402,30 @@ W4_GEMV_BOTH(w4_gemv_f16_g1_pf, 1, false, true)
 W4_GEMV_BOTH(w4_gemv_f16_g2_pf, 2, false, true)
 W4_GEMV_BOTH(w4_gemv_f16_g4_pf, 4, false, true)
 W4_GEMV_BOTH(w4_gemv_f16_g8_pf, 8, false, true)
+
+// The ring kernels, for group sizes >= 64 (G 1 and 2): w4_gemv_ring{4,8}_{bf16,f16}_g{1,2}, 4 warps with 4 slots
+// (G 1; 3 for G 2) or 8 warps with 3 (2), each with the _silu, _norm and _pdl forms
+#define W4_RING(NAME, NWARPS, STAGES, G, BF16, PDL, GATED, NORM)                                                \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32) NAME(                                             \
+        const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
+        int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
+        long long stride_s, int scales_bf16, const u16* residual, u16* res_out, const u16* norm_w, float eps) { \
+        w4_gemv_ring<NWARPS, STAGES, G, BF16, PDL, GATED, NORM>(                                                \
+            x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, blocks_per_cta, blocks_per_group, \
+            stride_w, stride_s, scales_bf16, residual, res_out, norm_w, eps);                                   \
+    }
+#define W4_RING_PDL(NAME, NWARPS, STAGES, G, BF16, GATED, NORM)   \
+    W4_RING(NAME, NWARPS, STAGES, G, BF16, false, GATED, NORM) \
+    W4_RING(NAME##_pdl, NWARPS, STAGES, G, BF16, true, GATED, NORM)
+#define W4_RING_ALL(NAME, NWARPS, STAGES, G, BF16)                                                               \
+    W4_RING_PDL(NAME, NWARPS, STAGES, G, BF16, false, false) W4_RING_PDL(NAME##_silu, NWARPS, STAGES, G, BF16, true, false) \
+        W4_RING_PDL(NAME##_norm, NWARPS, STAGES, G, BF16, false, true)
+
+W4_RING_ALL(w4_gemv_ring4_bf16_g1, 4, 4, 1, true)
+W4_RING_ALL(w4_gemv_ring4_bf16_g2, 4, 3, 2, true)
+W4_RING_ALL(w4_gemv_ring4_f16_g1, 4, 4, 1, false)
+W4_RING_ALL(w4_gemv_ring4_f16_g2, 4, 3, 2, false)
+W4_RING_ALL(w4_gemv_ring8_bf16_g1, 8, 3, 1, true)
+W4_RING_ALL(w4_gemv_ring8_bf16_g2, 8, 2, 2, true)
+W4_RING_ALL(w4_gemv_ring8_f16_g1, 8, 3, 1, false)
+W4_RING_ALL(w4_gemv_ring8_f16_g2, 8, 2, 2, false)
