@@ -145,12 +145,12 @@ FP8_SWEEP = {
 
 CUDA_GEMV_SWEEP = (
     [{"kernel": "cuda", "blocks_per_cta": b, "prefetch": pf} for b in (8, 16, 32, 64) for pf in (0, 1)]
-    + [{"kernel": "cuda", "blocks_per_cta": b, "ring": r} for b in (4, 8, 12, 16, 22, 32, 64) for r in (4, 8)]
-    + [{"kernel": "cuda", "ring": r} for r in (4, 8)]
+    + [{"kernel": "cuda", "blocks_per_cta": b, "occupancy": 3} for b in (4, 8, 11, 16, 22, 32, 64)]
+    + [{"kernel": "cuda", "occupancy": 3}]
     + [{"kernel": "cuda"}, {"kernel": "gemv"}]
 )
 """--cuda-gemv: the CUDA C GEMV (kernels/cuda/w4_gemv.cu) per blocks per CTA, register-staged (prefetching or not)
-or the ring kernel of 4 or 8 warps, each default, and the Triton GEMV."""
+or held to 3 CTAs per SM (_o3), each default, and the Triton GEMV."""
 FP8_CUDA_SWEEP = (
     [{"kernel": "cuda", "warps": 8, "unroll": u, "splits": 1, "pdl": pdl} for u in (2, 4) for pdl in (0, 1)]
     + [{"kernel": "cuda", "warps": 4, "unroll": 2, "splits": s, "pdl": 1} for s in (1, 2)]

@@ -197,17 +197,16 @@ def quant_sweep(
             "fuserot",
             "fusered",
             "fusenorm",
-            "ring4",
-            "ring8",
+            "occ3",
         }
         if not set(flags) <= suffixes:
             raise ValueError(
                 f"format {fmt!r}: the suffixes are +lmfp8, +nosilu, +notiny, +fuseattn (+fuserot, +fusered: "
-                "one of its two), +fusenorm and +ring4, +ring8"
+                "one of its two), +fusenorm and +occ3"
             )
-        # +ring4 / +ring8: AWQ's one-row GEMVs on the CUDA ring kernel of 4 or 8 warps (w4a16.RING_WARPS)
-        ring_default = w4a16.RING_WARPS
-        w4a16.RING_WARPS = 4 if "ring4" in flags else 8 if "ring8" in flags else ring_default
+        # +occ3: AWQ's one-row GEMVs on the CUDA GEMV's _o3 kernels, 3 CTAs per SM (w4a16.GEMV_OCCUPANCY)
+        occupancy_default = w4a16.GEMV_OCCUPANCY
+        w4a16.GEMV_OCCUPANCY = 3 if "occ3" in flags else occupancy_default
         # +fuseattn: decode attention with the rotary store and the split reduce in its own launch; +fusenorm: the
         # residual add and RMSNorm in the one-row GEMVs of qkv and gate_up
         decode_attention.FUSE_ROTARY = bool({"fuseattn", "fuserot"} & set(flags))
@@ -251,7 +250,7 @@ def quant_sweep(
         del engine
         collect()
         w4a16.TINYGEMM_ONE_ROW_MAX_WEIGHTS = tiny_max
-        w4a16.RING_WARPS = ring_default
+        w4a16.GEMV_OCCUPANCY = occupancy_default
         AWQLinear.silu_gated_forward = fused_silu  # type: ignore[method-assign]
         if dot_override:
             w4a16.dot_options = default_dot_options

@@ -3,7 +3,7 @@
 #   bash benchmarks/issue17_round.sh tests    # tests/gpu in full (~100-230 s), the new fusion tests first
 #   bash benchmarks/issue17_round.sh sweep    # batch-1 decode per format, with and without each decode fusion
 #   bash benchmarks/issue17_round.sh jobs     # the decode-attention job sweep, then the 256 x 512/256 jobs
-#   bash benchmarks/issue17_round.sh ring     # the W4A16 ring kernels: their tests, the per-GEMM sweep, batch 1
+#   bash benchmarks/issue17_round.sh gemv     # the W4A16 CUDA GEMV's variants: tests, the per-GEMM sweep, batch 1
 # Results go to $OUT (the device tool's folder; ./out here). A checkout without lmserve's serving deps installed
 # (the device machine) gets them from .whl/ when that folder holds the wheels.
 set -uo pipefail
@@ -43,19 +43,19 @@ case "${1:-}" in
       --no-profile --out-dir "$OUT" > "$OUT/jobs_log.txt" 2>&1
     tail -8 "$OUT/jobs_log.txt"
     ;;
-  ring)
+  gemv)
     timeout 200 python3 -m pytest -q -x tests/gpu/test_w4_gemv_cuda.py -n 8 -p no:cacheprovider \
-      > "$OUT/tests_ring.txt" 2>&1
-    tail -5 "$OUT/tests_ring.txt"
+      > "$OUT/tests_gemv.txt" 2>&1
+    tail -5 "$OUT/tests_gemv.txt"
     (cd benchmarks && timeout 150 python3 bench_decode_gemms.py --cuda-gemv --json "$OUT/gemv_sweep.json") \
       > "$OUT/gemv_sweep_log.txt" 2>&1
     grep -E "^M=|best|layer" "$OUT/gemv_sweep_log.txt" | head -40
     timeout 220 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --json "$OUT/sweep.json" \
-      --formats awq awq+ring4 awq+ring8 > "$OUT/sweep_log.txt" 2>&1
+      --formats awq awq+occ3 awq+lmfp8 awq+occ3+lmfp8 > "$OUT/sweep_log.txt" 2>&1
     grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1|decode_step_ms' "$OUT/sweep.json" | head -40
     ;;
   *)
-    echo "usage: $0 tests|sweep|jobs|ring" >&2
+    echo "usage: $0 tests|sweep|jobs|gemv" >&2
     exit 2
     ;;
 esac

@@ -219,17 +219,6 @@ def function(file_name: str, kernel: str, device_index: int) -> ctypes.c_void_p:
     return _functions[key]
 
 
-_MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-
-
-def allow_dynamic_shared(handle: ctypes.c_void_p, num_bytes: int) -> None:
-    """Let a kernel launch with num_bytes of dynamic shared memory (above 48 KB it must opt in)."""
-    _check_cuda(
-        _libcuda().cuFuncSetAttribute(handle, _MAX_DYNAMIC_SHARED, ctypes.c_int(num_bytes)),
-        "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
-    )
-
-
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
 

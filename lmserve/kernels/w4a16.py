@@ -570,13 +570,9 @@ CUDA_GEMV_SOURCE = "w4_gemv.cu"
 CUDA_GEMV_THREADS = 256
 CUDA_GEMV_MAX_BLOCKS = 64
 """128-row blocks one CTA of the CUDA GEMV takes at most (its x slice lives in 16 KB of shared memory)."""
-RING_STAGES = {4: {1: 4, 2: 3}, 8: {1: 3, 2: 2}}
-"""The ring kernels (w4_gemv.cu's w4_gemv_ring): warps per CTA -> groups per block (G 1 and 2 only, group sizes >= 64)
--> slots in each warp's ring; as many as keep a CTA's dynamic shared memory in two (4 warps) or one (8) per SM."""
-RING_WARPS = 0
-"""Warps of the ring kernel the CUDA GEMV launches by default where the group size allows it (0: none, the
-register-staged kernel)."""
-_shared_set: set[int] = set()
+GEMV_OCCUPANCY = 1
+"""CTAs per SM the CUDA GEMV's default launch is built for: 1 (the kernels as measured best), or 3 (the `_o3`
+kernels, held to 85 registers: register-staged, group sizes >= 64, a split count that fills 3 CTAs per SM)."""
 
 
 def cuda_gemv_available(device: torch.device) -> bool:
@@ -593,10 +589,10 @@ def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) 
     strips, sms = math.ceil(out_features / TILE_N), num_sms(device)
     least = math.ceil(num_blocks / CUDA_GEMV_MAX_BLOCKS)
     pdl = int(pdl_enabled(device))
-    if RING_WARPS:  # as many CTAs as are resident at once, two blocks a warp at least
-        resident = sms * (2 if RING_WARPS == 4 else 1)
-        splits = max(least, min(max(1, resident // strips), math.ceil(num_blocks / (2 * RING_WARPS))))
-        return {"blocks_per_cta": math.ceil(num_blocks / splits), "ring": RING_WARPS, "pdl": pdl}
+    if GEMV_OCCUPANCY == 3:  # as many CTAs as are resident at once, 8 blocks a CTA at least
+        resident = 3 * sms
+        splits = max(least, min(max(1, resident // strips), math.ceil(num_blocks / 8)))
+        return {"blocks_per_cta": math.ceil(num_blocks / splits), "prefetch": 0, "occupancy": 3, "pdl": pdl}
     if strips >= sms:
         return {"blocks_per_cta": math.ceil(num_blocks / least), "prefetch": 0, "pdl": pdl}
     splits = max(least, min(sms // strips, math.ceil(num_blocks / 8)))
@@ -621,10 +617,10 @@ def _cuda_gemv(
     groups_per_block = BLOCK_ROWS // group if group < BLOCK_ROWS else 1
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
     defaults = cuda_gemv_options(n, num_blocks, x.device)
-    chosen = "ring" in options or "prefetch" in options  # the caller names the kernel
-    if chosen or (defaults.get("ring") and groups_per_block not in RING_STAGES[defaults["ring"]]):
-        defaults.pop("ring", None)
-        defaults.pop("prefetch", None)
+    if "prefetch" in options or groups_per_block > 2:  # the caller names the kernel, or _o3 has none for it
+        defaults.pop("occupancy", None)
+    if options.get("occupancy", 1) == 3:
+        defaults["prefetch"] = 0
     options = defaults | options
     per_cta = options["blocks_per_cta"]
     if not 1 <= per_cta <= CUDA_GEMV_MAX_BLOCKS:
@@ -632,15 +628,15 @@ def _cuda_gemv(
     dtype = "bf16" if x.dtype == torch.bfloat16 else "f16"
     device = cuda_jit.device_index(x.device)
     prefetch, pdl, gated = options.get("prefetch", 0), options.get("pdl", 0), options.get("gated", 0)
-    ring = options.get("ring", 0)
+    occupancy = options.get("occupancy", 1)
     for name, value in (("prefetch", prefetch), ("pdl", pdl), ("gated", gated)):
         if value not in (0, 1):
             raise ValueError(f"{name} must be 0 or 1, got {value}")
-    if ring not in (0, *RING_STAGES):
-        raise ValueError(f"ring must be 0 or warps per CTA {tuple(RING_STAGES)}, got {ring}")
-    if ring and (prefetch or groups_per_block not in RING_STAGES[ring]):
+    if occupancy not in (1, 3):
+        raise ValueError(f"occupancy must be 1 or 3, got {occupancy}")
+    if occupancy == 3 and (prefetch or groups_per_block > 2):
         raise ValueError(
-            f"the ring kernel takes group sizes >= 64 and no prefetch (group {group}, prefetch {prefetch})"
+            f"the _o3 kernels take group sizes >= 64 and no prefetch (group {group}, prefetch {prefetch})"
         )
     if weight.in_features % 8:
         raise ValueError(
@@ -656,18 +652,12 @@ def _cuda_gemv(
     ] + [ctypes.c_float(eps)]
     suffix = (
         ("_pf" if prefetch else "")
+        + ("_o3" if occupancy == 3 else "")
         + ("_silu" if gated else "")
         + ("_norm" if norm is not None else "")
         + ("_pdl" if pdl else "")
     )
-    kind, threads, shared = "", CUDA_GEMV_THREADS, 0
-    if ring:  # each warp's ring of slots: 4 KB of weights and 1 KB of scales and zeros per group of the block
-        kind, threads = f"ring{ring}_", 32 * ring
-        shared = ring * RING_STAGES[ring][groups_per_block] * (4096 + 1024 * groups_per_block)
-    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{kind}{dtype}_g{groups_per_block}{suffix}", device)
-    if shared and (handle.value or 0) not in _shared_set:
-        cuda_jit.allow_dynamic_shared(handle, shared)
-        _shared_set.add(handle.value or 0)
+    handle = cuda_jit.function(CUDA_GEMV_SOURCE, f"w4_gemv_{dtype}_g{groups_per_block}{suffix}", device)
     strips, splits = math.ceil(n / TILE_N), math.ceil(num_blocks / per_cta)
     partial = split_partials(splits, 1, n, x.device)
     locks = tile_locks(x.device)
@@ -692,7 +682,7 @@ def _cuda_gemv(
             *extra,
         ]
         cuda_jit.launch(
-            handle, (strips, splits, 1), (threads, 1, 1), args, stream, shared, programmatic=bool(pdl)
+            handle, (strips, splits, 1), (CUDA_GEMV_THREADS, 1, 1), args, stream, programmatic=bool(pdl)
         )
 
 

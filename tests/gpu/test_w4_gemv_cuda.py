@@ -17,14 +17,14 @@ from lmserve.kernels.w4a16 import CUDA_GEMV_SOURCE, cuda_gemv_available, repack_
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3}
-KERNELS = [{"prefetch": 0}, {"prefetch": 1}, {"ring": 4}, {"ring": 8}]
-"""The register-staged kernel, its prefetching form and the ring kernels of 4 and 8 warps (w4_gemv_ring)."""
-KERNEL_IDS = ["regs", "prefetch", "ring4", "ring8"]
+KERNELS = [{"prefetch": 0}, {"prefetch": 1}, {"occupancy": 3}]
+"""The register-staged kernel, its prefetching form and the register-staged kernel held to 3 CTAs per SM (_o3)."""
+KERNEL_IDS = ["regs", "prefetch", "o3"]
 
 
-def skip_if_no_ring(kernel: dict[str, int], group_size: int) -> None:
-    if "ring" in kernel and group_size < 64:
-        pytest.skip("the ring kernels take group sizes >= 64")
+def skip_if_no_o3(kernel: dict[str, int], group_size: int) -> None:
+    if kernel.get("occupancy") == 3 and group_size < 64:
+        pytest.skip("the _o3 kernels take group sizes >= 64")
 
 
 def random_awq(k: int, n: int, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -53,7 +53,7 @@ def test_cuda_gemv_matches_reference(
 ) -> None:
     if k % group_size:
         pytest.skip("group must divide K")
-    skip_if_no_ring(kernel, group_size)
+    skip_if_no_o3(kernel, group_size)
     qweight, qzeros, scales = random_awq(k, n, group_size, scale_dtype)
     weight = repack_awq(qweight, qzeros, scales, group_size)
     x = torch.randn(1, k, device="cuda").to(x_dtype)
@@ -80,34 +80,30 @@ def test_cuda_gemv_every_split(blocks_per_cta: int, kernel: dict[str, int]) -> N
 @pytest.mark.parametrize("blocks_per_cta", [3, 16, 64])
 @pytest.mark.parametrize("group_size", [64, 128, 256])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
-def test_ring_of_8_warps_is_the_register_kernel_bit_for_bit(
-    blocks_per_cta: int, group_size: int, x_dtype
-) -> None:
-    """With 8 warps the ring kernel gives each warp the blocks the register-staged kernel gives it and multiplies
-    them with the same code: the same sums in the same order, so the same output bits whatever the split."""
+def test_o3_kernel_is_the_register_kernel_bit_for_bit(blocks_per_cta: int, group_size: int, x_dtype) -> None:
+    """The _o3 kernels are the register-staged kernel's code under a register cap (spills included): the same sums
+    in the same order, so the same output bits whatever the split."""
     k, n = 14336, 1536
     weight = repack_awq(*random_awq(k, n, group_size, torch.float16), group_size)
     x = torch.randn(1, k, device="cuda").to(x_dtype)
     options = {"kernel": "cuda", "blocks_per_cta": blocks_per_cta}
-    assert torch.equal(
-        w4a16_matmul(x, weight, ring=8, **options), w4a16_matmul(x, weight, prefetch=0, **options)
-    )
+    o3 = w4a16_matmul(x, weight, occupancy=3, **options)
+    assert torch.equal(o3, w4a16_matmul(x, weight, prefetch=0, **options))
 
 
-def test_default_ring_choice_falls_back_below_group_64(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RING_WARPS picks the ring kernel by default; a group it cannot take (32) runs the register kernel, right."""
+def test_default_o3_choice_falls_back_below_group_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GEMV_OCCUPANCY = 3 picks the _o3 kernels by default; a group they cannot take (32) runs the register
+    kernel, right."""
     from lmserve.kernels import w4a16
 
-    monkeypatch.setattr(w4a16, "RING_WARPS", 4)
-    assert w4a16.cuda_gemv_options(4096, 32, torch.device("cuda"))["ring"] == 4
+    monkeypatch.setattr(w4a16, "GEMV_OCCUPANCY", 3)
+    assert w4a16.cuda_gemv_options(4096, 32, torch.device("cuda"))["occupancy"] == 3
     for group_size in (32, 128):
         qweight, qzeros, scales = random_awq(4096, 1024, group_size, torch.float16)
         x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
         out = w4a16_matmul(x, repack_awq(qweight, qzeros, scales, group_size), kernel="cuda")
-        assert (
-            relative_error(out, awq_gemm_ref(x, qweight, qzeros, scales, group_size))
-            < TOLERANCE[torch.bfloat16]
-        )
+        ref = awq_gemm_ref(x, qweight, qzeros, scales, group_size)
+        assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
 
 
 def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
@@ -117,16 +113,16 @@ def test_cuda_gemv_rejects_a_split_it_cannot_hold() -> None:
         w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", blocks_per_cta=65)
     with pytest.raises(ValueError, match="prefetch"):
         w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", prefetch=2)
-    with pytest.raises(ValueError, match="ring"):
-        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", ring=6)
+    with pytest.raises(ValueError, match="occupancy"):
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", occupancy=2)
     with pytest.raises(ValueError, match="group sizes >= 64"):
-        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", ring=4, prefetch=1)
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 128), kernel="cuda", occupancy=3, prefetch=1)
     qweight, qzeros, scales = random_awq(1024, 256, 32, torch.float16)
     with pytest.raises(ValueError, match="group sizes >= 64"):
-        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 32), kernel="cuda", ring=4)
+        w4a16_matmul(x, repack_awq(qweight, qzeros, scales, 32), kernel="cuda", occupancy=3)
 
 
-@pytest.mark.parametrize("kernel", [{"prefetch": 0}, {"ring": 4}], ids=["regs", "ring4"])
+@pytest.mark.parametrize("kernel", [{"prefetch": 0}, {"occupancy": 3}], ids=["regs", "o3"])
 @pytest.mark.parametrize("blocks_per_cta", [8, 32])
 def test_cuda_gemv_split_counters_survive_graph_replays(blocks_per_cta: int, kernel: dict[str, int]) -> None:
     k, n, group_size = 4096, 6144, 128
@@ -187,7 +183,7 @@ def test_silu_gemv_is_the_gemv_of_silu_and_mul(
 
     qweight, qzeros, scales = random_awq(k, n, group_size, torch.float16)
     weight = repack_awq(qweight, qzeros, scales, group_size)
-    skip_if_no_ring(kernel, group_size)
+    skip_if_no_o3(kernel, group_size)
     gate_up = (torch.randn(1, 2 * k, device="cuda") * 3).to(x_dtype)
     options = {"pdl": pdl, **kernel}
     torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
@@ -271,7 +267,7 @@ def test_norm_gemv_is_the_gemv_of_the_norm(
         torch.randn(1, k, device="cuda").to(x_dtype),
     )
     norm_weight = (torch.rand(k, device="cuda") + 0.5).to(x_dtype)
-    skip_if_no_ring(kernel, group_size)
+    skip_if_no_o3(kernel, group_size)
     options = {"pdl": pdl, **kernel} | ({"blocks_per_cta": blocks_per_cta} if blocks_per_cta else {})
     before = residual.clone()
     torch.full((64, 2**20), float("nan"), device="cuda")  # freed blocks poisoned: unwritten outputs fail
@@ -325,12 +321,9 @@ def assert_same_or_near_ties(
 
 
 @pytest.mark.skipif(not cuda_gemv_available(torch.device("cuda")), reason="the CUDA C W4A16 GEMV needs NVRTC")
-@pytest.mark.parametrize("ring", [4, 8])
-def test_engine_on_the_ring_kernel_keeps_its_tokens(
-    tmp_path, monkeypatch: pytest.MonkeyPatch, ring: int
-) -> None:
-    """An AWQ engine whose one-row GEMVs run on the ring kernel (RING_WARPS) gives the register kernel's tokens, or
-    parts at a near tie (4 warps add a CTA's blocks in another order)."""
+def test_engine_on_the_o3_kernels_gives_the_same_tokens(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AWQ engine whose one-row GEMVs run on the _o3 kernels (GEMV_OCCUPANCY = 3) gives the default's tokens and
+    logprobs exactly: the same sums, other splits aside (the down projection's split count differs)."""
     from lmserve.kernels import cuda_jit, w4a16
 
     run = awq_engine_runs(tmp_path)
@@ -342,8 +335,8 @@ def test_engine_on_the_ring_kernel_keeps_its_tokens(
         launched.append(kernel)
         return function(file_name, kernel, device_index)
 
-    monkeypatch.setattr(w4a16, "RING_WARPS", ring)
+    monkeypatch.setattr(w4a16, "GEMV_OCCUPANCY", 3)
     monkeypatch.setattr(cuda_jit, "function", named)
-    rings = run()
-    assert any(name.startswith(f"w4_gemv_ring{ring}_") for name in launched)
-    assert_same_or_near_ties(rings, plain)
+    o3 = run()
+    assert any("_o3" in name for name in launched)
+    assert_same_or_near_ties(o3, plain)

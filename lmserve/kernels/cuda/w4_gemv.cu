@@ -63,24 +63,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16 bytes (weights) and 8 bytes (scales, zeros) copied to shared memory by the copy engine, not through registers
-__device__ __forceinline__ u32 shared_address(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void copy_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_async8(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void copy_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
-}
-
 // The strip's packed row of lane (g, t) for load q of a block: rows 2t, 2t + 1, 2t + 8, 2t + 9
 __device__ __forceinline__ int lane_row(int t, int q) { return 2 * t + (q & 1) + 8 * (q >> 1); }
 
@@ -283,94 +265,8 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     store_strip<WARPS, BF16>(total, red, out, partial, locks, N);
 }
 
-// The ring variant: each warp streams its blocks through a ring of STAGES slots of its own in dynamic shared memory
-// (cp.async), STAGES - 1 blocks in flight while it multiplies one, without the registers that holding them would
-// take. Each lane copies exactly the words it later reads (the same 16-byte loads as w4_gemv's, the scales and zeros
-// beside them), at lane-major offsets: no bank conflicts on either side and no barrier, cp.async.wait_group alone
-// orders a lane's copies before its reads. NWARPS * STAGES * RING_STAGE_BYTES(G) bytes of dynamic shared memory.
-#define RING_STAGE_BYTES(G) (4096 + 1024 * (G))
-template <int NWARPS, int STAGES, int G, bool BF16, bool PDL, bool GATED, bool NORM>
-__device__ __forceinline__ void w4_gemv_ring(const u16* __restrict__ x, const u32* __restrict__ qweight,
-                                             const u16* __restrict__ scales, const u16* __restrict__ zeros,
-                                             u16* __restrict__ out, float* __restrict__ partial,
-                                             int* __restrict__ locks, int N, int K, int num_blocks,
-                                             int blocks_per_cta, int blocks_per_group, long long stride_w,
-                                             long long stride_s, int scales_bf16, const u16* __restrict__ residual,
-                                             u16* __restrict__ res_out, const u16* __restrict__ norm_w, float eps) {
-    constexpr int STAGE = RING_STAGE_BYTES(G);
-    extern __shared__ __align__(16) unsigned char ring[];
-    __shared__ __align__(16) u16 xs[MAX_BLOCKS_PER_CTA * 128];
-    __shared__ float xsum[MAX_BLOCKS_PER_CTA * 8];
-    __shared__ __align__(16) float red[NWARPS][64];
-
-    const int strip = blockIdx.x, split = blockIdx.y;
-    const int kb0 = split * blocks_per_cta;
-    const int nkb = min(blocks_per_cta, num_blocks - kb0);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int mine = warp < nkb ? (nkb - warp + NWARPS - 1) / NWARPS : 0;  // blocks warp, warp + NWARPS, ...
-
-    const u32* wp = qweight + (long long)strip * stride_w + 4 * g;
-    const long long s_off = (long long)strip * stride_s + 4 * g;
-    unsigned char* slots = ring + warp * STAGES * STAGE;
-    const u32 slots_s = shared_address(slots);
-    auto issue = [&](int i) {  // the i-th block of this warp into slot i % STAGES
-        const int kb = kb0 + warp + i * NWARPS;
-        const u32 slot = slots_s + (i % STAGES) * STAGE;
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                copy_async16(slot + (2 * q + h) * 512 + 16 * lane, wp + (long long)kb * 1024 + lane_row(t, q) * 64 + 32 * h);
-#pragma unroll
-        for (int gi = 0; gi < G; ++gi) {
-            const long long group = G == 1 ? kb / blocks_per_group : (long long)kb * G + gi;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32 e = slot + 4096 + (2 * (2 * gi + h)) * 256 + 8 * lane;
-                copy_async8(e, scales + s_off + group * 64 + 32 * h);
-                copy_async8(e + 256, zeros + s_off + group * 64 + 32 * h);
-            }
-        }
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) {  // the first blocks are on their way while x is staged
-        if (i < mine) issue(i);
-        copy_async_commit();  // one group per block, empty past the last: the waits count blocks
-    }
-    if (PDL) pdl_enter();  // the copies above need nothing of the kernel before, x does
-    stage_x<NWARPS * 32, BF16, GATED, NORM>(x, xs, xsum, K, kb0, nkb, residual, res_out, norm_w, eps);
-
-    const u32* xw = reinterpret_cast<const u32*>(xs);
-    float total[4][2] = {};
-    for (int i = 0; i < mine; ++i) {
-        if (i + STAGES - 1 < mine) issue(i + STAGES - 1);  // into the slot block i - 1 was read from
-        copy_async_commit();
-        copy_async_wait<STAGES - 1>();  // block i's copies (this lane's own) have landed
-        const unsigned char* slot = slots + (i % STAGES) * STAGE;
-        uint4 w[4][2];
-        uint2 sv[G][2], zv[G][2];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) w[q][h] = *reinterpret_cast<const uint4*>(slot + (2 * q + h) * 512 + 16 * lane);
-#pragma unroll
-        for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const unsigned char* e = slot + 4096 + (2 * (2 * gi + h)) * 256 + 8 * lane;
-                sv[gi][h] = *reinterpret_cast<const uint2*>(e);
-                zv[gi][h] = *reinterpret_cast<const uint2*>(e + 256);
-            }
-        u32 p[4][4][2];
-        pair_halves(w, p);
-        block_mma<G, BF16>(p, sv, zv, xw, xsum, warp + i * NWARPS, g, t, scales_bf16, total);
-    }
-    store_strip<NWARPS, BF16>(total, red, out, partial, locks, N);
-}
-
-#define W4_GEMV(NAME, G, BF16, PREFETCH, PDL, GATED, NORM)                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
+#define W4_GEMV(NAME, BOUNDS, G, BF16, PREFETCH, PDL, GATED, NORM)                                              \
+    extern "C" __global__ void BOUNDS NAME(                                                                     \
         const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
         int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
         long long stride_s, int scales_bf16, const u16* residual, u16* res_out, const u16* norm_w, float eps) { \
@@ -380,11 +276,16 @@ __device__ __forceinline__ void w4_gemv_ring(const u16* __restrict__ x, const u3
     }
 // each kernel also as NAME_pdl, launched as a programmatic dependent (on sm_90+ unless LMSERVE_PDL=0, kernels/_triton.py),
 // and all as NAME_silu(_pdl), taking a gate_up row (GATED), and NAME_norm(_pdl), taking x + residual to norm (NORM)
-#define W4_GEMV_PDL(NAME, G, BF16, PREFETCH, GATED, NORM) \
-    W4_GEMV(NAME, G, BF16, PREFETCH, false, GATED, NORM) W4_GEMV(NAME##_pdl, G, BF16, PREFETCH, true, GATED, NORM)
-#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH)                                                         \
-    W4_GEMV_PDL(NAME, G, BF16, PREFETCH, false, false) W4_GEMV_PDL(NAME##_silu, G, BF16, PREFETCH, true, false) \
-        W4_GEMV_PDL(NAME##_norm, G, BF16, PREFETCH, false, true)
+#define W4_GEMV_PDL(NAME, BOUNDS, G, BF16, PREFETCH, GATED, NORM)       \
+    W4_GEMV(NAME, BOUNDS, G, BF16, PREFETCH, false, GATED, NORM) \
+    W4_GEMV(NAME##_pdl, BOUNDS, G, BF16, PREFETCH, true, GATED, NORM)
+#define W4_GEMV_ALL(NAME, BOUNDS, G, BF16, PREFETCH)                                                     \
+    W4_GEMV_PDL(NAME, BOUNDS, G, BF16, PREFETCH, false, false)                                           \
+    W4_GEMV_PDL(NAME##_silu, BOUNDS, G, BF16, PREFETCH, true, false)                                     \
+    W4_GEMV_PDL(NAME##_norm, BOUNDS, G, BF16, PREFETCH, false, true)
+#define LB __launch_bounds__(THREADS)
+#define LB3 __launch_bounds__(THREADS, 3)
+#define W4_GEMV_BOTH(NAME, G, BF16, PREFETCH) W4_GEMV_ALL(NAME, LB, G, BF16, PREFETCH)
 
 W4_GEMV_BOTH(w4_gemv_bf16_g1, 1, true, false)
 W4_GEMV_BOTH(w4_gemv_bf16_g2, 2, true, false)
@@ -403,29 +304,9 @@ W4_GEMV_BOTH(w4_gemv_f16_g2_pf, 2, false, true)
 W4_GEMV_BOTH(w4_gemv_f16_g4_pf, 4, false, true)
 W4_GEMV_BOTH(w4_gemv_f16_g8_pf, 8, false, true)
 
-// The ring kernels, for group sizes >= 64 (G 1 and 2): w4_gemv_ring{4,8}_{bf16,f16}_g{1,2}, 4 warps with 4 slots
-// (G 1; 3 for G 2) or 8 warps with 3 (2), each with the _silu, _norm and _pdl forms
-#define W4_RING(NAME, NWARPS, STAGES, G, BF16, PDL, GATED, NORM)                                                \
-    extern "C" __global__ void __launch_bounds__(NWARPS * 32) NAME(                                             \
-        const u16* x, const u32* qweight, const u16* scales, const u16* zeros, u16* out, float* partial,        \
-        int* locks, int N, int K, int num_blocks, int blocks_per_cta, int blocks_per_group, long long stride_w, \
-        long long stride_s, int scales_bf16, const u16* residual, u16* res_out, const u16* norm_w, float eps) { \
-        w4_gemv_ring<NWARPS, STAGES, G, BF16, PDL, GATED, NORM>(                                                \
-            x, qweight, scales, zeros, out, partial, locks, N, K, num_blocks, blocks_per_cta, blocks_per_group, \
-            stride_w, stride_s, scales_bf16, residual, res_out, norm_w, eps);                                   \
-    }
-#define W4_RING_PDL(NAME, NWARPS, STAGES, G, BF16, GATED, NORM)   \
-    W4_RING(NAME, NWARPS, STAGES, G, BF16, false, GATED, NORM) \
-    W4_RING(NAME##_pdl, NWARPS, STAGES, G, BF16, true, GATED, NORM)
-#define W4_RING_ALL(NAME, NWARPS, STAGES, G, BF16)                                                               \
-    W4_RING_PDL(NAME, NWARPS, STAGES, G, BF16, false, false) W4_RING_PDL(NAME##_silu, NWARPS, STAGES, G, BF16, true, false) \
-        W4_RING_PDL(NAME##_norm, NWARPS, STAGES, G, BF16, false, true)
-
-W4_RING_ALL(w4_gemv_ring4_bf16_g1, 4, 4, 1, true)
-W4_RING_ALL(w4_gemv_ring4_bf16_g2, 4, 3, 2, true)
-W4_RING_ALL(w4_gemv_ring4_f16_g1, 4, 4, 1, false)
-W4_RING_ALL(w4_gemv_ring4_f16_g2, 4, 3, 2, false)
-W4_RING_ALL(w4_gemv_ring8_bf16_g1, 8, 3, 1, true)
-W4_RING_ALL(w4_gemv_ring8_bf16_g2, 8, 2, 2, true)
-W4_RING_ALL(w4_gemv_ring8_f16_g1, 8, 3, 1, false)
-W4_RING_ALL(w4_gemv_ring8_f16_g2, 8, 2, 2, false)
+// _o3: the register-staged kernel held to 85 registers, so that three CTAs (24 warps) share an SM, for group sizes
+// >= 64 (G 1 and 2)
+W4_GEMV_ALL(w4_gemv_bf16_g1_o3, LB3, 1, true, false)
+W4_GEMV_ALL(w4_gemv_bf16_g2_o3, LB3, 2, true, false)
+W4_GEMV_ALL(w4_gemv_f16_g1_o3, LB3, 1, false, false)
+W4_GEMV_ALL(w4_gemv_f16_g2_o3, LB3, 2, false, false)
