@@ -44,15 +44,20 @@ case "${1:-}" in
     tail -8 "$OUT/jobs_log.txt"
     ;;
   gemv)
-    timeout 200 python3 -m pytest -q -x tests/gpu/test_w4_gemv_cuda.py -n 8 -p no:cacheprovider \
+    timeout 150 python3 -m pytest -q -x tests/gpu/test_w4_gemv_cuda.py -n 8 -p no:cacheprovider \
       > "$OUT/tests_gemv.txt" 2>&1
-    tail -5 "$OUT/tests_gemv.txt"
-    (cd benchmarks && timeout 150 python3 bench_decode_gemms.py --cuda-gemv --json "$OUT/gemv_sweep.json") \
+    tail -3 "$OUT/tests_gemv.txt"
+    (cd benchmarks && timeout 120 python3 bench_decode_gemms.py --cuda-gemv --json "$OUT/gemv_sweep.json") \
       > "$OUT/gemv_sweep_log.txt" 2>&1
-    grep -E "^M=|best|layer" "$OUT/gemv_sweep_log.txt" | head -40
-    timeout 220 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --json "$OUT/sweep.json" \
-      --formats awq awq+occ3 awq+lmfp8 awq+occ3+lmfp8 > "$OUT/sweep_log.txt" 2>&1
+    grep -E "best|layer" "$OUT/gemv_sweep_log.txt" | head -30
+    timeout 200 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --json "$OUT/sweep.json" \
+      --formats awq awq+occ3 awq+lmfp8 awq+fuserot+lmfp8 > "$OUT/sweep_log.txt" 2>&1
     grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1|decode_step_ms' "$OUT/sweep.json" | head -40
+    if [ -d .dev-base/lmserve ]; then  # the tree before, beside it in the same call (a copy made with git archive)
+      (cd .dev-base && PYTHONPATH="/tmp/site:$PWD" timeout 110 python3 benchmarks/gpu_sweep.py --skip-hf \
+        --decode-only --quant --json "$OUT/sweep_base.json" --formats awq > "$OUT/sweep_base_log.txt" 2>&1)
+      grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep_base.json"
+    fi
     ;;
   *)
     echo "usage: $0 tests|sweep|jobs|gemv" >&2
