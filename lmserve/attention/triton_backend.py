@@ -67,7 +67,7 @@ class TritonAttentionBackend(AttentionBackend):
         if (
             rope is not None
             and not num_prefills
-            and decode_attention.FUSE_ROTARY
+            and (decode_attention.FUSE_ROTARY or num_decodes <= decode_attention.FUSE_ROTARY_ROWS)
             and q.shape[0] == num_decodes
         ):
             # a decode-only step: the attention launch rotates q and k and stores k and v itself

@@ -280,6 +280,9 @@ class NewTokenKV(NamedTuple):
 FUSE_ROTARY = "rotary" in DECODE_FUSIONS
 """rotary_store_kv inside the attention launch of a decode-only step (_triton.FUSION_ENV; off: on an H100 it won
 2 % for AWQ at batch 1 and lost at 16-64 rows and in the bf16 job)."""
+FUSE_ROTARY_ROWS = 0
+"""Decode-only steps of at most this many sequences take the rotary fusion even where FUSE_ROTARY is off (the one-row
+step is where it won, for AWQ)."""
 FUSE_REDUCE = "reduce" in DECODE_FUSIONS
 """The splits combined by their last program, no reduce launch (_triton.FUSION_ENV; off: it lost on an H100)."""
 

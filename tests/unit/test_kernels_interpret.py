@@ -152,6 +152,40 @@ def test_backend_fuses_rotary_into_decode_only_steps(monkeypatch: pytest.MonkeyP
 
 
 @child_only
+@pytest.mark.parametrize("seq_lens", [[17], [5, 12, 30]])
+def test_backend_fuses_rotary_into_steps_of_few_rows(
+    seq_lens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE_ROTARY_ROWS = 1 with the fusion off: a one-sequence decode step rotates inside the attention launch (no
+    rotary_store_kv), a three-sequence one keeps the separate store; both match rotating first."""
+    from lmserve.attention import triton_backend
+
+    monkeypatch.setattr(decode_attention, "FUSE_ROTARY", False)
+    monkeypatch.setattr(decode_attention, "FUSE_ROTARY_ROWS", 1)
+    stores: list[int] = []
+    separate = triton_backend.rotary_store_kv
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stores.append(1)
+        return separate(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "rotary_store_kv", counted)
+    batch, positions, table = decode_step_with_new_tokens(seq_lens)
+    rotated_q, rotated_k = batch.q.clone(), batch.k.clone()
+    apply_rotary_ref(rotated_q, rotated_k, positions, table)
+    ref, ref_cache = reference_forward(dataclasses.replace(batch, q=rotated_q, k=rotated_k), 0.25)
+    backend = TritonAttentionBackend()
+    q, k, v = fused_qkv_views(batch)
+    cache = batch.layer_cache.clone()
+    out = backend.forward(
+        q, k, v, cache, backend.prepare(batch.meta), 0.25, rope=RopeInputs(positions, None, None, table)
+    )
+    assert bool(stores) == (len(seq_lens) > 1)
+    assert relative_error(out, ref) < 2e-3
+    assert relative_error(cache, ref_cache) < 2e-3
+
+
+@child_only
 def test_prefill_attention_with_prefix() -> None:
     batch = make_paged_batch([1, 20, 7], [9, 20, 30], 4, 4, 32, 8, DTYPE, "cpu")
     meta, cache = batch.meta, batch.layer_cache
