@@ -53,11 +53,13 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --json "$OUT/sweep.json" \
       --formats awq awq+occ3 awq+lmfp8 awq+fuserot+lmfp8 > "$OUT/sweep_log.txt" 2>&1
     grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1|decode_step_ms' "$OUT/sweep.json" | head -40
-    if [ -d .dev-base/lmserve ]; then  # the tree before, beside it in the same call (a copy made with git archive)
-      (cd .dev-base && PYTHONPATH="/tmp/site:$PWD" timeout 110 python3 benchmarks/gpu_sweep.py --skip-hf \
-        --decode-only --quant --json "$OUT/sweep_base.json" --formats awq > "$OUT/sweep_base_log.txt" 2>&1)
-      grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep_base.json"
-    fi
+    for base in .dev-base .dev-b2; do  # trees before, beside it in the same call (copies made with git archive)
+      [ -d "$base/lmserve" ] || continue
+      (cd "$base" && PYTHONPATH="/tmp/site:$PWD" timeout 110 python3 benchmarks/gpu_sweep.py --skip-hf \
+        --decode-only --quant --json "$OUT/sweep${base#.dev}.json" --formats awq > "$OUT/sweep${base#.dev}_log.txt" 2>&1)
+      echo "$base:"
+      grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep${base#.dev}.json"
+    done
     ;;
   *)
     echo "usage: $0 tests|sweep|jobs|gemv" >&2
