@@ -11,11 +11,13 @@
 // eight 16-byte loads issued before any is used (each load of the warp reads four 128-byte runs), 4 KB per warp in
 // flight. Those words are exactly the A fragments of 32 mma tiles: tile (c, j) has rows = columns 4g + c (row g)
 // and 32 + 4g + c (row g + 8), k index = i, at nibble j. A byte permute pairs the half-words of packed rows
-// (2t, 2t + 1) and (2t + 8, 2t + 9); one shift and one LOP3 per two weights OR a nibble into the mantissa of
-// M = 128 (bfloat16) or 1024 (float16), giving M + q exactly. B holds x in each of its columns (column 0 is
-// the one read), so the mma's column 0 is sum_k (M + q_k) x_k over a 16-row slice; per group of rows the result is
-// s * (acc - (M + z) * sum_k x_k), with the sums of x staged in shared memory beside x. So a weight costs about
-// one integer instruction and 1/8 of an mma instead of the three float instructions of the CUDA-core loop.
+// (2t, 2t + 1) and (2t + 8, 2t + 9); one LOP3 per two weights ORs a nibble into the mantissa of float16 1024:
+// nibbles 0 and 1 of a half-word in place (1024 + q, 1024 + 16 q), 2 and 3 after one shift by 8 of the pair. x is
+// staged in shared memory as float16 times 2^E (E = -4 for bfloat16 x, 0 for float16), the odd nibbles' rows 16
+// times smaller still, so both forms give 1024 x' + 2^E q x. B holds x' in each of its columns (column 0 is the one
+// read), so the mma's column 0 sums those over a 16-row slice; per group of rows the result is
+// 2^-E s (acc - 1024 X' - z 2^E X), with the sums of x' per 16 rows staged beside x'. So a weight costs about one
+// integer instruction and 1/8 of an mma instead of the three float instructions of the CUDA-core loop.
 // Splits finish in the launch: float32 partials, and the strip's last CTA (an arrival counter it resets) adds
 // them in split order.
 // GATED (the _silu kernels, a down projection): x is the gate_up row [gate | up] of 2 K values and the GEMV's
