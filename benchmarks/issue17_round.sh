@@ -3,7 +3,7 @@
 #   bash benchmarks/issue17_round.sh tests    # tests/gpu in full (~100-230 s), the new fusion tests first
 #   bash benchmarks/issue17_round.sh sweep    # batch-1 decode per format, with and without each decode fusion
 #   bash benchmarks/issue17_round.sh jobs     # the decode-attention job sweep, then the 256 x 512/256 jobs
-#   bash benchmarks/issue17_round.sh gemv     # the W4A16 CUDA GEMV's variants: tests, the per-GEMM sweep, batch 1
+#   bash benchmarks/issue17_round.sh gemv [all [S]]  # W4A16 CUDA GEMV: tests, per-GEMM sweep, batch 1 (+ tests/gpu)
 # Results go to $OUT (the device tool's folder; ./out here). A checkout without lmserve's serving deps installed
 # (the device machine) gets them from .whl/ when that folder holds the wheels.
 set -uo pipefail
@@ -60,6 +60,10 @@ case "${1:-}" in
       echo "$base:"
       grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep${base#.dev}.json"
     done
+    if [ "${2:-}" = "all" ]; then  # then tests/gpu in full, in what time the call has left
+      timeout "${3:-200}" python3 -m pytest -q tests/gpu -n 8 -p no:cacheprovider > "$OUT/tests_gpu.txt" 2>&1
+      tail -6 "$OUT/tests_gpu.txt"
+    fi
     ;;
   *)
     echo "usage: $0 tests|sweep|jobs|gemv" >&2
