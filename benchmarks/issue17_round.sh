@@ -61,7 +61,8 @@ case "${1:-}" in
       grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep${base#.dev}.json"
     done
     if [ "${2:-}" = "all" ]; then  # then tests/gpu in full, in what time the call has left
-      timeout "${3:-200}" python3 -m pytest -q tests/gpu -n 8 -p no:cacheprovider > "$OUT/tests_gpu.txt" 2>&1
+      timeout "${3:-200}" python3 -m pytest -q tests/gpu -n 8 -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+        > "$OUT/tests_gpu.txt" 2>&1
       tail -6 "$OUT/tests_gpu.txt"
     fi
     ;;
