@@ -44,14 +44,13 @@ case "${1:-}" in
     tail -8 "$OUT/jobs_log.txt"
     ;;
   gemv)
+    # most wanted first (a call cut short still brings back what it wrote): the kernel's tests, batch 1 of this
+    # tree and of the trees before it, then the per-GEMM sweep, then (all) more of tests/gpu
     timeout 150 python3 -m pytest -q -x tests/gpu/test_w4_gemv_cuda.py -n 8 -p no:cacheprovider \
       > "$OUT/tests_gemv.txt" 2>&1
     tail -3 "$OUT/tests_gemv.txt"
-    (cd benchmarks && timeout 120 python3 bench_decode_gemms.py --cuda-gemv --json "$OUT/gemv_sweep.json") \
-      > "$OUT/gemv_sweep_log.txt" 2>&1
-    grep -E "best|layer" "$OUT/gemv_sweep_log.txt" | head -30
     timeout 200 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --json "$OUT/sweep.json" \
-      --formats awq awq+occ3 awq+lmfp8 awq+fuserot+lmfp8 > "$OUT/sweep_log.txt" 2>&1
+      --formats awq awq+lmfp8 awq+fuserot+lmfp8 awq+occ3 > "$OUT/sweep_log.txt" 2>&1
     grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1|decode_step_ms' "$OUT/sweep.json" | head -40
     for base in .dev-base .dev-b2; do  # trees before, beside it in the same call (copies made with git archive)
       [ -d "$base/lmserve" ] || continue
@@ -60,7 +59,10 @@ case "${1:-}" in
       echo "$base:"
       grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep${base#.dev}.json"
     done
-    if [ "${2:-}" = "all" ]; then  # then tests/gpu in full, in what time the call has left
+    (cd benchmarks && timeout 120 python3 bench_decode_gemms.py --cuda-gemv --json "$OUT/gemv_sweep.json") \
+      > "$OUT/gemv_sweep_log.txt" 2>&1
+    grep -E "best|layer" "$OUT/gemv_sweep_log.txt" | head -30
+    if [ "${2:-}" = "all" ]; then  # then tests/gpu (TESTS_K: those it names), in what time the call has left
       timeout "${3:-200}" python3 -m pytest -q tests/gpu -n 8 -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
         > "$OUT/tests_gpu.txt" 2>&1
       tail -6 "$OUT/tests_gpu.txt"
