@@ -11,13 +11,11 @@
 // eight 16-byte loads issued before any is used (each load of the warp reads four 128-byte runs), 4 KB per warp in
 // flight. Those words are exactly the A fragments of 32 mma tiles: tile (c, j) has rows = columns 4g + c (row g)
 // and 32 + 4g + c (row g + 8), k index = i, at nibble j. A byte permute pairs the half-words of packed rows
-// (2t, 2t + 1) and (2t + 8, 2t + 9); one LOP3 per two weights ORs a nibble into the mantissa of float16 1024:
-// nibbles 0 and 1 of a half-word in place (1024 + q, 1024 + 16 q), 2 and 3 after one shift by 8 of the pair. x is
-// staged in shared memory as float16 times 2^E (E = -4 for bfloat16 x, 0 for float16), the odd nibbles' rows 16
-// times smaller still, so both forms give 1024 x' + 2^E q x. B holds x' in each of its columns (column 0 is the one
-// read), so the mma's column 0 sums those over a 16-row slice; per group of rows the result is
-// 2^-E s (acc - 1024 X' - z 2^E X), with the sums of x' per 16 rows staged beside x'. So a weight costs about one
-// integer instruction and 1/8 of an mma instead of the three float instructions of the CUDA-core loop.
+// (2t, 2t + 1) and (2t + 8, 2t + 9); one shift and one LOP3 per two weights OR a nibble into the mantissa of
+// M = 128 (bfloat16) or 1024 (float16), giving M + q exactly. B holds x in its column 0 (lanes g = 0), so the
+// mma's column 0 is sum_k (M + q_k) x_k over a 16-row slice; per group of rows the result is
+// s * (acc - (M + z) * sum_k x_k), with the sums of x staged in shared memory beside x. So a weight costs about
+// one integer instruction and 1/8 of an mma instead of the three float instructions of the CUDA-core loop.
 // Splits finish in the launch: float32 partials, and the strip's last CTA (an arrival counter it resets) adds
 // them in split order.
 // GATED (the _silu kernels, a down projection): x is the gate_up row [gate | up] of 2 K values and the GEMV's
@@ -42,32 +40,11 @@ __device__ __forceinline__ uint2 load_u64(const u16* p) {
     return v;
 }
 
-template <u32 MASK>
-__device__ __forceinline__ u32 lop3_or_and(u32 a, u32 magic) {
-    u32 d;  // (a & MASK) | magic in one LOP3 (ptxas splits the C expression into two when both are constants)
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "r"(magic));
+__device__ __forceinline__ u32 lop3_or_and(u32 a, u32 mask, u32 magic) {
+    u32 d;  // (a & mask) | magic in one LOP3 (ptxas splits the C expression into two when both are constants)
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(0x000F000F), "r"(magic));
+    (void)mask;
     return d;
-}
-
-// x is staged as float16 times a power of two, so that the weights' nibbles at bits 4..7 of a half-word need no
-// shift: (h & 0x00F0) | 1024 is 1024 + 16 q, an exact float16, where (h & 0x000F) | 1024 is 1024 + q. The x of
-// odd nibbles j (rows 16 j .. 16 j + 15 of a block) is staged 16 times smaller, which makes both products
-// 1024 x' + q x 2^E. E = -4 for bfloat16 x (its range within float16's: |x| < 2^20), 0 for float16.
-template <bool BF16>
-__device__ __forceinline__ float stage_scale(int k) {  // for row k: bit 4 says whether its nibble j is odd
-    const float even = BF16 ? 0.0625f : 1.0f;
-    return (k & 16) ? even * 0.0625f : even;
-}
-
-// eight 16-bit values as float16 times scale (a power of two: exact for normal float16 results)
-__device__ __forceinline__ uint4 to_f16_scaled8(uint4 v, bool bf16, float scale) {
-    const u32 a[4] = {v.x, v.y, v.z, v.w};
-    u32 out[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        out[i] = (u32)from_float(to_float((u16)(a[i] & 0xFFFF), bf16) * scale, false) |
-                 ((u32)from_float(to_float((u16)(a[i] >> 16), bf16) * scale, false) << 16);
-    return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 template <bool BF16>
@@ -89,9 +66,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
 // The strip's packed row of lane (g, t) for load q of a block: rows 2t, 2t + 1, 2t + 8, 2t + 9
 __device__ __forceinline__ int lane_row(int t, int q) { return 2 * t + (q & 1) + 8 * (q >> 1); }
 
-// The CTA's split of x staged in xs as float16 (times stage_scale; zero past K; GATED: silu(gate) * up of a gate_up row;
-// NORM: RMSNorm(x + residual) * norm_w, CTA (0, 0) storing x + residual at res_out, each rounded to x's dtype first),
-// then the sums of the 16 staged values of each (block, nibble) in xsum.
+// The CTA's split of x staged in xs (zero past K; GATED: silu(gate) * up of a gate_up row; NORM: RMSNorm(x + residual)
+// * norm_w, CTA (0, 0) storing x + residual at res_out), then the sums of the 16 x of each (block, nibble) in xsum.
 template <int NT, bool BF16, bool GATED, bool NORM>
 __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, float* xsum, int K, int kb0, int nkb,
                                         const u16* __restrict__ residual, u16* __restrict__ res_out,
@@ -116,7 +92,7 @@ __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, floa
             if (k < K)
                 v = norm8(*reinterpret_cast<const uint4*>(xs + idx), *reinterpret_cast<const uint4*>(norm_w + k), rstd,
                           BF16);
-            *reinterpret_cast<uint4*>(xs + idx) = to_f16_scaled8(v, BF16, stage_scale<BF16>(k));
+            *reinterpret_cast<uint4*>(xs + idx) = v;
         }
     } else {
         // 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks)
@@ -131,14 +107,14 @@ __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, floa
                     v = silu_mul8(v, up, BF16);
                 }
             }
-            *reinterpret_cast<uint4*>(xs + idx) = to_f16_scaled8(v, BF16, stage_scale<BF16>(k));
+            *reinterpret_cast<uint4*>(xs + idx) = v;
         }
     }
     __syncthreads();
     for (int idx = tid; idx < nkb * 8; idx += NT) {
         float acc = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) acc += to_float(xs[16 * idx + i], false);
+        for (int i = 0; i < 16; ++i) acc += to_float(xs[16 * idx + i], BF16);
         xsum[idx] = acc;
     }
     __syncthreads();
@@ -165,42 +141,30 @@ __device__ __forceinline__ void pair_halves(const uint4 (&w)[4][2], u32 (&p)[4][
 }
 
 // The 32 mmas of block b and, as each group ends, its zero and scale applied into the lane's totals
-template <int G>
+template <int G, bool BF16>
 __device__ __forceinline__ void block_mma(const u32 (&p)[4][4][2], const uint2 (&sv)[G][2], const uint2 (&zv)[G][2],
                                           const u32* xw, const float* xsum, int b, int g, int t, int scales_bf16,
                                           float (&total)[4][2]) {
     constexpr int RUN = 8 / G;
-    constexpr u32 MAGIC = 0x64006400u;  // float16 1024: its mantissa's low bits take q or 16 q
+    constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+    constexpr float M = BF16 ? 128.0f : 1024.0f;
     float d[4][4] = {};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        // x pair (16 j + 2t, + 1) of block b in every column of B: only column 0 of D is read (lanes t = 0), and a
-        // load by all lanes (a broadcast) takes no branch; zeroing the other columns took 8 a block, each recomputing
-        // the shared window's address: 600 instructions a block's loop against 493 (sm_90 SASS)
-        const int xo = b * 64 + 8 * j + t;
-        const u32 b0 = xw[xo], b1 = xw[xo + 4];
+        const int xo = b * 64 + 8 * j + t;  // u32 index of x pair (16 j + 2t, + 1) in block b
+        const u32 b0 = g == 0 ? xw[xo] : 0u, b1 = g == 0 ? xw[xo + 4] : 0u;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             u32 a[4];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {  // nibbles 0, 1 of each half-word in place, 2, 3 after one shift
-                const u32 h = (j & 2) ? p[c][r][j >> 2] >> 8 : p[c][r][j >> 2];
-                a[r] = (j & 1) ? lop3_or_and<0x00F000F0>(h, MAGIC) : lop3_or_and<0x000F000F>(h, MAGIC);
-            }
-            mma_16816<false>(d[c], a, b0, b1);
+            for (int r = 0; r < 4; ++r) a[r] = lop3_or_and(p[c][r][j >> 2] >> (4 * (j & 3)), 0x000F000F, MAGIC);
+            mma_16816<BF16>(d[c], a, b0, b1);
         }
         if ((j + 1) % RUN == 0) {  // a group ends: scale it into the totals
-            // acc = 1024 X' + 2^E sum q x over the group, X' the staged x's sum; 2^E sum x = xz (odd nibbles' x
-            // staged 16 times smaller), so 2^E (sum q x - z sum x) = acc - 1024 X' - z xz (2^-E applied at the end)
             const int gi = j / RUN;
-            float xg = 0.0f, xz = 0.0f;
+            float xg = 0.0f;
 #pragma unroll
-            for (int jj = j + 1 - RUN; jj <= j; ++jj) {
-                const float part = xsum[b * 8 + jj];
-                xg += part;
-                xz += (jj & 1) ? 16.0f * part : part;
-            }
-            const float offset = 1024.0f * xg;
+            for (int jj = j + 1 - RUN; jj <= j; ++jj) xg += xsum[b * 8 + jj];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const u32 sw[2] = {sv[gi][h].x, sv[gi][h].y}, zw[2] = {zv[gi][h].x, zv[gi][h].y};
@@ -208,7 +172,7 @@ __device__ __forceinline__ void block_mma(const u32 (&p)[4][4][2], const uint2 (
                 for (int c = 0; c < 4; ++c) {
                     const float sc = to_float((u16)(sw[c >> 1] >> (16 * (c & 1))), scales_bf16);
                     const float z = to_float((u16)(zw[c >> 1] >> (16 * (c & 1))), scales_bf16);
-                    total[c][h] = fmaf(sc, fmaf(-z, xz, d[c][2 * h] - offset), total[c][h]);
+                    total[c][h] = fmaf(sc, d[c][2 * h] - (M + z) * xg, total[c][h]);
                     d[c][2 * h] = 0.0f;
                     d[c][2 * h + 1] = 0.0f;
                 }
@@ -238,7 +202,7 @@ __device__ __forceinline__ void store_strip(const float (&total)[4][2], float (*
         for (int v = 0; v < NWARPS; ++v) value += red[v][tid];
     }
     if (gridDim.y > 1 && !finish_splits(value, partial, locks + strip, col, tid < 64 && col < N, N)) return;
-    if (tid < 64 && col < N) out[col] = from_float(BF16 ? 16.0f * value : value, BF16);  // 2^-E: x staged times 2^E
+    if (tid < 64 && col < N) out[col] = from_float(value, BF16);
 }
 
 // G: groups per 128-row block (1 for group sizes >= 128, else 128 / group); a group spans 8 / G nibbles j.
@@ -295,7 +259,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         u32 p[4][4][2];
         pair_halves(w, p);
         if (PREFETCH && b + WARPS < nkb) load_block(b + WARPS);  // the next block streams in during the mmas
-        block_mma<G>(p, svb, zvb, xw, xsum, b, g, t, scales_bf16, total);
+        block_mma<G, BF16>(p, svb, zvb, xw, xsum, b, g, t, scales_bf16, total);
         if (!PREFETCH && b + WARPS < nkb) load_block(b + WARPS);
     }
     store_strip<WARPS, BF16>(total, red, out, partial, locks, N);
