@@ -68,7 +68,7 @@ __device__ __forceinline__ int lane_row(int t, int q) { return 2 * t + (q & 1) +
 
 // The CTA's split of x staged in xs (zero past K; GATED: silu(gate) * up of a gate_up row; NORM: RMSNorm(x + residual)
 // * norm_w, CTA (0, 0) storing x + residual at res_out), then the sums of the 16 x of each (block, nibble) in xsum.
-template <int NT, bool BF16, bool GATED, bool NORM>
+template <bool BF16, bool GATED, bool NORM>
 __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, float* xsum, int K, int kb0, int nkb,
                                         const u16* __restrict__ residual, u16* __restrict__ res_out,
                                         const u16* __restrict__ norm_w, float eps) {
@@ -78,15 +78,15 @@ __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, floa
         const int lo = kb0 * 128, hi = min(K, (kb0 + nkb) * 128);
         const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
         float squares = 0.0f;
-        for (int k = 8 * tid; k < K; k += 8 * NT) {
+        for (int k = 8 * tid; k < K; k += 8 * THREADS) {
             const uint4 h =
                 add8(*reinterpret_cast<const uint4*>(x + k), *reinterpret_cast<const uint4*>(residual + k), BF16);
             if (writer) *reinterpret_cast<uint4*>(res_out + k) = h;
             squares += sum_squares8(h, BF16);
             if (k >= lo && k < hi) *reinterpret_cast<uint4*>(xs + k - lo) = h;
         }
-        const float rstd = rsqrtf(block_sum<NT / 32>(squares) / K + eps);
-        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * NT) {  // normalized in place, zero past K
+        const float rstd = rsqrtf(block_sum<WARPS>(squares) / K + eps);
+        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {  // normalized in place, zero past K
             const int k = lo + idx;
             uint4 v = make_uint4(0, 0, 0, 0);
             if (k < K)
@@ -97,7 +97,7 @@ __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, floa
     } else {
         // 16 bytes a thread at a time (x 16-byte aligned, K a multiple of 8: the launcher checks)
 #pragma unroll 4
-        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * NT) {
+        for (int idx = 8 * tid; idx < nkb * 128; idx += 8 * THREADS) {
             const int k = kb0 * 128 + idx;
             uint4 v = make_uint4(0, 0, 0, 0);
             if (k < K) {
@@ -111,7 +111,7 @@ __device__ __forceinline__ void stage_x(const u16* __restrict__ x, u16* xs, floa
         }
     }
     __syncthreads();
-    for (int idx = tid; idx < nkb * 8; idx += NT) {
+    for (int idx = tid; idx < nkb * 8; idx += THREADS) {
         float acc = 0.0f;
 #pragma unroll
         for (int i = 0; i < 16; ++i) acc += to_float(xs[16 * idx + i], BF16);
@@ -183,7 +183,7 @@ __device__ __forceinline__ void block_mma(const u32 (&p)[4][4][2], const uint2 (
 
 // The strip's 64 column sums from each warp's totals (column 0 of each tile lives in the lanes t = 0), the splits
 // finished in the launch, the output stored
-template <int NWARPS, bool BF16>
+template <bool BF16>
 __device__ __forceinline__ void store_strip(const float (&total)[4][2], float (*red)[64], u16* __restrict__ out,
                                             float* __restrict__ partial, int* __restrict__ locks, int N) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -199,7 +199,7 @@ __device__ __forceinline__ void store_strip(const float (&total)[4][2], float (*
     float value = 0.0f;
     if (tid < 64) {
 #pragma unroll
-        for (int v = 0; v < NWARPS; ++v) value += red[v][tid];
+        for (int v = 0; v < WARPS; ++v) value += red[v][tid];
     }
     if (gridDim.y > 1 && !finish_splits(value, partial, locks + strip, col, tid < 64 && col < N, N)) return;
     if (tid < 64 && col < N) out[col] = from_float(value, BF16);
@@ -246,7 +246,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
     };
     if (warp < nkb) load_block(warp);  // the first block's weights are on their way while x is staged
     if (PDL) pdl_enter();  // the loads above need nothing of the kernel before, x does
-    stage_x<THREADS, BF16, GATED, NORM>(x, xs, xsum, K, kb0, nkb, residual, res_out, norm_w, eps);
+    stage_x<BF16, GATED, NORM>(x, xs, xsum, K, kb0, nkb, residual, res_out, norm_w, eps);
 
     const u32* xw = reinterpret_cast<const u32*>(xs);
     float total[4][2] = {};
@@ -262,7 +262,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u32* __
         block_mma<G, BF16>(p, svb, zvb, xw, xsum, b, g, t, scales_bf16, total);
         if (!PREFETCH && b + WARPS < nkb) load_block(b + WARPS);
     }
-    store_strip<WARPS, BF16>(total, red, out, partial, locks, N);
+    store_strip<BF16>(total, red, out, partial, locks, N);
 }
 
 #define W4_GEMV(NAME, BOUNDS, G, BF16, PREFETCH, PDL, GATED, NORM)                                              \
