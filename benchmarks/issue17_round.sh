@@ -68,19 +68,8 @@ case "${1:-}" in
       tail -6 "$OUT/tests_gpu.txt"
     fi
     ;;
-  quick)  # the W4A16 GEMV's tests and AWQ batch 1 of this tree and .dev-base, for a short call
-    timeout 120 python3 -m pytest -q -x tests/gpu/test_w4_gemv_cuda.py -n 8 -p no:cacheprovider \
-      > "$OUT/tests_gemv.txt" 2>&1
-    tail -3 "$OUT/tests_gemv.txt"
-    timeout 80 python3 benchmarks/gpu_sweep.py --skip-hf --decode-only --quant --json "$OUT/sweep.json" \
-      --formats awq > "$OUT/sweep_log.txt" 2>&1
-    grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep.json"
-    (cd .dev-base && PYTHONPATH="/tmp/site:$PWD" timeout 45 python3 benchmarks/gpu_sweep.py --skip-hf \
-      --decode-only --quant --json "$OUT/sweep-base.json" --formats awq > "$OUT/sweep-base_log.txt" 2>&1)
-    grep -E '"(bf16|[a-z0-9+]+_bs1)_decode_tok_per_s|graph_replay_ms_bs1' "$OUT/sweep-base.json"
-    ;;
   *)
-    echo "usage: $0 tests|sweep|jobs|gemv|quick" >&2
+    echo "usage: $0 tests|sweep|jobs|gemv" >&2
     exit 2
     ;;
 esac

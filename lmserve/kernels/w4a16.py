@@ -580,16 +580,20 @@ def cuda_gemv_available(device: torch.device) -> bool:
     return cuda_jit.available_on(CUDA_GEMV_SOURCE, device)
 
 
-def cuda_gemv_options(out_features: int, num_blocks: int, device: torch.device) -> dict[str, int]:
+def cuda_gemv_options(
+    out_features: int, num_blocks: int, device: torch.device, groups_per_block: int = 1
+) -> dict[str, int]:
     """Launch options of the CUDA GEMV, from the H100 sweep (benchmarks/RESULTS.md, bench_decode_gemms --cuda-gemv):
     with at least one 64-column strip per SM (gate_up), no prefetch (124 registers, 2 CTAs per SM) and one split
     up to CUDA_GEMV_MAX_BLOCKS blocks; with fewer strips (qkv, o, down), the prefetching kernel (178 registers, one
     CTA per SM) and as many splits as fill the SMs once. A programmatic launch on sm_90+ unless LMSERVE_PDL=0
-    (_triton.pdl_enabled)."""
+    (_triton.pdl_enabled). GEMV_OCCUPANCY = 3 picks the _o3 kernels where they exist (groups_per_block <= 2)."""
     strips, sms = math.ceil(out_features / TILE_N), num_sms(device)
     least = math.ceil(num_blocks / CUDA_GEMV_MAX_BLOCKS)
     pdl = int(pdl_enabled(device))
-    if GEMV_OCCUPANCY == 3:  # as many CTAs as are resident at once, 8 blocks a CTA at least
+    if (
+        GEMV_OCCUPANCY == 3 and groups_per_block <= 2
+    ):  # as many CTAs as are resident at once, 8 blocks a CTA at least
         resident = 3 * sms
         splits = max(least, min(max(1, resident // strips), math.ceil(num_blocks / 8)))
         return {"blocks_per_cta": math.ceil(num_blocks / splits), "prefetch": 0, "occupancy": 3, "pdl": pdl}
@@ -616,8 +620,8 @@ def _cuda_gemv(
     n, num_blocks, group = out.shape[1], weight.num_blocks, weight.group_size
     groups_per_block = BLOCK_ROWS // group if group < BLOCK_ROWS else 1
     blocks_per_group = group // BLOCK_ROWS if group >= BLOCK_ROWS else 1
-    defaults = cuda_gemv_options(n, num_blocks, x.device)
-    if "prefetch" in options or groups_per_block > 2:  # the caller names the kernel, or _o3 has none for it
+    defaults = cuda_gemv_options(n, num_blocks, x.device, groups_per_block)
+    if "prefetch" in options:  # the caller names the kernel
         defaults.pop("occupancy", None)
     if options.get("occupancy", 1) == 3:
         defaults["prefetch"] = 0

@@ -92,8 +92,8 @@ def test_o3_kernel_is_the_register_kernel_bit_for_bit(blocks_per_cta: int, group
 
 
 def test_default_o3_choice_falls_back_below_group_64(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GEMV_OCCUPANCY = 3 picks the _o3 kernels by default; a group they cannot take (32) runs the register
-    kernel, right."""
+    """GEMV_OCCUPANCY = 3 picks the _o3 kernels by default; a group they cannot take (32) runs the default
+    choice (GEMV_OCCUPANCY 1), right."""
     from lmserve.kernels import w4a16
 
     monkeypatch.setattr(w4a16, "GEMV_OCCUPANCY", 3)
